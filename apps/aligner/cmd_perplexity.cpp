@@ -1,0 +1,119 @@
+// `aligner perplexity`: per-sequence log-likelihood under a model, the check that a model folder
+// computes what it should (and the simplest user of the model code).
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <numeric>
+
+#include "commands.h"
+#include "core/error.h"
+#include "io/hf_checkpoint.h"
+
+namespace aligner::cli {
+namespace {
+
+struct Options {
+  std::string model, data, dtype = "float32", device = "cpu";
+  int64_t batch_size = 8;
+};
+
+at::Device parse_device(const std::string& name) {
+  if (name == "cpu") return at::kCPU;
+  if (name == "cuda") {
+    if (!at::hasCUDA()) fail("--device cuda: this build of aligner has no CUDA (or no GPU is visible)");
+    return at::kCUDA;
+  }
+  fail("--device: expected cpu or cuda, got '{}'", name);
+}
+
+std::vector<std::vector<int64_t>> read_ids(const std::string& path, int64_t vocab) {
+  std::ifstream f(path);
+  if (!f) fail("cannot open {}", path);
+  std::vector<std::vector<int64_t>> out;
+  std::string line;
+  for (int64_t lineno = 1; std::getline(f, line); ++lineno) {
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(line);
+    } catch (const nlohmann::json::parse_error& e) {
+      fail("{}:{}: malformed JSON ({})", path, lineno, e.what());
+    }
+    auto it = j.find("input_ids");
+    if (it == j.end()) fail("{}:{}: missing field 'input_ids'", path, lineno);
+    if (!it->is_array() || it->empty()) fail("{}:{}: field 'input_ids' must be a non-empty list of ints", path, lineno);
+    std::vector<int64_t> ids;
+    for (const auto& v : *it) {
+      if (!v.is_number_integer()) fail("{}:{}: field 'input_ids' must be a list of ints", path, lineno);
+      const int64_t id = v.get<int64_t>();
+      if (id < 0 || id >= vocab) fail("{}:{}: token id {} is outside the model's vocabulary [0, {})", path, lineno, id, vocab);
+      ids.push_back(id);
+    }
+    out.push_back(std::move(ids));
+  }
+  if (out.empty()) fail("{}: no sequences", path);
+  return out;
+}
+
+void run(const Options& o) {
+  if (o.batch_size < 1) fail("--batch-size must be at least 1");
+  const at::Device device = parse_device(o.device);
+  const Transformer m = load_transformer(o.model, device, parse_dtype_name(o.dtype, "--dtype"));
+  const auto seqs = read_ids(o.data, m.cfg.vocab_size);
+
+  // Batches of similar lengths waste little on padding; results are printed in input order.
+  std::vector<size_t> order(seqs.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return seqs[a].size() < seqs[b].size(); });
+  std::vector<double> logprob(seqs.size());
+
+  at::NoGradGuard no_grad;
+  for (size_t start = 0; start < order.size(); start += o.batch_size) {
+    const size_t n = std::min<size_t>(o.batch_size, order.size() - start);
+    int64_t T = 0;
+    for (size_t i = 0; i < n; ++i) T = std::max<int64_t>(T, seqs[order[start + i]].size());
+    auto ids = at::zeros({(int64_t)n, T}, at::kLong);
+    auto mask = at::zeros({(int64_t)n, T}, at::kLong);
+    auto targets = at::full({(int64_t)n, T}, -100, at::kLong);
+    for (size_t i = 0; i < n; ++i) {
+      const auto& s = seqs[order[start + i]];
+      const int64_t len = s.size();
+      ids[i].narrow(0, 0, len).copy_(at::tensor(s, at::kLong));
+      mask[i].narrow(0, 0, len).fill_(1);
+      if (len > 1) targets[i].narrow(0, 0, len - 1).copy_(ids[i].narrow(0, 1, len - 1));
+    }
+    ForwardInput in{ids.to(device), mask.to(device)};
+    auto lp = token_logprobs(m, forward_hidden(m, in), targets.to(device)).sum(1).to(at::kDouble).cpu();
+    for (size_t i = 0; i < n; ++i) logprob[order[start + i]] = lp[i].item<double>();
+  }
+
+  double total = 0;
+  int64_t predicted = 0;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    fmt::print("{}\n", nlohmann::json{{"index", i}, {"tokens", seqs[i].size()}, {"logprob", logprob[i]}}.dump());
+    total += logprob[i];
+    predicted += seqs[i].size() - 1;
+  }
+  const double nll = predicted ? -total / predicted : 0.0;
+  fmt::print("{}\n", nlohmann::json{{"summary", true},
+                                    {"sequences", seqs.size()},
+                                    {"predicted_tokens", predicted},
+                                    {"mean_nll", nll},
+                                    {"perplexity", std::exp(nll)}}
+                         .dump());
+}
+
+}  // namespace
+
+void add_perplexity(CLI::App& app) {
+  auto o = std::make_shared<Options>();
+  auto* cmd = app.add_subcommand("perplexity", "Log-likelihood of each sequence in a JSONL file under a model");
+  cmd->add_option("--model", o->model, "Hugging Face model folder")->required();
+  cmd->add_option("--data", o->data, "JSONL file, one {\"input_ids\": [...]} per line")->required();
+  cmd->add_option("--batch-size", o->batch_size, "Sequences per forward pass");
+  cmd->add_option("--dtype", o->dtype, "float32 | bfloat16");
+  cmd->add_option("--device", o->device, "cpu | cuda");
+  cmd->callback([o] { run(*o); });
+}
+
+}  // namespace aligner::cli

@@ -1,0 +1,10 @@
+// Each subcommand lives in its own cmd_<name>.cpp and registers itself on the CLI here.
+#pragma once
+#include <CLI/CLI.hpp>
+
+namespace aligner::cli {
+
+void add_perplexity(CLI::App& app);
+void add_convert(CLI::App& app);
+
+}  // namespace aligner::cli

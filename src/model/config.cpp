@@ -1,0 +1,144 @@
+#include "model/config.h"
+
+#include <fstream>
+
+#include "core/error.h"
+
+namespace aligner {
+namespace {
+
+using json = nlohmann::json;
+
+// Reads an optional field with a type check, so that a wrong type names the key and file.
+template <class T>
+std::optional<T> opt(const json& j, const char* key, const std::string& where) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return std::nullopt;
+  try {
+    return it->get<T>();
+  } catch (const json::exception&) {
+    fail("{}: key '{}' has the wrong type ({})", where, key, it->dump());
+  }
+}
+
+template <class T>
+T req(const json& j, const char* key, const std::string& where) {
+  auto v = opt<T>(j, key, where);
+  if (!v) fail("{}: missing required key '{}'", where, key);
+  return *v;
+}
+
+at::ScalarType parse_dtype(const std::string& s, const std::string& where) {
+  if (s == "float32" || s == "float") return at::kFloat;
+  if (s == "bfloat16") return at::kBFloat16;
+  if (s == "float16" || s == "half") return at::kHalf;
+  fail("{}: unsupported dtype '{}' (supported: float32, bfloat16, float16)", where, s);
+}
+
+RopeConfig parse_rope(const json& j, const std::string& where) {
+  RopeConfig r;
+  // transformers 5.x folds theta and scaling into rope_parameters; 4.x has rope_theta and
+  // rope_scaling (whose type key is "rope_type", or "type" in older files).
+  const json* scaling = nullptr;
+  if (auto it = j.find("rope_parameters"); it != j.end() && it->is_object()) {
+    scaling = &*it;
+    r.theta = opt<double>(*it, "rope_theta", where).value_or(r.theta);
+  } else {
+    r.theta = opt<double>(j, "rope_theta", where).value_or(r.theta);
+    if (auto s = j.find("rope_scaling"); s != j.end() && s->is_object()) scaling = &*s;
+  }
+  if (!scaling) return r;
+  const json& s = *scaling;
+  r.type = opt<std::string>(s, "rope_type", where).value_or(opt<std::string>(s, "type", where).value_or("default"));
+  r.factor = opt<double>(s, "factor", where).value_or(1.0);
+  r.low_freq_factor = opt<double>(s, "low_freq_factor", where).value_or(r.low_freq_factor);
+  r.high_freq_factor = opt<double>(s, "high_freq_factor", where).value_or(r.high_freq_factor);
+  r.original_max_position_embeddings = opt<int64_t>(s, "original_max_position_embeddings", where).value_or(0);
+  if (r.type != "default" && r.type != "linear" && r.type != "dynamic" && r.type != "llama3")
+    fail("{}: unsupported rope type '{}' (supported: default, linear, dynamic, llama3)", where, r.type);
+  if (r.type == "llama3" && r.original_max_position_embeddings <= 0)
+    fail("{}: rope type llama3 needs original_max_position_embeddings", where);
+  return r;
+}
+
+}  // namespace
+
+ModelConfig parse_model_config(const json& j, const std::string& where) {
+  if (!j.is_object()) fail("{}: expected a JSON object", where);
+  ModelConfig c;
+  c.raw = j;
+  c.model_type = req<std::string>(j, "model_type", where);
+  if (c.model_type != "llama" && c.model_type != "mistral" && c.model_type != "qwen2")
+    fail("{}: unsupported model_type '{}' (supported: llama, mistral, qwen2)", where, c.model_type);
+  if (auto act = opt<std::string>(j, "hidden_act", where); act && *act != "silu")
+    fail("{}: unsupported hidden_act '{}' (supported: silu)", where, *act);
+
+  c.vocab_size = req<int64_t>(j, "vocab_size", where);
+  c.hidden_size = req<int64_t>(j, "hidden_size", where);
+  c.intermediate_size = req<int64_t>(j, "intermediate_size", where);
+  c.num_layers = req<int64_t>(j, "num_hidden_layers", where);
+  c.num_heads = req<int64_t>(j, "num_attention_heads", where);
+  c.num_kv_heads = opt<int64_t>(j, "num_key_value_heads", where).value_or(c.num_heads);
+  c.head_dim = opt<int64_t>(j, "head_dim", where).value_or(c.hidden_size / c.num_heads);
+  c.max_position_embeddings = opt<int64_t>(j, "max_position_embeddings", where).value_or(4096);
+  c.rms_norm_eps = opt<double>(j, "rms_norm_eps", where).value_or(1e-6);
+  c.tie_word_embeddings = opt<bool>(j, "tie_word_embeddings", where).value_or(false);
+  if (c.num_heads <= 0 || c.num_kv_heads <= 0 || c.num_heads % c.num_kv_heads != 0)
+    fail("{}: num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})", where,
+         c.num_heads, c.num_kv_heads);
+  c.rope = parse_rope(j, where);
+  if (c.rope.original_max_position_embeddings <= 0)
+    c.rope.original_max_position_embeddings = c.max_position_embeddings;
+
+  if (c.model_type == "qwen2") {
+    c.qkv_bias = true;  // Qwen2 always has q/k/v biases and none on o_proj or the MLP
+  } else {
+    c.qkv_bias = c.o_bias = opt<bool>(j, "attention_bias", where).value_or(false);
+    c.mlp_bias = opt<bool>(j, "mlp_bias", where).value_or(false);
+  }
+
+  // Sliding windows: transformers 5.x lists them per layer in layer_types; older files say it
+  // per family (Mistral: every layer; Qwen2: layers >= max_window_layers when enabled).
+  auto window = opt<int64_t>(j, "sliding_window", where).value_or(0);
+  c.window.assign(c.num_layers, 0);
+  if (auto lt = j.find("layer_types"); lt != j.end() && lt->is_array()) {
+    if ((int64_t)lt->size() != c.num_layers)
+      fail("{}: layer_types has {} entries for {} layers", where, lt->size(), c.num_layers);
+    for (int64_t i = 0; i < c.num_layers; ++i) {
+      auto t = (*lt)[i].get<std::string>();
+      if (t == "sliding_attention") c.window[i] = window;
+      else if (t != "full_attention")
+        fail("{}: unsupported layer type '{}' (supported: full_attention, sliding_attention)", where, t);
+    }
+  } else if (c.model_type == "mistral") {
+    c.window.assign(c.num_layers, window);
+  } else if (c.model_type == "qwen2" && opt<bool>(j, "use_sliding_window", where).value_or(false)) {
+    auto first = opt<int64_t>(j, "max_window_layers", where).value_or(c.num_layers);
+    for (int64_t i = first; i < c.num_layers; ++i) c.window[i] = window;
+  }
+
+  c.bos_token_id = opt<int64_t>(j, "bos_token_id", where);
+  c.pad_token_id = opt<int64_t>(j, "pad_token_id", where);
+  if (auto it = j.find("eos_token_id"); it != j.end() && !it->is_null()) {
+    if (it->is_array()) c.eos_token_ids = it->get<std::vector<int64_t>>();
+    else c.eos_token_ids = {it->get<int64_t>()};
+  }
+  auto dtype = opt<std::string>(j, "dtype", where);
+  if (!dtype) dtype = opt<std::string>(j, "torch_dtype", where);
+  c.dtype = dtype ? parse_dtype(*dtype, where) : at::kFloat;
+  return c;
+}
+
+ModelConfig load_model_config(const std::string& path) {
+  std::ifstream f(path);
+  if (!f) fail("cannot open {}", path);
+  json j;
+  try {
+    j = json::parse(f);
+  } catch (const json::parse_error& e) {
+    fail("{}: invalid JSON: {}", path, e.what());
+  }
+  return parse_model_config(j, path);
+}
+
+}  // namespace aligner

@@ -1,0 +1,52 @@
+// The model's shape and options, read from a Hugging Face config.json as transformers 4.x and 5.x
+// write it (rope_theta + rope_scaling or rope_parameters; torch_dtype or dtype).
+#pragma once
+#include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace aligner {
+
+struct RopeConfig {
+  std::string type = "default";  // default | linear | dynamic | llama3
+  double theta = 10000.0;
+  double factor = 1.0;
+  double low_freq_factor = 1.0;   // llama3
+  double high_freq_factor = 4.0;  // llama3
+  int64_t original_max_position_embeddings = 0;
+};
+
+struct ModelConfig {
+  std::string model_type;  // llama | mistral | qwen2
+  int64_t vocab_size = 0;
+  int64_t hidden_size = 0;
+  int64_t intermediate_size = 0;
+  int64_t num_layers = 0;
+  int64_t num_heads = 0;
+  int64_t num_kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t max_position_embeddings = 0;
+  double rms_norm_eps = 1e-6;
+  RopeConfig rope;
+  bool tie_word_embeddings = false;
+  bool qkv_bias = false;  // llama attention_bias, qwen2 always
+  bool o_bias = false;    // llama attention_bias only
+  bool mlp_bias = false;
+  // Per layer: 0 = full causal attention, else the sliding-window size.
+  std::vector<int64_t> window;
+  std::optional<int64_t> bos_token_id, pad_token_id;
+  std::vector<int64_t> eos_token_ids;  // Llama 3.1 lists several
+  at::ScalarType dtype = at::kFloat;  // the dtype the weights are stored in
+  nlohmann::json raw;                 // the file as read, written back on save
+};
+
+// `where` names the file in errors. Unsupported model_type, hidden_act or rope type is an error
+// that lists what is supported.
+ModelConfig parse_model_config(const nlohmann::json& j, const std::string& where);
+ModelConfig load_model_config(const std::string& config_json_path);
+
+}  // namespace aligner

@@ -1,0 +1,230 @@
+#include "model/transformer.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <cmath>
+
+#include "core/error.h"
+#include "core/torch_compat.h"
+
+namespace aligner {
+namespace {
+
+// As transformers' LlamaRMSNorm: normalise in float32, cast back, then scale, so that bf16 runs
+// round at the same points.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  auto xf = x.to(at::kFloat);
+  auto normed = xf * at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);
+  return weight * normed.to(x.scalar_type());
+}
+
+// Inverse frequencies of the rotary embedding, with the scaling rules of transformers'
+// rope_init_functions. max_position is the longest position in this batch (dynamic scaling).
+at::Tensor rope_inv_freq(const ModelConfig& c, int64_t max_position, at::Device device) {
+  const auto& r = c.rope;
+  const int64_t dim = c.head_dim;
+  double base = r.theta;
+  if (r.type == "dynamic") {
+    const double orig = (double)r.original_max_position_embeddings;
+    const double seq = std::max<double>(max_position, orig);
+    base *= std::pow(r.factor * seq / orig - (r.factor - 1), (double)dim / (dim - 2));
+  }
+  auto exponent = at::arange(0, dim, 2, at::TensorOptions().dtype(at::kLong)).to(at::kFloat) / (double)dim;
+  auto inv_freq = 1.0 / at::pow(base, exponent);
+  if (r.type == "linear") inv_freq = inv_freq / r.factor;
+  if (r.type == "llama3") {
+    const double old_len = (double)r.original_max_position_embeddings;
+    const double low_wavelen = old_len / r.low_freq_factor;
+    const double high_wavelen = old_len / r.high_freq_factor;
+    auto wavelen = 2 * M_PI / inv_freq;
+    auto scaled = at::where(wavelen > low_wavelen, inv_freq / r.factor, inv_freq);
+    auto smooth = (old_len / wavelen - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor);
+    auto smoothed = (1 - smooth) * scaled / r.factor + smooth * scaled;
+    auto medium = (wavelen >= high_wavelen).logical_and(wavelen <= low_wavelen);
+    inv_freq = at::where(medium, smoothed, scaled);
+  }
+  return inv_freq.to(device);
+}
+
+// cos and sin of shape [B, 1, T, head_dim] in the activations' dtype (transformers casts them
+// before use, so we do too).
+std::pair<at::Tensor, at::Tensor> rope_cos_sin(const ModelConfig& c, const at::Tensor& positions,
+                                               at::ScalarType dtype) {
+  const int64_t max_position = positions.numel() ? positions.max().item<int64_t>() + 1 : 0;
+  auto inv_freq = rope_inv_freq(c, max_position, positions.device());
+  auto freqs = positions.to(at::kFloat).unsqueeze(-1) * inv_freq;  // [B, T, dim/2]
+  auto emb = at::cat({freqs, freqs}, -1).unsqueeze(1);
+  return {emb.cos().to(dtype), emb.sin().to(dtype)};
+}
+
+at::Tensor rotate_half(const at::Tensor& x) {
+  const int64_t h = x.size(-1) / 2;
+  return at::cat({-x.narrow(-1, h, h), x.narrow(-1, 0, h)}, -1);
+}
+
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  return x * cos + rotate_half(x) * sin;
+}
+
+// Which keys each query may see: [B, 1, T, T] booleans, or nullopt when plain causal attention
+// is exact (no padding, no packing, window not reached), which lets torch use flash attention.
+std::optional<at::Tensor> attention_mask(const ForwardInput& in, int64_t window, int64_t T) {
+  const bool padded = in.attention_mask.defined() && !in.attention_mask.all().item<bool>();
+  const bool packed = in.segment_ids.defined();
+  const bool windowed = window > 0 && window < T;
+  if (!padded && !packed && !windowed) return std::nullopt;
+  auto dev = in.input_ids.device();
+  auto idx = at::arange(T, at::TensorOptions().dtype(at::kLong).device(dev));
+  auto q = idx.unsqueeze(1), k = idx.unsqueeze(0);
+  auto allowed = (k <= q);
+  if (windowed) allowed = allowed.logical_and(q - k < window);
+  allowed = allowed.unsqueeze(0);  // [1, T, T]
+  if (padded) allowed = allowed.logical_and(in.attention_mask.to(at::kBool).unsqueeze(1));
+  if (packed) allowed = allowed.logical_and(in.segment_ids.unsqueeze(2) == in.segment_ids.unsqueeze(1));
+  // A padding query that may see nothing would give NaN; letting it see itself keeps every row
+  // finite, and padding outputs are never read.
+  allowed = allowed.logical_or(at::eye(T, at::TensorOptions().dtype(at::kBool).device(dev)).unsqueeze(0));
+  return allowed.unsqueeze(1);
+}
+
+at::Tensor attention(const ModelConfig& c, const Block& b, const at::Tensor& h, const at::Tensor& cos,
+                     const at::Tensor& sin, const std::optional<at::Tensor>& mask) {
+  const int64_t B = h.size(0), T = h.size(1), D = c.head_dim;
+  auto q = apply(b.q, h).view({B, T, c.num_heads, D}).transpose(1, 2);
+  auto k = apply(b.k, h).view({B, T, c.num_kv_heads, D}).transpose(1, 2);
+  auto v = apply(b.v, h).view({B, T, c.num_kv_heads, D}).transpose(1, 2);
+  q = apply_rope(q, cos, sin);
+  k = apply_rope(k, cos, sin);
+  auto out = compat::sdpa(q, k, v, mask, /*is_causal=*/!mask, 1.0 / std::sqrt((double)D));
+  return apply(b.o, out.transpose(1, 2).reshape({B, T, c.num_heads * D}));
+}
+
+at::Tensor mlp(const Block& b, const at::Tensor& h) {
+  return apply(b.down, at::silu(apply(b.gate, h)) * apply(b.up, h));
+}
+
+}  // namespace
+
+at::Tensor forward_hidden(const Transformer& m, const ForwardInput& in) {
+  const auto& c = m.cfg;
+  const auto& ids = in.input_ids;
+  if (ids.dim() != 2) fail("input_ids must be [batch, tokens], got {} dims", ids.dim());
+  const int64_t B = ids.size(0), T = ids.size(1);
+  for (const auto* t : {&in.attention_mask, &in.position_ids, &in.segment_ids})
+    if (t->defined() && (t->dim() != 2 || t->size(0) != B || t->size(1) != T))
+      fail("attention_mask, position_ids and segment_ids must match input_ids [{}, {}]", B, T);
+
+  at::Tensor positions = in.position_ids;
+  if (!positions.defined()) {
+    if (in.attention_mask.defined())
+      positions = (in.attention_mask.to(at::kLong).cumsum(-1) - 1).clamp_min(0);
+    else
+      positions = at::arange(T, ids.options().dtype(at::kLong)).unsqueeze(0).expand({B, T});
+  }
+  auto x = at::embedding(m.embed, ids);
+  auto [cos, sin] = rope_cos_sin(c, positions, x.scalar_type());
+
+  // Layers share a mask when they share a window size.
+  std::map<int64_t, std::optional<at::Tensor>> masks;
+  for (int64_t w : c.window)
+    if (!masks.count(w)) masks[w] = attention_mask(in, w, T);
+
+  for (int64_t i = 0; i < c.num_layers; ++i) {
+    const Block& b = m.layers[i];
+    x = x + attention(c, b, rms_norm(x, b.input_norm, c.rms_norm_eps), cos, sin, masks[c.window[i]]);
+    x = x + mlp(b, rms_norm(x, b.post_attention_norm, c.rms_norm_eps));
+  }
+  return rms_norm(x, m.norm, c.rms_norm_eps);
+}
+
+at::Tensor lm_logits(const Transformer& m, const at::Tensor& hidden) { return apply(m.lm_head, hidden); }
+
+at::Tensor token_logprobs(const Transformer& m, const at::Tensor& hidden, const at::Tensor& targets) {
+  const int64_t H = hidden.size(-1);
+  auto h = hidden.reshape({-1, H});
+  auto t = targets.reshape({-1});
+  if (t.numel() != h.size(0)) fail("targets must have one entry per hidden state");
+  // Rows per chunk keep the float32 log-softmax around 256 MB whatever the vocabulary.
+  const int64_t chunk = std::max<int64_t>(1, (int64_t(64) << 20) / std::max<int64_t>(1, m.cfg.vocab_size));
+  std::vector<at::Tensor> out;
+  for (int64_t s = 0; s < h.size(0); s += chunk) {
+    const int64_t n = std::min(chunk, h.size(0) - s);
+    auto logp = at::log_softmax(lm_logits(m, h.narrow(0, s, n)).to(at::kFloat), -1);
+    auto tt = t.narrow(0, s, n);
+    auto valid = tt >= 0;
+    auto picked = logp.gather(1, tt.clamp_min(0).unsqueeze(1)).squeeze(1);
+    out.push_back(picked * valid.to(at::kFloat));
+  }
+  return at::cat(out).view(targets.sizes());
+}
+
+Transformer allocate_transformer(const ModelConfig& cfg, const at::TensorOptions& options) {
+  auto empty = [&](std::vector<int64_t> shape) { return at::empty(shape, options); };
+  auto linear = [&](int64_t out, int64_t in, bool bias) {
+    return Linear{empty({out, in}), bias ? empty({out}) : at::Tensor()};
+  };
+  const int64_t H = cfg.hidden_size, D = cfg.head_dim, I = cfg.intermediate_size;
+  Transformer m;
+  m.cfg = cfg;
+  m.cfg.dtype = options.dtype().toScalarType();
+  m.embed = empty({cfg.vocab_size, H});
+  for (int64_t i = 0; i < cfg.num_layers; ++i) {
+    Block b;
+    b.input_norm = empty({H});
+    b.post_attention_norm = empty({H});
+    b.q = linear(cfg.num_heads * D, H, cfg.qkv_bias);
+    b.k = linear(cfg.num_kv_heads * D, H, cfg.qkv_bias);
+    b.v = linear(cfg.num_kv_heads * D, H, cfg.qkv_bias);
+    b.o = linear(H, cfg.num_heads * D, cfg.o_bias);
+    b.gate = linear(I, H, cfg.mlp_bias);
+    b.up = linear(I, H, cfg.mlp_bias);
+    b.down = linear(H, I, cfg.mlp_bias);
+    m.layers.push_back(std::move(b));
+  }
+  m.norm = empty({H});
+  m.lm_head = cfg.tie_word_embeddings ? Linear{m.embed, {}} : linear(cfg.vocab_size, H, false);
+  return m;
+}
+
+Transformer init_transformer(const ModelConfig& cfg, at::Device device, uint64_t seed) {
+  Transformer m = allocate_transformer(cfg, at::TensorOptions().dtype(cfg.dtype).device(device));
+  // Drawn in float32 on the CPU from one seeded generator, so the weights do not depend on the
+  // device or dtype they end up in.
+  auto gen = at::detail::createCPUGenerator(seed);
+  at::NoGradGuard no_grad;
+  for (auto& [name, t] : named_parameters(m)) {
+    const bool is_norm = name.find("norm") != std::string::npos;
+    const bool is_bias = name.size() > 5 && name.compare(name.size() - 5, 5, ".bias") == 0;
+    if (is_norm) t.fill_(1.0);
+    else if (is_bias) t.zero_();
+    else t.copy_(at::normal(0.0, 0.02, t.sizes(), gen, at::TensorOptions().dtype(at::kFloat)));
+  }
+  return m;
+}
+
+std::vector<std::pair<std::string, at::Tensor>> named_parameters(const Transformer& m) {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  auto add_linear = [&](const std::string& name, const Linear& l) {
+    out.emplace_back(name + ".weight", l.weight);
+    if (l.bias.defined()) out.emplace_back(name + ".bias", l.bias);
+  };
+  out.emplace_back("model.embed_tokens.weight", m.embed);
+  for (size_t i = 0; i < m.layers.size(); ++i) {
+    const Block& b = m.layers[i];
+    const std::string p = fmt::format("model.layers.{}.", i);
+    out.emplace_back(p + "input_layernorm.weight", b.input_norm);
+    add_linear(p + "self_attn.q_proj", b.q);
+    add_linear(p + "self_attn.k_proj", b.k);
+    add_linear(p + "self_attn.v_proj", b.v);
+    add_linear(p + "self_attn.o_proj", b.o);
+    out.emplace_back(p + "post_attention_layernorm.weight", b.post_attention_norm);
+    add_linear(p + "mlp.gate_proj", b.gate);
+    add_linear(p + "mlp.up_proj", b.up);
+    add_linear(p + "mlp.down_proj", b.down);
+  }
+  out.emplace_back("model.norm.weight", m.norm);
+  if (!m.cfg.tie_word_embeddings) add_linear("lm_head", m.lm_head);
+  return out;
+}
+
+}  // namespace aligner

@@ -1,0 +1,55 @@
+// A decoder-only transformer covering Llama 2/3/3.1, Mistral and Qwen2, written as plain structs
+// of tensors and free functions. Weights are ordinary tensors (requires_grad for training), so
+// autograd, checkpointing and adapters work on the same code.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "model/config.h"
+#include "model/linear.h"
+
+namespace aligner {
+
+struct Block {
+  at::Tensor input_norm, post_attention_norm;  // RMSNorm weights [hidden]
+  Linear q, k, v, o;
+  Linear gate, up, down;
+};
+
+struct Transformer {
+  ModelConfig cfg;
+  at::Tensor embed;  // [vocab, hidden]
+  std::vector<Block> layers;
+  at::Tensor norm;  // final RMSNorm
+  Linear lm_head;   // weight is `embed` itself when tie_word_embeddings
+};
+
+// What one forward pass reads. Only input_ids is required.
+struct ForwardInput {
+  at::Tensor input_ids;       // [B, T] int64
+  at::Tensor attention_mask;  // [B, T], 1 = token, 0 = padding (left or right)
+  at::Tensor position_ids;    // [B, T]; default: count of real tokens before each one
+  at::Tensor segment_ids;     // [B, T]; packed rows: tokens attend only within their segment
+};
+
+// Uninitialised weights of the config's shapes with the given dtype and device (for loading).
+Transformer allocate_transformer(const ModelConfig& cfg, const at::TensorOptions& options);
+// Random init (normal, std 0.02; norms 1; biases 0) in the config's dtype, on `device`.
+Transformer init_transformer(const ModelConfig& cfg, at::Device device, uint64_t seed);
+
+// Final hidden states after the last norm: [B, T, hidden].
+at::Tensor forward_hidden(const Transformer& m, const ForwardInput& in);
+// Logits over the vocabulary for the given hidden states: [..., vocab].
+at::Tensor lm_logits(const Transformer& m, const at::Tensor& hidden);
+// log p(targets | context) per position, computed in float32 and in chunks so that the full
+// [B, T, vocab] float32 log-softmax is never held at once: [B, T].
+at::Tensor token_logprobs(const Transformer& m, const at::Tensor& hidden, const at::Tensor& targets);
+
+// Hugging Face parameter names ("model.layers.0.self_attn.q_proj.weight", ...) and the tensors
+// behind them. A tied lm_head is not listed, as transformers does not save it.
+std::vector<std::pair<std::string, at::Tensor>> named_parameters(const Transformer& m);
+
+}  // namespace aligner
