@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 mkdir -p .deps/debs
 cd .deps/debs
 apt-get download libyaml-cpp-dev libyaml-cpp0.7 nlohmann-json3-dev libcli11-dev libfmt-dev libfmt9 \
-  libpcre2-dev libpcre2-8-0 libsentencepiece-dev libsentencepiece0 libprotobuf-lite32 libgtest-dev libgmock-dev
+  libpcre2-dev libpcre2-8-0 libgtest-dev libgmock-dev

@@ -60,11 +60,13 @@ def main():
         out = tempfile.mkdtemp()
         subprocess.run([os.path.join(BUILD, "aligner"), "convert", "--model", src, "--out", out + "/m", "--dtype",
                         dtype, "--shard-size", shard], check=True, capture_output=True)
-        a = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+        # Both loaded by transformers at the target dtype, so buffers such as the rotary table
+        # stay float32 in both, as they would in a user's run.
+        a = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype)).eval()
         b = AutoModelForCausalLM.from_pretrained(out + "/m", dtype="auto").eval()
         x = torch.tensor([json.load(open(os.path.join(src, "reference.json")))["sequences"][-1]])
         with torch.no_grad():
-            la = a.to(getattr(torch, dtype))(input_ids=x).logits.float()
+            la = a(input_ids=x).logits.float()
             lb = b(input_ids=x).logits.float()
         diff = (la - lb).abs().max().item()
         good = b.dtype == getattr(torch, dtype) and diff == 0.0

@@ -5,7 +5,7 @@ pkgs=(
   build-essential cmake ninja-build pkg-config clang-format
   libtorch-dev
   libyaml-cpp-dev nlohmann-json3-dev libcli11-dev libfmt-dev libspdlog-dev
-  libsentencepiece-dev libpcre2-dev libcpp-httplib-dev libprotobuf-dev protobuf-compiler
+  libpcre2-dev
   libgtest-dev libgmock-dev
 )
 missing=()

@@ -63,9 +63,10 @@ INSTANTIATE_TEST_SUITE_P(Families, Parity,
                                            "mistral", "qwen2", "llama2_sharded", "llama3_bf16"));
 
 ModelConfig tiny_config(const std::string& type = "llama") {
-  nlohmann::json j = {{"model_type", type},        {"vocab_size", 64},         {"hidden_size", 32},
-                      {"intermediate_size", 48},   {"num_hidden_layers", 2},   {"num_attention_heads", 4},
-                      {"num_key_value_heads", 2},  {"max_position_embeddings", 64}};
+  nlohmann::json j = {{"model_type", type},       {"vocab_size", 64},
+                      {"hidden_size", 32},        {"intermediate_size", 48},
+                      {"num_hidden_layers", 2},   {"num_attention_heads", 4},
+                      {"num_key_value_heads", 2}, {"max_position_embeddings", 64}};
   return parse_model_config(j, "tiny");
 }
 
@@ -254,6 +255,35 @@ TEST(HfCheckpoint, BadFoldersNameTheTensor) {
   expect_error(extra, "unexpected tensor 'model.layers.0.self_attn.q_norm.weight'");
   EXPECT_THROW(load_transformer((dir / "nope").string(), at::kCPU), Error);
   fs::remove_all(dir);
+}
+
+}  // namespace
+
+namespace {
+
+// Recomputing layers in the backward pass must give exactly the gradients of the plain pass.
+TEST(Model, ActivationCheckpointingGivesTheSameGradients) {
+  auto m = init_transformer(tiny_config(), at::kCPU, 9);
+  auto params = named_parameters(m);
+  for (auto& [name, t] : params) t.requires_grad_(true);
+  auto ids = ids_tensor({5, 9, 3, 7, 1, 12, 40, 2});
+  auto grads = [&](bool checkpoint) {
+    for (auto& [name, t] : params) t.mutable_grad() = at::Tensor();
+    ForwardInput in{ids};
+    in.checkpoint_layers = checkpoint;
+    auto h = forward_hidden(m, in);
+    auto targets = at::cat({ids.narrow(1, 1, 7), at::full({1, 1}, -100, ids.options())}, 1);
+    (-token_logprobs(m, h, targets).sum()).backward();
+    std::vector<at::Tensor> out;
+    for (auto& [name, t] : params) out.push_back(t.grad().clone());
+    return out;
+  };
+  auto plain = grads(false), recomputed = grads(true);
+  for (size_t i = 0; i < plain.size(); ++i) {
+    ASSERT_TRUE(plain[i].defined()) << params[i].first;
+    EXPECT_GT(plain[i].abs().max().item<double>(), 0) << params[i].first;
+    EXPECT_TRUE(at::allclose(plain[i], recomputed[i], 1e-6, 1e-7)) << params[i].first;
+  }
 }
 
 }  // namespace

@@ -20,17 +20,22 @@ int64_t parse_size(const std::string& s) {
   }
   const std::string unit = s.substr(pos);
   double mult = 1;
-  if (unit == "KB") mult = 1e3;
-  else if (unit == "MB") mult = 1e6;
-  else if (unit == "GB") mult = 1e9;
-  else if (!unit.empty() && unit != "B") fail("--shard-size: unknown unit '{}' (use B, KB, MB or GB)", unit);
+  if (unit == "KB")
+    mult = 1e3;
+  else if (unit == "MB")
+    mult = 1e6;
+  else if (unit == "GB")
+    mult = 1e9;
+  else if (!unit.empty() && unit != "B")
+    fail("--shard-size: unknown unit '{}' (use B, KB, MB or GB)", unit);
   return (int64_t)std::llround(v * mult);
 }
 
 }  // namespace
 
 void add_convert(CLI::App& app) {
-  auto* cmd = app.add_subcommand("convert", "Rewrite a Hugging Face model folder in another dtype or shard size");
+  auto* cmd =
+      app.add_subcommand("convert", "Rewrite a Hugging Face model folder in another dtype or shard size");
   auto model = std::make_shared<std::string>();
   auto out = std::make_shared<std::string>();
   auto dtype = std::make_shared<std::string>();

@@ -2,12 +2,13 @@
 // computes what it should (and the simplest user of the model code).
 #include <algorithm>
 #include <cmath>
-#include <fstream>
 #include <numeric>
 
 #include "commands.h"
 #include "core/error.h"
 #include "io/hf_checkpoint.h"
+#include "io/jsonl.h"
+#include "text/tokenizer.h"
 
 namespace aligner::cli {
 namespace {
@@ -26,32 +27,34 @@ at::Device parse_device(const std::string& name) {
   fail("--device: expected cpu or cuda, got '{}'", name);
 }
 
-std::vector<std::vector<int64_t>> read_ids(const std::string& path, int64_t vocab) {
-  std::ifstream f(path);
-  if (!f) fail("cannot open {}", path);
+// Each line holds `input_ids`, or `text` that the model folder's tokenizer encodes (with the
+// special tokens its encode adds by default, BOS for Llama).
+std::vector<std::vector<int64_t>> read_sequences(const std::string& path, const std::string& model_dir,
+                                                 int64_t vocab) {
+  JsonlFile file(path);
+  std::unique_ptr<Tokenizer> tokenizer;
   std::vector<std::vector<int64_t>> out;
-  std::string line;
-  for (int64_t lineno = 1; std::getline(f, line); ++lineno) {
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(line);
-    } catch (const nlohmann::json::parse_error& e) {
-      fail("{}:{}: malformed JSON ({})", path, lineno, e.what());
-    }
-    auto it = j.find("input_ids");
-    if (it == j.end()) fail("{}:{}: missing field 'input_ids'", path, lineno);
-    if (!it->is_array() || it->empty()) fail("{}:{}: field 'input_ids' must be a non-empty list of ints", path, lineno);
+  for (int64_t i = 0; i < file.size(); ++i) {
+    const auto where = file.where(i);
+    const auto rec = file.read(i);
     std::vector<int64_t> ids;
-    for (const auto& v : *it) {
-      if (!v.is_number_integer()) fail("{}:{}: field 'input_ids' must be a list of ints", path, lineno);
-      const int64_t id = v.get<int64_t>();
-      if (id < 0 || id >= vocab) fail("{}:{}: token id {} is outside the model's vocabulary [0, {})", path, lineno, id, vocab);
-      ids.push_back(id);
+    if (rec.contains("input_ids")) {
+      const auto& list = require_field(rec, "input_ids", where);
+      if (!list.is_array()) fail("{}: field \"input_ids\" must be a list of ints", where);
+      for (const auto& v : list) ids.push_back(json_as<int64_t>(v, where, "input_ids"));
+    } else if (rec.contains("text")) {
+      if (!tokenizer) tokenizer = load_tokenizer(model_dir);
+      for (int32_t id : tokenizer->encode(get_field<std::string>(rec, "text", where), true))
+        ids.push_back(id);
+    } else {
+      fail("{}: missing field \"input_ids\" or \"text\"", where);
     }
+    if (ids.empty()) fail("{}: empty sequence", where);
+    for (int64_t id : ids)
+      if (id < 0 || id >= vocab)
+        fail("{}: token id {} is outside the model's vocabulary [0, {})", where, id, vocab);
     out.push_back(std::move(ids));
   }
-  if (out.empty()) fail("{}: no sequences", path);
   return out;
 }
 
@@ -59,12 +62,13 @@ void run(const Options& o) {
   if (o.batch_size < 1) fail("--batch-size must be at least 1");
   const at::Device device = parse_device(o.device);
   const Transformer m = load_transformer(o.model, device, parse_dtype_name(o.dtype, "--dtype"));
-  const auto seqs = read_ids(o.data, m.cfg.vocab_size);
+  const auto seqs = read_sequences(o.data, o.model, m.cfg.vocab_size);
 
   // Batches of similar lengths waste little on padding; results are printed in input order.
   std::vector<size_t> order(seqs.size());
   std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return seqs[a].size() < seqs[b].size(); });
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return seqs[a].size() < seqs[b].size(); });
   std::vector<double> logprob(seqs.size());
 
   at::NoGradGuard no_grad;
@@ -90,7 +94,8 @@ void run(const Options& o) {
   double total = 0;
   int64_t predicted = 0;
   for (size_t i = 0; i < seqs.size(); ++i) {
-    fmt::print("{}\n", nlohmann::json{{"index", i}, {"tokens", seqs[i].size()}, {"logprob", logprob[i]}}.dump());
+    fmt::print("{}\n",
+               nlohmann::json{{"index", i}, {"tokens", seqs[i].size()}, {"logprob", logprob[i]}}.dump());
     total += logprob[i];
     predicted += seqs[i].size() - 1;
   }
@@ -107,9 +112,11 @@ void run(const Options& o) {
 
 void add_perplexity(CLI::App& app) {
   auto o = std::make_shared<Options>();
-  auto* cmd = app.add_subcommand("perplexity", "Log-likelihood of each sequence in a JSONL file under a model");
+  auto* cmd =
+      app.add_subcommand("perplexity", "Log-likelihood of each sequence in a JSONL file under a model");
   cmd->add_option("--model", o->model, "Hugging Face model folder")->required();
-  cmd->add_option("--data", o->data, "JSONL file, one {\"input_ids\": [...]} per line")->required();
+  cmd->add_option("--data", o->data, "JSONL file: {\"input_ids\": [...]} or {\"text\": ...} per line")
+      ->required();
   cmd->add_option("--batch-size", o->batch_size, "Sequences per forward pass");
   cmd->add_option("--dtype", o->dtype, "float32 | bfloat16");
   cmd->add_option("--device", o->device, "cpu | cuda");

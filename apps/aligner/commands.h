@@ -6,5 +6,6 @@ namespace aligner::cli {
 
 void add_perplexity(CLI::App& app);
 void add_convert(CLI::App& app);
+void add_tokenize(CLI::App& app);
 
 }  // namespace aligner::cli

@@ -12,6 +12,7 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", "aligner 0.1.0");
   aligner::cli::add_perplexity(app);
   aligner::cli::add_convert(app);
+  aligner::cli::add_tokenize(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

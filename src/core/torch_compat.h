@@ -26,7 +26,8 @@ inline at::Tensor sdpa(const at::Tensor& q, const at::Tensor& k_in, const at::Te
                        const std::optional<at::Tensor>& mask, bool is_causal, double scale) {
   const int64_t groups = q.size(1) / k_in.size(1);
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 5)
-  return at::scaled_dot_product_attention(q, k_in, v_in, mask, 0.0, is_causal, scale, /*enable_gqa=*/groups > 1);
+  return at::scaled_dot_product_attention(q, k_in, v_in, mask, 0.0, is_causal, scale,
+                                          /*enable_gqa=*/groups > 1);
 #elif ALIGNER_TORCH_2
   return at::scaled_dot_product_attention(q, repeat_kv(k_in, groups), repeat_kv(v_in, groups), mask, 0.0,
                                           is_causal, scale);
@@ -42,6 +43,60 @@ inline at::Tensor sdpa(const at::Tensor& q, const at::Tensor& k_in, const at::Te
 #endif
 }
 
+// RMSNorm as transformers' LlamaRMSNorm computes it: normalise in float32, then scale. Torch 2.8+
+// has a fused kernel (one read, one write); older versions get the same math op by op, rounding
+// to the input dtype before the scale exactly as transformers does.
+inline at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+  if (x.is_cuda()) return at::rms_norm(x, {x.size(-1)}, weight, eps);
+#endif
+  auto xf = x.to(at::kFloat);
+  auto normed = xf * at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);
+  return weight * normed.to(x.scalar_type());
+}
+
 inline constexpr bool kTorch2 = ALIGNER_TORCH_2;
+
+}  // namespace aligner::compat
+
+// ---- c10d ----
+// Torch 2 moved the collectives out of c10d::ProcessGroup into c10d::Backend, which is what
+// ProcessGroupGloo and ProcessGroupNCCL derive from there; in 1.13 they derive from ProcessGroup.
+// dist/ calls the collectives on that object directly, so only its type differs, plus the
+// shutdown that 2.x's NCCL backend expects before destruction (Backend::shutdown, from 2.4).
+// Gloo needs its own headers: Debian's libgloo-dev matches its libtorch; PyTorch's wheels ship
+// none. Torch's CMake targets define USE_C10D_GLOO and, for CUDA builds, USE_C10D_NCCL.
+namespace c10d {
+class Backend;
+class ProcessGroup;
+}  // namespace c10d
+
+#if defined(USE_C10D_GLOO) && __has_include(<gloo/algorithm.h>)
+#define ALIGNER_HAS_GLOO 1
+#else
+#define ALIGNER_HAS_GLOO 0
+#endif
+#if defined(ALIGNER_WITH_CUDA) && ALIGNER_TORCH_2 && defined(USE_C10D_NCCL)
+#define ALIGNER_HAS_NCCL 1
+#else
+#define ALIGNER_HAS_NCCL 0
+#endif
+
+namespace aligner::compat {
+
+#if ALIGNER_TORCH_2
+using CommBackend = c10d::Backend;
+#else
+using CommBackend = c10d::ProcessGroup;
+#endif
+
+template <class Backend>
+void shutdown_comm(Backend& backend) {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+  backend.shutdown();
+#else
+  (void)backend;
+#endif
+}
 
 }  // namespace aligner::compat

@@ -19,10 +19,14 @@ at::ScalarType parse_dtype_name(const std::string& name, const std::string& what
 
 std::string dtype_name(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return "float32";
-    case at::kBFloat16: return "bfloat16";
-    case at::kHalf: return "float16";
-    default: fail("unsupported model dtype {}", c10::toString(t));
+    case at::kFloat:
+      return "float32";
+    case at::kBFloat16:
+      return "bfloat16";
+    case at::kHalf:
+      return "float16";
+    default:
+      fail("unsupported model dtype {}", c10::toString(t));
   }
 }
 
@@ -30,7 +34,8 @@ Transformer load_transformer(const std::string& dir, at::Device device, std::opt
   if (!fs::is_directory(dir)) fail("model folder {} does not exist", dir);
   const ModelConfig cfg = load_model_config((fs::path(dir) / "config.json").string());
   auto ckpt = safetensors::Checkpoint::open_dir(dir);
-  Transformer m = allocate_transformer(cfg, at::TensorOptions().dtype(dtype.value_or(cfg.dtype)).device(device));
+  Transformer m =
+      allocate_transformer(cfg, at::TensorOptions().dtype(dtype.value_or(cfg.dtype)).device(device));
 
   at::NoGradGuard no_grad;
   std::set<std::string> used;
@@ -73,8 +78,8 @@ void save_transformer(const Transformer& m, const std::string& dir, std::optiona
   std::ofstream(tmp / "config.json") << cfg.dump(2) << "\n";
 
   if (!tokenizer_from.empty()) {
-    for (const char* f : {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                          "generation_config.json"}) {
+    for (const char* f : {"tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                          "special_tokens_map.json", "generation_config.json"}) {
       const fs::path src = fs::path(tokenizer_from) / f;
       if (fs::exists(src)) fs::copy_file(src, tmp / f, fs::copy_options::overwrite_existing);
     }

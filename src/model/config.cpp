@@ -49,7 +49,8 @@ RopeConfig parse_rope(const json& j, const std::string& where) {
   }
   if (!scaling) return r;
   const json& s = *scaling;
-  r.type = opt<std::string>(s, "rope_type", where).value_or(opt<std::string>(s, "type", where).value_or("default"));
+  r.type = opt<std::string>(s, "rope_type", where)
+               .value_or(opt<std::string>(s, "type", where).value_or("default"));
   r.factor = opt<double>(s, "factor", where).value_or(1.0);
   r.low_freq_factor = opt<double>(s, "low_freq_factor", where).value_or(r.low_freq_factor);
   r.high_freq_factor = opt<double>(s, "high_freq_factor", where).value_or(r.high_freq_factor);
@@ -106,7 +107,8 @@ ModelConfig parse_model_config(const json& j, const std::string& where) {
       fail("{}: layer_types has {} entries for {} layers", where, lt->size(), c.num_layers);
     for (int64_t i = 0; i < c.num_layers; ++i) {
       auto t = (*lt)[i].get<std::string>();
-      if (t == "sliding_attention") c.window[i] = window;
+      if (t == "sliding_attention")
+        c.window[i] = window;
       else if (t != "full_attention")
         fail("{}: unsupported layer type '{}' (supported: full_attention, sliding_attention)", where, t);
     }
@@ -120,8 +122,10 @@ ModelConfig parse_model_config(const json& j, const std::string& where) {
   c.bos_token_id = opt<int64_t>(j, "bos_token_id", where);
   c.pad_token_id = opt<int64_t>(j, "pad_token_id", where);
   if (auto it = j.find("eos_token_id"); it != j.end() && !it->is_null()) {
-    if (it->is_array()) c.eos_token_ids = it->get<std::vector<int64_t>>();
-    else c.eos_token_ids = {it->get<int64_t>()};
+    if (it->is_array())
+      c.eos_token_ids = it->get<std::vector<int64_t>>();
+    else
+      c.eos_token_ids = {it->get<int64_t>()};
   }
   auto dtype = opt<std::string>(j, "dtype", where);
   if (!dtype) dtype = opt<std::string>(j, "torch_dtype", where);

@@ -40,8 +40,8 @@ struct ModelConfig {
   std::vector<int64_t> window;
   std::optional<int64_t> bos_token_id, pad_token_id;
   std::vector<int64_t> eos_token_ids;  // Llama 3.1 lists several
-  at::ScalarType dtype = at::kFloat;  // the dtype the weights are stored in
-  nlohmann::json raw;                 // the file as read, written back on save
+  at::ScalarType dtype = at::kFloat;   // the dtype the weights are stored in
+  nlohmann::json raw;                  // the file as read, written back on save
 };
 
 // `where` names the file in errors. Unsupported model_type, hidden_act or rope type is an error

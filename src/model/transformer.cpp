@@ -1,6 +1,8 @@
 #include "model/transformer.h"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/custom_function.h>
 
 #include <cmath>
 
@@ -9,14 +11,6 @@
 
 namespace aligner {
 namespace {
-
-// As transformers' LlamaRMSNorm: normalise in float32, cast back, then scale, so that bf16 runs
-// round at the same points.
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  auto xf = x.to(at::kFloat);
-  auto normed = xf * at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);
-  return weight * normed.to(x.scalar_type());
-}
 
 // Inverse frequencies of the rotary embedding, with the scaling rules of transformers'
 // rope_init_functions. max_position is the longest position in this batch (dynamic scaling).
@@ -103,6 +97,40 @@ at::Tensor mlp(const Block& b, const at::Tensor& h) {
   return apply(b.down, at::silu(apply(b.gate, h)) * apply(b.up, h));
 }
 
+at::Tensor block_forward(const ModelConfig& c, const Block& b, const at::Tensor& x, const at::Tensor& cos,
+                         const at::Tensor& sin, const std::optional<at::Tensor>& mask) {
+  auto h = x + attention(c, b, compat::rms_norm(x, b.input_norm, c.rms_norm_eps), cos, sin, mask);
+  return h + mlp(b, compat::rms_norm(h, b.post_attention_norm, c.rms_norm_eps));
+}
+
+// The layer to recompute, carried through the autograd graph in a capsule.
+struct Recompute : torch::CustomClassHolder {
+  std::function<at::Tensor(const at::Tensor&)> fn;
+};
+
+// Runs the layer without recording its graph; in the backward pass runs it again with the graph
+// and backpropagates through that, which accumulates the layer's weight gradients directly.
+struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            c10::intrusive_ptr<Recompute> layer) {
+    ctx->save_for_backward({x});
+    ctx->saved_data["layer"] = c10::IValue::make_capsule(layer);
+    return layer->fn(x);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto x = ctx->get_saved_variables()[0].detach().requires_grad_(true);
+    auto layer = c10::static_intrusive_pointer_cast<Recompute>(ctx->saved_data["layer"].toCapsule());
+    at::Tensor out;
+    {
+      at::AutoGradMode grad_mode(true);
+      out = layer->fn(x);
+    }
+    torch::autograd::backward({out}, {grads[0]});
+    return {x.grad(), at::Tensor()};
+  }
+};
+
 }  // namespace
 
 at::Tensor forward_hidden(const Transformer& m, const ForwardInput& in) {
@@ -129,15 +157,26 @@ at::Tensor forward_hidden(const Transformer& m, const ForwardInput& in) {
   for (int64_t w : c.window)
     if (!masks.count(w)) masks[w] = attention_mask(in, w, T);
 
+  const bool checkpoint = in.checkpoint_layers && at::GradMode::is_enabled();
   for (int64_t i = 0; i < c.num_layers; ++i) {
     const Block& b = m.layers[i];
-    x = x + attention(c, b, rms_norm(x, b.input_norm, c.rms_norm_eps), cos, sin, masks[c.window[i]]);
-    x = x + mlp(b, rms_norm(x, b.post_attention_norm, c.rms_norm_eps));
+    const auto& mask = masks[c.window[i]];
+    if (checkpoint) {
+      auto layer = c10::make_intrusive<Recompute>();
+      layer->fn = [&c, &b, cos = cos, sin = sin, mask](const at::Tensor& h) {
+        return block_forward(c, b, h, cos, sin, mask);
+      };
+      x = CheckpointedLayer::apply(x, layer);
+    } else {
+      x = block_forward(c, b, x, cos, sin, mask);
+    }
   }
-  return rms_norm(x, m.norm, c.rms_norm_eps);
+  return compat::rms_norm(x, m.norm, c.rms_norm_eps);
 }
 
-at::Tensor lm_logits(const Transformer& m, const at::Tensor& hidden) { return apply(m.lm_head, hidden); }
+at::Tensor lm_logits(const Transformer& m, const at::Tensor& hidden) {
+  return apply(m.lm_head, hidden);
+}
 
 at::Tensor token_logprobs(const Transformer& m, const at::Tensor& hidden, const at::Tensor& targets) {
   const int64_t H = hidden.size(-1);
@@ -195,9 +234,12 @@ Transformer init_transformer(const ModelConfig& cfg, at::Device device, uint64_t
   for (auto& [name, t] : named_parameters(m)) {
     const bool is_norm = name.find("norm") != std::string::npos;
     const bool is_bias = name.size() > 5 && name.compare(name.size() - 5, 5, ".bias") == 0;
-    if (is_norm) t.fill_(1.0);
-    else if (is_bias) t.zero_();
-    else t.copy_(at::normal(0.0, 0.02, t.sizes(), gen, at::TensorOptions().dtype(at::kFloat)));
+    if (is_norm)
+      t.fill_(1.0);
+    else if (is_bias)
+      t.zero_();
+    else
+      t.copy_(at::normal(0.0, 0.02, t.sizes(), gen, at::TensorOptions().dtype(at::kFloat)));
   }
   return m;
 }

@@ -33,6 +33,9 @@ struct ForwardInput {
   at::Tensor attention_mask;  // [B, T], 1 = token, 0 = padding (left or right)
   at::Tensor position_ids;    // [B, T]; default: count of real tokens before each one
   at::Tensor segment_ids;     // [B, T]; packed rows: tokens attend only within their segment
+  // Keep only each layer's input for the backward pass and recompute the layer there: activation
+  // memory of one layer instead of all, for one extra forward.
+  bool checkpoint_layers = false;
 };
 
 // Uninitialised weights of the config's shapes with the given dtype and device (for loading).

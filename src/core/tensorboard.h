@@ -1,0 +1,40 @@
+// TensorBoard event files, written directly: the format is a TFRecord file of serialized Event
+// protobufs, and the few message fields that scalars need are encoded by hand, so neither
+// TensorFlow nor protobuf is a dependency.
+#pragma once
+#include <cstdint>
+#include <fstream>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace aligner {
+
+// CRC-32C (Castagnoli), as TFRecord uses to checksum each record's length and data.
+uint32_t crc32c(std::string_view bytes);
+// TFRecord stores CRCs rotated and offset, because a CRC of data that itself holds CRCs is weak.
+uint32_t mask_crc32c(uint32_t crc);
+
+class TensorBoardWriter {
+ public:
+  // Creates `dir` if needed and a new file "events.out.tfevents.<unix_seconds>.<hostname>" in it,
+  // starting with the file-version event that readers expect first. A resumed run writes a new
+  // file beside the old ones; TensorBoard's loader (purge_orphaned_data, its default) discards the
+  // old file's points at or past the step where the new one restarts, so curves do not double back.
+  explicit TensorBoardWriter(const std::string& dir);
+
+  // One event holding all the values at `step`, handed to the OS before returning so that a run
+  // that is killed keeps every step it logged. Values are stored as float, as TensorBoard does.
+  void add_scalars(int64_t step, const std::vector<std::pair<std::string, double>>& values);
+
+  const std::string& path() const { return path_; }
+
+ private:
+  void write_record(const std::string& data);
+
+  std::string path_;
+  std::ofstream out_;
+};
+
+}  // namespace aligner

@@ -1,0 +1,109 @@
+#include "text/tokenizer.h"
+
+#include <nlohmann/json.hpp>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "core/error.h"
+#include "text/bpe_tokenizer.h"
+#include "text/sentencepiece_tokenizer.h"
+
+namespace aligner {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+json read_json(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail("cannot open {}", path.string());
+  try {
+    return json::parse(in);
+  } catch (const json::exception& e) {
+    fail("{}: not valid JSON: {}", path.string(), e.what());
+  }
+}
+
+// bos_token and friends are written either as the token text or as an AddedToken object.
+void resolve_special(const Tokenizer& tokenizer, const json& config, const fs::path& config_path,
+                     const char* key, std::optional<int32_t>& id, std::string& text) {
+  if (!config.contains(key)) return;
+  const json& value = config[key];
+  if (value.is_null()) {
+    id.reset();
+    text.clear();
+    return;
+  }
+  if (value.is_object() && value.contains("content") && value["content"].is_string()) {
+    text = value["content"].get<std::string>();
+  } else if (value.is_string()) {
+    text = value.get<std::string>();
+  } else {
+    fail("{}: {} must be a string or an object with \"content\"", config_path.string(), key);
+  }
+  id = tokenizer.token_to_id(text);
+  if (!id) fail("{}: {} \"{}\" is not a token of the tokenizer", config_path.string(), key, text);
+}
+
+std::string chat_template(const json& config, const fs::path& config_path) {
+  if (!config.contains("chat_template") || config["chat_template"].is_null()) {
+    // Newer Hugging Face checkpoints keep the template in its own file.
+    fs::path jinja = config_path.parent_path() / "chat_template.jinja";
+    if (!fs::exists(jinja)) return {};
+    std::ifstream in(jinja, std::ios::binary);
+    std::ostringstream text;
+    text << in.rdbuf();
+    return text.str();
+  }
+  const json& value = config["chat_template"];
+  if (value.is_string()) return value.get<std::string>();
+  if (value.is_array()) {
+    for (const json& named : value) {
+      if (named.value("name", std::string()) == "default") return named.value("template", std::string());
+    }
+    return {};
+  }
+  fail("{}: chat_template must be a string or a list of {{\"name\", \"template\"}}", config_path.string());
+}
+
+}  // namespace
+
+std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
+  std::error_code error;
+  fs::path file(path);
+  if (!fs::exists(file, error)) fail("tokenizer {} does not exist", path);
+  if (fs::is_directory(file, error)) {
+    if (fs::exists(file / "tokenizer.json", error)) {
+      file /= "tokenizer.json";
+    } else if (fs::exists(file / "tokenizer.model", error)) {
+      file /= "tokenizer.model";
+    } else {
+      fail("{}: folder has neither tokenizer.json nor tokenizer.model", path);
+    }
+  }
+
+  std::unique_ptr<Tokenizer> tokenizer;
+  if (file.extension() == ".json") {
+    tokenizer = load_bpe_tokenizer(file.string());
+  } else if (file.extension() == ".model") {
+    tokenizer = load_sentencepiece_tokenizer(file.string());
+  } else {
+    fail("{}: not a tokenizer (supported: a folder, a tokenizer.json, a SentencePiece .model)", path);
+  }
+
+  fs::path config_path = file.parent_path() / "tokenizer_config.json";
+  if (fs::exists(config_path, error)) {
+    json config = read_json(config_path);
+    SpecialTokens& special = tokenizer->special_;
+    resolve_special(*tokenizer, config, config_path, "bos_token", special.bos, special.bos_text);
+    resolve_special(*tokenizer, config, config_path, "eos_token", special.eos, special.eos_text);
+    resolve_special(*tokenizer, config, config_path, "pad_token", special.pad, special.pad_text);
+    resolve_special(*tokenizer, config, config_path, "unk_token", special.unk, special.unk_text);
+    special.chat_template = chat_template(config, config_path);
+  }
+  return tokenizer;
+}
+
+}  // namespace aligner
