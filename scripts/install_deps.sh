@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs every system dependency of aligner from Debian's packages. Safe to run again.
+# libopenblas0-pthread replaces the reference BLAS that libtorch-dev would otherwise load (10x
+# slower matrix products on the CPU).
 set -euo pipefail
 pkgs=(
   build-essential cmake ninja-build pkg-config clang-format
-  libtorch-dev
+  libtorch-dev libopenblas0-pthread
   libyaml-cpp-dev nlohmann-json3-dev libcli11-dev libfmt-dev libspdlog-dev
   libpcre2-dev
   libgtest-dev libgmock-dev

@@ -1,7 +1,7 @@
 // The trainer's outputs: TensorBoard event files, metrics.jsonl, progress lines and log lines.
 #include <gtest/gtest.h>
-#include <nlohmann/json.hpp>
 #include <unistd.h>
+#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <chrono>
@@ -544,7 +544,8 @@ TEST(Log, TimestampsAndRankFilter) {
   set_log_sink(std::move(previous));
 
   ASSERT_EQ(lines.size(), 2u);
-  EXPECT_TRUE(std::regex_match(lines[0], std::regex(R"(\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] a 1)"))) << lines[0];
+  EXPECT_TRUE(std::regex_match(lines[0], std::regex(R"(\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] a 1)")))
+      << lines[0];
   EXPECT_TRUE(std::regex_match(lines[1], std::regex(R"(\[[-0-9: ]+\] \[rank 3\] warning: b x)"))) << lines[1];
 }
 

@@ -7,5 +7,8 @@ namespace aligner::cli {
 void add_perplexity(CLI::App& app);
 void add_convert(CLI::App& app);
 void add_tokenize(CLI::App& app);
+void add_sft(CLI::App& app);
+void add_init(CLI::App& app);
+void add_launch(CLI::App& app);
 
 }  // namespace aligner::cli

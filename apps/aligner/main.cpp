@@ -13,6 +13,9 @@ int main(int argc, char** argv) {
   aligner::cli::add_perplexity(app);
   aligner::cli::add_convert(app);
   aligner::cli::add_tokenize(app);
+  aligner::cli::add_init(app);
+  aligner::cli::add_sft(app);
+  aligner::cli::add_launch(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -297,8 +297,10 @@ YAML::Node build(const YAML::Node& schema, const std::string& path, const Source
 
 void collect_paths(const YAML::Node& section, const std::string& prefix, std::vector<std::string>& paths) {
   for (const auto& entry : section) {
-    paths.push_back(join_path(prefix, entry.first.Scalar()));
-    if (entry.second.IsMap()) collect_paths(entry.second, paths.back(), paths);
+    // A copy: growing `paths` below would leave a reference to its last element dangling.
+    const std::string path = join_path(prefix, entry.first.Scalar());
+    paths.push_back(path);
+    if (entry.second.IsMap()) collect_paths(entry.second, path, paths);
   }
 }
 

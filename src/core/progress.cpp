@@ -27,10 +27,6 @@ const double* find_value(const MetricValues& values, const std::string& key) {
   return nullptr;
 }
 
-bool is_extra(const std::string& key) {
-  return key != "loss" && key != "lr";
-}
-
 std::string join(const std::vector<std::string>& parts, const char* sep) {
   std::string out;
   for (size_t i = 0; i < parts.size(); ++i) {
@@ -38,6 +34,24 @@ std::string join(const std::vector<std::string>& parts, const char* sep) {
     out += parts[i];
   }
   return out;
+}
+
+// Both formats: step, loss and lr when given, speed, ETA, then the other values in the order given.
+// `pair` goes between a key and its value.
+std::string progress_line(int64_t step, int64_t total_steps, const MetricValues& values, const char* pair,
+                          std::string speed, std::string eta, const char* separator) {
+  std::vector<std::string> parts{fmt::format("step {}/{}", step, total_steps)};
+  for (const char* key : {"loss", "lr"}) {
+    if (const double* v = find_value(values, key)) {
+      parts.push_back(std::string(key) + pair + format_metric(key, *v));
+    }
+  }
+  parts.push_back(std::move(speed));
+  parts.push_back(std::move(eta));
+  for (const auto& [key, v] : values) {
+    if (key != "loss" && key != "lr") parts.push_back(key + pair + format_metric(key, v));
+  }
+  return join(parts, separator);
 }
 
 }  // namespace
@@ -77,31 +91,16 @@ std::string format_metric(const std::string& key, double value) {
 
 std::string progress_tty_line(int64_t step, int64_t total_steps, const MetricValues& values,
                               double tokens_per_s, double eta_s) {
-  std::vector<std::string> parts{fmt::format("step {}/{}", step, total_steps)};
-  for (const char* key : {"loss", "lr"}) {
-    if (const double* v = find_value(values, key)) parts.push_back(fmt::format("{} {}", key, format_metric(key, *v)));
-  }
-  parts.push_back(std::isfinite(tokens_per_s) ? format_thousands(std::llround(tokens_per_s)) + " tok/s"
-                                              : "? tok/s");
-  parts.push_back("ETA " + format_duration(eta_s));
-  for (const auto& [key, v] : values) {
-    if (is_extra(key)) parts.push_back(fmt::format("{} {}", key, format_metric(key, v)));
-  }
-  return join(parts, " | ");
+  std::string speed = std::isfinite(tokens_per_s) ? format_thousands(std::llround(tokens_per_s)) : "?";
+  return progress_line(step, total_steps, values, " ", speed + " tok/s", "ETA " + format_duration(eta_s),
+                       " | ");
 }
 
 std::string progress_log_line(int64_t step, int64_t total_steps, const MetricValues& values,
                               double tokens_per_s, double eta_s) {
-  std::vector<std::string> parts{fmt::format("step {}/{}", step, total_steps)};
-  for (const char* key : {"loss", "lr"}) {
-    if (const double* v = find_value(values, key)) parts.push_back(fmt::format("{}={}", key, format_metric(key, *v)));
-  }
-  parts.push_back("tok/s=" + (std::isfinite(tokens_per_s) ? std::to_string(std::llround(tokens_per_s)) : "?"));
-  parts.push_back("eta=" + format_duration(eta_s));
-  for (const auto& [key, v] : values) {
-    if (is_extra(key)) parts.push_back(fmt::format("{}={}", key, format_metric(key, v)));
-  }
-  return join(parts, " ");
+  std::string speed = std::isfinite(tokens_per_s) ? std::to_string(std::llround(tokens_per_s)) : "?";
+  return progress_line(step, total_steps, values, "=", "tok/s=" + speed, "eta=" + format_duration(eta_s),
+                       " ");
 }
 
 EtaEstimator::EtaEstimator(int64_t start_step, double start_time_s)

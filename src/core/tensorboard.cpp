@@ -79,7 +79,8 @@ constexpr uint32_t kValueTag = 1, kValueSimpleValue = 2;
 // An Event's common head. Step 0 is written out although proto3 encoders omit zero fields:
 // decoders read either, and one code path serves every event.
 std::string event_head(int64_t step) {
-  double wall_time = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+  double wall_time =
+      std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
   std::string event;
   put_double(event, kEventWallTime, wall_time);
   put_int64(event, kEventStep, step);
@@ -109,8 +110,9 @@ TensorBoardWriter::TensorBoardWriter(const std::string& dir) {
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
   if (ec) fail("{}: cannot create the TensorBoard directory: {}", dir, ec.message());
-  path_ = (std::filesystem::path(dir) / fmt::format("events.out.tfevents.{}.{}", std::time(nullptr), hostname()))
-              .string();
+  path_ =
+      (std::filesystem::path(dir) / fmt::format("events.out.tfevents.{}.{}", std::time(nullptr), hostname()))
+          .string();
   // Appending: two writers started in the same second would otherwise truncate each other's file;
   // a second file-version event in the middle is harmless to readers.
   out_.open(path_, std::ios::binary | std::ios::app);

@@ -1,5 +1,7 @@
 #include "dist/ddp.h"
 
+#include <ATen/core/grad_mode.h>
+
 #include <map>
 #include <unordered_set>
 
@@ -9,7 +11,9 @@ namespace aligner::dist {
 
 DataParallel::DataParallel(Dist& dist, const std::vector<at::Tensor>& params, DataParallelOptions opts)
     : dist_(dist), opts_(opts) {
-  if (opts_.bucket_bytes <= 0) fail("data parallel: bucket_bytes must be positive, got {}", opts_.bucket_bytes);
+  if (opts_.bucket_bytes <= 0) {
+    fail("data parallel: bucket_bytes must be positive, got {}", opts_.bucket_bytes);
+  }
   std::unordered_set<const void*> seen;
   for (size_t i = 0; i < params.size(); ++i) {
     const auto& p = params[i];
@@ -96,9 +100,10 @@ void DataParallel::begin_final_backward() {
 void DataParallel::on_gradient(size_t param, const at::Tensor& grad) {
   if (!final_backward_) return;
   if (received_[param]) {
-    fail("data parallel: parameter {} received a second gradient after begin_final_backward(); "
-         "call sync_gradients() after each final backward",
-         original_index_[param]);
+    fail(
+        "data parallel: parameter {} got a second gradient after begin_final_backward() (call "
+        "sync_gradients() after each final backward)",
+        original_index_[param]);
   }
   received_[param] = true;
   at::NoGradGuard no_grad;
@@ -114,7 +119,8 @@ void DataParallel::on_gradient(size_t param, const at::Tensor& grad) {
 }
 
 void DataParallel::launch_ready_buckets() {
-  while (next_launch_ < buckets_.size() && buckets_[next_launch_].ready == buckets_[next_launch_].members.size()) {
+  while (next_launch_ < buckets_.size() &&
+         buckets_[next_launch_].ready == buckets_[next_launch_].members.size()) {
     Bucket& b = buckets_[next_launch_++];
     b.work = dist_.all_reduce_sum_async(b.flat);
   }

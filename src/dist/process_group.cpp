@@ -3,6 +3,7 @@
 // torch_compat.h first: it decides which c10d backends this build has.
 #include "core/torch_compat.h"
 
+#include <ATen/core/grad_mode.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
@@ -169,12 +170,16 @@ Dist Dist::init(const DistEnv& env, const at::Device& device, std::chrono::milli
   if (device.is_cuda() && !device.has_index()) d.device_ = at::Device(at::kCUDA, env.local_rank);
   if (env.world_size == 1) return d;
 
-  if (!device.is_cpu() && !device.is_cuda()) fail("distributed training runs on CPU or CUDA, not {}", device.str());
+  if (!device.is_cpu() && !device.is_cuda()) {
+    fail("distributed training runs on CPU or CUDA, not {}", device.str());
+  }
 #if !ALIGNER_HAS_NCCL
   if (device.is_cuda()) fail("distributed training on CUDA needs a CUDA build of libtorch 2.x (for NCCL)");
 #endif
 #if !ALIGNER_HAS_GLOO
-  if (device.is_cpu()) fail("distributed training on CPU needs Gloo: build against libtorch with Gloo's headers");
+  if (device.is_cpu()) {
+    fail("distributed training on CPU needs Gloo: build against libtorch with Gloo's headers");
+  }
 #endif
 
   d.group_ = std::make_unique<Group>();
@@ -286,7 +291,8 @@ void Dist::all_reduce_mean(std::vector<at::Tensor>& tensors) {
 }
 
 void Dist::broadcast(std::vector<at::Tensor>& tensors, int root) {
-  for_each_packed(tensors, "broadcast", [this, root](at::Tensor& flat) { return broadcast_async(flat, root); });
+  for_each_packed(tensors, "broadcast",
+                  [this, root](at::Tensor& flat) { return broadcast_async(flat, root); });
 }
 
 void Dist::barrier() {
@@ -300,7 +306,7 @@ void Dist::barrier() {
 
 std::vector<double> Dist::mean(const std::vector<double>& values) {
   if (!group_) return values;
-  check_same_on_all_ranks(values.size(), "number of values");
+  check_same_on_all_ranks(values.size(), "numbers of values");
   at::Tensor t = at::tensor(values, at::kDouble).to(device_);
   all_reduce_sum_async(t).wait();
   t = t.cpu();

@@ -1,0 +1,39 @@
+// `aligner init`: a randomly initialised model folder from a config.json and a tokenizer, the
+// starting point for training a model from scratch (the demo model is made this way).
+#include <filesystem>
+#include <fstream>
+
+#include "commands.h"
+#include "core/error.h"
+#include "io/hf_checkpoint.h"
+#include "text/tokenizer.h"
+
+namespace aligner::cli {
+
+void add_init(CLI::App& app) {
+  auto* cmd =
+      app.add_subcommand("init", "Write a randomly initialised model folder (config.json + tokenizer)");
+  auto config = std::make_shared<std::string>();
+  auto tokenizer = std::make_shared<std::string>();
+  auto out = std::make_shared<std::string>();
+  auto seed = std::make_shared<uint64_t>(1234);
+  cmd->add_option("--config", *config, "A Hugging Face config.json describing the model")->required();
+  cmd->add_option("--tokenizer", *tokenizer, "Folder with tokenizer.json / tokenizer_config.json")
+      ->required();
+  cmd->add_option("--out", *out, "Output model folder")->required();
+  cmd->add_option("--seed", *seed, "Seed of the random weights");
+  cmd->callback([=] {
+    const ModelConfig cfg = load_model_config(*config);
+    const auto tok = load_tokenizer(*tokenizer);
+    if (tok->vocab_size() > cfg.vocab_size)
+      fail("{}: vocab_size {} is smaller than the tokenizer's {} tokens", *config, cfg.vocab_size,
+           tok->vocab_size());
+    const Transformer m = init_transformer(cfg, at::kCPU, *seed);
+    save_transformer(m, *out, std::nullopt, 0, *tokenizer);
+    int64_t n = 0;
+    for (const auto& [name, t] : named_parameters(m)) n += t.numel();
+    fmt::print("wrote {} ({:.2f}M parameters)\n", *out, n / 1e6);
+  });
+}
+
+}  // namespace aligner::cli

@@ -1,0 +1,247 @@
+#include "algo/sft.h"
+
+#include <filesystem>
+
+#include "core/error.h"
+#include "core/log.h"
+#include "data/packing.h"
+#include "data/sampler.h"
+#include "data/sft_data.h"
+#include "io/hf_checkpoint.h"
+#include "text/chat_template.h"
+#include "train/run_setup.h"
+#include "train/trainer.h"
+
+namespace aligner {
+namespace fs = std::filesystem;
+
+at::Tensor topk_kd_loss_sum(const at::Tensor& student_logits, const at::Tensor& teacher_logits, int64_t k,
+                            double temperature) {
+  if (student_logits.sizes() != teacher_logits.sizes())
+    fail("teacher logits {} do not match the student's {} (different vocabularies?)",
+         fmt::join(teacher_logits.sizes(), "x"), fmt::join(student_logits.sizes(), "x"));
+  k = std::min<int64_t>(k, teacher_logits.size(-1));
+  auto top = teacher_logits.to(at::kFloat).topk(k, -1);
+  auto log_pt = at::log_softmax(std::get<0>(top) / temperature, -1);
+  auto log_ps = at::log_softmax(student_logits.to(at::kFloat) / temperature, -1).gather(-1, std::get<1>(top));
+  return (log_pt.exp() * (log_pt - log_ps)).sum() * (temperature * temperature);
+}
+
+namespace {
+
+struct MicroBatch {
+  Batch batch;
+  double units = 0;
+  int64_t tokens = 0;
+};
+
+MicroBatch make_micro_batch(Batch b) {
+  MicroBatch mb;
+  mb.units = double((b.labels != kIgnoreIndex).sum().item<int64_t>());
+  mb.tokens = b.attention_mask.sum().item<int64_t>();
+  mb.batch = std::move(b);
+  return mb;
+}
+
+class Sft final : public Algorithm {
+ public:
+  Sft(const Config& cfg, const Tokenizer& tok, Transformer& model, const Transformer* teacher,
+      at::Device device, int rank, int world)
+      : model_(model), teacher_(teacher), device_(device), rank_(rank), world_(world) {
+    DataOptions opt;
+    opt.format = cfg.get_string("data.format");
+    opt.max_length = cfg.get_int("data.max_length");
+    opt.truncation = parse_truncation(cfg.get_string("data.truncation"));
+    opt.skip_bad_lines = cfg.get_bool("data.skip_bad_lines");
+    opt.add_eos = cfg.get_bool("data.add_eos");
+    const auto tmpl = resolve_chat_template(cfg.get_string("data.template"), tok);
+    const std::string train_path = cfg.get_string("data.train");
+    if (train_path.empty()) fail("config key 'data.train' must be set");
+    train_ = std::make_unique<SftDataset>(open_sft_dataset(train_path, tok, tmpl, opt));
+    if (!cfg.get_string("data.validation").empty())
+      val_ =
+          std::make_unique<SftDataset>(open_sft_dataset(cfg.get_string("data.validation"), tok, tmpl, opt));
+    sampler_ = make_sampler(dataset_size(*train_), rank, world, cfg.get_bool("data.shuffle"),
+                            uint64_t(cfg.get_int("trainer.seed")));
+    micro_batch_size_ = cfg.get_int("trainer.micro_batch_size");
+    max_epochs_ = cfg.get_int("trainer.max_epochs");
+    max_length_ = opt.max_length;
+    packing_ = cfg.get_bool("data.packing");
+    checkpoint_layers_ = cfg.get_bool("model.activation_checkpointing");
+    pad_id_ = pad_id_for(tok);
+    kd_top_k_ = cfg.get_int("kd.top_k");
+    kd_temperature_ = cfg.get_float("kd.temperature");
+    ce_weight_ = cfg.get_float("kd.ce_weight");
+    kd_weight_ = teacher ? cfg.get_float("kd.kd_weight") : 0.0;
+    if (teacher && kd_top_k_ < 1) fail("config key 'kd.top_k' must be at least 1");
+    if (kd_temperature_ <= 0) fail("config key 'kd.temperature' must be positive");
+  }
+
+  ~Sft() override {
+    for (const auto* ds : {train_.get(), val_.get()}) {
+      if (!ds) continue;
+      const auto report = data_report(ds->stats, ds->file.path(), max_length_);
+      if (!report.empty()) log_warn("{}", report);
+    }
+  }
+
+  int64_t steps_per_epoch(int64_t global_batch_size) const override {
+    // Packed rows hold several examples, so an epoch takes fewer steps than examples / batch;
+    // the trainer stops when the data ends, and the schedule uses this bound.
+    return std::max<int64_t>(1, dataset_size(*train_) / global_batch_size);
+  }
+
+  bool next_step(int64_t n) override {
+    step_.clear();
+    for (int64_t i = 0; i < n; ++i) {
+      auto seqs = take_examples();
+      if (seqs.empty()) return false;
+      step_.push_back(make_micro_batch(packing_ ? pack_sequences(seqs, max_length_, pad_id_)
+                                                : collate_padded(seqs, pad_id_)));
+    }
+    return true;
+  }
+
+  double units(int64_t i) const override { return step_.at(i).units; }
+
+  LossSums loss(int64_t i) override { return compute(step_.at(i)); }
+
+  std::vector<LossSums> validate() override {
+    std::vector<LossSums> out;
+    if (!val_) return out;
+    std::vector<Sequence> seqs;
+    int64_t batch_index = 0;
+    auto flush = [&] {
+      if (!seqs.empty() && batch_index++ % world_ == rank_)
+        out.push_back(compute(make_micro_batch(collate_padded(seqs, pad_id_))));
+      seqs.clear();
+    };
+    for (int64_t i = 0; i < dataset_size(*val_); ++i) {
+      if (auto ex = sft_example(*val_, i)) seqs.push_back(std::move(*ex));
+      if (int64_t(seqs.size()) == micro_batch_size_) flush();
+    }
+    flush();
+    return out;
+  }
+
+  nlohmann::json state() const override {
+    return {{"position", sampler_.position},
+            {"pending", pending_ ? nlohmann::json(*pending_) : nlohmann::json()}};
+  }
+
+  void load_state(const nlohmann::json& s) override {
+    sampler_.position = s.at("position").get<int64_t>();
+    pending_.reset();
+    if (!s.at("pending").is_null()) pending_ = s.at("pending").get<int64_t>();
+  }
+
+ private:
+  bool data_left() const { return max_epochs_ <= 0 || current_epoch(sampler_) < max_epochs_; }
+
+  // The next example index of this rank and its tokens, skipping dropped or bad examples.
+  std::optional<std::pair<int64_t, Sequence>> next_example() {
+    if (pending_) {
+      const int64_t index = *pending_;
+      pending_.reset();
+      if (auto ex = sft_example(*train_, index)) return std::make_pair(index, std::move(*ex));
+    }
+    while (data_left()) {
+      const int64_t index = next_index(sampler_);
+      if (auto ex = sft_example(*train_, index)) return std::make_pair(index, std::move(*ex));
+    }
+    return std::nullopt;
+  }
+
+  // One micro-batch worth: micro_batch_size examples, or with packing as many as fill
+  // micro_batch_size rows; the example that does not fit waits for the next micro-batch.
+  std::vector<Sequence> take_examples() {
+    std::vector<Sequence> seqs;
+    std::vector<int64_t> lengths;
+    while (true) {
+      if (!packing_ && int64_t(seqs.size()) == micro_batch_size_) break;
+      auto ex = next_example();
+      if (!ex) return {};
+      if (packing_) {
+        lengths.push_back(int64_t(ex->second.input_ids.size()));
+        if (int64_t(plan_packing(lengths, max_length_).size()) > micro_batch_size_) {
+          pending_ = ex->first;
+          break;
+        }
+      }
+      seqs.push_back(std::move(ex->second));
+    }
+    return seqs;
+  }
+
+  LossSums compute(const MicroBatch& mb) {
+    const Batch& b = mb.batch;
+    ForwardInput in{b.input_ids.to(device_), b.attention_mask.to(device_), b.position_ids.to(device_),
+                    b.segment_ids.defined() ? b.segment_ids.to(device_) : at::Tensor()};
+    in.checkpoint_layers = checkpoint_layers_;
+    const auto labels = b.labels.to(device_);
+    const auto hidden = forward_hidden(model_, in);
+    const auto ce = -token_logprobs(model_, hidden, labels).sum();
+    LossSums out;
+    out.units = mb.units;
+    out.tokens = mb.tokens;
+    if (!teacher_) {
+      out.loss = ce;
+      return out;
+    }
+    // Distillation reads logits only where the loss does.
+    const auto rows = (labels.reshape({-1}) != kIgnoreIndex).nonzero().squeeze(1);
+    at::Tensor teacher_logits;
+    {
+      at::NoGradGuard no_grad;
+      in.checkpoint_layers = false;
+      auto th = forward_hidden(*teacher_, in);
+      teacher_logits = lm_logits(*teacher_, th.reshape({-1, th.size(-1)}).index_select(0, rows));
+    }
+    const auto student_logits =
+        lm_logits(model_, hidden.reshape({-1, hidden.size(-1)}).index_select(0, rows));
+    const auto kd = topk_kd_loss_sum(student_logits, teacher_logits, kd_top_k_, kd_temperature_);
+    out.loss = ce_weight_ * ce + kd_weight_ * kd;
+    out.metrics = {{"ce_loss", ce.item<double>()}, {"kd_loss", kd.item<double>()}};
+    return out;
+  }
+
+  Transformer& model_;
+  const Transformer* teacher_;
+  at::Device device_;
+  int rank_, world_;
+  std::unique_ptr<SftDataset> train_, val_;
+  Sampler sampler_;
+  std::optional<int64_t> pending_;
+  std::vector<MicroBatch> step_;
+  int64_t micro_batch_size_ = 1, max_epochs_ = 1, max_length_ = 0, kd_top_k_ = 0;
+  double kd_temperature_ = 1, ce_weight_ = 1, kd_weight_ = 0;
+  bool packing_ = false, checkpoint_layers_ = false;
+  int32_t pad_id_ = 0;
+};
+
+}  // namespace
+
+void run_sft(const Config& cfg) {
+  const auto opt = read_trainer_options(cfg);
+  const std::string model_dir = cfg.get_string("model.path");
+  if (model_dir.empty()) fail("config key 'model.path' must be set");
+  auto ctx = init_run(cfg);
+  const auto dtype = parse_dtype_name(cfg.get_string("model.dtype"), "model.dtype");
+  Transformer model = load_transformer(model_dir, ctx.device, dtype);
+  auto tok = load_tokenizer(model_dir);
+  if (tok->vocab_size() > model.cfg.vocab_size)
+    fail("{}: the tokenizer has {} tokens but the model's vocabulary is {}", model_dir, tok->vocab_size(),
+         model.cfg.vocab_size);
+  std::optional<Transformer> teacher;
+  if (!cfg.get_string("kd.teacher").empty()) {
+    teacher = load_transformer(cfg.get_string("kd.teacher"), ctx.device, dtype);
+    if (teacher->cfg.vocab_size != model.cfg.vocab_size)
+      fail("kd.teacher {} has a vocabulary of {}, the student {}", cfg.get_string("kd.teacher"),
+           teacher->cfg.vocab_size, model.cfg.vocab_size);
+  }
+  Sft algo(cfg, *tok, model, teacher ? &*teacher : nullptr, ctx.device, ctx.dist.rank(),
+           ctx.dist.world_size());
+  train(cfg, opt, model, algo, ctx.dist, model_dir);
+}
+
+}  // namespace aligner

@@ -1,0 +1,176 @@
+#include "train/optimizer.h"
+
+#include <c10/core/GradMode.h>
+#include <c10/util/StringUtil.h>
+
+#include <cmath>
+#include <map>
+#include <set>
+
+#include "core/error.h"
+
+namespace aligner {
+
+namespace {
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+bool is_low_precision(const at::Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
+}
+
+void check_config(const AdamWConfig& c) {
+  if (!(c.lr >= 0.0)) fail("AdamW: lr must be >= 0, got {}", c.lr);
+  if (!(c.beta1 >= 0.0 && c.beta1 < 1.0)) fail("AdamW: beta1 must be in [0, 1), got {}", c.beta1);
+  if (!(c.beta2 >= 0.0 && c.beta2 < 1.0)) fail("AdamW: beta2 must be in [0, 1), got {}", c.beta2);
+  if (!(c.eps >= 0.0)) fail("AdamW: eps must be >= 0, got {}", c.eps);
+  if (!(c.weight_decay >= 0.0)) fail("AdamW: weight_decay must be >= 0, got {}", c.weight_decay);
+}
+
+// "[10, 6]", as torch prints shapes.
+std::string shape_str(const at::Tensor& t) {
+  return c10::str(t.sizes());
+}
+
+}  // namespace
+
+bool decays(const std::string& name, const at::Tensor& param) {
+  return param.dim() >= 2 && name.find("norm") == std::string::npos && !ends_with(name, ".bias");
+}
+
+AdamW::AdamW(NamedParams params, AdamWConfig cfg) : cfg_(cfg) {
+  check_config(cfg_);
+  c10::NoGradGuard no_grad;
+  std::set<std::string> seen_names;
+  std::set<const void*> seen_tensors;
+  for (auto& [name, p] : params) {
+    if (!p.defined()) fail("AdamW: parameter '{}' is an undefined tensor", name);
+    if (!at::isFloatingType(p.scalar_type()))
+      fail("AdamW: parameter '{}' has dtype {}, not a floating type", name, c10::toString(p.scalar_type()));
+    if (!seen_names.insert(name).second) fail("AdamW: parameter name '{}' is listed twice", name);
+    if (!seen_tensors.insert(p.unsafeGetTensorImpl()).second)
+      fail("AdamW: parameter '{}' is a tensor already listed under another name", name);
+    const bool master = is_low_precision(p);
+    at::Tensor w = master ? p.detach().to(at::kFloat, /*non_blocking=*/false, /*copy=*/true) : p.detach();
+    // Moments live in the working dtype (fp32 for masters), preserving the parameter's strides so
+    // that the multi-tensor kernels see matching layouts.
+    exp_avg_.push_back(at::zeros_like(w));
+    exp_avg_sq_.push_back(at::zeros_like(w));
+    if (decays(name, p)) decayed_.push_back(w);
+    names_.push_back(name);
+    params_.push_back(p);
+    working_.push_back(std::move(w));
+    has_master_.push_back(master);
+  }
+}
+
+void AdamW::step(double lr) {
+  if (!(lr >= 0.0)) fail("AdamW: step {}: lr must be >= 0, got {}", step_ + 1, lr);
+  c10::NoGradGuard no_grad;
+  std::vector<at::Tensor> grads;
+  grads.reserve(params_.size());
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const at::Tensor& g = params_[i].grad();
+    if (!g.defined())
+      fail("AdamW: step {}: parameter '{}' has no gradient (not used in the loss?)", step_ + 1, names_[i]);
+    if (g.is_sparse()) fail("AdamW: parameter '{}' has a sparse gradient, which is not supported", names_[i]);
+    grads.push_back(g.scalar_type() == working_[i].scalar_type() ? g : g.to(working_[i].scalar_type()));
+  }
+  ++step_;
+  const double bias_correction1 = 1.0 - std::pow(cfg_.beta1, double(step_));
+  const double bias_correction2 = 1.0 - std::pow(cfg_.beta2, double(step_));
+
+  // The same operations in the same order as torch::optim::AdamW, so results match it exactly.
+  if (cfg_.weight_decay != 0.0 && !decayed_.empty())
+    at::_foreach_mul_(decayed_, 1.0 - lr * cfg_.weight_decay);
+  at::_foreach_mul_(exp_avg_, cfg_.beta1);
+  at::_foreach_add_(exp_avg_, grads, 1.0 - cfg_.beta1);
+  at::_foreach_mul_(exp_avg_sq_, cfg_.beta2);
+  at::_foreach_addcmul_(exp_avg_sq_, grads, grads, 1.0 - cfg_.beta2);
+  // Frees the fp32 copies of bf16 gradients before the denominators take the same amount again.
+  grads.clear();
+  std::vector<at::Tensor> denom = at::_foreach_sqrt(exp_avg_sq_);
+  at::_foreach_div_(denom, std::sqrt(bias_correction2));
+  at::_foreach_add_(denom, cfg_.eps);
+  at::_foreach_addcdiv_(working_, exp_avg_, denom, -lr / bias_correction1);
+
+  for (size_t i = 0; i < params_.size(); ++i)
+    if (has_master_[i]) params_[i].copy_(working_[i]);  // round to nearest into bf16/fp16
+}
+
+void AdamW::zero_grad() {
+  for (auto& p : params_) p.mutable_grad() = at::Tensor();
+}
+
+NamedParams AdamW::state() const {
+  NamedParams out;
+  out.reserve(1 + 3 * names_.size());
+  out.emplace_back("step", at::scalar_tensor(step_, at::kLong));
+  for (size_t i = 0; i < names_.size(); ++i) {
+    out.emplace_back("exp_avg." + names_[i], exp_avg_[i]);
+    out.emplace_back("exp_avg_sq." + names_[i], exp_avg_sq_[i]);
+    if (has_master_[i]) out.emplace_back("master." + names_[i], working_[i]);
+  }
+  return out;
+}
+
+void AdamW::load_state(const NamedParams& state) {
+  std::map<std::string, at::Tensor> given;
+  for (const auto& [name, t] : state)
+    if (!given.emplace(name, t).second) fail("AdamW state: '{}' appears twice", name);
+
+  // Pairs (source, destination) for every expected entry, all checked before anything is copied.
+  const NamedParams expected = this->state();
+  std::vector<std::pair<at::Tensor, at::Tensor>> copies;
+  for (const auto& [name, dst] : expected) {
+    auto it = given.find(name);
+    if (it == given.end())
+      fail("AdamW state: '{}' is missing (state from a different model or optimizer?)", name);
+    const at::Tensor& src = it->second;
+    if (src.scalar_type() != dst.scalar_type() || !src.sizes().equals(dst.sizes()))
+      fail("AdamW state: '{}' is {} {}, expected {} {}", name, c10::toString(src.scalar_type()),
+           shape_str(src), c10::toString(dst.scalar_type()), shape_str(dst));
+    copies.emplace_back(src, dst);
+    given.erase(it);
+  }
+  if (!given.empty())
+    fail("AdamW state: '{}' matches no parameter of this optimizer ({} unexpected entries)",
+         given.begin()->first, given.size());
+  const int64_t step = copies.front().first.item<int64_t>();  // "step" comes first in state()
+  if (step < 0) fail("AdamW state: step is {}, expected >= 0", step);
+
+  c10::NoGradGuard no_grad;
+  for (size_t i = 1; i < copies.size(); ++i) copies[i].second.copy_(copies[i].first);
+  step_ = step;
+}
+
+double clip_grad_norm(const NamedParams& params, double max_norm) {
+  if (!(max_norm > 0.0)) fail("clip_grad_norm: max_norm must be > 0, got {}", max_norm);
+  c10::NoGradGuard no_grad;
+  // fp32 gradients share one multi-tensor norm; others get a per-tensor norm that accumulates in
+  // fp32 (the foreach norm of bf16 tensors would round each norm to bf16).
+  std::vector<at::Tensor> fp32_grads, other_grads, norms;
+  for (const auto& [name, p] : params) {
+    const at::Tensor& g = p.grad();
+    if (!g.defined()) continue;
+    (g.scalar_type() == at::kFloat ? fp32_grads : other_grads).push_back(g);
+  }
+  if (fp32_grads.empty() && other_grads.empty()) return 0.0;
+  if (!fp32_grads.empty()) norms = at::_foreach_norm(fp32_grads);
+  for (const auto& g : other_grads)
+    norms.push_back(at::linalg_vector_norm(g, 2, c10::nullopt, false, at::kFloat));
+  const at::Device device = norms.front().device();
+  for (auto& n : norms) n = n.to(device);
+  const double total = at::linalg_vector_norm(at::stack(norms), 2).item<double>();
+
+  const double coef = max_norm / (total + 1e-6);
+  if (coef < 1.0) {
+    if (!fp32_grads.empty()) at::_foreach_mul_(fp32_grads, coef);
+    if (!other_grads.empty()) at::_foreach_mul_(other_grads, coef);
+  }
+  return total;
+}
+
+}  // namespace aligner

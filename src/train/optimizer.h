@@ -1,0 +1,73 @@
+// AdamW with decoupled weight decay (as torch.optim.AdamW), fp32 master weights for bf16/fp16
+// parameters, and global-norm gradient clipping (as torch.nn.utils.clip_grad_norm_). Every update
+// is a handful of multi-tensor (_foreach) calls over all parameters, not kernels per parameter.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace aligner {
+
+using NamedParams = std::vector<std::pair<std::string, at::Tensor>>;
+
+struct AdamWConfig {
+  double lr = 1e-3;  // used by step() without an argument
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.0;
+};
+
+// Whether weight decay applies: to matrices only, never to norm weights, biases or vectors.
+bool decays(const std::string& name, const at::Tensor& param);
+
+class AdamW {
+ public:
+  // `params` are the model's leaf tensors (the optimizer updates them in place). bf16/fp16 ones
+  // get an fp32 master copy taken now, so construct the optimizer after the weights are loaded.
+  // Throws aligner::Error for a bad config, an undefined or non-floating tensor, a repeated name,
+  // or the same tensor under two names (tied weights must be listed once).
+  AdamW(NamedParams params, AdamWConfig cfg);
+
+  void step() { step(cfg_.lr); }
+  // One update at learning rate `lr` (the schedule's value for this step). Every parameter must
+  // have a gradient: an aligner::Error names one that has none, as skipping it would leave its
+  // moments behind the shared step count.
+  void step(double lr);
+  // Drops the gradients (torch's set_to_none), freeing their memory until the next backward.
+  void zero_grad();
+  int64_t step_count() const { return step_; }
+  const AdamWConfig& config() const { return cfg_; }
+
+  // The optimizer's state as named tensors for safetensors: "step" (int64 scalar), then per
+  // parameter "exp_avg.<name>", "exp_avg_sq.<name>" and, for bf16/fp16 ones, "master.<name>".
+  // The tensors alias the live state (no copy of gigabytes): write them before the next step.
+  NamedParams state() const;
+  // Restores state() output bit-exactly, so a resumed run continues as if never stopped. The
+  // parameters themselves come from the model checkpoint and are not touched. Every name must
+  // match with its shape and dtype; otherwise an aligner::Error, and nothing is changed.
+  void load_state(const NamedParams& state);
+
+ private:
+  AdamWConfig cfg_;
+  std::vector<std::string> names_;
+  std::vector<at::Tensor> params_;
+  // What the update writes: the fp32 master for bf16/fp16 parameters, else the parameter itself.
+  std::vector<at::Tensor> working_;
+  std::vector<bool> has_master_;
+  std::vector<at::Tensor> decayed_;  // the subset of working_ that weight decay applies to
+  std::vector<at::Tensor> exp_avg_, exp_avg_sq_;
+  int64_t step_ = 0;
+};
+
+// Scales all gradients together so that their global L2 norm is at most max_norm, as
+// torch.nn.utils.clip_grad_norm_: total = sqrt(sum of squared per-tensor norms), accumulated in
+// fp32 also for bf16 gradients; grads *= max_norm / (total + 1e-6) when that is below 1.
+// Parameters without a gradient are skipped. Returns the total norm before clipping (inf or nan
+// when a gradient is not finite, for the caller to skip the step).
+double clip_grad_norm(const NamedParams& params, double max_norm);
+
+}  // namespace aligner
