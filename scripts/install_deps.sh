@@ -5,7 +5,7 @@
 set -euo pipefail
 pkgs=(
   build-essential cmake ninja-build pkg-config clang-format
-  libtorch-dev libopenblas0-pthread
+  libtorch-dev libopenblas0-pthread libgloo-dev
   libyaml-cpp-dev nlohmann-json3-dev libcli11-dev libfmt-dev libspdlog-dev
   libpcre2-dev
   libgtest-dev libgmock-dev

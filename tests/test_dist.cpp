@@ -3,6 +3,7 @@
 // `aligner launch`. The two ranks are this test binary started again (exec, not fork: libtorch's
 // threads make fork unsafe), each running only DistWorker.TwoRanks; the parent checks that both
 // finished it cleanly.
+#include <dirent.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <spawn.h>
@@ -13,7 +14,6 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <thread>
@@ -30,7 +30,35 @@ extern char** environ;
 namespace aligner::dist {
 namespace {
 
-namespace fs = std::filesystem;
+// A fresh directory for files written by child processes, made and removed with POSIX calls:
+// the libtorch.so of PyTorch 2.x exports its own std::filesystem::remove_all, which crashes when
+// a binary linked against it calls that.
+class ScratchDir {
+ public:
+  ScratchDir() {
+    std::string pattern = testing::TempDir() + "aligner_dist_XXXXXX";
+    if (mkdtemp(pattern.data())) path_ = pattern;
+  }
+  ~ScratchDir() {
+    if (path_.empty()) return;
+    if (DIR* d = opendir(path_.c_str())) {
+      while (dirent* e = readdir(d)) {
+        if (std::string(e->d_name) != "." && std::string(e->d_name) != "..") unlink(file(e->d_name).c_str());
+      }
+      closedir(d);
+    }
+    rmdir(path_.c_str());
+  }
+  const std::string& path() const { return path_; }
+  std::string file(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+bool file_exists(const std::string& path) {
+  return access(path.c_str(), F_OK) == 0;
+}
 
 void expect_error(const std::function<void()>& fn, const std::string& fragment) {
   try {
@@ -348,16 +376,15 @@ TEST(DistWorker, TwoRanks) {
   check_ddp(dist, GradReduction::kSum, /*overlap=*/true);
 
   dist.barrier();
-  if (!HasFailure()) std::ofstream(fs::path(done) / ("rank" + std::to_string(rank))) << "ok\n";
+  if (!HasFailure()) std::ofstream(std::string(done) + "/rank" + std::to_string(rank)) << "ok\n";
 }
 
 // Starts DistWorker.TwoRanks twice as ranks 0 and 1 on `device` and checks that both passed.
 void run_two_ranks(const std::string& device) {
   const int port = free_port();
   ASSERT_GT(port, 0);
-  const fs::path dir = fs::path(testing::TempDir()) / ("aligner_dist_" + std::to_string(getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
+  ScratchDir dir;
+  ASSERT_FALSE(dir.path().empty());
 
   std::vector<pid_t> pids;
   for (int rank = 0; rank < 2; ++rank) {
@@ -366,7 +393,7 @@ void run_two_ranks(const std::string& device) {
                                            "WORLD_SIZE=2",
                                            "MASTER_ADDR=127.0.0.1",
                                            "MASTER_PORT=" + std::to_string(port),
-                                           "ALIGNER_DIST_TEST_DONE=" + dir.string(),
+                                           "ALIGNER_DIST_TEST_DONE=" + dir.path(),
                                            "ALIGNER_DIST_TEST_DEVICE=" + device,
                                            "OMP_NUM_THREADS=1"};
     std::vector<std::string> env;
@@ -407,10 +434,9 @@ void run_two_ranks(const std::string& device) {
   for (int r = 0; r < 2; ++r) {
     EXPECT_TRUE(WIFEXITED(status[r]) && WEXITSTATUS(status[r]) == 0)
         << "rank " << r << " status " << status[r];
-    EXPECT_TRUE(fs::exists(dir / ("rank" + std::to_string(r))))
+    EXPECT_TRUE(file_exists(dir.file("rank" + std::to_string(r))))
         << "rank " << r << " did not finish its checks";
   }
-  fs::remove_all(dir);
 }
 
 TEST(DistGloo, TwoRanks) {
@@ -437,22 +463,21 @@ std::string run_capturing(const std::string& command, int* exit_code) {
 }
 
 TEST(Launch, StartsRanksWithTorchrunVariables) {
-  const fs::path dir = fs::path(testing::TempDir()) / ("aligner_launch_" + std::to_string(getpid()));
-  fs::create_directories(dir);
+  ScratchDir dir;
+  ASSERT_FALSE(dir.path().empty());
   int code = 0;
   std::string out =
       run_capturing(std::string(ALIGNER_BINARY) + " launch --nproc-per-node 3 --master-port 4321 -- sh -c " +
                         "'echo $RANK $LOCAL_RANK $WORLD_SIZE $LOCAL_WORLD_SIZE $MASTER_ADDR $MASTER_PORT > " +
-                        dir.string() + "/rank$RANK'",
+                        dir.path() + "/rank$RANK'",
                     &code);
   EXPECT_EQ(code, 0) << out;
   for (int r = 0; r < 3; ++r) {
-    std::ifstream in(dir / ("rank" + std::to_string(r)));
+    std::ifstream in(dir.file("rank" + std::to_string(r)));
     std::string line;
     std::getline(in, line);
     EXPECT_EQ(line, fmt::format("{} {} 3 3 127.0.0.1 4321", r, r));
   }
-  fs::remove_all(dir);
 }
 
 TEST(Launch, OneFailedRankStopsTheOthers) {

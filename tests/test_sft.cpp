@@ -66,7 +66,7 @@ Run aligner(const std::string& args, const std::string& env = "") {
 
 std::string sft_args(const fs::path& out, const std::string& extra) {
   return "sft model.path=" + tiny_model() + " data.train=" + kData + " data.max_length=128 optim.lr=3e-3 " +
-         "optim.scheduler=constant trainer.seed=7 output_dir=" + out.string() + " " + extra;
+         "optim.scheduler=constant trainer.seed=7 model.device=cpu output_dir=" + out.string() + " " + extra;
 }
 
 std::vector<nlohmann::json> metrics(const fs::path& out, const std::string& split = "train") {

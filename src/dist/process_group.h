@@ -76,7 +76,7 @@ class Dist {
   void broadcast(std::vector<at::Tensor>& tensors, int root = 0);
   void barrier();
   // Means over all ranks of per-rank numbers (losses, accuracies). Every rank must pass the same
-  // keys, or the same number of values.
+  // keys (the same number of values): otherwise an aligner::Error on every rank, not a hang.
   std::vector<double> mean(const std::vector<double>& values);
   std::map<std::string, double> mean(const std::map<std::string, double>& values);
 

@@ -8,9 +8,9 @@
 
 #include "core/error.h"
 #include "core/torch_compat.h"
+#include "model/layers.h"
 
 namespace aligner {
-namespace {
 
 // Inverse frequencies of the rotary embedding, with the scaling rules of transformers'
 // rope_init_functions. max_position is the longest position in this batch (dynamic scaling).
@@ -51,14 +51,19 @@ std::pair<at::Tensor, at::Tensor> rope_cos_sin(const ModelConfig& c, const at::T
   return {emb.cos().to(dtype), emb.sin().to(dtype)};
 }
 
+namespace {
 at::Tensor rotate_half(const at::Tensor& x) {
   const int64_t h = x.size(-1) / 2;
   return at::cat({-x.narrow(-1, h, h), x.narrow(-1, 0, h)}, -1);
 }
 
+}  // namespace
+
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   return x * cos + rotate_half(x) * sin;
 }
+
+namespace {
 
 // Which keys each query may see: [B, 1, T, T] booleans, or nullopt when plain causal attention
 // is exact (no padding, no packing, window not reached), which lets torch use flash attention.
@@ -93,9 +98,13 @@ at::Tensor attention(const ModelConfig& c, const Block& b, const at::Tensor& h, 
   return apply(b.o, out.transpose(1, 2).reshape({B, T, c.num_heads * D}));
 }
 
+}  // namespace
+
 at::Tensor mlp(const Block& b, const at::Tensor& h) {
   return apply(b.down, at::silu(apply(b.gate, h)) * apply(b.up, h));
 }
+
+namespace {
 
 at::Tensor block_forward(const ModelConfig& c, const Block& b, const at::Tensor& x, const at::Tensor& cos,
                          const at::Tensor& sin, const std::optional<at::Tensor>& mask) {

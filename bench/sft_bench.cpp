@@ -1,0 +1,64 @@
+// Times full SFT steps (forward, loss, backward, clip, AdamW) of a model folder in bf16 with fp32
+// optimizer state; bench/sft_bench.py runs it beside transformers + torch AdamW on the same GPU.
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#ifdef ALIGNER_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
+
+#include "io/hf_checkpoint.h"
+#include "train/optimizer.h"
+
+namespace {
+
+double peak_gb() {
+#ifdef ALIGNER_WITH_CUDA
+  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(0);
+  return stats.allocated_bytes[size_t(c10::CachingAllocator::StatType::AGGREGATE)].peak / 1e9;
+#else
+  return 0;
+#endif
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 7) {
+    std::fprintf(stderr, "usage: sft_bench MODEL_DIR BATCH SEQ WARMUP ITERS CHECKPOINT(0|1)\n");
+    return 2;
+  }
+  const std::string dir = argv[1];
+  const int64_t B = std::atoll(argv[2]), T = std::atoll(argv[3]);
+  const int warmup = std::atoi(argv[4]), iters = std::atoi(argv[5]);
+  const bool checkpoint = std::atoi(argv[6]) != 0;
+  const at::Device device = at::hasCUDA() ? at::Device(at::kCUDA) : at::Device(at::kCPU);
+  auto m = aligner::load_transformer(dir, device, at::kBFloat16);
+  auto params = aligner::named_parameters(m);
+  for (auto& [name, t] : params) t.requires_grad_(true);
+  aligner::AdamW opt(params, {1e-5, 0.9, 0.95, 1e-8, 0.0});
+  auto gen = at::detail::createCPUGenerator(0);
+  auto ids = at::randint(m.cfg.vocab_size, {B, T}, gen, at::TensorOptions().dtype(at::kLong)).to(device);
+  auto targets = at::cat({ids.narrow(1, 1, T - 1), at::full({B, 1}, -100, ids.options())}, 1);
+  const double n_targets = double(B * (T - 1));
+  double loss_sum = 0;
+  auto step = [&] {
+    aligner::ForwardInput in{ids};
+    in.checkpoint_layers = checkpoint;
+    auto loss = -aligner::token_logprobs(m, aligner::forward_hidden(m, in), targets).sum() / n_targets;
+    loss.backward();
+    aligner::clip_grad_norm(params, 1.0);
+    opt.step(1e-5);
+    opt.zero_grad();
+    return loss.item<double>();  // waits for the GPU
+  };
+  for (int i = 0; i < warmup; ++i) step();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < iters; ++i) loss_sum += step();
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("{\"ms_per_step\": %.3f, \"tokens_per_s\": %.1f, \"peak_gb\": %.3f, \"loss\": %.4f}\n",
+              1e3 * s / iters, B * T * iters / s, peak_gb(), loss_sum / iters);
+  return 0;
+}
