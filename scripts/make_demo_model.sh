@@ -6,10 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 A=${ALIGNER:-build-cuda/aligner}
 CORPUS=${CORPUS:-.deps/corpus}
-OUT=${OUT:-runs/tiny-llama-pretrain}
+RUN_DIR=${RUN_DIR:-runs/tiny-llama-pretrain}
 $A init --config examples/models/tiny-llama.config.json --tokenizer tests/fixtures/tokenizers/llama3-style-bpe6k \
   --out runs/tiny-llama-init --seed 1
 $A sft --config examples/models/tiny-llama.pretrain.yaml model.path=runs/tiny-llama-init \
-  data.train=$CORPUS/train.jsonl data.validation=$CORPUS/val.jsonl output_dir=$OUT
+  data.train=$CORPUS/train.jsonl data.validation=$CORPUS/val.jsonl output_dir=$RUN_DIR
 rm -rf examples/models/tiny-llama
-cp -r $OUT/final examples/models/tiny-llama
+cp -r $RUN_DIR/final examples/models/tiny-llama

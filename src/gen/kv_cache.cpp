@@ -7,7 +7,8 @@ namespace aligner {
 
 KvCache allocate_kv_cache(const ModelConfig& cfg, int64_t slots, int64_t max_tokens,
                           const at::TensorOptions& options) {
-  if (slots < 1 || max_tokens < 1) fail("KV cache: need at least one slot and one token, got {} x {}", slots, max_tokens);
+  if (slots < 1 || max_tokens < 1)
+    fail("KV cache: need at least one slot and one token, got {} x {}", slots, max_tokens);
   KvCache c;
   for (int64_t i = 0; i < cfg.num_layers; ++i) {
     c.k.push_back(at::zeros({slots, cfg.num_kv_heads, max_tokens, cfg.head_dim}, options));
@@ -22,7 +23,8 @@ int64_t kv_bytes_per_token(const ModelConfig& cfg, at::ScalarType dtype) {
   return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * int64_t(c10::elementSize(dtype));
 }
 
-void store_prompt(KvCache& c, int64_t layer, const at::Tensor& slots, const at::Tensor& k, const at::Tensor& v) {
+void store_prompt(KvCache& c, int64_t layer, const at::Tensor& slots, const at::Tensor& k,
+                  const at::Tensor& v) {
   const int64_t T = k.size(2);
   c.k[layer].narrow(2, 0, T).index_copy_(0, slots, k);
   c.v[layer].narrow(2, 0, T).index_copy_(0, slots, v);

@@ -38,7 +38,8 @@ inline int64_t kv_max_tokens(const KvCache& c) {
 // Stores keys/values [n, kv_heads, T, head_dim] of positions [0, T) of row i in slot slots[i] (the
 // prompt of a prefill). Positions past a slot's length are never attended to, so padding stored
 // there does no harm.
-void store_prompt(KvCache& c, int64_t layer, const at::Tensor& slots, const at::Tensor& k, const at::Tensor& v);
+void store_prompt(KvCache& c, int64_t layer, const at::Tensor& slots, const at::Tensor& k,
+                  const at::Tensor& v);
 // Stores one key/value [n, kv_heads, 1, head_dim] for each slot in [0, n), at the slot's length.
 void store_step(KvCache& c, int64_t layer, const at::Tensor& k, const at::Tensor& v);
 // Keys and values of slots [0, n), positions [0, span): views into the cache, no copy.

@@ -1,0 +1,186 @@
+// `aligner generate --model DIR --data FILE --out FILE [--config FILE] [key=value ...]`: completions
+// of the prompts in a JSONL file, one output line per completion:
+//   {"prompt_index", "sample_index", "output_ids", "text", "logprobs", "finish_reason"}
+// prompt_index is the record's index in the file (0-based, blank lines not counted), so a dropped
+// prompt leaves a gap rather than shifting the others. text is output_ids decoded without special
+// tokens. logprobs[i] is log p(output_ids[i]) under the model's own distribution (temperature 1,
+// no top-k/top-p), whatever was sampled from. finish_reason: "stop" (EOS, a stop id or string) or
+// "length" (max_new_tokens or the model's context).
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <limits>
+
+#include "commands.h"
+#include "core/builtin_configs.h"
+#include "core/config.h"
+#include "core/error.h"
+#include "core/log.h"
+#include "core/progress.h"
+#include "data/prompt_data.h"
+#include "gen/engine.h"
+#include "io/hf_checkpoint.h"
+
+namespace aligner::cli {
+namespace {
+
+at::Device parse_device(const std::string& name) {
+  if (name == "cpu") return at::kCPU;
+  if (name == "cuda" || name == "auto") {
+    if (at::hasCUDA()) return at::kCUDA;
+    if (name == "auto") return at::kCPU;
+    fail("model.device=cuda, but this build of aligner has no CUDA or no GPU is visible");
+  }
+  fail("config key 'model.device' expects auto, cpu or cuda, got '{}'", name);
+}
+
+// An empty list default is a list of strings to the config schema, so the ids are parsed here.
+std::vector<int64_t> int_list(const Config& cfg, const std::string& key) {
+  std::vector<int64_t> out;
+  for (const auto& s : cfg.get_string_list(key)) {
+    size_t used = 0;
+    int64_t value = 0;
+    try {
+      value = std::stoll(s, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used == 0 || used != s.size()) fail("config key '{}' expects a list of ints, got '{}'", key, s);
+    out.push_back(value);
+  }
+  return out;
+}
+
+GenerationOptions read_options(const Config& cfg) {
+  GenerationOptions o;
+  o.max_new_tokens = cfg.get_int("gen.max_new_tokens");
+  o.sampling.greedy = cfg.get_bool("gen.greedy");
+  o.sampling.temperature = cfg.get_float("gen.temperature");
+  o.sampling.top_k = cfg.get_int("gen.top_k");
+  o.sampling.top_p = cfg.get_float("gen.top_p");
+  o.num_samples = cfg.get_int("gen.num_samples");
+  o.stop_strings = cfg.get_string_list("gen.stop");
+  o.stop_ids = int_list(cfg, "gen.stop_ids");
+  o.stop_at_eos = !cfg.get_bool("gen.ignore_eos");
+  o.seed = uint64_t(cfg.get_int("gen.seed"));
+  o.batch_size = cfg.get_int("gen.batch_size");
+  o.prefill_tokens = cfg.get_int("gen.prefill_tokens");
+  return o;
+}
+
+struct Prompts {
+  std::vector<std::vector<int32_t>> ids;
+  std::vector<int64_t> record;  // index of each prompt's record in the file
+};
+
+// Prompts no longer than `limit`: longer ones are an error naming the line, or truncated or
+// dropped by the reader, as data.truncation says.
+Prompts read_prompts(const Config& cfg, const std::string& path, const Tokenizer& tok, int64_t context) {
+  const int64_t max_length = cfg.get_int("data.max_length");
+  if (max_length < 1) fail("config key 'data.max_length' must be positive, got {}", max_length);
+  const int64_t limit = std::min(max_length, context - 1);
+  const std::string truncation = cfg.get_string("data.truncation");
+  DataOptions opt;
+  opt.skip_bad_lines = cfg.get_bool("data.skip_bad_lines");
+  if (truncation == "error") {
+    opt.max_length = std::numeric_limits<int64_t>::max();
+  } else if (truncation == "truncate_left" || truncation == "drop") {
+    opt.truncation = parse_truncation(truncation);
+    opt.max_length = limit;
+  } else {
+    fail("config key 'data.truncation' expects error, truncate_left or drop, got '{}'", truncation);
+  }
+  PromptDataset ds =
+      open_prompt_dataset(path, tok, resolve_chat_template(cfg.get_string("data.template"), tok), opt);
+  Prompts p;
+  for (int64_t i = 0; i < dataset_size(ds); ++i) {
+    auto ex = prompt_example(ds, i);
+    if (!ex) continue;
+    const int64_t n = int64_t(ex->input_ids.size());
+    if (n > limit) {
+      const std::string bound =
+          limit == max_length ? fmt::format("data.max_length={}", max_length)
+                              : fmt::format("the model's context of {} tokens less one to generate", context);
+      fail(
+          "{}: the prompt has {} tokens, more than {} ({}); data.truncation=truncate_left or drop shortens "
+          "or "
+          "skips such prompts",
+          ds.file.where(i), n, limit, bound);
+    }
+    p.ids.push_back(std::move(ex->input_ids));
+    p.record.push_back(i);
+  }
+  const auto report = data_report(ds.stats, path, limit);
+  if (!report.empty()) log_warn("{}", report);
+  if (p.ids.empty()) fail("{}: no prompts left to generate from", path);
+  return p;
+}
+
+void run(const std::string& model_dir, const std::string& data, const std::string& out_path,
+         const Config& cfg) {
+  GenerationOptions opt = read_options(cfg);
+  check_generation_options(opt);
+  const at::Device device = parse_device(cfg.get_string("model.device"));
+  const Transformer m =
+      load_transformer(model_dir, device, parse_dtype_name(cfg.get_string("model.dtype"), "model.dtype"));
+  const auto tok = load_tokenizer(model_dir);
+  if (tok->vocab_size() > m.cfg.vocab_size)
+    fail("{}: the tokenizer has {} tokens but the model's vocabulary is {}", model_dir, tok->vocab_size(),
+         m.cfg.vocab_size);
+  opt.tokenizer = tok.get();
+  const Prompts prompts = read_prompts(cfg, data, *tok, context_length(m.cfg));
+  std::ofstream out(out_path);
+  if (!out) fail("cannot write {}", out_path);
+
+  const int64_t total = int64_t(prompts.ids.size()) * opt.num_samples;
+  const auto start = std::chrono::steady_clock::now();
+  double last_report = 0;
+  auto report = [&](int64_t finished, int64_t tokens, bool always) {
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (!always && s - last_report < 10) return;
+    last_report = s;
+    const double eta = finished > 0 ? s * double(total - finished) / double(finished) : -1;
+    log_info("generated {}/{} completions, {} tokens, {} tok/s, ETA {}", finished, total,
+             format_thousands(tokens), format_thousands(std::llround(tokens / std::max(s, 1e-9))),
+             format_duration(eta));
+  };
+  opt.on_step = [&](int64_t finished, int64_t tokens) { report(finished, tokens, false); };
+  const GenerationResult result = generate(m, prompts.ids, opt);
+  report(total, result.generated_tokens, true);
+
+  for (const auto& s : result.sequences) {
+    nlohmann::json line = {{"prompt_index", prompts.record[s.prompt_index]},
+                           {"sample_index", s.sample_index},
+                           {"output_ids", s.tokens},
+                           {"text", tok->decode(s.tokens, /*skip_special=*/true)},
+                           {"logprobs", s.logprobs},
+                           {"finish_reason", finish_reason_name(s.finish)}};
+    // A response cut inside a UTF-8 sequence decodes to invalid UTF-8, which JSON cannot hold.
+    out << line.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << '\n';
+  }
+  out.close();
+  if (!out) fail("error writing {}", out_path);
+  log_info("wrote {} completions to {}", result.sequences.size(), out_path);
+}
+
+}  // namespace
+
+void add_generate(CLI::App& app) {
+  auto* cmd = app.add_subcommand("generate", "Complete the prompts of a JSONL file with a model");
+  auto model = std::make_shared<std::string>();
+  auto data = std::make_shared<std::string>();
+  auto out = std::make_shared<std::string>();
+  auto file = std::make_shared<std::string>();
+  auto overrides = std::make_shared<std::vector<std::string>>();
+  cmd->add_option("--model", *model, "Hugging Face model folder, with its tokenizer")->required();
+  cmd->add_option("--data", *data, "JSONL prompts: prompt, messages, conversations, input_ids, text or input")
+      ->required();
+  cmd->add_option("--out", *out, "Output JSONL, one line per completion")->required();
+  cmd->add_option("--config", *file, "YAML config (keys and defaults: configs/generate.yaml)");
+  cmd->add_option("overrides", *overrides, "key=value overrides, e.g. gen.temperature=0.7 gen.num_samples=4");
+  cmd->callback(
+      [=] { run(*model, *data, *out, Config::load(builtin_config("generate"), *file, *overrides)); });
+}
+
+}  // namespace aligner::cli

@@ -1,0 +1,357 @@
+#include "gen/engine.h"
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <optional>
+#include <unordered_set>
+
+#include "core/error.h"
+#include "core/torch_compat.h"
+#include "model/layers.h"
+
+namespace aligner {
+
+int64_t context_length(const ModelConfig& cfg) {
+  if (cfg.rope.type == "dynamic")
+    return std::min(cfg.max_position_embeddings, cfg.rope.original_max_position_embeddings);
+  return cfg.max_position_embeddings;
+}
+
+namespace {
+
+at::Tensor long_tensor(const std::vector<int64_t>& values, at::Device device) {
+  return at::tensor(values, at::TensorOptions().dtype(at::kLong)).to(device);
+}
+
+// cos/sin [B, 1, T, head_dim] for positions [B, T] (or [1, T]), computed as rope_cos_sin computes
+// them, from the cache's frequencies: positions stay on the device.
+std::pair<at::Tensor, at::Tensor> cos_sin(const at::Tensor& inv_freq, const at::Tensor& positions,
+                                          at::ScalarType dtype) {
+  auto freqs = positions.to(at::kFloat).unsqueeze(-1) * inv_freq;
+  auto emb = at::cat({freqs, freqs}, -1).unsqueeze(1);
+  return {emb.cos().to(dtype), emb.sin().to(dtype)};
+}
+
+struct Qkv {
+  at::Tensor q, k, v;  // [B, heads, T, head_dim]; q and k rotated
+};
+
+Qkv project(const ModelConfig& c, const Block& b, const at::Tensor& x, const at::Tensor& cos,
+            const at::Tensor& sin) {
+  const int64_t B = x.size(0), T = x.size(1), D = c.head_dim;
+  const auto h = compat::rms_norm(x, b.input_norm, c.rms_norm_eps);
+  auto q = apply(b.q, h).view({B, T, c.num_heads, D}).transpose(1, 2);
+  auto k = apply(b.k, h).view({B, T, c.num_kv_heads, D}).transpose(1, 2);
+  auto v = apply(b.v, h).view({B, T, c.num_kv_heads, D}).transpose(1, 2);
+  return {apply_rope(q, cos, sin), apply_rope(k, cos, sin), v};
+}
+
+// The rest of the block after attention: output projection, residual, feed-forward.
+at::Tensor finish_block(const ModelConfig& c, const Block& b, const at::Tensor& x, const at::Tensor& attn) {
+  auto h = x + apply(b.o, attn);
+  return h + mlp(b, compat::rms_norm(h, b.post_attention_norm, c.rms_norm_eps));
+}
+
+double attention_scale(const ModelConfig& c) {
+  return 1.0 / std::sqrt(double(c.head_dim));
+}
+
+}  // namespace
+
+at::Tensor prefill(const Transformer& m, KvCache& cache, const std::vector<std::vector<int32_t>>& prompts,
+                   const std::vector<std::vector<int64_t>>& slots) {
+  const ModelConfig& c = m.cfg;
+  const int64_t n = int64_t(prompts.size());
+  if (n == 0 || slots.size() != prompts.size()) fail("prefill: need one list of slots per prompt");
+  int64_t T = 0;
+  for (const auto& p : prompts) T = std::max<int64_t>(T, int64_t(p.size()));
+  if (T > kv_max_tokens(cache))
+    fail("prefill: a prompt of {} tokens does not fit the KV cache ({})", T, kv_max_tokens(cache));
+
+  // Right padding: every real token sees only real tokens before it, so plain causal attention is
+  // exact and the padded positions' outputs are simply not read.
+  auto ids = at::zeros({n, T}, at::TensorOptions().dtype(at::kLong));
+  auto* ids_ptr = ids.data_ptr<int64_t>();
+  std::vector<int64_t> last_rows, slot_list, row_of_slot, length_of_slot;
+  for (int64_t i = 0; i < n; ++i) {
+    const auto& p = prompts[i];
+    if (p.empty()) fail("prefill: prompt {} is empty", i);
+    std::copy(p.begin(), p.end(), ids_ptr + i * T);
+    last_rows.push_back(i * T + int64_t(p.size()) - 1);
+    for (int64_t s : slots[i]) {
+      if (s < 0 || s >= kv_slots(cache))
+        fail("prefill: slot {} is outside the KV cache ({} slots)", s, kv_slots(cache));
+      slot_list.push_back(s);
+      row_of_slot.push_back(i);
+      length_of_slot.push_back(int64_t(p.size()));
+    }
+  }
+  const auto device = m.embed.device();
+  const auto slot_index = long_tensor(slot_list, device), rows = long_tensor(row_of_slot, device);
+
+  auto x = at::embedding(m.embed, ids.to(device));
+  const auto positions = at::arange(T, at::TensorOptions().dtype(at::kLong).device(device)).unsqueeze(0);
+  const auto [cos, sin] = cos_sin(cache.inv_freq, positions, x.scalar_type());
+  // As forward_hidden's attention_mask for unpadded rows: causal, plus the window where it bites.
+  std::map<int64_t, std::optional<at::Tensor>> masks;
+  for (int64_t w : c.window) {
+    if (masks.count(w)) continue;
+    if (w > 0 && w < T) {
+      auto q = positions.view({T, 1}), k = positions.view({1, T});
+      masks[w] = (k <= q).logical_and(q - k < w).view({1, 1, T, T});
+    } else {
+      masks[w] = std::nullopt;
+    }
+  }
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const Block& b = m.layers[l];
+    const auto qkv = project(c, b, x, cos, sin);
+    store_prompt(cache, l, slot_index, qkv.k.index_select(0, rows), qkv.v.index_select(0, rows));
+    const auto& mask = masks[c.window[l]];
+    auto out = compat::sdpa(qkv.q, qkv.k, qkv.v, mask, /*is_causal=*/!mask, attention_scale(c));
+    x = finish_block(c, b, x, out.transpose(1, 2).reshape({n, T, c.num_heads * c.head_dim}));
+  }
+  // Only each prompt's last position predicts anything.
+  const auto last = x.reshape({n * T, c.hidden_size}).index_select(0, long_tensor(last_rows, device));
+  const auto logits = lm_logits(m, compat::rms_norm(last, m.norm, c.rms_norm_eps));
+  cache.lengths.index_put_({slot_index}, long_tensor(length_of_slot, device));
+  return logits.index_select(0, rows);
+}
+
+at::Tensor decode_step(const Transformer& m, KvCache& cache, const at::Tensor& tokens, int64_t span) {
+  const ModelConfig& c = m.cfg;
+  const int64_t n = tokens.numel();
+  if (tokens.dim() != 1 || n < 1 || n > kv_slots(cache))
+    fail("decode_step: tokens must be [n] with 1 <= n <= {} slots", kv_slots(cache));
+  if (span < 1 || span > kv_max_tokens(cache))
+    fail("decode_step: span {} is outside the KV cache's 1..{} positions", span, kv_max_tokens(cache));
+  const auto positions = cache.lengths.narrow(0, 0, n).view({n, 1});
+  auto x = at::embedding(m.embed, tokens.view({n, 1}));
+  const auto [cos, sin] = cos_sin(cache.inv_freq, positions, x.scalar_type());
+  // The new token at position p sees cached positions j <= p (its own key is stored first), and
+  // within a window w only p - j < w, as in training.
+  const auto keys = at::arange(span, positions.options()).view({1, span});
+  std::map<int64_t, at::Tensor> masks;
+  for (int64_t w : c.window) {
+    if (masks.count(w)) continue;
+    auto allowed = keys <= positions;
+    if (w > 0) allowed = allowed.logical_and(positions - keys < w);
+    masks[w] = allowed.view({n, 1, 1, span});
+  }
+  const int64_t groups = c.num_heads / c.num_kv_heads;
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const Block& b = m.layers[l];
+    const auto qkv = project(c, b, x, cos, sin);
+    store_step(cache, l, qkv.k, qkv.v);
+    const auto [k, v] = cached_kv(cache, l, n, span);
+    // Grouped-query attention without repeat_kv: the query heads sharing a key/value head become
+    // that head's query rows (head h = kv_head * groups + g, as repeat_kv pairs them), so each
+    // cached head is read once.
+    auto q = qkv.q.reshape({n, c.num_kv_heads, groups, c.head_dim});
+    auto out = compat::sdpa(q, k, v, masks[c.window[l]], /*is_causal=*/false, attention_scale(c));
+    x = finish_block(c, b, x, out.reshape({n, 1, c.num_heads * c.head_dim}));
+  }
+  cache.lengths.narrow(0, 0, n).add_(1).clamp_max_(kv_max_tokens(cache) - 1);
+  return lm_logits(m, compat::rms_norm(x, m.norm, c.rms_norm_eps)).view({n, -1});
+}
+
+std::string finish_reason_name(FinishReason r) {
+  return r == FinishReason::kStop ? "stop" : "length";
+}
+
+void check_generation_options(const GenerationOptions& o) {
+  if (o.max_new_tokens < 1) fail("generation: max_new_tokens must be at least 1, got {}", o.max_new_tokens);
+  if (o.num_samples < 1) fail("generation: num_samples must be at least 1, got {}", o.num_samples);
+  if (o.batch_size < 0) fail("generation: batch_size must be 0 (all) or positive, got {}", o.batch_size);
+  if (o.prefill_tokens < 1) fail("generation: prefill_tokens must be positive, got {}", o.prefill_tokens);
+  check_sampling_params(o.sampling);
+  for (const auto& s : o.stop_strings)
+    if (s.empty()) fail("generation: a stop string is empty");
+  if (!o.stop_strings.empty() && !o.tokenizer) fail("generation: stop strings need a tokenizer");
+}
+
+namespace {
+
+void check_prompts(const ModelConfig& c, const std::vector<std::vector<int32_t>>& prompts) {
+  const int64_t context = context_length(c);
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const auto& p = prompts[i];
+    if (p.empty()) fail("prompt {} is empty", i);
+    if (int64_t(p.size()) >= context)
+      fail("prompt {} has {} tokens, which leaves no room to generate in the model's context of {} tokens", i,
+           p.size(), context);
+    for (int32_t id : p)
+      if (id < 0 || id >= c.vocab_size)
+        fail("prompt {}: token id {} is outside the model's vocabulary [0, {})", i, id, c.vocab_size);
+  }
+}
+
+}  // namespace
+
+GenerationResult generate(const Transformer& m, const std::vector<std::vector<int32_t>>& prompts,
+                          const GenerationOptions& opt) {
+  check_generation_options(opt);
+  check_prompts(m.cfg, prompts);
+  GenerationResult r;
+  if (prompts.empty()) return r;
+  at::NoGradGuard no_grad;
+  const int64_t context = context_length(m.cfg);
+  const int64_t total = int64_t(prompts.size()) * opt.num_samples;
+  int64_t longest = 0;
+  for (const auto& p : prompts) longest = std::max<int64_t>(longest, int64_t(p.size()));
+  const int64_t slots = opt.batch_size > 0 ? std::min(opt.batch_size, total) : total;
+  const auto device = m.embed.device();
+  KvCache cache =
+      allocate_kv_cache(m.cfg, slots, std::min(context, longest + opt.max_new_tokens), m.embed.options());
+  auto gen = make_generator(device, opt.seed);
+
+  std::unordered_set<int64_t> stop_ids(opt.stop_ids.begin(), opt.stop_ids.end());
+  if (opt.stop_at_eos) {
+    stop_ids.insert(m.cfg.eos_token_ids.begin(), m.cfg.eos_token_ids.end());
+    if (opt.tokenizer && opt.tokenizer->special().eos) stop_ids.insert(*opt.tokenizer->special().eos);
+  }
+  size_t longest_stop = 0;
+  for (const auto& s : opt.stop_strings) longest_stop = std::max(longest_stop, s.size());
+  // A stop string of L bytes ends within the last L tokens, as every token decodes to at least a
+  // byte; one more covers the first token losing its leading space when decoded alone.
+  auto hits_stop_string = [&](const std::vector<int32_t>& tokens) {
+    if (opt.stop_strings.empty()) return false;
+    const size_t n = std::min(tokens.size(), longest_stop + 1);
+    const std::string tail = opt.tokenizer->decode({tokens.end() - n, tokens.end()}, false);
+    for (const auto& s : opt.stop_strings)
+      if (tail.find(s) != std::string::npos) return true;
+    return false;
+  };
+
+  r.sequences.resize(total);
+  for (int64_t i = 0; i < total; ++i) {
+    r.sequences[i].prompt_index = i / opt.num_samples;
+    r.sequences[i].sample_index = i % opt.num_samples;
+  }
+  std::vector<int64_t> slot_seq(slots, -1);  // the sequence each slot holds, -1 for none
+  std::vector<int64_t> slot_len(slots, 0);   // its prompt + generated tokens
+  auto last_tokens = at::zeros({slots}, at::TensorOptions().dtype(at::kLong).device(device));
+  int64_t next_seq = 0, finished = 0;
+
+  // Appends a sampled token to the sequence in `slot`, and frees the slot when the sequence ends.
+  auto take = [&](int64_t slot, int64_t token, double logprob) {
+    auto& seq = r.sequences[slot_seq[slot]];
+    seq.tokens.push_back(int32_t(token));
+    seq.logprobs.push_back(float(logprob));
+    ++r.generated_tokens;
+    ++slot_len[slot];
+    if (stop_ids.count(token) || hits_stop_string(seq.tokens))
+      seq.finish = FinishReason::kStop;
+    else if (int64_t(seq.tokens.size()) >= opt.max_new_tokens || slot_len[slot] >= context)
+      seq.finish = FinishReason::kLength;
+    else
+      return;
+    slot_seq[slot] = -1;
+    ++finished;
+  };
+  // Samples from logits [rows, vocab] for the given slots and reads the tokens and their log-probs
+  // back in one copy: the one host synchronisation of a step, which stop checks need anyway.
+  auto sample = [&](const at::Tensor& logits, const at::Tensor& slot_index,
+                    const std::vector<int64_t>& slot_of_row) {
+    auto next = sample_tokens(logits, opt.sampling, gen);
+    last_tokens.index_copy_(0, slot_index, next);
+    auto logprob = at::log_softmax(logits.to(at::kFloat), -1).gather(1, next.unsqueeze(1)).squeeze(1);
+    auto host = at::stack({next.to(at::kDouble), logprob.to(at::kDouble)}).cpu();
+    auto a = host.accessor<double, 2>();
+    for (size_t i = 0; i < slot_of_row.size(); ++i)
+      if (slot_seq[slot_of_row[i]] >= 0) take(slot_of_row[i], int64_t(a[0][i]), a[1][i]);
+  };
+
+  // Puts waiting sequences into free slots: prompts sorted by length into prefill batches of at
+  // most prefill_tokens padded tokens, each prompt computed once for all its samples.
+  auto fill = [&] {
+    std::map<int64_t, std::vector<int64_t>> prompt_slots;
+    for (int64_t s = 0; s < slots && next_seq < total; ++s) {
+      if (slot_seq[s] >= 0) continue;
+      slot_seq[s] = next_seq;
+      slot_len[s] = int64_t(prompts[next_seq / opt.num_samples].size());
+      prompt_slots[next_seq / opt.num_samples].push_back(s);
+      ++next_seq;
+    }
+    std::vector<std::pair<int64_t, int64_t>> order;  // (length, prompt)
+    for (const auto& [p, s] : prompt_slots) order.emplace_back(int64_t(prompts[p].size()), p);
+    std::sort(order.begin(), order.end());
+    for (size_t start = 0; start < order.size();) {
+      size_t end = start + 1;
+      while (end < order.size() && int64_t(end - start + 1) * order[end].first <= opt.prefill_tokens) ++end;
+      std::vector<std::vector<int32_t>> batch;
+      std::vector<std::vector<int64_t>> batch_slots;
+      std::vector<int64_t> slot_of_row;
+      for (size_t i = start; i < end; ++i) {
+        batch.push_back(prompts[order[i].second]);
+        batch_slots.push_back(prompt_slots[order[i].second]);
+        slot_of_row.insert(slot_of_row.end(), batch_slots.back().begin(), batch_slots.back().end());
+      }
+      sample(prefill(m, cache, batch, batch_slots), long_tensor(slot_of_row, device), slot_of_row);
+      start = end;
+    }
+  };
+
+  while (finished < total) {
+    fill();
+    // Decode slots [0, n): the live slots are below n; free ones among them compute unread output.
+    int64_t n = 0, span = 0;
+    for (int64_t s = 0; s < slots; ++s) {
+      if (slot_seq[s] < 0) continue;
+      n = s + 1;
+      span = std::max(span, slot_len[s]);  // the pending token sits at position slot_len - 1
+    }
+    if (n > 0) {
+      std::vector<int64_t> rows(n);
+      for (int64_t i = 0; i < n; ++i) rows[i] = i;
+      auto logits = decode_step(m, cache, last_tokens.narrow(0, 0, n), span);
+      sample(logits, long_tensor(rows, device), rows);
+    }
+    if (opt.on_step) opt.on_step(finished, r.generated_tokens);
+  }
+  return r;
+}
+
+GenerationBatch collate_generations(const std::vector<std::vector<int32_t>>& prompts,
+                                    const GenerationResult& result, int32_t pad_id, at::Device device) {
+  const int64_t N = int64_t(result.sequences.size());
+  int64_t T = 1;
+  for (const auto& s : result.sequences) {
+    if (s.prompt_index < 0 || s.prompt_index >= int64_t(prompts.size()))
+      fail("collate_generations: sequence of prompt {} but {} prompts given", s.prompt_index, prompts.size());
+    T = std::max<int64_t>(T, int64_t(prompts[s.prompt_index].size() + s.tokens.size()));
+  }
+  const auto i64 = at::TensorOptions().dtype(at::kLong), f32 = at::TensorOptions().dtype(at::kFloat);
+  GenerationBatch b;
+  b.input_ids = at::full({N, T}, pad_id, i64);
+  b.attention_mask = at::zeros({N, T}, i64);
+  b.position_ids = at::zeros({N, T}, i64);
+  b.labels = at::full({N, T}, -100, i64);
+  b.response_mask = at::zeros({N, T}, f32);
+  b.logprobs = at::zeros({N, T}, f32);
+  auto ids = b.input_ids.accessor<int64_t, 2>(), mask = b.attention_mask.accessor<int64_t, 2>();
+  auto pos = b.position_ids.accessor<int64_t, 2>(), labels = b.labels.accessor<int64_t, 2>();
+  auto resp = b.response_mask.accessor<float, 2>(), lp = b.logprobs.accessor<float, 2>();
+  for (int64_t i = 0; i < N; ++i) {
+    const auto& s = result.sequences[i];
+    const auto& p = prompts[s.prompt_index];
+    const int64_t P = int64_t(p.size()), G = int64_t(s.tokens.size());
+    for (int64_t t = 0; t < P + G; ++t) {
+      ids[i][t] = t < P ? p[t] : s.tokens[t - P];
+      mask[i][t] = 1;
+      pos[i][t] = t;
+    }
+    // Response token j is predicted at position P - 1 + j.
+    for (int64_t j = 0; j < G; ++j) {
+      labels[i][P - 1 + j] = s.tokens[j];
+      resp[i][P - 1 + j] = 1;
+      lp[i][P - 1 + j] = s.logprobs[j];
+    }
+  }
+  for (auto* t : {&b.input_ids, &b.attention_mask, &b.position_ids, &b.labels, &b.response_mask, &b.logprobs})
+    *t = t->to(device);
+  return b;
+}
+
+}  // namespace aligner
