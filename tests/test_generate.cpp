@@ -117,7 +117,7 @@ TEST_P(GenerateCache, DecodeLogitsEqualTheFullForward) {
   for (int64_t s : live) EXPECT_EQ(cache.lengths[s].item<int64_t>(), int64_t(seqs[s].size()));
 }
 
-INSTANTIATE_TEST_SUITE_P(Families, GenerateCache,
+INSTANTIATE_TEST_SUITE_P(Generate, GenerateCache,
                          ::testing::Values("llama2", "llama3", "mistral", "qwen2", "llama_bias",
                                            "llama_linear"));
 
@@ -149,7 +149,7 @@ TEST_P(GenerateParity, GreedyMatchesTransformers) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Families, GenerateParity,
+INSTANTIATE_TEST_SUITE_P(Generate, GenerateParity,
                          ::testing::Values("llama2", "llama3", "mistral", "qwen2", "llama_bias",
                                            "llama_linear", "llama_dynamic"));
 
@@ -286,7 +286,11 @@ TEST(GenerateBatching, SlotsRefilledMidwayGiveTheSameOutputsAsAlone) {
     const Transformer& m = fixture(name);
     auto prompts = random_prompts({6, 1, 14, 3, 9, 20, 2}, m.cfg.vocab_size, 7);
     auto opt = greedy_options(16);
-    for (int32_t id = 0; id < 40; ++id) opt.stop_ids.push_back(id);
+    opt.stop_at_eos = false;
+    // Stop ids taken from the unstopped outputs at different steps.
+    const auto unstopped = generate(m, prompts, opt);
+    for (size_t i = 0; i < prompts.size(); ++i)
+      opt.stop_ids.push_back(unstopped.sequences[i].tokens.at(1 + 2 * i));
     std::vector<GeneratedSequence> alone;
     for (const auto& p : prompts) alone.push_back(generate(m, {p}, opt).sequences[0]);
     std::set<size_t> lengths;
@@ -466,6 +470,18 @@ TEST(GenerateCli, WritesOneLinePerCompletion) {
     EXPECT_NEAR(l["logprobs"][0].get<double>(), e.logprobs[0], 1e-6);
     EXPECT_EQ(l["finish_reason"], finish_reason_name(e.finish));
   }
+
+  // Stop strings reach the engine (with the tokenizer they need).
+  r = aligner("generate --model " + tiny_model() + " --data " + data + " --out " +
+              (d / "out.jsonl").string() +
+              " gen.greedy=true gen.max_new_tokens=6 model.device=cpu data.template=llama3 'gen.stop=[e,a]'");
+  ASSERT_EQ(r.status, 0) << r.output;
+  opt.stop_strings = {"e", "a"};
+  const auto stopped = generate(m, prompts, opt);
+  const auto stopped_lines = read_lines(d / "out.jsonl");
+  ASSERT_EQ(stopped_lines.size(), 3u);
+  for (size_t i = 0; i < 3; ++i)
+    EXPECT_EQ(stopped_lines[i]["output_ids"].get<std::vector<int32_t>>(), stopped.sequences[i].tokens);
 }
 
 TEST(GenerateCli, ErrorsNameTheLineOrKey) {
@@ -478,7 +494,7 @@ TEST(GenerateCli, ErrorsNameTheLineOrKey) {
   EXPECT_NE(r.output.find("gen.temprature"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("gen.temperature"), std::string::npos) << "no suggestion: " << r.output;
 
-  r = aligner(base + ok + " gen.stop_ids=[1,x]");
+  r = aligner(base + ok + " 'gen.stop_ids=[1,x]'");
   EXPECT_NE(r.status, 0);
   EXPECT_NE(r.output.find("config key 'gen.stop_ids' expects a list of ints, got 'x'"), std::string::npos)
       << r.output;

@@ -119,16 +119,17 @@ Prompts read_prompts(const Config& cfg, const std::string& path, const Tokenizer
 
 void run(const std::string& model_dir, const std::string& data, const std::string& out_path,
          const Config& cfg) {
+  // Everything that can be checked without the weights is checked before loading them.
   GenerationOptions opt = read_options(cfg);
+  const auto tok = load_tokenizer(model_dir);
+  opt.tokenizer = tok.get();
   check_generation_options(opt);
   const at::Device device = parse_device(cfg.get_string("model.device"));
-  const Transformer m =
-      load_transformer(model_dir, device, parse_dtype_name(cfg.get_string("model.dtype"), "model.dtype"));
-  const auto tok = load_tokenizer(model_dir);
+  const auto dtype = parse_dtype_name(cfg.get_string("model.dtype"), "model.dtype");
+  const Transformer m = load_transformer(model_dir, device, dtype);
   if (tok->vocab_size() > m.cfg.vocab_size)
     fail("{}: the tokenizer has {} tokens but the model's vocabulary is {}", model_dir, tok->vocab_size(),
          m.cfg.vocab_size);
-  opt.tokenizer = tok.get();
   const Prompts prompts = read_prompts(cfg, data, *tok, context_length(m.cfg));
   std::ofstream out(out_path);
   if (!out) fail("cannot write {}", out_path);
@@ -150,14 +151,14 @@ void run(const std::string& model_dir, const std::string& data, const std::strin
   report(total, result.generated_tokens, true);
 
   for (const auto& s : result.sequences) {
-    nlohmann::json line = {{"prompt_index", prompts.record[s.prompt_index]},
-                           {"sample_index", s.sample_index},
-                           {"output_ids", s.tokens},
-                           {"text", tok->decode(s.tokens, /*skip_special=*/true)},
-                           {"logprobs", s.logprobs},
-                           {"finish_reason", finish_reason_name(s.finish)}};
+    nlohmann::ordered_json line = {{"prompt_index", prompts.record[s.prompt_index]},
+                                   {"sample_index", s.sample_index},
+                                   {"output_ids", s.tokens},
+                                   {"text", tok->decode(s.tokens, /*skip_special=*/true)},
+                                   {"logprobs", s.logprobs},
+                                   {"finish_reason", finish_reason_name(s.finish)}};
     // A response cut inside a UTF-8 sequence decodes to invalid UTF-8, which JSON cannot hold.
-    out << line.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << '\n';
+    out << line.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace) << '\n';
   }
   out.close();
   if (!out) fail("error writing {}", out_path);

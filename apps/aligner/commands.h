@@ -10,5 +10,9 @@ void add_tokenize(CLI::App& app);
 void add_sft(CLI::App& app);
 void add_init(CLI::App& app);
 void add_launch(CLI::App& app);
+void add_rm(CLI::App& app);
+void add_rm_score(CLI::App& app);
+void add_dpo(CLI::App& app);
+void add_generate(CLI::App& app);
 
 }  // namespace aligner::cli

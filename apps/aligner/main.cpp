@@ -15,7 +15,11 @@ int main(int argc, char** argv) {
   aligner::cli::add_tokenize(app);
   aligner::cli::add_init(app);
   aligner::cli::add_sft(app);
+  aligner::cli::add_rm(app);
+  aligner::cli::add_rm_score(app);
+  aligner::cli::add_dpo(app);
   aligner::cli::add_launch(app);
+  aligner::cli::add_generate(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

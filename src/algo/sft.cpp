@@ -81,7 +81,7 @@ class Sft final : public Algorithm {
     for (const auto* ds : {train_.get(), val_.get()}) {
       if (!ds) continue;
       const auto report = data_report(ds->stats, ds->file.path(), max_length_);
-      if (!report.empty()) log_warn("{}", report);
+      if (!report.empty()) log_info("{}", report);  // the report says "warning:" itself
     }
   }
 

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <numeric>
 #include <optional>
 #include <unordered_set>
 
@@ -70,27 +71,34 @@ at::Tensor prefill(const Transformer& m, KvCache& cache, const std::vector<std::
     fail("prefill: a prompt of {} tokens does not fit the KV cache ({})", T, kv_max_tokens(cache));
 
   // Right padding: every real token sees only real tokens before it, so plain causal attention is
-  // exact and the padded positions' outputs are simply not read.
-  auto ids = at::zeros({n, T}, at::TensorOptions().dtype(at::kLong));
-  auto* ids_ptr = ids.data_ptr<int64_t>();
-  std::vector<int64_t> last_rows, slot_list, row_of_slot, length_of_slot;
-  for (int64_t i = 0; i < n; ++i) {
+  // exact and the padded positions' outputs are simply not read. Everything the device needs goes
+  // in one copy (each host-to-device copy waits for the device): the ids [n, T], then per slot its
+  // index and its prompt's row and length, then each prompt's last position.
+  int64_t k = 0;
+  for (const auto& s : slots) k += int64_t(s.size());
+  std::vector<int64_t> host(n * T + 3 * k + n, 0);
+  int64_t* slot_list = host.data() + n * T;
+  int64_t *row_of_slot = slot_list + k, *length_of_slot = row_of_slot + k, *last_rows = length_of_slot + k;
+  for (int64_t i = 0, j = 0; i < n; ++i) {
     const auto& p = prompts[i];
     if (p.empty()) fail("prefill: prompt {} is empty", i);
-    std::copy(p.begin(), p.end(), ids_ptr + i * T);
-    last_rows.push_back(i * T + int64_t(p.size()) - 1);
+    std::copy(p.begin(), p.end(), host.begin() + i * T);
+    last_rows[i] = i * T + int64_t(p.size()) - 1;
     for (int64_t s : slots[i]) {
       if (s < 0 || s >= kv_slots(cache))
         fail("prefill: slot {} is outside the KV cache ({} slots)", s, kv_slots(cache));
-      slot_list.push_back(s);
-      row_of_slot.push_back(i);
-      length_of_slot.push_back(int64_t(p.size()));
+      slot_list[j] = s;
+      row_of_slot[j] = i;
+      length_of_slot[j++] = int64_t(p.size());
     }
   }
   const auto device = m.embed.device();
-  const auto slot_index = long_tensor(slot_list, device), rows = long_tensor(row_of_slot, device);
+  const auto all = long_tensor(host, device);
+  const auto ids = all.narrow(0, 0, n * T).view({n, T});
+  const auto slot_index = all.narrow(0, n * T, k), rows = all.narrow(0, n * T + k, k);
+  const auto lengths = all.narrow(0, n * T + 2 * k, k), last = all.narrow(0, n * T + 3 * k, n);
 
-  auto x = at::embedding(m.embed, ids.to(device));
+  auto x = at::embedding(m.embed, ids);
   const auto positions = at::arange(T, at::TensorOptions().dtype(at::kLong).device(device)).unsqueeze(0);
   const auto [cos, sin] = cos_sin(cache.inv_freq, positions, x.scalar_type());
   // As forward_hidden's attention_mask for unpadded rows: causal, plus the window where it bites.
@@ -113,9 +121,9 @@ at::Tensor prefill(const Transformer& m, KvCache& cache, const std::vector<std::
     x = finish_block(c, b, x, out.transpose(1, 2).reshape({n, T, c.num_heads * c.head_dim}));
   }
   // Only each prompt's last position predicts anything.
-  const auto last = x.reshape({n * T, c.hidden_size}).index_select(0, long_tensor(last_rows, device));
-  const auto logits = lm_logits(m, compat::rms_norm(last, m.norm, c.rms_norm_eps));
-  cache.lengths.index_put_({slot_index}, long_tensor(length_of_slot, device));
+  const auto h = x.reshape({n * T, c.hidden_size}).index_select(0, last);
+  const auto logits = lm_logits(m, compat::rms_norm(h, m.norm, c.rms_norm_eps));
+  cache.lengths.index_copy_(0, slot_index, lengths);
   return logits.index_select(0, rows);
 }
 
@@ -254,9 +262,13 @@ GenerationResult generate(const Transformer& m, const std::vector<std::vector<in
   // back in one copy: the one host synchronisation of a step, which stop checks need anyway.
   auto sample = [&](const at::Tensor& logits, const at::Tensor& slot_index,
                     const std::vector<int64_t>& slot_of_row) {
-    auto next = sample_tokens(logits, opt.sampling, gen);
+    // Sampling from the log-probs gives the distribution it gives from the logits (the filters
+    // do not see a shift) and saves a second softmax; greedy takes the argmax of the logits
+    // themselves, as transformers does, so that rounding in the softmax cannot break a near-tie.
+    const auto logp = at::log_softmax(logits.to(at::kFloat), -1);
+    auto next = sample_tokens(opt.sampling.greedy ? logits : logp, opt.sampling, gen);
     last_tokens.index_copy_(0, slot_index, next);
-    auto logprob = at::log_softmax(logits.to(at::kFloat), -1).gather(1, next.unsqueeze(1)).squeeze(1);
+    auto logprob = logp.gather(1, next.unsqueeze(1)).squeeze(1);
     auto host = at::stack({next.to(at::kDouble), logprob.to(at::kDouble)}).cpu();
     auto a = host.accessor<double, 2>();
     for (size_t i = 0; i < slot_of_row.size(); ++i)
@@ -304,9 +316,9 @@ GenerationResult generate(const Transformer& m, const std::vector<std::vector<in
     }
     if (n > 0) {
       std::vector<int64_t> rows(n);
-      for (int64_t i = 0; i < n; ++i) rows[i] = i;
+      std::iota(rows.begin(), rows.end(), 0);
       auto logits = decode_step(m, cache, last_tokens.narrow(0, 0, n), span);
-      sample(logits, long_tensor(rows, device), rows);
+      sample(logits, at::arange(n, last_tokens.options()), rows);
     }
     if (opt.on_step) opt.on_step(finished, r.generated_tokens);
   }

@@ -15,6 +15,7 @@ KvCache allocate_kv_cache(const ModelConfig& cfg, int64_t slots, int64_t max_tok
     c.v.push_back(at::zeros({slots, cfg.num_kv_heads, max_tokens, cfg.head_dim}, options));
   }
   c.lengths = at::zeros({slots}, options.dtype(at::kLong));
+  // max_position 0: no dynamic-rope rescaling, which generation never reaches (context_length).
   c.inv_freq = rope_inv_freq(cfg, 0, options.device());
   return c;
 }

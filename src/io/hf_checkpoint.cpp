@@ -1,5 +1,8 @@
 #include "io/hf_checkpoint.h"
 
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -30,16 +33,16 @@ std::string dtype_name(at::ScalarType t) {
   }
 }
 
-Transformer load_transformer(const std::string& dir, at::Device device, std::optional<at::ScalarType> dtype) {
-  if (!fs::is_directory(dir)) fail("model folder {} does not exist", dir);
-  const ModelConfig cfg = load_model_config((fs::path(dir) / "config.json").string());
-  auto ckpt = safetensors::Checkpoint::open_dir(dir);
-  Transformer m =
-      allocate_transformer(cfg, at::TensorOptions().dtype(dtype.value_or(cfg.dtype)).device(device));
+namespace {
 
+// Copies every weight of `m` from the checkpoint but those in `skip`, checking names and shapes.
+// Tensors of the checkpoint that are neither used nor in `ignore` are errors.
+void read_weights(Transformer& m, const safetensors::Checkpoint& ckpt, const std::string& dir,
+                  const std::set<std::string>& skip, const std::set<std::string>& ignore) {
   at::NoGradGuard no_grad;
   std::set<std::string> used;
   for (auto& [name, t] : named_parameters(m)) {
+    if (skip.count(name)) continue;
     if (!ckpt.contains(name)) fail("{}: missing tensor '{}'", dir, name);
     const auto& info = ckpt.info(name);
     if (at::IntArrayRef(info.shape) != t.sizes())
@@ -49,13 +52,53 @@ Transformer load_transformer(const std::string& dir, at::Device device, std::opt
     used.insert(name);
   }
   for (const auto& name : ckpt.names()) {
-    if (used.count(name)) continue;
-    // Old checkpoints store rotary tables, and some tied ones still carry lm_head: both are
-    // derived from other weights, as transformers treats them.
-    const bool derived = name.find("rotary_emb.inv_freq") != std::string::npos ||
-                         (cfg.tie_word_embeddings && name == "lm_head.weight");
-    if (!derived) fail("{}: unexpected tensor '{}' for model_type {}", dir, name, cfg.model_type);
+    if (used.count(name) || ignore.count(name)) continue;
+    // Old checkpoints store rotary tables: derived from the config, as transformers treats them.
+    if (name.find("rotary_emb.inv_freq") == std::string::npos)
+      fail("{}: unexpected tensor '{}' for model_type {}", dir, name, m.cfg.model_type);
   }
+}
+
+}  // namespace
+
+Transformer load_transformer(const std::string& dir, at::Device device, std::optional<at::ScalarType> dtype) {
+  if (!fs::is_directory(dir)) fail("model folder {} does not exist", dir);
+  const ModelConfig cfg = load_model_config((fs::path(dir) / "config.json").string());
+  auto ckpt = safetensors::Checkpoint::open_dir(dir);
+  Transformer m =
+      allocate_transformer(cfg, at::TensorOptions().dtype(dtype.value_or(cfg.dtype)).device(device));
+  // Some tied checkpoints still carry lm_head, derived from the embedding as transformers treats it.
+  std::set<std::string> ignore;
+  if (cfg.tie_word_embeddings && cfg.num_labels == 0) ignore.insert("lm_head.weight");
+  read_weights(m, ckpt, dir, {}, ignore);
+  return m;
+}
+
+Transformer load_reward_model(const std::string& dir, at::Device device, std::optional<at::ScalarType> dtype,
+                              const std::vector<std::string>& labels, int64_t pad_token_id, uint64_t seed) {
+  if (!fs::is_directory(dir)) fail("model folder {} does not exist", dir);
+  const ModelConfig lm = load_model_config((fs::path(dir) / "config.json").string());
+  if (lm.num_labels > 0) {
+    if (lm.num_labels != int64_t(labels.size()))
+      fail("{} is a reward model with {} outputs ({}), but {} are asked for ({})", dir, lm.num_labels,
+           fmt::join(lm.labels, ", "), labels.size(), fmt::join(labels, ", "));
+    Transformer m = load_transformer(dir, device, dtype);
+    // The outputs keep their weights and take the names they are trained on now.
+    m.cfg = sequence_classifier_config(m.cfg, labels, pad_token_id);
+    return m;
+  }
+  const ModelConfig cfg = sequence_classifier_config(lm, labels, pad_token_id);
+  Transformer m =
+      allocate_transformer(cfg, at::TensorOptions().dtype(dtype.value_or(cfg.dtype)).device(device));
+  read_weights(m, safetensors::Checkpoint::open_dir(dir), dir, {"score.weight"}, {"lm_head.weight"});
+  // std 1/sqrt(hidden + 1), as Ziegler et al. (lm-human-preferences) start their reward head: each
+  // output starts with about unit variance for unit-RMS hidden states (the final RMSNorm's), so the
+  // first pairwise losses are informative, yet no output dominates. Drawn in float32 on the CPU
+  // from `seed`, like init_transformer.
+  auto gen = at::detail::createCPUGenerator(seed);
+  at::NoGradGuard no_grad;
+  m.score.weight.copy_(at::normal(0.0, 1.0 / std::sqrt(double(cfg.hidden_size) + 1), m.score.weight.sizes(),
+                                  gen, at::TensorOptions().dtype(at::kFloat)));
   return m;
 }
 

@@ -4,6 +4,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "model/transformer.h"
 
@@ -14,6 +15,14 @@ namespace aligner {
 // and tensor. dtype: the compute dtype (default: the dtype in config.json).
 Transformer load_transformer(const std::string& dir, at::Device device,
                              std::optional<at::ScalarType> dtype = std::nullopt);
+
+// A reward model (a sequence classifier with one output per label) from `dir`. A classifier folder
+// is loaded as it is, its outputs renamed to `labels` (their number must match). A causal LM
+// folder gets a new score head, normal with std 1/sqrt(hidden + 1) drawn with `seed`, and its lm_head is
+// dropped. pad_token_id is set where config.json has none (model/config.h
+// sequence_classifier_config says why).
+Transformer load_reward_model(const std::string& dir, at::Device device, std::optional<at::ScalarType> dtype,
+                              const std::vector<std::string>& labels, int64_t pad_token_id, uint64_t seed);
 
 // Writes config.json and the weights (sharded above max_shard_bytes, if > 0) in `dtype` (default:
 // the model's), into "<dir>.tmp" first and then renamed over `dir`, so that a crash leaves either

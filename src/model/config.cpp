@@ -1,6 +1,8 @@
 #include "model/config.h"
 
+#include <algorithm>
 #include <fstream>
+#include <map>
 
 #include "core/error.h"
 
@@ -60,6 +62,36 @@ RopeConfig parse_rope(const json& j, const std::string& where) {
   if (r.type == "llama3" && r.original_max_position_embeddings <= 0)
     fail("{}: rope type llama3 needs original_max_position_embeddings", where);
   return r;
+}
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// A classifier is told by its class in "architectures"; its labels come from id2label, else
+// num_labels, else transformers' default of two.
+void parse_classifier(const json& j, const std::string& where, ModelConfig& c) {
+  const auto arch =
+      opt<std::vector<std::string>>(j, "architectures", where).value_or(std::vector<std::string>{});
+  if (std::none_of(arch.begin(), arch.end(),
+                   [](const std::string& a) { return ends_with(a, "ForSequenceClassification"); }))
+    return;
+  const auto num_labels = opt<int64_t>(j, "num_labels", where);
+  if (auto it = j.find("id2label"); it != j.end() && it->is_object() && !it->empty()) {
+    c.labels.resize(it->size());
+    for (size_t i = 0; i < c.labels.size(); ++i) {
+      auto name = it->find(std::to_string(i));
+      if (name == it->end() || !name->is_string())
+        fail("{}: id2label must map \"0\" .. \"{}\" to names, got {}", where, it->size() - 1, it->dump());
+      c.labels[i] = name->get<std::string>();
+    }
+  } else {
+    for (int64_t i = 0; i < num_labels.value_or(2); ++i) c.labels.push_back(fmt::format("LABEL_{}", i));
+  }
+  c.num_labels = int64_t(c.labels.size());
+  if (c.num_labels < 1 || (num_labels && *num_labels != c.num_labels))
+    fail("{}: num_labels ({}) does not match id2label ({} labels)", where, num_labels.value_or(0),
+         c.num_labels);
 }
 
 }  // namespace
@@ -127,6 +159,7 @@ ModelConfig parse_model_config(const json& j, const std::string& where) {
     else
       c.eos_token_ids = {it->get<int64_t>()};
   }
+  parse_classifier(j, where, c);
   auto dtype = opt<std::string>(j, "dtype", where);
   if (!dtype) dtype = opt<std::string>(j, "torch_dtype", where);
   c.dtype = dtype ? parse_dtype(*dtype, where) : at::kFloat;
@@ -143,6 +176,31 @@ ModelConfig load_model_config(const std::string& path) {
     fail("{}: invalid JSON: {}", path, e.what());
   }
   return parse_model_config(j, path);
+}
+
+ModelConfig sequence_classifier_config(const ModelConfig& lm, const std::vector<std::string>& labels,
+                                       int64_t pad_token_id) {
+  if (labels.empty()) fail("a sequence classifier needs at least one label");
+  ModelConfig c = lm;
+  c.num_labels = int64_t(labels.size());
+  c.labels = labels;
+  static const std::map<std::string, std::string> classes = {
+      {"llama", "Llama"}, {"mistral", "Mistral"}, {"qwen2", "Qwen2"}};
+  c.raw["architectures"] = {classes.at(c.model_type) + "ForSequenceClassification"};
+  c.raw["num_labels"] = c.num_labels;
+  json id2label = json::object(), label2id = json::object();
+  for (size_t i = 0; i < labels.size(); ++i) {
+    if (label2id.contains(labels[i])) fail("label '{}' is given twice", labels[i]);
+    id2label[std::to_string(i)] = labels[i];
+    label2id[labels[i]] = i;
+  }
+  c.raw["id2label"] = id2label;
+  c.raw["label2id"] = label2id;
+  if (!c.pad_token_id) {
+    c.pad_token_id = pad_token_id;
+    c.raw["pad_token_id"] = pad_token_id;
+  }
+  return c;
 }
 
 }  // namespace aligner

@@ -40,13 +40,24 @@ struct ModelConfig {
   std::vector<int64_t> window;
   std::optional<int64_t> bos_token_id, pad_token_id;
   std::vector<int64_t> eos_token_ids;  // Llama 3.1 lists several
-  at::ScalarType dtype = at::kFloat;   // the dtype the weights are stored in
-  nlohmann::json raw;                  // the file as read, written back on save
+  // Sequence classifiers (architectures "XxxForSequenceClassification": reward models) have a
+  // score head with one output per label in place of lm_head; 0 for a causal LM.
+  int64_t num_labels = 0;
+  std::vector<std::string> labels;    // id2label, in id order
+  at::ScalarType dtype = at::kFloat;  // the dtype the weights are stored in
+  nlohmann::json raw;                 // the file as read, written back on save
 };
 
 // `where` names the file in errors. Unsupported model_type, hidden_act or rope type is an error
 // that lists what is supported.
 ModelConfig parse_model_config(const nlohmann::json& j, const std::string& where);
 ModelConfig load_model_config(const std::string& config_json_path);
+
+// `lm` turned into a sequence classifier with these labels, written into `raw` as transformers
+// writes XxxForSequenceClassification (architectures, num_labels, id2label, label2id). A config
+// without pad_token_id gets `pad_token_id`: transformers reads each row's score at its last token
+// that is not pad_token_id, and refuses batches of more than one row without it.
+ModelConfig sequence_classifier_config(const ModelConfig& lm, const std::vector<std::string>& labels,
+                                       int64_t pad_token_id);
 
 }  // namespace aligner

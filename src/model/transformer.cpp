@@ -184,8 +184,15 @@ at::Tensor forward_hidden(const Transformer& m, const ForwardInput& in) {
 }
 
 at::Tensor lm_logits(const Transformer& m, const at::Tensor& hidden) {
+  if (!m.lm_head.weight.defined()) fail("this model is a sequence classifier: it has no lm_head");
   return apply(m.lm_head, hidden);
 }
+
+namespace {
+at::ScalarType float_type(const Transformer& m) {
+  return m.cfg.dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+}  // namespace
 
 at::Tensor token_logprobs(const Transformer& m, const at::Tensor& hidden, const at::Tensor& targets) {
   const int64_t H = hidden.size(-1);
@@ -197,13 +204,25 @@ at::Tensor token_logprobs(const Transformer& m, const at::Tensor& hidden, const 
   std::vector<at::Tensor> out;
   for (int64_t s = 0; s < h.size(0); s += chunk) {
     const int64_t n = std::min(chunk, h.size(0) - s);
-    auto logp = at::log_softmax(lm_logits(m, h.narrow(0, s, n)).to(at::kFloat), -1);
+    auto logp = at::log_softmax(lm_logits(m, h.narrow(0, s, n)).to(float_type(m)), -1);
     auto tt = t.narrow(0, s, n);
     auto valid = tt >= 0;
     auto picked = logp.gather(1, tt.clamp_min(0).unsqueeze(1)).squeeze(1);
-    out.push_back(picked * valid.to(at::kFloat));
+    out.push_back(picked * valid.to(picked.scalar_type()));
   }
   return at::cat(out).view(targets.sizes());
+}
+
+at::Tensor sequence_scores(const Transformer& m, const at::Tensor& hidden, const ForwardInput& in) {
+  if (!m.score.weight.defined()) fail("this model has no score head: it is not a sequence classifier");
+  const int64_t B = hidden.size(0), T = hidden.size(1);
+  auto keep = in.attention_mask.defined() ? in.attention_mask.to(at::kBool)
+                                          : at::ones({B, T}, in.input_ids.options().dtype(at::kBool));
+  if (m.cfg.pad_token_id) keep = keep.logical_and(in.input_ids != *m.cfg.pad_token_id);
+  const auto positions = at::arange(T, in.input_ids.options().dtype(at::kLong));
+  const auto last = (positions * keep.to(at::kLong)).argmax(-1);
+  const auto rows = at::arange(B, last.options());
+  return apply(m.score, hidden.index({rows, last})).to(float_type(m));
 }
 
 Transformer allocate_transformer(const ModelConfig& cfg, const at::TensorOptions& options) {
@@ -230,7 +249,10 @@ Transformer allocate_transformer(const ModelConfig& cfg, const at::TensorOptions
     m.layers.push_back(std::move(b));
   }
   m.norm = empty({H});
-  m.lm_head = cfg.tie_word_embeddings ? Linear{m.embed, {}} : linear(cfg.vocab_size, H, false);
+  if (cfg.num_labels > 0)
+    m.score = linear(cfg.num_labels, H, false);
+  else
+    m.lm_head = cfg.tie_word_embeddings ? Linear{m.embed, {}} : linear(cfg.vocab_size, H, false);
   return m;
 }
 
@@ -274,7 +296,10 @@ std::vector<std::pair<std::string, at::Tensor>> named_parameters(const Transform
     add_linear(p + "mlp.down_proj", b.down);
   }
   out.emplace_back("model.norm.weight", m.norm);
-  if (!m.cfg.tie_word_embeddings) add_linear("lm_head", m.lm_head);
+  if (m.cfg.num_labels > 0)
+    add_linear("score", m.score);
+  else if (!m.cfg.tie_word_embeddings)
+    add_linear("lm_head", m.lm_head);
   return out;
 }
 

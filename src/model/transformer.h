@@ -24,7 +24,8 @@ struct Transformer {
   at::Tensor embed;  // [vocab, hidden]
   std::vector<Block> layers;
   at::Tensor norm;  // final RMSNorm
-  Linear lm_head;   // weight is `embed` itself when tie_word_embeddings
+  Linear lm_head;   // weight is `embed` itself when tie_word_embeddings; none in a classifier
+  Linear score;     // sequence classifiers only: [num_labels, hidden], no bias
 };
 
 // What one forward pass reads. Only input_ids is required.
@@ -47,12 +48,18 @@ Transformer init_transformer(const ModelConfig& cfg, at::Device device, uint64_t
 at::Tensor forward_hidden(const Transformer& m, const ForwardInput& in);
 // Logits over the vocabulary for the given hidden states: [..., vocab].
 at::Tensor lm_logits(const Transformer& m, const at::Tensor& hidden);
-// log p(targets | context) per position, computed in float32 and in chunks so that the full
-// [B, T, vocab] float32 log-softmax is never held at once: [B, T].
+// log p(targets | context) per position, computed in float32 (float64 for a float64 model) and in
+// chunks so that the full [B, T, vocab] float32 log-softmax is never held at once: [B, T].
 at::Tensor token_logprobs(const Transformer& m, const at::Tensor& hidden, const at::Tensor& targets);
+// A sequence classifier's outputs, [B, num_labels] in float32 (float64 for a float64 model): the
+// score head read at each row's last token that is neither padding (attention_mask 0) nor
+// cfg.pad_token_id. That is the token transformers' XxxForSequenceClassification reads (the
+// rightmost one that is not pad_token_id) when the padding is written with pad_token_id.
+at::Tensor sequence_scores(const Transformer& m, const at::Tensor& hidden, const ForwardInput& in);
 
 // Hugging Face parameter names ("model.layers.0.self_attn.q_proj.weight", ...) and the tensors
-// behind them. A tied lm_head is not listed, as transformers does not save it.
+// behind them. A tied lm_head is not listed, as transformers does not save it; a classifier lists
+// "score.weight" instead of lm_head.
 std::vector<std::pair<std::string, at::Tensor>> named_parameters(const Transformer& m);
 
 }  // namespace aligner

@@ -1,0 +1,74 @@
+// How the reward models and DPO read their data: the data.* options, this rank's examples one
+// micro-batch at a time in sampler order, and this rank's share of the validation set. Each
+// example keeps its index in the data set, which keys what is cached about it (DPO's reference
+// log-probs).
+#pragma once
+#include <optional>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "core/config.h"
+#include "data/examples.h"
+#include "data/sampler.h"
+
+namespace aligner {
+
+// data.format, data.max_length, data.truncation, data.skip_bad_lines and data.add_eos.
+DataOptions read_data_options(const Config& cfg);
+
+template <class Example>
+struct Indexed {
+  int64_t index = 0;  // in its data set
+  Example example;
+};
+
+// The example type that a reader `read(index) -> std::optional<Example>` gives.
+template <class Read>
+using ExampleOf = typename std::invoke_result_t<Read&, int64_t>::value_type;
+
+// This rank's next n examples in sampler order, skipping those `read` drops (nullopt). Empty once
+// max_epochs (<= 0: no limit) are done, also when that leaves fewer than n: a short last
+// micro-batch would weigh its examples differently from the others.
+template <class Read>
+std::vector<Indexed<ExampleOf<Read>>> next_examples(Sampler& sampler, int64_t max_epochs, int64_t n,
+                                                    Read&& read) {
+  std::vector<Indexed<ExampleOf<Read>>> out;
+  while (int64_t(out.size()) < n) {
+    if (max_epochs > 0 && current_epoch(sampler) >= max_epochs) return {};
+    const int64_t index = next_index(sampler);
+    if (auto ex = read(index)) out.push_back({index, std::move(*ex)});
+  }
+  return out;
+}
+
+// The validation set in file order, cut into micro-batches of n examples (the last may be short);
+// rank r takes micro-batches r, r + world, ... Every rank reads the whole set to cut it the same way.
+template <class Read>
+std::vector<std::vector<Indexed<ExampleOf<Read>>>> validation_batches(int64_t size, int64_t n, int rank,
+                                                                      int world, Read&& read) {
+  std::vector<std::vector<Indexed<ExampleOf<Read>>>> out;
+  std::vector<Indexed<ExampleOf<Read>>> batch;
+  int64_t batch_index = 0;
+  auto flush = [&] {
+    if (!batch.empty() && batch_index++ % world == rank) out.push_back(std::move(batch));
+    batch.clear();
+  };
+  for (int64_t i = 0; i < size; ++i) {
+    if (auto ex = read(i)) batch.push_back({i, std::move(*ex)});
+    if (int64_t(batch.size()) == n) flush();
+  }
+  flush();
+  return out;
+}
+
+// The examples without their indices, as the collate functions take them.
+template <class Example>
+std::vector<Example> examples_of(const std::vector<Indexed<Example>>& batch) {
+  std::vector<Example> out;
+  out.reserve(batch.size());
+  for (const auto& e : batch) out.push_back(e.example);
+  return out;
+}
+
+}  // namespace aligner

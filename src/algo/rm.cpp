@@ -1,0 +1,304 @@
+#include "algo/rm.h"
+
+#include <memory>
+
+#include "algo/data_stream.h"
+#include "core/error.h"
+#include "core/log.h"
+#include "data/attribute_data.h"
+#include "data/preference_data.h"
+#include "data/sampler.h"
+#include "io/hf_checkpoint.h"
+#include "train/run_setup.h"
+#include "train/trainer.h"
+
+namespace aligner {
+
+at::Tensor bradley_terry_loss(const at::Tensor& chosen, const at::Tensor& rejected,
+                              const at::Tensor& margin) {
+  return -at::log_sigmoid(chosen - rejected - margin);
+}
+
+at::Tensor score_batch(const Transformer& m, const Batch& b, bool checkpoint_layers) {
+  const auto device = m.embed.device();
+  ForwardInput in{b.input_ids.to(device), b.attention_mask.to(device), b.position_ids.to(device)};
+  in.checkpoint_layers = checkpoint_layers;
+  return sequence_scores(m, forward_hidden(m, in), in);
+}
+
+std::vector<int32_t> scoring_tokens(const nlohmann::json& r, const std::string& where,
+                                    const Encoder& encoder) {
+  Encoder enc = encoder;
+  // The model scores a reply, so the reply's own attribute line is not part of its input.
+  if (enc.tmpl.format == ChatFormat::kSteerlm) enc.tmpl.format = ChatFormat::kNemo;
+  if (r.contains("text")) {
+    const auto text = get_field<std::string>(r, "text", where);
+    if (is_blank(text)) fail("{}: field \"text\": empty text", where);
+    auto ids = encode_prompt_text(enc, text);
+    if (enc.add_eos && enc.tok->special().eos) ids.push_back(*enc.tok->special().eos);
+    return ids;
+  }
+  if (r.contains("prompt")) {
+    const auto prompt = parse_text_or_chat(r["prompt"], where, "prompt", false);
+    const auto response = parse_text_or_chat(require_field(r, "response", where), where, "response", false);
+    int64_t prompt_length = 0;
+    return encode_prompt_response(enc, prompt, response, where, "response", &prompt_length).input_ids;
+  }
+  if (r.contains("messages"))
+    return encode_chat(enc, parse_messages(r["messages"], where, "messages", false), false).ids;
+  if (r.contains("conversations")) {
+    ChatFormat format = enc.tmpl.format;
+    return encode_chat(enc, parse_nemo_conversation(r, where, format, false), false).ids;
+  }
+  fail("{}: expected a field input_ids, text, prompt + response, messages or conversations", where);
+}
+
+namespace {
+
+// What both ways of training share: the model, the order the data is read in, and its state.
+class RewardModelTraining : public Algorithm {
+ public:
+  RewardModelTraining(const Config& cfg, const Tokenizer& tok, Transformer& model, int rank, int world)
+      : model_(model),
+        rank_(rank),
+        world_(world),
+        micro_batch_size_(cfg.get_int("trainer.micro_batch_size")),
+        max_epochs_(cfg.get_int("trainer.max_epochs")),
+        checkpoint_layers_(cfg.get_bool("model.activation_checkpointing")),
+        pad_id_(pad_id_for(tok)),
+        options_(read_data_options(cfg)),
+        template_(resolve_chat_template(cfg.get_string("data.template"), tok)) {
+    if (cfg.get_string("data.train").empty()) fail("config key 'data.train' must be set");
+  }
+
+  nlohmann::json state() const override { return {{"position", sampler_.position}}; }
+  void load_state(const nlohmann::json& s) override { sampler_.position = s.at("position").get<int64_t>(); }
+
+ protected:
+  template <class Dataset>
+  void report(const Dataset* ds) const {
+    if (!ds) return;
+    const auto text = data_report(ds->stats, ds->file.path(), options_.max_length);
+    if (!text.empty()) log_info("{}", text);  // the report says "warning:" itself
+  }
+
+  Transformer& model_;
+  int rank_, world_;
+  int64_t micro_batch_size_, max_epochs_;
+  bool checkpoint_layers_;
+  int32_t pad_id_;
+  DataOptions options_;
+  ChatTemplate template_;
+  Sampler sampler_;
+};
+
+using Pairs = std::vector<Indexed<PreferenceExample>>;
+
+class PairwiseRewardModel final : public RewardModelTraining {
+ public:
+  PairwiseRewardModel(const Config& cfg, const Tokenizer& tok, Transformer& model, int rank, int world)
+      : RewardModelTraining(cfg, tok, model, rank, world) {
+    train_ = std::make_unique<PreferenceDataset>(
+        open_preference_dataset(cfg.get_string("data.train"), tok, template_, options_));
+    if (!cfg.get_string("data.validation").empty())
+      val_ = std::make_unique<PreferenceDataset>(
+          open_preference_dataset(cfg.get_string("data.validation"), tok, template_, options_));
+    sampler_ = make_sampler(dataset_size(*train_), rank, world, cfg.get_bool("data.shuffle"),
+                            uint64_t(cfg.get_int("trainer.seed")));
+  }
+  ~PairwiseRewardModel() override {
+    report(train_.get());
+    report(val_.get());
+  }
+
+  int64_t steps_per_epoch(int64_t global_batch_size) const override {
+    return std::max<int64_t>(1, dataset_size(*train_) / global_batch_size);
+  }
+
+  bool next_step(int64_t n) override {
+    step_.clear();
+    for (int64_t i = 0; i < n; ++i) {
+      auto pairs = next_examples(sampler_, max_epochs_, micro_batch_size_,
+                                 [&](int64_t index) { return preference_example(*train_, index); });
+      if (pairs.empty()) return false;
+      step_.push_back(std::move(pairs));
+    }
+    return true;
+  }
+
+  double units(int64_t i) const override { return double(step_.at(i).size()); }
+  LossSums loss(int64_t i) override { return compute(step_.at(i)); }
+
+  std::vector<LossSums> validate() override {
+    std::vector<LossSums> out;
+    if (!val_) return out;
+    for (const auto& pairs :
+         validation_batches(dataset_size(*val_), micro_batch_size_, rank_, world_,
+                            [&](int64_t index) { return preference_example(*val_, index); }))
+      out.push_back(compute(pairs));
+    return out;
+  }
+
+ private:
+  LossSums compute(const Pairs& pairs) {
+    const auto examples = examples_of(pairs);
+    const auto b = collate_preferences(examples, pad_id_);
+    // A pair without a margin needs none: 0 is the plain Bradley-Terry loss.
+    std::vector<float> margins;
+    for (const auto& e : examples) margins.push_back(float(e.margin.value_or(0.0)));
+    const auto scores = score_batch(model_, b.seqs, checkpoint_layers_).select(1, 0);
+    const int64_t B = int64_t(examples.size());
+    const auto chosen = scores.narrow(0, 0, B), rejected = scores.narrow(0, B, B);
+    const auto margin = at::tensor(margins).to(scores.device(), scores.scalar_type());
+    LossSums out;
+    out.loss = bradley_terry_loss(chosen, rejected, margin).sum();
+    out.units = double(B);
+    out.tokens = b.seqs.attention_mask.sum().item<int64_t>();
+    const auto c = chosen.detach(), r = rejected.detach();
+    out.metrics = {{"accuracy", (c > r).sum().item<double>()},
+                   {"reward_chosen_mean", c.sum().item<double>()},
+                   {"reward_rejected_mean", r.sum().item<double>()},
+                   {"reward_margin", (c - r).sum().item<double>()}};
+    return out;
+  }
+
+  std::unique_ptr<PreferenceDataset> train_, val_;
+  std::vector<Pairs> step_;
+};
+
+using Labelled = std::vector<Indexed<AttributeExample>>;
+
+class RegressionRewardModel final : public RewardModelTraining {
+ public:
+  RegressionRewardModel(const Config& cfg, const Tokenizer& tok, Transformer& model, dist::Dist& dist,
+                        const std::vector<std::string>& attributes)
+      : RewardModelTraining(cfg, tok, model, dist.rank(), dist.world_size()),
+        dist_(dist),
+        attributes_(attributes) {
+    train_ = std::make_unique<AttributeDataset>(
+        open_attribute_dataset(cfg.get_string("data.train"), tok, template_, options_, attributes));
+    if (!cfg.get_string("data.validation").empty())
+      val_ = std::make_unique<AttributeDataset>(
+          open_attribute_dataset(cfg.get_string("data.validation"), tok, template_, options_, attributes));
+    sampler_ = make_sampler(dataset_size(*train_), rank_, world_, cfg.get_bool("data.shuffle"),
+                            uint64_t(cfg.get_int("trainer.seed")));
+  }
+  ~RegressionRewardModel() override {
+    report(train_.get());
+    report(val_.get());
+  }
+
+  int64_t steps_per_epoch(int64_t global_batch_size) const override {
+    return std::max<int64_t>(1, dataset_size(*train_) / global_batch_size);
+  }
+
+  bool next_step(int64_t n) override {
+    step_.clear();
+    for (int64_t i = 0; i < n; ++i) {
+      auto batch = next_examples(sampler_, max_epochs_, micro_batch_size_,
+                                 [&](int64_t index) { return attribute_example(*train_, index); });
+      if (batch.empty()) return false;
+      step_.push_back(std::move(batch));
+    }
+    scales_ = metric_scales(step_);
+    return true;
+  }
+
+  double units(int64_t i) const override {
+    double labels = 0;
+    for (const auto& e : step_.at(i))
+      for (uint8_t p : e.example.present) labels += p;
+    return labels;
+  }
+
+  LossSums loss(int64_t i) override { return compute(step_.at(i), scales_); }
+
+  std::vector<LossSums> validate() override {
+    std::vector<LossSums> out;
+    if (!val_) return out;
+    const auto batches = validation_batches(dataset_size(*val_), micro_batch_size_, rank_, world_,
+                                            [&](int64_t index) { return attribute_example(*val_, index); });
+    const auto scales = metric_scales(batches);  // every rank joins, even one with no batches
+    for (const auto& batch : batches) out.push_back(compute(batch, scales));
+    return out;
+  }
+
+ private:
+  // The trainer reports a metric as its sum over the global batch divided by the batch's units
+  // (all labels present), but an attribute's mean squared error divides by that attribute's labels
+  // alone. So each attribute's squared errors are scaled by all labels / its labels, both counted
+  // over these micro-batches of every rank. 0 marks an attribute labelled nowhere in them: it has
+  // no error to report (every rank sees the same counts, so all leave out the same metrics).
+  std::vector<double> metric_scales(const std::vector<Labelled>& batches) {
+    const size_t A = attributes_.size();
+    std::vector<double> counts(A + 1, 0.0);  // per attribute, then all
+    for (const auto& batch : batches)
+      for (const auto& e : batch)
+        for (size_t a = 0; a < A; ++a) {
+          counts[a] += e.example.present[a];
+          counts[A] += e.example.present[a];
+        }
+    std::vector<at::Tensor> t{at::tensor(counts, at::TensorOptions().dtype(at::kDouble)).to(dist_.device())};
+    dist_.all_reduce_sum(t);
+    const auto global = t[0].cpu();
+    std::vector<double> scales(A, 0.0);
+    for (size_t a = 0; a < A; ++a) {
+      const double n = global[int64_t(a)].item<double>();
+      if (n > 0) scales[a] = global[int64_t(A)].item<double>() / n;
+    }
+    return scales;
+  }
+
+  LossSums compute(const Labelled& batch, const std::vector<double>& scales) {
+    const auto b = collate_attributes(examples_of(batch), pad_id_);
+    const auto scores = score_batch(model_, b.seqs, checkpoint_layers_);
+    const auto present = b.present.to(scores.device(), scores.scalar_type());
+    const auto values = b.values.to(scores.device(), scores.scalar_type());
+    const auto squared = (scores - values).pow(2) * present;
+    LossSums out;
+    out.loss = squared.sum();
+    out.units = present.sum().item<double>();
+    out.tokens = b.seqs.attention_mask.sum().item<int64_t>();
+    const auto per_attribute = squared.detach().sum(0).to(at::kDouble).cpu();
+    for (size_t a = 0; a < attributes_.size(); ++a)
+      if (scales[a] > 0)
+        out.metrics.emplace_back("mse_" + attributes_[a],
+                                 per_attribute[int64_t(a)].item<double>() * scales[a]);
+    return out;
+  }
+
+  dist::Dist& dist_;
+  std::vector<std::string> attributes_;
+  std::unique_ptr<AttributeDataset> train_, val_;
+  std::vector<Labelled> step_;
+  std::vector<double> scales_;
+};
+
+}  // namespace
+
+void run_rm(const Config& cfg) {
+  const auto opt = read_trainer_options(cfg);
+  const std::string model_dir = cfg.get_string("model.path");
+  if (model_dir.empty()) fail("config key 'model.path' must be set");
+  const std::string type = cfg.get_string("rm.type");
+  if (type != "pairwise" && type != "regression")
+    fail("config key 'rm.type' expects pairwise or regression, got '{}'", type);
+  auto ctx = init_run(cfg);
+  auto tok = load_tokenizer(model_dir);
+  const auto labels =
+      type == "pairwise" ? std::vector<std::string>{"reward"} : cfg.get_string_list("rm.attributes");
+  const auto dtype = parse_dtype_name(cfg.get_string("model.dtype"), "model.dtype");
+  Transformer model = load_reward_model(model_dir, ctx.device, dtype, labels, pad_id_for(*tok),
+                                        uint64_t(cfg.get_int("trainer.seed")));
+  if (tok->vocab_size() > model.cfg.vocab_size)
+    fail("{}: the tokenizer has {} tokens but the model's vocabulary is {}", model_dir, tok->vocab_size(),
+         model.cfg.vocab_size);
+  std::unique_ptr<Algorithm> algo;
+  if (type == "pairwise")
+    algo = std::make_unique<PairwiseRewardModel>(cfg, *tok, model, ctx.dist.rank(), ctx.dist.world_size());
+  else
+    algo = std::make_unique<RegressionRewardModel>(cfg, *tok, model, ctx.dist, labels);
+  train(cfg, opt, model, *algo, ctx.dist, model_dir);
+}
+
+}  // namespace aligner
