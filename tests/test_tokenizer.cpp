@@ -37,9 +37,11 @@ std::vector<std::string> corpus() {
   return lines;
 }
 
-const Tokenizer& cached(const std::string& relative) {
+// By value: a reference parameter bound to a temporary makes GCC 13 warn (-Wdangling-reference)
+// wherever the returned reference is kept, although it points into the static map.
+const Tokenizer& cached(std::string_view relative) {
   static std::map<std::string, std::unique_ptr<Tokenizer>> tokenizers;
-  auto& slot = tokenizers[relative];
+  auto& slot = tokenizers[std::string(relative)];
   if (!slot) slot = load_tokenizer((kDir / relative).string());
   return *slot;
 }

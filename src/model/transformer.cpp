@@ -175,7 +175,12 @@ at::Tensor forward_hidden(const Transformer& m, const ForwardInput& in) {
       layer->fn = [&c, &b, cos = cos, sin = sin, mask](const at::Tensor& h) {
         return block_forward(c, b, h, cos, sin, mask);
       };
+      // GCC 13 sees an out-of-bounds memmove in libtorch's Function::apply (a false positive in
+      // torch's header, not in this code).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Warray-bounds"
       x = CheckpointedLayer::apply(x, layer);
+#pragma GCC diagnostic pop
     } else {
       x = block_forward(c, b, x, cos, sin, mask);
     }
