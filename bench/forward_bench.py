@@ -9,25 +9,19 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tinyllama import CONFIG, make_model
 
 B, T, WARMUP, ITERS = 8, 2048, 3, 10
 
 
 def main():
     build = sys.argv[1] if len(sys.argv) > 1 else "build-cuda"
-    cfg = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                      num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5,
-                      tie_word_embeddings=False)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16).eval()
-    d = tempfile.mkdtemp(prefix="tinyllama_")
-    model.save_pretrained(d)
+    model, d = make_model(torch.bfloat16)
+    model.eval()
+    cfg = CONFIG
     ids = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
     with torch.no_grad():
         for _ in range(WARMUP):

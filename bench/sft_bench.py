@@ -10,11 +10,10 @@ attention (6 x layers x seq x hidden per token, causal) against 989 TFLOP/s.
 import json
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tinyllama import CONFIG, make_model
 
 B, T, WARMUP, ITERS = 8, 2048, 2, 6
 PEAK = 989e12
@@ -23,15 +22,9 @@ PEAK = 989e12
 def main():
     build = next((a for a in sys.argv[1:] if not a.startswith("--")), "build-cuda")
     ckpt = "--checkpoint" in sys.argv
-    cfg = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                      num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5,
-                      tie_word_embeddings=False)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
-    d = tempfile.mkdtemp(prefix="tinyllama_")
-    model.to(torch.bfloat16).save_pretrained(d)
-    model.to(torch.float32).train()
+    model, d = make_model(torch.float32)
+    model.train()
+    cfg = CONFIG
     if ckpt:
         model.gradient_checkpointing_enable()
     n_params = sum(p.numel() for p in model.parameters()) - cfg.vocab_size * cfg.hidden_size  # no embedding lookup

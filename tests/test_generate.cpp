@@ -21,6 +21,7 @@
 #include "gen/sampling.h"
 #include "io/hf_checkpoint.h"
 #include "model/transformer.h"
+#include "test_util.h"
 
 namespace fs = std::filesystem;
 using namespace aligner;
@@ -359,28 +360,12 @@ TEST(GenerateErrors, BadPromptsAndOptionsNameTheCulprit) {
 
 // ---------------------------------------------------------------- with a tokenizer: stop strings, CLI
 
-fs::path temp_dir(const std::string& name) {
-  auto d = fs::temp_directory_path() / ("aligner_generate_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(d);
-  fs::create_directories(d);
-  return d;
-}
+using aligner::test::Run;
+using aligner::test::run_aligner;
+using aligner::test::temp_dir;
 
-// A small random Llama with the project's 6k BPE tokenizer (which has a Llama 3 chat template's
-// special tokens), made once per test binary.
 const std::string& tiny_model() {
-  static const std::string dir = [] {
-    const auto d = temp_dir("model") / "m";
-    nlohmann::json j = {{"model_type", "llama"},       {"vocab_size", 6000},
-                        {"hidden_size", 64},           {"intermediate_size", 128},
-                        {"num_hidden_layers", 2},      {"num_attention_heads", 4},
-                        {"num_key_value_heads", 2},    {"max_position_embeddings", 64},
-                        {"tie_word_embeddings", true}, {"torch_dtype", "float32"}};
-    auto m = init_transformer(parse_model_config(j, "tiny"), at::kCPU, 42);
-    save_transformer(m, d.string(), std::nullopt, 0, kRoot + "/tests/fixtures/tokenizers/llama3-style-bpe6k");
-    return d.string();
-  }();
-  return dir;
+  return aligner::test::tiny_model(64);
 }
 
 TEST(GenerateStop, StopStringEndsTheResponseAtTheTokenThatCompletesIt) {
@@ -407,21 +392,8 @@ TEST(GenerateStop, StopStringEndsTheResponseAtTheTokenThatCompletesIt) {
   EXPECT_EQ(r.finish, FinishReason::kStop);
 }
 
-struct Run {
-  int status = -1;
-  std::string output;
-};
-
 Run aligner(const std::string& args) {
-  const std::string cmd = std::string("OMP_NUM_THREADS=1 ") + ALIGNER_BINARY + " " + args + " 2>&1";
-  Run r;
-  FILE* p = ::popen(cmd.c_str(), "r");
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) r.output.append(buf, n);
-  const int st = ::pclose(p);
-  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-  return r;
+  return run_aligner(args);
 }
 
 std::string write_file(const fs::path& path, const std::string& text) {

@@ -13,55 +13,18 @@
 #include "io/hf_checkpoint.h"
 #include "io/safetensors.h"
 #include "model/transformer.h"
+#include "test_util.h"
 
 namespace fs = std::filesystem;
 using namespace aligner;
+using namespace aligner::test;
 
 namespace {
 
-const std::string kRoot = ALIGNER_SOURCE_DIR;
 const std::string kData = kRoot + "/examples/data/code-alpaca/code-alpaca-300.jsonl";
 
-fs::path temp_dir(const std::string& name) {
-  auto d = fs::temp_directory_path() / ("aligner_sft_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(d);
-  fs::create_directories(d);
-  return d;
-}
-
-// A small random Llama with the project's 6k BPE tokenizer, made once per test binary.
-const std::string& tiny_model() {
-  static const std::string dir = [] {
-    const auto d = temp_dir("model") / "m";
-    nlohmann::json j = {{"model_type", "llama"},       {"vocab_size", 6000},
-                        {"hidden_size", 64},           {"intermediate_size", 128},
-                        {"num_hidden_layers", 2},      {"num_attention_heads", 4},
-                        {"num_key_value_heads", 2},    {"max_position_embeddings", 512},
-                        {"tie_word_embeddings", true}, {"torch_dtype", "float32"}};
-    auto m = init_transformer(parse_model_config(j, "tiny"), at::kCPU, 42);
-    save_transformer(m, d.string(), std::nullopt, 0, kRoot + "/tests/fixtures/tokenizers/llama3-style-bpe6k");
-    return d.string();
-  }();
-  return dir;
-}
-
-struct Run {
-  int status = -1;
-  std::string output;
-};
-
-// Runs the aligner binary with deterministic single-threaded math; returns exit status and output.
 Run aligner(const std::string& args, const std::string& env = "") {
-  const std::string cmd =
-      "OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 " + env + " " + ALIGNER_BINARY + " " + args + " 2>&1";
-  Run r;
-  FILE* p = ::popen(cmd.c_str(), "r");
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) r.output.append(buf, n);
-  const int st = ::pclose(p);
-  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-  return r;
+  return run_aligner(args, env);
 }
 
 std::string sft_args(const fs::path& out, const std::string& extra) {
@@ -212,7 +175,8 @@ TEST(Sft, TwoRanksMatchOne) {
   ASSERT_EQ(ra.status, 0) << ra.output;
   auto rb = aligner("launch --nproc-per-node 2 --master-port " + std::to_string(29650 + ::getpid() % 200) +
                     " -- " + ALIGNER_BINARY + " " + sft_args(b, args));
-  if (rb.output.find("needs Gloo") != std::string::npos) GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
+  if (rb.output.find("needs Gloo") != std::string::npos)
+    GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
   ASSERT_EQ(rb.status, 0) << rb.output;
   auto ma = metrics(a), mb = metrics(b);
   ASSERT_EQ(mb.size(), 3u);

@@ -8,6 +8,7 @@ void add_perplexity(CLI::App& app);
 void add_convert(CLI::App& app);
 void add_tokenize(CLI::App& app);
 void add_sft(CLI::App& app);
+void add_kd_prepare(CLI::App& app);
 void add_init(CLI::App& app);
 void add_launch(CLI::App& app);
 void add_rm(CLI::App& app);

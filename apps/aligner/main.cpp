@@ -15,6 +15,7 @@ int main(int argc, char** argv) {
   aligner::cli::add_tokenize(app);
   aligner::cli::add_init(app);
   aligner::cli::add_sft(app);
+  aligner::cli::add_kd_prepare(app);
   aligner::cli::add_rm(app);
   aligner::cli::add_rm_score(app);
   aligner::cli::add_dpo(app);

@@ -58,7 +58,15 @@ ResponseLogprobs response_logprobs(const Transformer& m, const Batch& b, bool ch
   ForwardInput in{b.input_ids.to(device), b.attention_mask.to(device), b.position_ids.to(device)};
   in.checkpoint_layers = checkpoint_layers;
   const auto labels = b.labels.to(device);
-  return {token_logprobs(m, forward_hidden(m, in), labels).sum(1), (labels != kIgnoreIndex).sum(1)};
+  const auto hidden = forward_hidden(m, in);
+  // Only response positions go through the vocabulary projection: prompts and padding, often
+  // most of a preference batch, would cost as much there as in the rest of the model.
+  const int64_t rows = labels.size(0), T = labels.size(1);
+  const auto positions = (labels.reshape({-1}) != kIgnoreIndex).nonzero().squeeze(1);
+  const auto logprobs = token_logprobs(m, hidden.reshape({rows * T, -1}).index_select(0, positions),
+                                       labels.reshape({-1}).index_select(0, positions));
+  const auto sum = at::zeros({rows}, logprobs.options()).index_add(0, positions.div(T, "floor"), logprobs);
+  return {sum, (labels != kIgnoreIndex).sum(1)};
 }
 
 namespace {

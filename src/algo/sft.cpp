@@ -2,6 +2,7 @@
 
 #include <filesystem>
 
+#include "algo/kd_logits.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "data/packing.h"
@@ -22,9 +23,29 @@ at::Tensor topk_kd_loss_sum(const at::Tensor& student_logits, const at::Tensor& 
          fmt::join(teacher_logits.sizes(), "x"), fmt::join(student_logits.sizes(), "x"));
   k = std::min<int64_t>(k, teacher_logits.size(-1));
   auto top = teacher_logits.to(at::kFloat).topk(k, -1);
-  auto log_pt = at::log_softmax(std::get<0>(top) / temperature, -1);
-  auto log_ps = at::log_softmax(student_logits.to(at::kFloat) / temperature, -1).gather(-1, std::get<1>(top));
+  return topk_kd_loss_sum_from_topk(student_logits, std::get<0>(top), std::get<1>(top), temperature);
+}
+
+at::Tensor topk_kd_loss_sum_from_topk(const at::Tensor& student_logits, const at::Tensor& topk_values,
+                                      const at::Tensor& topk_ids, double temperature) {
+  if (topk_values.sizes() != topk_ids.sizes() || topk_values.size(0) != student_logits.size(0))
+    fail("teacher top-k values {} and ids {} do not match the student's logits {}",
+         fmt::join(topk_values.sizes(), "x"), fmt::join(topk_ids.sizes(), "x"),
+         fmt::join(student_logits.sizes(), "x"));
+  auto log_pt = at::log_softmax(topk_values.to(at::kFloat) / temperature, -1);
+  auto log_ps =
+      at::log_softmax(student_logits.to(at::kFloat) / temperature, -1).gather(-1, topk_ids.to(at::kLong));
   return (log_pt.exp() * (log_pt - log_ps)).sum() * (temperature * temperature);
+}
+
+DataOptions sft_data_options(const Config& cfg) {
+  DataOptions opt;
+  opt.format = cfg.get_string("data.format");
+  opt.max_length = cfg.get_int("data.max_length");
+  opt.truncation = parse_truncation(cfg.get_string("data.truncation"));
+  opt.skip_bad_lines = cfg.get_bool("data.skip_bad_lines");
+  opt.add_eos = cfg.get_bool("data.add_eos");
+  return opt;
 }
 
 namespace {
@@ -33,27 +54,22 @@ struct MicroBatch {
   Batch batch;
   double units = 0;
   int64_t tokens = 0;
+  // kd.logits: the stored teacher top-k, one row per loss token in the order the batch holds them.
+  at::Tensor teacher_values, teacher_ids;
 };
 
-MicroBatch make_micro_batch(Batch b) {
-  MicroBatch mb;
-  mb.units = double((b.labels != kIgnoreIndex).sum().item<int64_t>());
-  mb.tokens = b.attention_mask.sum().item<int64_t>();
-  mb.batch = std::move(b);
-  return mb;
-}
+// Examples and their indices in the data file, which locate their stored teacher logits.
+struct Examples {
+  std::vector<int64_t> index;
+  std::vector<Sequence> seqs;
+};
 
 class Sft final : public Algorithm {
  public:
   Sft(const Config& cfg, const Tokenizer& tok, Transformer& model, const Transformer* teacher,
       at::Device device, int rank, int world)
       : model_(model), teacher_(teacher), device_(device), rank_(rank), world_(world) {
-    DataOptions opt;
-    opt.format = cfg.get_string("data.format");
-    opt.max_length = cfg.get_int("data.max_length");
-    opt.truncation = parse_truncation(cfg.get_string("data.truncation"));
-    opt.skip_bad_lines = cfg.get_bool("data.skip_bad_lines");
-    opt.add_eos = cfg.get_bool("data.add_eos");
+    const DataOptions opt = sft_data_options(cfg);
     const auto tmpl = resolve_chat_template(cfg.get_string("data.template"), tok);
     const std::string train_path = cfg.get_string("data.train");
     if (train_path.empty()) fail("config key 'data.train' must be set");
@@ -72,9 +88,21 @@ class Sft final : public Algorithm {
     kd_top_k_ = cfg.get_int("kd.top_k");
     kd_temperature_ = cfg.get_float("kd.temperature");
     ce_weight_ = cfg.get_float("kd.ce_weight");
-    kd_weight_ = teacher ? cfg.get_float("kd.kd_weight") : 0.0;
-    if (teacher && kd_top_k_ < 1) fail("config key 'kd.top_k' must be at least 1");
+    const std::string logits = cfg.get_string("kd.logits");
+    if ((teacher || !logits.empty()) && kd_top_k_ < 1) fail("config key 'kd.top_k' must be at least 1");
     if (kd_temperature_ <= 0) fail("config key 'kd.temperature' must be positive");
+    if (!logits.empty()) {
+      if (teacher)
+        fail("set kd.teacher (a live teacher) or kd.logits (stored by aligner kd-prepare), not both");
+      const int64_t vocab = model.cfg.vocab_size;
+      stored_train_ = StoredTopK::open(logits, *train_, "data.train", kd_top_k_, vocab);
+      if (val_) {
+        std::string val_logits = cfg.get_string("kd.validation_logits");
+        if (val_logits.empty()) val_logits = default_kd_logits_path(val_->file.path(), stored_train_->k());
+        stored_val_ = StoredTopK::open(val_logits, *val_, "data.validation", kd_top_k_, vocab);
+      }
+    }
+    kd_weight_ = (teacher || stored_train_) ? cfg.get_float("kd.kd_weight") : 0.0;
   }
 
   ~Sft() override {
@@ -94,10 +122,9 @@ class Sft final : public Algorithm {
   bool next_step(int64_t n) override {
     step_.clear();
     for (int64_t i = 0; i < n; ++i) {
-      auto seqs = take_examples();
-      if (seqs.empty()) return false;
-      step_.push_back(make_micro_batch(packing_ ? pack_sequences(seqs, max_length_, pad_id_)
-                                                : collate_padded(seqs, pad_id_)));
+      auto ex = take_examples();
+      if (ex.seqs.empty()) return false;
+      step_.push_back(make_micro_batch(ex, packing_, *train_, stored_train_));
     }
     return true;
   }
@@ -109,16 +136,19 @@ class Sft final : public Algorithm {
   std::vector<LossSums> validate() override {
     std::vector<LossSums> out;
     if (!val_) return out;
-    std::vector<Sequence> seqs;
+    Examples ex;
     int64_t batch_index = 0;
     auto flush = [&] {
-      if (!seqs.empty() && batch_index++ % world_ == rank_)
-        out.push_back(compute(make_micro_batch(collate_padded(seqs, pad_id_))));
-      seqs.clear();
+      if (!ex.seqs.empty() && batch_index++ % world_ == rank_)
+        out.push_back(compute(make_micro_batch(ex, false, *val_, stored_val_)));
+      ex = {};
     };
     for (int64_t i = 0; i < dataset_size(*val_); ++i) {
-      if (auto ex = sft_example(*val_, i)) seqs.push_back(std::move(*ex));
-      if (int64_t(seqs.size()) == micro_batch_size_) flush();
+      if (auto seq = sft_example(*val_, i)) {
+        ex.index.push_back(i);
+        ex.seqs.push_back(std::move(*seq));
+      }
+      if (int64_t(ex.seqs.size()) == micro_batch_size_) flush();
     }
     flush();
     return out;
@@ -154,11 +184,11 @@ class Sft final : public Algorithm {
 
   // One micro-batch worth: micro_batch_size examples, or with packing as many as fill
   // micro_batch_size rows; the example that does not fit waits for the next micro-batch.
-  std::vector<Sequence> take_examples() {
-    std::vector<Sequence> seqs;
+  Examples take_examples() {
+    Examples out;
     std::vector<int64_t> lengths;
     while (true) {
-      if (!packing_ && int64_t(seqs.size()) == micro_batch_size_) break;
+      if (!packing_ && int64_t(out.seqs.size()) == micro_batch_size_) break;
       auto ex = next_example();
       if (!ex) return {};
       if (packing_) {
@@ -168,9 +198,44 @@ class Sft final : public Algorithm {
           break;
         }
       }
-      seqs.push_back(std::move(ex->second));
+      out.index.push_back(ex->first);
+      out.seqs.push_back(std::move(ex->second));
     }
-    return seqs;
+    return out;
+  }
+
+  // `ex` collated, packed or one example per row, with its stored teacher rows when `stored` is set.
+  MicroBatch make_micro_batch(const Examples& ex, bool pack, const SftDataset& ds,
+                              const std::optional<StoredTopK>& stored) const {
+    // The examples of each batch row, in order.
+    std::vector<std::vector<int64_t>> rows;
+    MicroBatch mb;
+    if (pack) {
+      std::vector<int64_t> lengths;
+      for (const auto& s : ex.seqs) lengths.push_back(int64_t(s.input_ids.size()));
+      rows = plan_packing(lengths, max_length_);
+      mb.batch = collate_packed(ex.seqs, rows, pad_id_);
+    } else {
+      for (size_t i = 0; i < ex.seqs.size(); ++i) rows.push_back({int64_t(i)});
+      mb.batch = collate_padded(ex.seqs, pad_id_);
+    }
+    mb.units = double((mb.batch.labels != kIgnoreIndex).sum().item<int64_t>());
+    mb.tokens = mb.batch.attention_mask.sum().item<int64_t>();
+    if (stored) {
+      // The loss reads the batch's loss tokens row by row, left to right: each row's examples in
+      // turn, and each example's stored rows follow its loss tokens.
+      std::vector<at::Tensor> values, ids;
+      for (const auto& row : rows)
+        for (int64_t i : row) {
+          const int64_t index = ex.index[size_t(i)];
+          auto [v, t] = stored->rows(index, ex.seqs[size_t(i)], ds.file.where(index));
+          values.push_back(std::move(v));
+          ids.push_back(std::move(t));
+        }
+      mb.teacher_values = at::cat(values);
+      mb.teacher_ids = at::cat(ids);
+    }
+    return mb;
   }
 
   LossSums compute(const MicroBatch& mb) {
@@ -184,22 +249,28 @@ class Sft final : public Algorithm {
     LossSums out;
     out.units = mb.units;
     out.tokens = mb.tokens;
-    if (!teacher_) {
+    if (!teacher_ && !mb.teacher_values.defined()) {
       out.loss = ce;
       return out;
     }
     // Distillation reads logits only where the loss does.
     const auto rows = (labels.reshape({-1}) != kIgnoreIndex).nonzero().squeeze(1);
-    at::Tensor teacher_logits;
-    {
-      at::NoGradGuard no_grad;
-      in.checkpoint_layers = false;
-      auto th = forward_hidden(*teacher_, in);
-      teacher_logits = lm_logits(*teacher_, th.reshape({-1, th.size(-1)}).index_select(0, rows));
-    }
     const auto student_logits =
         lm_logits(model_, hidden.reshape({-1, hidden.size(-1)}).index_select(0, rows));
-    const auto kd = topk_kd_loss_sum(student_logits, teacher_logits, kd_top_k_, kd_temperature_);
+    at::Tensor kd;
+    if (teacher_) {
+      at::Tensor teacher_logits;
+      {
+        at::NoGradGuard no_grad;
+        in.checkpoint_layers = false;
+        auto th = forward_hidden(*teacher_, in);
+        teacher_logits = lm_logits(*teacher_, th.reshape({-1, th.size(-1)}).index_select(0, rows));
+      }
+      kd = topk_kd_loss_sum(student_logits, teacher_logits, kd_top_k_, kd_temperature_);
+    } else {
+      kd = topk_kd_loss_sum_from_topk(student_logits, mb.teacher_values.to(device_),
+                                      mb.teacher_ids.to(device_), kd_temperature_);
+    }
     out.loss = ce_weight_ * ce + kd_weight_ * kd;
     out.metrics = {{"ce_loss", ce.item<double>()}, {"kd_loss", kd.item<double>()}};
     return out;
@@ -210,6 +281,7 @@ class Sft final : public Algorithm {
   at::Device device_;
   int rank_, world_;
   std::unique_ptr<SftDataset> train_, val_;
+  std::optional<StoredTopK> stored_train_, stored_val_;  // kd.logits
   Sampler sampler_;
   std::optional<int64_t> pending_;
   std::vector<MicroBatch> step_;

@@ -1,14 +1,21 @@
 // Supervised fine-tuning, with optional knowledge distillation from a frozen teacher: the loss is
 // the cross-entropy of the response tokens (prompt masked), averaged per token over the global
 // batch, plus kd.kd_weight x the forward KL from the teacher's top-k distribution to the
-// student's, at temperature kd.temperature.
+// student's, at temperature kd.temperature. The teacher is a model run beside the student
+// (kd.teacher), or its top-k logits stored ahead by `aligner kd-prepare` (kd.logits).
 #pragma once
+#include <ATen/ATen.h>
+
 #include "core/config.h"
+#include "data/examples.h"
 
 namespace aligner {
 
 // The whole `aligner sft` run described by `cfg` (configs/sft.yaml is its schema).
 void run_sft(const Config& cfg);
+
+// The reader options that data.* give; kd-prepare tokenizes with them as sft does.
+DataOptions sft_data_options(const Config& cfg);
 
 // KL(p_teacher || p_student) summed over the rows, both at temperature T, where p_teacher is the
 // softmax of the teacher's k largest logits and p_student is the student's full-vocabulary softmax
@@ -16,5 +23,9 @@ void run_sft(const Config& cfg);
 // et al.). Logits are [N, vocab].
 at::Tensor topk_kd_loss_sum(const at::Tensor& student_logits, const at::Tensor& teacher_logits, int64_t k,
                             double temperature);
+// The same from the teacher's top-k alone: values [N, k] (its k largest logits) and ids [N, k]
+// (their token ids), as kd-prepare stores them. topk_kd_loss_sum is this after its topk.
+at::Tensor topk_kd_loss_sum_from_topk(const at::Tensor& student_logits, const at::Tensor& topk_values,
+                                      const at::Tensor& topk_ids, double temperature);
 
 }  // namespace aligner
