@@ -11,6 +11,7 @@
 #include <map>
 #include <numeric>
 
+#include "algo/data_stream.h"
 #include "algo/sft.h"
 #include "core/error.h"
 #include "core/log.h"
@@ -244,7 +245,7 @@ void run_kd_prepare(const Config& cfg) {
   if (tok->vocab_size() > teacher.cfg.vocab_size)
     fail("{}: the tokenizer has {} tokens but the teacher {} has a vocabulary of {}", tok_dir,
          tok->vocab_size(), teacher_dir, teacher.cfg.vocab_size);
-  const auto opt = sft_data_options(cfg);
+  const auto opt = read_data_options(cfg);
   const auto tmpl = resolve_chat_template(cfg.get_string("data.template"), *tok);
   const int64_t k = std::min(top_k, teacher.cfg.vocab_size);
   for (const auto& [data_key, logits_key] :

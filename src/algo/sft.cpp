@@ -3,6 +3,7 @@
 #include <filesystem>
 
 #include "algo/kd_logits.h"
+#include "algo/data_stream.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "data/packing.h"
@@ -38,16 +39,6 @@ at::Tensor topk_kd_loss_sum_from_topk(const at::Tensor& student_logits, const at
   return (log_pt.exp() * (log_pt - log_ps)).sum() * (temperature * temperature);
 }
 
-DataOptions sft_data_options(const Config& cfg) {
-  DataOptions opt;
-  opt.format = cfg.get_string("data.format");
-  opt.max_length = cfg.get_int("data.max_length");
-  opt.truncation = parse_truncation(cfg.get_string("data.truncation"));
-  opt.skip_bad_lines = cfg.get_bool("data.skip_bad_lines");
-  opt.add_eos = cfg.get_bool("data.add_eos");
-  return opt;
-}
-
 namespace {
 
 struct MicroBatch {
@@ -69,7 +60,7 @@ class Sft final : public Algorithm {
   Sft(const Config& cfg, const Tokenizer& tok, Transformer& model, const Transformer* teacher,
       at::Device device, int rank, int world)
       : model_(model), teacher_(teacher), device_(device), rank_(rank), world_(world) {
-    const DataOptions opt = sft_data_options(cfg);
+    const DataOptions opt = read_data_options(cfg);
     const auto tmpl = resolve_chat_template(cfg.get_string("data.template"), tok);
     const std::string train_path = cfg.get_string("data.train");
     if (train_path.empty()) fail("config key 'data.train' must be set");

@@ -7,15 +7,11 @@
 #include <ATen/ATen.h>
 
 #include "core/config.h"
-#include "data/examples.h"
 
 namespace aligner {
 
 // The whole `aligner sft` run described by `cfg` (configs/sft.yaml is its schema).
 void run_sft(const Config& cfg);
-
-// The reader options that data.* give; kd-prepare tokenizes with them as sft does.
-DataOptions sft_data_options(const Config& cfg);
 
 // KL(p_teacher || p_student) summed over the rows, both at temperature T, where p_teacher is the
 // softmax of the teacher's k largest logits and p_student is the student's full-vocabulary softmax
