@@ -13,6 +13,7 @@
 #include "io/hf_checkpoint.h"
 #include "io/safetensors.h"
 #include "model/transformer.h"
+#include "run_outputs.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;
@@ -30,16 +31,6 @@ Run aligner(const std::string& args, const std::string& env = "") {
 std::string sft_args(const fs::path& out, const std::string& extra) {
   return "sft model.path=" + tiny_model() + " data.train=" + kData + " data.max_length=128 optim.lr=3e-3 " +
          "optim.scheduler=constant trainer.seed=7 model.device=cpu output_dir=" + out.string() + " " + extra;
-}
-
-std::vector<nlohmann::json> metrics(const fs::path& out, const std::string& split = "train") {
-  std::ifstream f(out / "metrics.jsonl");
-  std::vector<nlohmann::json> rows;
-  for (std::string line; std::getline(f, line);) {
-    auto j = nlohmann::json::parse(line);
-    if (j["split"] == split) rows.push_back(j);
-  }
-  return rows;
 }
 
 safetensors::NamedTensors weights(const fs::path& model_dir) {

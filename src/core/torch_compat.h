@@ -50,7 +50,7 @@ inline at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
   if (x.is_cuda()) return at::rms_norm(x, {x.size(-1)}, weight, eps);
 #endif
-  auto xf = x.to(at::kFloat);
+  auto xf = x.to(at::promote_types(x.scalar_type(), at::kFloat));  // float64 stays float64
   auto normed = xf * at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);
   return weight * normed.to(x.scalar_type());
 }

@@ -194,8 +194,9 @@ at::Tensor lm_logits(const Transformer& m, const at::Tensor& hidden) {
 }
 
 namespace {
-at::ScalarType float_type(const Transformer& m) {
-  return m.cfg.dtype == at::kDouble ? at::kDouble : at::kFloat;
+// float32, or float64 for float64 tensors (finite-difference checks).
+at::Tensor at_least_float(const at::Tensor& t) {
+  return t.to(at::promote_types(t.scalar_type(), at::kFloat));
 }
 }  // namespace
 
@@ -209,12 +210,14 @@ at::Tensor token_logprobs(const Transformer& m, const at::Tensor& hidden, const 
   std::vector<at::Tensor> out;
   for (int64_t s = 0; s < h.size(0); s += chunk) {
     const int64_t n = std::min(chunk, h.size(0) - s);
-    auto logp = at::log_softmax(lm_logits(m, h.narrow(0, s, n)).to(float_type(m)), -1);
+    auto logp = at::log_softmax(at_least_float(lm_logits(m, h.narrow(0, s, n))), -1);
     auto tt = t.narrow(0, s, n);
     auto valid = tt >= 0;
     auto picked = logp.gather(1, tt.clamp_min(0).unsqueeze(1)).squeeze(1);
     out.push_back(picked * valid.to(picked.scalar_type()));
   }
+  // No rows (a batch with nothing to score) gives an empty result rather than an error.
+  if (out.empty()) return at_least_float(h.new_empty({0})).view(targets.sizes());
   return at::cat(out).view(targets.sizes());
 }
 
@@ -227,7 +230,7 @@ at::Tensor sequence_scores(const Transformer& m, const at::Tensor& hidden, const
   const auto positions = at::arange(T, in.input_ids.options().dtype(at::kLong));
   const auto last = (positions * keep.to(at::kLong)).argmax(-1);
   const auto rows = at::arange(B, last.options());
-  return apply(m.score, hidden.index({rows, last})).to(float_type(m));
+  return at_least_float(apply(m.score, hidden.index({rows, last})));
 }
 
 Transformer allocate_transformer(const ModelConfig& cfg, const at::TensorOptions& options) {
