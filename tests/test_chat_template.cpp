@@ -2,73 +2,16 @@
 
 #include <gtest/gtest.h>
 
-#include <map>
 #include <string>
 #include <vector>
 
 #include "core/error.h"
+#include "test_util.h"
 
 namespace aligner {
 namespace {
 
-// One id per byte, then one per special token, which is matched wherever the text writes it, as
-// added tokens are. Decoding gives the text back, so masks can be checked as text.
-class ByteTokenizer : public Tokenizer {
- public:
-  ByteTokenizer(std::vector<std::string> specials, std::string bos, std::string eos,
-                std::string chat_template = "")
-      : specials_(std::move(specials)) {
-    for (size_t i = 0; i < specials_.size(); ++i) ids_[specials_[i]] = 256 + static_cast<int32_t>(i);
-    if (!bos.empty()) special_.bos = ids_.at(bos);
-    if (!eos.empty()) special_.eos = ids_.at(eos);
-    special_.bos_text = bos;
-    special_.eos_text = eos;
-    special_.chat_template = std::move(chat_template);
-  }
-  std::vector<int32_t> encode(std::string_view text, bool add_special) const override {
-    std::vector<int32_t> out;
-    if (add_special && special_.bos) out.push_back(*special_.bos);
-    for (size_t i = 0; i < text.size();) {
-      size_t best = 0;
-      int32_t id = 0;
-      for (const auto& [s, sid] : ids_) {
-        if (s.size() > best && text.substr(i, s.size()) == s) best = s.size(), id = sid;
-      }
-      if (best) {
-        out.push_back(id);
-        i += best;
-      } else {
-        out.push_back(static_cast<unsigned char>(text[i++]));
-      }
-    }
-    return out;
-  }
-  std::string decode(const std::vector<int32_t>& ids, bool skip_special) const override {
-    std::string out;
-    for (int32_t id : ids) {
-      if (id >= 256) {
-        if (!skip_special) out += specials_.at(id - 256);
-      } else {
-        out += static_cast<char>(id);
-      }
-    }
-    return out;
-  }
-  int64_t vocab_size() const override { return 256 + static_cast<int64_t>(specials_.size()); }
-  std::optional<int32_t> token_to_id(std::string_view token) const override {
-    auto it = ids_.find(std::string(token));
-    if (it != ids_.end()) return it->second;
-    if (token.size() == 1) return static_cast<unsigned char>(token[0]);
-    return std::nullopt;
-  }
-  std::string id_to_token(int32_t id) const override {
-    return id >= 256 ? specials_.at(id - 256) : std::string(1, static_cast<char>(id));
-  }
-
- private:
-  std::vector<std::string> specials_;
-  std::map<std::string, int32_t> ids_;
-};
+using test::ByteTokenizer;
 
 ByteTokenizer llama3_tok() {
   return ByteTokenizer(

@@ -5,11 +5,11 @@
 
 #include <filesystem>
 #include <fstream>
-#include <functional>
 #include <string>
 #include <vector>
 
 #include "core/error.h"
+#include "test_util.h"
 
 namespace aligner {
 namespace {
@@ -36,16 +36,7 @@ data:
   seq_lens: [512, 1024]
 )";
 
-// The message of the aligner::Error that `body` throws; a test failure if it throws none.
-std::string error_of(const std::function<void()>& body) {
-  try {
-    body();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "expected an aligner::Error";
-  return "";
-}
+using test::error_of;
 
 bool contains(const std::string& text, const std::string& part) {
   return text.find(part) != std::string::npos;

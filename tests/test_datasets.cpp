@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <fstream>
-#include <map>
 #include <set>
 #include <string>
 #include <vector>
@@ -15,91 +14,35 @@
 #include "data/preference_data.h"
 #include "data/prompt_data.h"
 #include "data/sampler.h"
+#include "data/sequence_data.h"
 #include "data/sft_data.h"
+#include "test_util.h"
 
 namespace aligner {
 namespace {
 
-// One id per byte, then one per special token, matched wherever the text writes it as added
-// tokens are. Decoding gives the text back, so what a mask covers can be checked as text.
-class ByteTokenizer : public Tokenizer {
- public:
-  ByteTokenizer(std::string bos, std::string eos) {
-    specials_ = {"<s>",
-                 "</s>",
-                 "<|begin_of_text|>",
-                 "<|eot_id|>",
-                 "<|start_header_id|>",
-                 "<|end_header_id|>",
-                 "<extra_id_0>",
-                 "<extra_id_1>",
-                 "<extra_id_2>"};
-    for (size_t i = 0; i < specials_.size(); ++i) ids_[specials_[i]] = 256 + static_cast<int32_t>(i);
-    special_.bos = ids_.at(bos);
-    special_.eos = ids_.at(eos);
-    special_.bos_text = bos;
-    special_.eos_text = eos;
-  }
-  std::vector<int32_t> encode(std::string_view text, bool add_special) const override {
-    std::vector<int32_t> out;
-    if (add_special) out.push_back(*special_.bos);
-    for (size_t i = 0; i < text.size();) {
-      int32_t id = -1;
-      if (text[i] == '<') {
-        for (const auto& [s, sid] : ids_) {
-          if (text.substr(i, s.size()) == s) {
-            id = sid;
-            i += s.size();
-            break;
-          }
-        }
-      }
-      out.push_back(id >= 0 ? id : static_cast<unsigned char>(text[i++]));
-    }
-    return out;
-  }
-  std::string decode(const std::vector<int32_t>& ids, bool skip_special) const override {
-    std::string out;
-    for (int32_t id : ids) {
-      if (id >= 256) {
-        if (!skip_special) out += specials_.at(id - 256);
-      } else {
-        out += static_cast<char>(id);
-      }
-    }
-    return out;
-  }
-  int64_t vocab_size() const override { return 256 + static_cast<int64_t>(specials_.size()); }
-  std::optional<int32_t> token_to_id(std::string_view token) const override {
-    auto it = ids_.find(std::string(token));
-    return it == ids_.end() ? std::nullopt : std::optional<int32_t>(it->second);
-  }
-  std::string id_to_token(int32_t id) const override {
-    return id >= 256 ? specials_.at(id - 256) : std::string(1, static_cast<char>(id));
-  }
+using test::ByteTokenizer;
+using test::error_of;
+using test::write_temp;
 
- private:
-  std::vector<std::string> specials_;
-  std::map<std::string, int32_t> ids_;
-};
+// The special tokens of every layout the tests read, so that one tokenizer reads them all.
+ByteTokenizer byte_tok(const std::string& bos, const std::string& eos) {
+  return ByteTokenizer({"<s>", "</s>", "<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>",
+                        "<|end_header_id|>", "<extra_id_0>", "<extra_id_1>", "<extra_id_2>"},
+                       bos, eos);
+}
 
 const ByteTokenizer& llama_tok() {
-  static const ByteTokenizer tok("<s>", "</s>");
+  static const ByteTokenizer tok = byte_tok("<s>", "</s>");
   return tok;
 }
 const ByteTokenizer& llama3_tok() {
-  static const ByteTokenizer tok("<|begin_of_text|>", "<|eot_id|>");
+  static const ByteTokenizer tok = byte_tok("<|begin_of_text|>", "<|eot_id|>");
   return tok;
 }
 
 std::string example_data(const std::string& rel) {
   return std::string(ALIGNER_SOURCE_DIR) + "/examples/data/" + rel;
-}
-
-std::string write_temp(const std::string& name, const std::string& content) {
-  std::string path = testing::TempDir() + "datasets_" + name;
-  std::ofstream(path, std::ios::binary) << content;
-  return path;
 }
 
 std::vector<nlohmann::json> read_all_json(const std::string& path) {
@@ -109,17 +52,6 @@ std::vector<nlohmann::json> read_all_json(const std::string& path) {
     if (!line.empty()) out.push_back(nlohmann::json::parse(line));
   }
   return out;
-}
-
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "no aligner::Error thrown";
-  return {};
 }
 
 std::string text_of(const std::vector<int32_t>& ids, size_t from = 0, size_t to = SIZE_MAX) {
@@ -643,6 +575,35 @@ TEST(PromptData, ChatIdsAndTruncation) {
   EXPECT_NE(
       error_of([&] { prompt_example(ds, 3); }).find(":4: field \"input_ids[1]\": token id 99999 is outside"),
       std::string::npos);
+}
+
+// What `aligner perplexity` and `aligner rm-score` read: ids as given, or as the command encodes
+// the line, and errors that name the file, the line and the field.
+TEST(SequenceData, IdsAsGivenOrEncodedAndErrorsNameTheLine) {
+  auto encode = [](const nlohmann::json& record, const std::string& where) {
+    return llama_tok().encode(get_field<std::string>(record, "text", where), false);
+  };
+  const std::string path =
+      write_temp("sequences.jsonl", "{\"input_ids\": [1, 2, 3]}\n\n{\"text\": \"ab\"}\n");
+  EXPECT_EQ(read_token_sequences(path, 300, encode),
+            (std::vector<std::vector<int32_t>>{{1, 2, 3}, {'a', 'b'}}));
+  const auto error = [&](const std::string& line, int64_t vocab) {
+    const std::string bad = write_temp("sequences_bad.jsonl", "{\"input_ids\": [1]}\n" + line + "\n");
+    const std::string message = error_of([&] { read_token_sequences(bad, vocab, encode); });
+    EXPECT_EQ(message.rfind(bad + ":2: ", 0), 0u) << message;
+    return message.substr(bad.size() + 4);
+  };
+  EXPECT_EQ(error("{\"input_ids\": [1, 300]}", 300),
+            "field \"input_ids[1]\": token id 300 is outside the vocabulary [0, 300)");
+  EXPECT_EQ(error("{\"input_ids\": [-1]}", 300),
+            "field \"input_ids[0]\": token id -1 is outside the vocabulary [0, 300)");
+  EXPECT_EQ(error("{\"input_ids\": 7}", 300),
+            "field \"input_ids\": expected a list of token ids, got integer");
+  EXPECT_EQ(error("{\"input_ids\": []}", 300), "empty sequence");
+  EXPECT_EQ(error("{\"text\": \"\"}", 300), "empty sequence");
+  EXPECT_EQ(error("{\"text\": \"a<s>\"}", 256),
+            "the tokenizer gives token id 256, outside the model's vocabulary [0, 256)");
+  EXPECT_EQ(error("{\"other\": 1}", 300).rfind("missing field \"text\"", 0), 0u);
 }
 
 // ---------------------------------------------------------------- sampler

@@ -3,31 +3,16 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
-#include <fstream>
 #include <string>
 
 #include "core/error.h"
+#include "test_util.h"
 
 namespace aligner {
 namespace {
 
-std::string write_temp(const std::string& name, const std::string& content) {
-  std::string path = testing::TempDir() + "jsonl_" + name;
-  std::ofstream(path, std::ios::binary) << content;
-  return path;
-}
-
-// The message of the aligner::Error that f throws; fails the test if it throws none.
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "no aligner::Error thrown";
-  return {};
-}
+using test::error_of;
+using test::write_temp;
 
 TEST(Jsonl, IndexesNonBlankLinesAndKeepsLineNumbers) {
   // A byte order mark, blank and whitespace-only lines, CRLF, and no newline at the end.

@@ -150,6 +150,36 @@ TEST(Rm, PairwiseTrainingRaisesHeldOutAccuracyOnRealData) {
   fs::remove_all(out);
 }
 
+// Two validation pairs and micro-batches of two leave rank 1 of two without a validation batch; it
+// must still join the reduction of the metrics, which then match one rank's.
+TEST(Rm, TwoRanksWithAValidationSetSmallerThanOneBatchPerRankMatchOne) {
+  const auto out = temp_dir("rm_small_val");
+  copy_lines(kDummyDpo, out / "val.jsonl", 0, 2);
+  const std::string args = "rm model.path=" + tiny_model() + " data.train=" + kDummyDpo +
+                           " data.validation=" + (out / "val.jsonl").string() +
+                           " model.device=cpu trainer.max_steps=2 trainer.micro_batch_size=2"
+                           " trainer.global_batch_size=4 trainer.val_interval=2 optim.lr=1e-3"
+                           " optim.scheduler=constant output_dir=";
+  const auto one = run_aligner(args + (out / "one").string());
+  ASSERT_EQ(one.status, 0) << one.output;
+  const auto two =
+      run_aligner("launch --nproc-per-node 2 --master-port " + std::to_string(29850 + ::getpid() % 100) +
+                  " -- " + ALIGNER_BINARY + " " + args + (out / "two").string());
+  if (two.output.find("needs Gloo") != std::string::npos)
+    GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
+  ASSERT_EQ(two.status, 0) << two.output;
+  const auto a = metrics(out / "one", "validation"), b = metrics(out / "two", "validation");
+  ASSERT_EQ(a.size(), 2u);
+  ASSERT_EQ(b.size(), 2u);
+  for (size_t i = 0; i < 2; ++i)
+    for (const char* key :
+         {"loss", "accuracy", "reward_chosen_mean", "reward_rejected_mean", "reward_margin"}) {
+      ASSERT_TRUE(b[i].contains(key)) << key;
+      EXPECT_NEAR(a[i][key].get<double>(), b[i][key].get<double>(), 1e-5) << i << " " << key;
+    }
+  fs::remove_all(out);
+}
+
 // The folder is what transformers loads as LlamaForSequenceClassification (scripts/
 // check_reward_model.py compares the scores there), and reads back to the same model.
 TEST(Rm, SavedFolderIsASequenceClassifierThatReloadsIdentically) {

@@ -1,17 +1,24 @@
-// What the end-to-end tests share: a scratch folder, a small model with the project's real
-// tokenizer, and running the aligner binary.
+// What the tests share: scratch files and folders, the message of an expected error, a tokenizer
+// whose ids read back as text, a small model with the project's real tokenizer, and running the
+// aligner binary.
 #pragma once
+#include <gtest/gtest.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <map>
+#include <optional>
 #include <string>
+#include <vector>
 
+#include "core/error.h"
 #include "io/hf_checkpoint.h"
 #include "model/config.h"
 #include "model/transformer.h"
+#include "text/tokenizer.h"
 
 namespace aligner::test {
 
@@ -24,6 +31,85 @@ inline std::filesystem::path temp_dir(const std::string& name) {
   std::filesystem::create_directories(d);
   return d;
 }
+
+// `content`, byte for byte, in a file of this process under the system's temp folder; its path.
+inline std::string write_temp(const std::string& name, const std::string& content) {
+  const auto path =
+      std::filesystem::temp_directory_path() / ("aligner_" + std::to_string(::getpid()) + "_" + name);
+  std::ofstream(path, std::ios::binary) << content;
+  return path.string();
+}
+
+// The message of the aligner::Error that f throws; a test failure if it throws none.
+template <class F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "no aligner::Error thrown";
+  return {};
+}
+
+// One id per byte, then one per special token, which is matched wherever the text writes it, as
+// added tokens are. Decoding gives the text back, so what a mask covers can be checked as text.
+class ByteTokenizer : public Tokenizer {
+ public:
+  ByteTokenizer(std::vector<std::string> specials, std::string bos, std::string eos,
+                std::string chat_template = "")
+      : specials_(std::move(specials)) {
+    for (size_t i = 0; i < specials_.size(); ++i) ids_[specials_[i]] = 256 + static_cast<int32_t>(i);
+    if (!bos.empty()) special_.bos = ids_.at(bos);
+    if (!eos.empty()) special_.eos = ids_.at(eos);
+    special_.bos_text = bos;
+    special_.eos_text = eos;
+    special_.chat_template = std::move(chat_template);
+  }
+  std::vector<int32_t> encode(std::string_view text, bool add_special) const override {
+    std::vector<int32_t> out;
+    if (add_special && special_.bos) out.push_back(*special_.bos);
+    for (size_t i = 0; i < text.size();) {
+      size_t best = 0;
+      int32_t id = 0;
+      for (const auto& [s, sid] : ids_) {
+        if (s.size() > best && text.substr(i, s.size()) == s) best = s.size(), id = sid;
+      }
+      if (best) {
+        out.push_back(id);
+        i += best;
+      } else {
+        out.push_back(static_cast<unsigned char>(text[i++]));
+      }
+    }
+    return out;
+  }
+  std::string decode(const std::vector<int32_t>& ids, bool skip_special) const override {
+    std::string out;
+    for (int32_t id : ids) {
+      if (id >= 256) {
+        if (!skip_special) out += specials_.at(id - 256);
+      } else {
+        out += static_cast<char>(id);
+      }
+    }
+    return out;
+  }
+  int64_t vocab_size() const override { return 256 + static_cast<int64_t>(specials_.size()); }
+  std::optional<int32_t> token_to_id(std::string_view token) const override {
+    auto it = ids_.find(std::string(token));
+    if (it != ids_.end()) return it->second;
+    if (token.size() == 1) return static_cast<unsigned char>(token[0]);
+    return std::nullopt;
+  }
+  std::string id_to_token(int32_t id) const override {
+    return id >= 256 ? specials_.at(id - 256) : std::string(1, static_cast<char>(id));
+  }
+
+ private:
+  std::vector<std::string> specials_;
+  std::map<std::string, int32_t> ids_;
+};
 
 // A small random Llama with the 6k BPE tokenizer (which has Llama 3's chat tokens), made once per
 // test binary for each context length.

@@ -6,6 +6,7 @@
 
 #include "commands.h"
 #include "core/error.h"
+#include "data/sequence_data.h"
 #include "io/hf_checkpoint.h"
 #include "io/jsonl.h"
 #include "text/tokenizer.h"
@@ -18,49 +19,21 @@ struct Options {
   int64_t batch_size = 8;
 };
 
-at::Device parse_device(const std::string& name) {
-  if (name == "cpu") return at::kCPU;
-  if (name == "cuda") {
-    if (!at::hasCUDA()) fail("--device cuda: this build of aligner has no CUDA (or no GPU is visible)");
-    return at::kCUDA;
-  }
-  fail("--device: expected cpu or cuda, got '{}'", name);
-}
-
 // Each line holds `input_ids`, or `text` that the model folder's tokenizer encodes (with the
 // special tokens its encode adds by default, BOS for Llama).
-std::vector<std::vector<int64_t>> read_sequences(const std::string& path, const std::string& model_dir,
+std::vector<std::vector<int32_t>> read_sequences(const std::string& path, const std::string& model_dir,
                                                  int64_t vocab) {
-  JsonlFile file(path);
   std::unique_ptr<Tokenizer> tokenizer;
-  std::vector<std::vector<int64_t>> out;
-  for (int64_t i = 0; i < file.size(); ++i) {
-    const auto where = file.where(i);
-    const auto rec = file.read(i);
-    std::vector<int64_t> ids;
-    if (rec.contains("input_ids")) {
-      const auto& list = require_field(rec, "input_ids", where);
-      if (!list.is_array()) fail("{}: field \"input_ids\" must be a list of ints", where);
-      for (const auto& v : list) ids.push_back(json_as<int64_t>(v, where, "input_ids"));
-    } else if (rec.contains("text")) {
-      if (!tokenizer) tokenizer = load_tokenizer(model_dir);
-      for (int32_t id : tokenizer->encode(get_field<std::string>(rec, "text", where), true))
-        ids.push_back(id);
-    } else {
-      fail("{}: missing field \"input_ids\" or \"text\"", where);
-    }
-    if (ids.empty()) fail("{}: empty sequence", where);
-    for (int64_t id : ids)
-      if (id < 0 || id >= vocab)
-        fail("{}: token id {} is outside the model's vocabulary [0, {})", where, id, vocab);
-    out.push_back(std::move(ids));
-  }
-  return out;
+  return read_token_sequences(path, vocab, [&](const nlohmann::json& record, const std::string& where) {
+    if (!record.contains("text")) fail("{}: missing field \"input_ids\" or \"text\"", where);
+    if (!tokenizer) tokenizer = load_tokenizer(model_dir);
+    return tokenizer->encode(get_field<std::string>(record, "text", where), true);
+  });
 }
 
 void run(const Options& o) {
   if (o.batch_size < 1) fail("--batch-size must be at least 1");
-  const at::Device device = parse_device(o.device);
+  const at::Device device = parse_device_name(o.device, "--device");
   const Transformer m = load_transformer(o.model, device, parse_dtype_name(o.dtype, "--dtype"));
   const auto seqs = read_sequences(o.data, o.model, m.cfg.vocab_size);
 
@@ -82,7 +55,7 @@ void run(const Options& o) {
     for (size_t i = 0; i < n; ++i) {
       const auto& s = seqs[order[start + i]];
       const int64_t len = s.size();
-      ids[i].narrow(0, 0, len).copy_(at::tensor(s, at::kLong));
+      ids[i].narrow(0, 0, len).copy_(at::tensor(s));
       mask[i].narrow(0, 0, len).fill_(1);
       if (len > 1) targets[i].narrow(0, 0, len - 1).copy_(ids[i].narrow(0, 1, len - 1));
     }
@@ -119,7 +92,7 @@ void add_perplexity(CLI::App& app) {
       ->required();
   cmd->add_option("--batch-size", o->batch_size, "Sequences per forward pass");
   cmd->add_option("--dtype", o->dtype, "float32 | bfloat16");
-  cmd->add_option("--device", o->device, "cpu | cuda");
+  cmd->add_option("--device", o->device, "auto | cpu | cuda");
   cmd->callback([o] { run(*o); });
 }
 

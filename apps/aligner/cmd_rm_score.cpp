@@ -9,8 +9,8 @@
 #include "commands.h"
 #include "core/error.h"
 #include "data/packing.h"
+#include "data/sequence_data.h"
 #include "io/hf_checkpoint.h"
-#include "io/jsonl.h"
 #include "text/chat_template.h"
 #include "text/tokenizer.h"
 
@@ -23,48 +23,23 @@ struct Options {
   bool no_eos = false;
 };
 
-at::Device parse_device(const std::string& name) {
-  if (name == "cpu") return at::kCPU;
-  if (name != "auto" && name != "cuda") fail("--device: expected auto, cpu or cuda, got '{}'", name);
-  if (at::hasCUDA()) return at::kCUDA;
-  if (name == "cuda") fail("--device cuda: this build of aligner has no CUDA (or no GPU is visible)");
-  return at::kCPU;
-}
-
 // Each record's tokens: "input_ids" as given, else what scoring_tokens encodes with the model
 // folder's tokenizer (loaded only when a record needs it).
 std::vector<std::vector<int32_t>> read_sequences(const Options& o, int64_t vocab) {
-  JsonlFile file(o.data);
   std::unique_ptr<Tokenizer> tok;
   std::optional<Encoder> enc;
-  std::vector<std::vector<int32_t>> out;
-  for (int64_t i = 0; i < file.size(); ++i) {
-    const auto where = file.where(i);
-    const auto rec = file.read(i);
-    std::vector<int32_t> ids;
-    if (rec.contains("input_ids")) {
-      const auto& list = require_field(rec, "input_ids", where);
-      if (!list.is_array()) fail("{}: field \"input_ids\" must be a list of ints", where);
-      for (const auto& v : list) ids.push_back(int32_t(json_as<int64_t>(v, where, "input_ids")));
-    } else {
-      if (!enc) {
-        tok = load_tokenizer(o.model);
-        enc = Encoder{tok.get(), resolve_chat_template(o.chat_template, *tok), !o.no_eos};
-      }
-      ids = scoring_tokens(rec, where, *enc);
+  return read_token_sequences(o.data, vocab, [&](const nlohmann::json& record, const std::string& where) {
+    if (!enc) {
+      tok = load_tokenizer(o.model);
+      enc = Encoder{tok.get(), resolve_chat_template(o.chat_template, *tok), !o.no_eos};
     }
-    if (ids.empty()) fail("{}: empty sequence", where);
-    for (int32_t id : ids)
-      if (id < 0 || id >= vocab)
-        fail("{}: token id {} is outside the model's vocabulary [0, {})", where, id, vocab);
-    out.push_back(std::move(ids));
-  }
-  return out;
+    return scoring_tokens(record, where, *enc);
+  });
 }
 
 void run(const Options& o) {
   if (o.batch_size < 1) fail("--batch-size must be at least 1");
-  const at::Device device = parse_device(o.device);
+  const at::Device device = parse_device_name(o.device, "--device");
   const Transformer m = load_transformer(o.model, device, parse_dtype_name(o.dtype, "--dtype"));
   if (m.cfg.num_labels == 0)
     fail("{} is not a reward model: its config.json names no XxxForSequenceClassification architecture",

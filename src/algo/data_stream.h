@@ -42,6 +42,21 @@ std::vector<Indexed<ExampleOf<Read>>> next_examples(Sampler& sampler, int64_t ma
   return out;
 }
 
+// This rank's next n micro-batches of micro_batch_size examples each (next_examples); empty once
+// max_epochs are done before all n are full.
+template <class Read>
+std::vector<std::vector<Indexed<ExampleOf<Read>>>> next_micro_batches(Sampler& sampler, int64_t max_epochs,
+                                                                      int64_t micro_batch_size, int64_t n,
+                                                                      Read&& read) {
+  std::vector<std::vector<Indexed<ExampleOf<Read>>>> out;
+  for (int64_t i = 0; i < n; ++i) {
+    auto batch = next_examples(sampler, max_epochs, micro_batch_size, read);
+    if (batch.empty()) return {};
+    out.push_back(std::move(batch));
+  }
+  return out;
+}
+
 // The validation set in file order, cut into micro-batches of n examples (the last may be short);
 // rank r takes micro-batches r, r + world, ... Every rank reads the whole set to cut it the same way.
 template <class Read>

@@ -169,24 +169,22 @@ class Dpo final : public Algorithm {
   }
 
   bool next_step(int64_t n) override {
-    step_.clear();
-    for (int64_t i = 0; i < n; ++i) {
-      auto pairs = next_examples(sampler_, max_epochs_, micro_batch_size_, read(*train_));
-      if (pairs.empty()) return false;
-      step_.push_back(std::move(pairs));
-    }
-    return true;
+    step_ = next_micro_batches(sampler_, max_epochs_, micro_batch_size_, n, read(*train_));
+    return !step_.empty();
   }
 
   double units(int64_t i) const override { return double(step_.at(i).size()); }
   LossSums loss(int64_t i) override { return compute(step_.at(i), cache_train_, *train_); }
 
-  std::vector<LossSums> validate() override {
-    std::vector<LossSums> out;
+  ValidationSums validate() override {
+    ValidationSums out;
+    // compute()'s metrics, in its order.
+    out.metric_names = {"rewards_chosen", "rewards_rejected", "reward_margin", "accuracy"};
+    if (sft_weight_ > 0) out.metric_names.push_back("sft_loss");
     if (!val_) return out;
     for (const auto& pairs :
          validation_batches(dataset_size(*val_), micro_batch_size_, rank_, world_, read(*val_)))
-      out.push_back(compute(pairs, cache_val_, *val_));
+      out.parts.push_back(compute(pairs, cache_val_, *val_));
     return out;
   }
 

@@ -116,26 +116,22 @@ class PairwiseRewardModel final : public RewardModelTraining {
   }
 
   bool next_step(int64_t n) override {
-    step_.clear();
-    for (int64_t i = 0; i < n; ++i) {
-      auto pairs = next_examples(sampler_, max_epochs_, micro_batch_size_,
-                                 [&](int64_t index) { return preference_example(*train_, index); });
-      if (pairs.empty()) return false;
-      step_.push_back(std::move(pairs));
-    }
-    return true;
+    step_ = next_micro_batches(sampler_, max_epochs_, micro_batch_size_, n,
+                               [&](int64_t index) { return preference_example(*train_, index); });
+    return !step_.empty();
   }
 
   double units(int64_t i) const override { return double(step_.at(i).size()); }
   LossSums loss(int64_t i) override { return compute(step_.at(i)); }
 
-  std::vector<LossSums> validate() override {
-    std::vector<LossSums> out;
+  ValidationSums validate() override {
+    // compute()'s metrics, in its order.
+    ValidationSums out{{"accuracy", "reward_chosen_mean", "reward_rejected_mean", "reward_margin"}, {}};
     if (!val_) return out;
     for (const auto& pairs :
          validation_batches(dataset_size(*val_), micro_batch_size_, rank_, world_,
                             [&](int64_t index) { return preference_example(*val_, index); }))
-      out.push_back(compute(pairs));
+      out.parts.push_back(compute(pairs));
     return out;
   }
 
@@ -193,13 +189,9 @@ class RegressionRewardModel final : public RewardModelTraining {
   }
 
   bool next_step(int64_t n) override {
-    step_.clear();
-    for (int64_t i = 0; i < n; ++i) {
-      auto batch = next_examples(sampler_, max_epochs_, micro_batch_size_,
-                                 [&](int64_t index) { return attribute_example(*train_, index); });
-      if (batch.empty()) return false;
-      step_.push_back(std::move(batch));
-    }
+    step_ = next_micro_batches(sampler_, max_epochs_, micro_batch_size_, n,
+                               [&](int64_t index) { return attribute_example(*train_, index); });
+    if (step_.empty()) return false;
     scales_ = metric_scales(step_);
     return true;
   }
@@ -213,13 +205,15 @@ class RegressionRewardModel final : public RewardModelTraining {
 
   LossSums loss(int64_t i) override { return compute(step_.at(i), scales_); }
 
-  std::vector<LossSums> validate() override {
-    std::vector<LossSums> out;
+  ValidationSums validate() override {
+    ValidationSums out;
     if (!val_) return out;
     const auto batches = validation_batches(dataset_size(*val_), micro_batch_size_, rank_, world_,
                                             [&](int64_t index) { return attribute_example(*val_, index); });
     const auto scales = metric_scales(batches);  // every rank joins, even one with no batches
-    for (const auto& batch : batches) out.push_back(compute(batch, scales));
+    for (size_t a = 0; a < attributes_.size(); ++a)
+      if (scales[a] > 0) out.metric_names.push_back("mse_" + attributes_[a]);
+    for (const auto& batch : batches) out.parts.push_back(compute(batch, scales));
     return out;
   }
 

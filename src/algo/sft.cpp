@@ -2,8 +2,8 @@
 
 #include <filesystem>
 
-#include "algo/kd_logits.h"
 #include "algo/data_stream.h"
+#include "algo/kd_logits.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "data/packing.h"
@@ -124,14 +124,16 @@ class Sft final : public Algorithm {
 
   LossSums loss(int64_t i) override { return compute(step_.at(i)); }
 
-  std::vector<LossSums> validate() override {
-    std::vector<LossSums> out;
+  ValidationSums validate() override {
+    ValidationSums out;
+    // compute()'s metrics, which distillation alone reports.
+    if (teacher_ || stored_train_) out.metric_names = {"ce_loss", "kd_loss"};
     if (!val_) return out;
     Examples ex;
     int64_t batch_index = 0;
     auto flush = [&] {
       if (!ex.seqs.empty() && batch_index++ % world_ == rank_)
-        out.push_back(compute(make_micro_batch(ex, false, *val_, stored_val_)));
+        out.parts.push_back(compute(make_micro_batch(ex, false, *val_, stored_val_)));
       ex = {};
     };
     for (int64_t i = 0; i < dataset_size(*val_); ++i) {

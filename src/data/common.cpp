@@ -39,6 +39,22 @@ bool is_blank(std::string_view s) {
   return std::all_of(s.begin(), s.end(), [](char c) { return std::isspace(static_cast<unsigned char>(c)); });
 }
 
+std::vector<int32_t> parse_token_ids(const nlohmann::json& value, std::string_view where,
+                                     std::string_view name, int64_t vocab) {
+  if (!value.is_array())
+    fail("{}: field \"{}\": expected a list of token ids, got {}", where, name, json_type_name(value));
+  std::vector<int32_t> ids;
+  ids.reserve(value.size());
+  for (size_t i = 0; i < value.size(); ++i) {
+    const std::string element = fmt::format("{}[{}]", name, i);
+    const int64_t id = json_as<int64_t>(value[i], where, element);
+    if (id < 0 || id >= vocab)
+      fail("{}: field \"{}\": token id {} is outside the vocabulary [0, {})", where, element, id, vocab);
+    ids.push_back(static_cast<int32_t>(id));
+  }
+  return ids;
+}
+
 Conversation parse_messages(const nlohmann::json& value, std::string_view where, std::string_view name,
                             bool nonempty_replies) {
   if (!value.is_array()) {

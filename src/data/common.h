@@ -19,6 +19,11 @@ namespace aligner {
 
 bool is_blank(std::string_view s);
 
+// A record's list of token ids, each in [0, vocab); an error names where, the field `name` and the
+// offending element ("input_ids[3]").
+std::vector<int32_t> parse_token_ids(const nlohmann::json& value, std::string_view where,
+                                     std::string_view name, int64_t vocab);
+
 // A prompt or response as a record gives it: a string, used as is, or a list of chat messages,
 // rendered with the chat template.
 struct TextOrChat {

@@ -27,18 +27,7 @@ std::optional<PromptExample> make_prompt(const PromptDataset& ds, int64_t index,
     ex.text = segments_text(segments, ds.tok->special().bos_text, ds.tok->special().eos_text);
   };
   if (r.contains("input_ids")) {
-    const nlohmann::json& ids = r["input_ids"];
-    if (!ids.is_array()) {
-      fail("{}: field \"input_ids\": expected a list of token ids, got {}", where, json_type_name(ids));
-    }
-    for (size_t i = 0; i < ids.size(); ++i) {
-      int64_t id = json_as<int64_t>(ids[i], where, fmt::format("input_ids[{}]", i));
-      if (id < 0 || id >= ds.tok->vocab_size()) {
-        fail("{}: field \"input_ids[{}]\": token id {} is outside the vocabulary (size {})", where, i, id,
-             ds.tok->vocab_size());
-      }
-      ex.input_ids.push_back(static_cast<int32_t>(id));
-    }
+    ex.input_ids = parse_token_ids(r["input_ids"], where, "input_ids", ds.tok->vocab_size());
     ex.text = ds.tok->decode(ex.input_ids);
   } else if (r.contains("messages")) {
     from_chat(parse_messages(r["messages"], where, "messages", false), ds.tmpl.format);

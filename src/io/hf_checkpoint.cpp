@@ -20,6 +20,14 @@ at::ScalarType parse_dtype_name(const std::string& name, const std::string& what
   fail("{}: unsupported dtype '{}' (supported: float32, bfloat16, float16)", what, name);
 }
 
+at::Device parse_device_name(const std::string& name, const std::string& what) {
+  if (name == "cpu") return at::kCPU;
+  if (name != "auto" && name != "cuda") fail("{}: expected auto, cpu or cuda, got '{}'", what, name);
+  if (at::hasCUDA()) return at::kCUDA;
+  if (name == "cuda") fail("{} is cuda, but this build of aligner has no CUDA or no GPU is visible", what);
+  return at::kCPU;
+}
+
 std::string dtype_name(at::ScalarType t) {
   switch (t) {
     case at::kFloat:

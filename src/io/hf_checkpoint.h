@@ -35,4 +35,8 @@ void save_transformer(const Transformer& m, const std::string& dir,
 at::ScalarType parse_dtype_name(const std::string& name, const std::string& what);
 std::string dtype_name(at::ScalarType t);
 
+// "auto" (CUDA when there is a GPU, else the CPU) | "cpu" | "cuda" -> a device, CUDA without an
+// index; anything else, or cuda where there is none, is an error naming `what`.
+at::Device parse_device_name(const std::string& name, const std::string& what);
+
 }  // namespace aligner

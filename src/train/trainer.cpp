@@ -38,29 +38,28 @@ std::vector<double> sum_over_ranks(dist::Dist& dist, std::vector<double> values)
   return std::vector<double>(cpu.data_ptr<double>(), cpu.data_ptr<double>() + cpu.numel());
 }
 
-// Means per unit over the global batch of the given micro-batch results: "loss" first.
+// Means per unit over the global batch of the given micro-batch results: "loss", then the metrics
+// `names`, which every part must carry in that order. A rank without parts still sends zeros for
+// each name, so that all ranks reduce vectors of one length.
 std::vector<std::pair<std::string, double>> reduce_metrics(dist::Dist& dist,
+                                                           const std::vector<std::string>& names,
                                                            const std::vector<LossSums>& parts,
                                                            double* tokens_out) {
-  std::vector<std::string> keys;
-  std::vector<double> sums(3, 0.0);  // units, loss, tokens
+  std::vector<double> sums(3 + names.size(), 0.0);  // units, loss, tokens, metric...
   for (const auto& p : parts) {
     sums[0] += p.units;
     sums[1] += p.loss.defined() ? p.loss.item<double>() : 0.0;
     sums[2] += double(p.tokens);
-    for (size_t k = 0; k < p.metrics.size(); ++k) {
-      if (keys.size() <= k) {
-        keys.push_back(p.metrics[k].first);
-        sums.push_back(0.0);
-      }
-      sums[3 + k] += p.metrics[k].second;
-    }
+    bool same = p.metrics.size() == names.size();
+    for (size_t k = 0; same && k < names.size(); ++k) same = p.metrics[k].first == names[k];
+    if (!same) fail("a micro-batch reports metrics other than the [{}] declared", fmt::join(names, ", "));
+    for (size_t k = 0; k < names.size(); ++k) sums[3 + k] += p.metrics[k].second;
   }
   sums = sum_over_ranks(dist, sums);
   if (tokens_out) *tokens_out = sums[2];
   const double units = std::max(sums[0], 1e-12);
   std::vector<std::pair<std::string, double>> out{{"loss", sums[1] / units}};
-  for (size_t k = 0; k < keys.size(); ++k) out.emplace_back(keys[k], sums[3 + k] / units);
+  for (size_t k = 0; k < names.size(); ++k) out.emplace_back(names[k], sums[3 + k] / units);
   return out;
 }
 
@@ -200,11 +199,11 @@ void train(const Config& cfg, const TrainerOptions& opt, Transformer& model, Alg
 
   auto validate = [&](int64_t at_step) -> std::optional<double> {
     at::NoGradGuard no_grad;
-    auto parts = algo.validate();
+    const auto val = algo.validate();
     // Every rank must join the reduction, even one whose share of the validation set is empty.
-    const bool any = sum_over_ranks(dist, {double(parts.size())})[0] > 0;
+    const bool any = sum_over_ranks(dist, {double(val.parts.size())})[0] > 0;
     if (!any) return std::nullopt;
-    auto values = reduce_metrics(dist, parts, nullptr);
+    auto values = reduce_metrics(dist, val.metric_names, val.parts, nullptr);
     log_row("validation", at_step, values, {});
     if (main_rank) log_info("step {}: validation loss {:.4f}", at_step, values[0].second);
     return values[0].second;
@@ -246,7 +245,10 @@ void train(const Config& cfg, const TrainerOptions& opt, Transformer& model, Alg
     ++step;
 
     double tokens = 0;
-    auto values = reduce_metrics(dist, parts, &tokens);
+    // Every rank loads `accumulation` micro-batches, so each knows the names from its own.
+    std::vector<std::string> names;
+    for (const auto& m : parts.front().metrics) names.push_back(m.first);
+    auto values = reduce_metrics(dist, names, parts, &tokens);
     const double tokens_per_s = tokens / std::max(seconds_since(t0), 1e-9);
     auto shown = values;
     shown.emplace_back("lr", lr);

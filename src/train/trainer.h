@@ -24,6 +24,14 @@ struct LossSums {
   std::vector<std::pair<std::string, double>> metrics;  // sums over units, reported as means
 };
 
+// This rank's share of the validation set, and the names its micro-batches' metrics carry, in their
+// order. The names are the same on every rank, also on one whose share is empty, because the
+// trainer sums the metrics over ranks position by position and every rank must send as many.
+struct ValidationSums {
+  std::vector<std::string> metric_names;
+  std::vector<LossSums> parts;
+};
+
 class Algorithm {
  public:
   virtual ~Algorithm() = default;
@@ -34,8 +42,8 @@ class Algorithm {
   // Loss units in micro-batch i of the loaded step (known before any forward pass).
   virtual double units(int64_t i) const = 0;
   virtual LossSums loss(int64_t i) = 0;
-  // The validation set once over (this rank's share), without gradients; empty when none.
-  virtual std::vector<LossSums> validate() = 0;
+  // The validation set once over (this rank's share), without gradients; no parts when none.
+  virtual ValidationSums validate() = 0;
   // Where the data stands, for checkpoints; load_state continues from there.
   virtual nlohmann::json state() const = 0;
   virtual void load_state(const nlohmann::json& state) = 0;
