@@ -1,7 +1,7 @@
 // Times generate() on a model folder: random prompts, sampled at temperature 1 without filters,
-// EOS ignored so that every sequence runs to NEW tokens. bench/generate_bench.py runs it beside
-// transformers' generate on the same GPU and prints the comparison. Tries BATCH slots first and
-// halves them until the KV cache and activations fit.
+// EOS ignored so that every sequence runs to NEW tokens; end to end, and the decoding phase alone.
+// bench/generate_bench.py runs it beside transformers' generate on the same GPU and prints the comparison.
+// Tries BATCH slots first and halves them until the KV cache and activations fit.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -11,6 +11,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 #ifdef ALIGNER_WITH_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <cuda_profiler_api.h>
 #endif
 
 #include "gen/engine.h"
@@ -70,12 +71,30 @@ int main(int argc, char** argv) {
 
   aligner::GenerationResult r;
   double s = 0;
+  // The decoding phase alone: from the end of the first step (all prompts prefilled when they fit
+  // in one batch of slots) to the end; every step ends by reading its tokens back, so the device
+  // is done when the callback runs.
+  std::chrono::steady_clock::time_point start, first_step, end;
+  int64_t steps = 0, first_tokens = 0;
+  // ALIGNER_PROFILE_STEP=1: the second decoding step alone runs under the CUDA profiler, for
+  // `ncu --profile-from-start off --graph-profiling node` (scripts/profile_decode.py).
+  [[maybe_unused]] const bool profile = std::getenv("ALIGNER_PROFILE_STEP") != nullptr;
+  opt.on_step = [&](int64_t, int64_t generated) {
+    if (steps == 0) first_step = std::chrono::steady_clock::now(), first_tokens = generated;
+#ifdef ALIGNER_WITH_CUDA
+    if (profile && steps == 0) cudaProfilerStart();
+    if (profile && steps == 1) cudaProfilerStop();
+#endif
+    ++steps;
+  };
   while (true) {
     opt.batch_size = batch;
+    steps = 0;
     try {
-      const auto t0 = std::chrono::steady_clock::now();
-      r = aligner::generate(m, prompts, opt);  // ends by reading the last tokens: the device is done
-      s = seconds_since(t0);
+      start = std::chrono::steady_clock::now();
+      r = aligner::generate(m, prompts, opt);
+      end = std::chrono::steady_clock::now();
+      s = std::chrono::duration<double>(end - start).count();
       break;
     } catch (const c10::Error& e) {
       if (!is_out_of_memory(e) || batch == 1) throw;
@@ -98,16 +117,30 @@ int main(int argc, char** argv) {
     weight_bytes += double(t.numel()) * double(t.element_size());
   }
   const double kv_token = double(aligner::kv_bytes_per_token(m.cfg, at::kBFloat16));
-  const double steps = double((N + batch - 1) / batch) * double(NEW);
+  const double all_steps = double((N + batch - 1) / batch) * double(NEW);
   const double kv_total = double(N) * double(NEW) * (double(P) + double(NEW) / 2) * kv_token;
   const double bandwidth = copy_bandwidth(device);
-  const double bound_s = (steps * weight_bytes + kv_total) / bandwidth;
+  const double bound_s = (all_steps * weight_bytes + kv_total) / bandwidth;
   const double generated = double(r.generated_tokens);
+  const double bound_tps = generated / bound_s;
+  // The decoding phase, when every sequence shares one batch: steps 2..NEW, the step that yields
+  // token t reading P + t - 1 cached tokens per sequence.
+  double decode_tps = 0, decode_bound_tps = 0;
+  if (batch == N) {
+    const double decode_s = std::chrono::duration<double>(end - first_step).count();
+    const double tokens = generated - double(first_tokens);
+    double bytes = 0;
+    for (int64_t t = 2; t <= NEW; ++t) bytes += weight_bytes + double(N) * double(P + t - 1) * kv_token;
+    decode_tps = tokens / decode_s;
+    decode_bound_tps = tokens / (bytes / bandwidth);
+  }
   std::printf(
       "{\"batch\": %lld, \"seconds\": %.3f, \"generated_tokens\": %.0f, \"tokens_per_s\": %.1f, "
       "\"weight_gb\": %.3f, \"kv_gb_per_step\": %.3f, \"copy_gb_per_s\": %.1f, \"bound_tokens_per_s\": %.1f, "
-      "\"fraction_of_bound\": %.4f}\n",
-      (long long)batch, s, generated, generated / s, weight_bytes / 1e9, kv_total / steps / 1e9,
-      bandwidth / 1e9, generated / bound_s, (generated / s) / (generated / bound_s));
+      "\"fraction_of_bound\": %.4f, \"decode_tokens_per_s\": %.1f, \"decode_bound_tokens_per_s\": %.1f, "
+      "\"first_step_s\": %.3f}\n",
+      (long long)batch, s, generated, generated / s, weight_bytes / 1e9, kv_total / all_steps / 1e9,
+      bandwidth / 1e9, bound_tps, (generated / s) / bound_tps, decode_tps, decode_bound_tps,
+      std::chrono::duration<double>(first_step - start).count());
   return 0;
 }

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -16,9 +17,11 @@
 
 #include "core/error.h"
 #include "data/prompt_data.h"
+#include "gen/cuda_decoder.h"
 #include "gen/engine.h"
 #include "gen/kv_cache.h"
 #include "gen/sampling.h"
+#include "gen/sequence_stream.h"
 #include "io/hf_checkpoint.h"
 #include "model/transformer.h"
 #include "test_util.h"
@@ -31,11 +34,18 @@ namespace {
 const std::string kRoot = ALIGNER_SOURCE_DIR;
 const std::string kFixtures = kRoot + "/tests/fixtures/models/";
 
+// ALIGNER_TEST_DEVICE=cuda runs the engine tests on the GPU, where generation takes the CUDA
+// decoder (scripts/gpu_session.sh does); the CPU otherwise.
+at::Device test_device() {
+  const char* d = std::getenv("ALIGNER_TEST_DEVICE");
+  return d && std::string(d) == "cuda" ? at::Device(at::kCUDA) : at::Device(at::kCPU);
+}
+
 const Transformer& fixture(const std::string& name) {
   static std::map<std::string, Transformer> models;
   auto it = models.find(name);
   if (it == models.end())
-    it = models.emplace(name, load_transformer(kFixtures + name, at::kCPU, at::kFloat)).first;
+    it = models.emplace(name, load_transformer(kFixtures + name, test_device(), at::kFloat)).first;
   return it->second;
 }
 
@@ -55,7 +65,8 @@ std::vector<std::vector<int32_t>> random_prompts(const std::vector<int64_t>& len
 // Logits of the last position of `ids` from the training forward on the whole sequence alone.
 at::Tensor full_forward_last(const Transformer& m, const std::vector<int32_t>& ids) {
   at::NoGradGuard g;
-  auto x = at::tensor(std::vector<int64_t>(ids.begin(), ids.end()), at::kLong).unsqueeze(0);
+  auto x =
+      at::tensor(std::vector<int64_t>(ids.begin(), ids.end()), at::kLong).unsqueeze(0).to(m.embed.device());
   return lm_logits(m, forward_hidden(m, {x}))[0][-1];
 }
 
@@ -110,7 +121,7 @@ TEST_P(GenerateCache, DecodeLogitsEqualTheFullForward) {
     }
     int64_t span = 0;
     for (int64_t s : live) span = std::max<int64_t>(span, seqs[s].size());
-    logits = decode_step(m, cache, at::tensor(tokens, at::kLong), span);
+    logits = decode_step(m, cache, at::tensor(tokens, at::kLong).to(m.embed.device()), span);
     for (int64_t s : live) check(logits[s], s);
   }
   EXPECT_LT(worst, 1e-5);
@@ -175,7 +186,7 @@ TEST(Generate, LogprobsEqualTeacherForcedForward) {
     auto prompts = random_prompts({5, 12, 1, 9}, m.cfg.vocab_size, 3);
     const auto r = generate(m, prompts, sampling_options(11));
     ASSERT_EQ(r.sequences.size(), 8u);
-    const auto b = collate_generations(prompts, r, 0, at::kCPU);
+    const auto b = collate_generations(prompts, r, 0, m.embed.device());
     at::NoGradGuard g;
     const auto hidden = forward_hidden(m, {b.input_ids, b.attention_mask, b.position_ids});
     const auto teacher = token_logprobs(m, hidden, b.labels);
@@ -275,6 +286,142 @@ TEST(GenerateSampling, FrequenciesMatchTheFilteredDistribution) {
     }
   }
   EXPECT_EQ(sample_tokens(row.unsqueeze(0), {true, 1, 0, 1}, gen).item<int64_t>(), 0);
+}
+
+// ---------------------------------------------------------------- CUDA decoder (needs a GPU)
+
+// The CUDA sampling kernel draws from the same filtered distributions, in the small vocabulary
+// above (a thread per token) and in a large one (runs of tokens per thread), with seeded streams.
+TEST(CudaSampling, FrequenciesMatchTheFilteredDistribution) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  const int64_t n = 20000;
+  auto check = [&](const std::vector<double>& logits, const SamplingParams& p) {
+    const int64_t V = int64_t(logits.size());
+    const auto expected = expected_distribution(logits, p);
+    const auto row = at::tensor(logits, at::kDouble).to(at::kFloat).to(at::kCUDA);
+    std::vector<int64_t> streams(n);
+    for (int64_t i = 0; i < n; ++i) streams[i] = int64_t(sequence_stream(7, uint64_t(i)));
+    const auto s = at::tensor(streams, at::kLong).to(at::kCUDA);
+    const auto positions = at::full({n}, 3, s.options());
+    const auto [tokens, logprobs] = cuda_sample(row.unsqueeze(0).expand({n, V}), p, s, positions);
+    const auto counts = at::bincount(tokens.cpu(), {}, V).to(at::kDouble) / double(n);
+    for (int64_t i = 0; i < V; ++i) {
+      const double f = counts[i].item<double>();
+      if (expected[i] == 0)
+        ASSERT_EQ(f, 0.0) << "token " << i << " is filtered out; V=" << V << " T=" << p.temperature
+                          << " k=" << p.top_k << " p=" << p.top_p;
+      else
+        EXPECT_LT(std::abs(f - expected[i]), 0.018)
+            << "token " << i << ": frequency " << f << ", probability " << expected[i] << "; V=" << V
+            << " T=" << p.temperature << " k=" << p.top_k << " p=" << p.top_p;
+    }
+    // The log-probs are the raw logits' at the drawn tokens; the same streams draw the same tokens.
+    const auto raw = at::log_softmax(row, -1).index_select(0, tokens);
+    EXPECT_LT((raw - logprobs).abs().max().item<double>(), 1e-5);
+    EXPECT_TRUE(
+        at::equal(std::get<0>(cuda_sample(row.unsqueeze(0).expand({n, V}), p, s, positions)), tokens));
+    EXPECT_FALSE(
+        at::equal(std::get<0>(cuda_sample(row.unsqueeze(0).expand({n, V}), p, s, positions + 1)), tokens));
+  };
+  const std::vector<double> small = {2.0, 1.6, 1.5, 1.1, 0.7, 0.2, -0.3, -1.0, 0.9, 1.3};
+  for (const auto& p : std::vector<SamplingParams>{{false, 1.0, 0, 1.0},
+                                                   {false, 0.6, 0, 1.0},
+                                                   {false, 1.0, 4, 1.0},
+                                                   {false, 1.5, 0, 0.6},
+                                                   {false, 0.7, 5, 0.8}})
+    check(small, p);
+  // 40,000 tokens: the ten above, a tie with the k-th among them, and the rest far below.
+  std::vector<double> large(40000, -30.0);
+  for (size_t i = 0; i < small.size(); ++i) large[1000 + 3989 * i] = small[i];
+  large[39999] = 1.5;
+  for (const auto& p :
+       std::vector<SamplingParams>{{false, 1.0, 3, 1.0}, {false, 0.8, 0, 0.7}, {false, 1.2, 6, 0.9}})
+    check(large, p);
+  // Greedy: the first of equal maxima.
+  large[20000] = 2.0;
+  const auto one = at::tensor(large, at::kDouble).to(at::kFloat).to(at::kCUDA).unsqueeze(0);
+  const auto zero = at::zeros({1}, at::TensorOptions().dtype(at::kLong).device(at::kCUDA));
+  EXPECT_EQ(std::get<0>(cuda_sample(one, {true, 1, 0, 1}, zero, zero)).item<int64_t>(), 1000);
+}
+
+// A random model on the GPU with the given attention shape, in `dtype`.
+Transformer cuda_model(int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t window,
+                       at::ScalarType dtype) {
+  nlohmann::json j = {{"model_type", window > 0 ? "mistral" : "llama"},
+                      {"vocab_size", 512},
+                      {"hidden_size", heads * head_dim},
+                      {"intermediate_size", 192},
+                      {"num_hidden_layers", 2},
+                      {"num_attention_heads", heads},
+                      {"num_key_value_heads", kv_heads},
+                      {"max_position_embeddings", 256},
+                      {"torch_dtype", "float32"}};
+  if (window > 0) j["sliding_window"] = window;
+  const auto dir = aligner::test::temp_dir("cuda_model") / "m";
+  save_transformer(init_transformer(parse_model_config(j, "cuda test model"), at::kCPU, 5), dir.string(),
+                   std::nullopt, 0, "");
+  return load_transformer(dir.string(), at::kCUDA, dtype);
+}
+
+// The captured, fused decoding step against the ATen step on attention shapes the fixtures do not
+// have: 8 query heads per KV head, none shared, 12 (two passes of the kernel), 3, and a sliding
+// window shorter than the sequences; slots refilled as sequences of different lengths end.
+TEST(CudaDecoder, GreedyOutputsAndLogprobsEqualTheAtenStep) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  struct Shape {
+    int64_t heads, kv_heads, head_dim, window;
+  };
+  auto check = [](const Transformer& m, const std::string& where) {
+    ASSERT_TRUE(cuda_decoding_supported(m));
+    const auto prompts = random_prompts({5, 17, 1, 30, 9, 2, 12}, m.cfg.vocab_size, 9);
+    auto opt = greedy_options(20);
+    opt.stop_at_eos = false;
+    opt.batch_size = 3;
+    opt.stop_ids = {7, 11, 13};  // ends some sequences early, so that slots are refilled
+    const auto fused = generate(m, prompts, opt);
+    opt.cuda_kernels = false;
+    const auto aten = generate(m, prompts, opt);
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      EXPECT_EQ(fused.sequences[i].tokens, aten.sequences[i].tokens) << where << ", prompt " << i;
+      ASSERT_EQ(fused.sequences[i].logprobs.size(), aten.sequences[i].logprobs.size());
+      for (size_t j = 0; j < fused.sequences[i].logprobs.size(); ++j)
+        EXPECT_NEAR(fused.sequences[i].logprobs[j], aten.sequences[i].logprobs[j], 1e-4) << where;
+    }
+  };
+  for (const Shape& sh : {Shape{16, 2, 64, 0}, Shape{4, 4, 128, 0}, Shape{12, 1, 32, 0}, Shape{6, 2, 64, 0},
+                          Shape{8, 2, 16, 6}})
+    check(cuda_model(sh.heads, sh.kv_heads, sh.head_dim, sh.window, at::kFloat),
+          std::to_string(sh.heads) + "/" + std::to_string(sh.kv_heads) + " heads of " +
+              std::to_string(sh.head_dim) + ", window " + std::to_string(sh.window));
+  // Weights that no longer lie back to back (replaced after loading) take one GEMM each.
+  auto m = cuda_model(16, 2, 64, 0, at::kFloat);
+  for (auto& b : m.layers) b.k.weight = b.k.weight.clone(), b.up.weight = b.up.weight.clone();
+  ASSERT_FALSE(joined_linear({&m.layers[0].q, &m.layers[0].k, &m.layers[0].v}));
+  ASSERT_FALSE(joined_linear({&m.layers[0].gate, &m.layers[0].up}));
+  check(m, "separate projections");
+}
+
+// Sampled with filters on the fused path, the log-probs are the teacher-forced ones (fp32), and in
+// bfloat16 they stay as close to the float32 model's as the ATen step's own.
+TEST(CudaDecoder, SampledLogprobsEqualTeacherForcedAndBf16StaysClose) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  const auto m = cuda_model(16, 2, 64, 0, at::kFloat);
+  const auto prompts = random_prompts({5, 17, 1, 30}, m.cfg.vocab_size, 10);
+  auto opt = sampling_options(3);
+  opt.max_new_tokens = 24;
+  auto teacher_error = [&](const Transformer& gen_model, bool kernels) {
+    opt.cuda_kernels = kernels;
+    const auto r = generate(gen_model, prompts, opt);
+    const auto b = collate_generations(prompts, r, 0, at::kCUDA);
+    at::NoGradGuard g;
+    const auto teacher =
+        token_logprobs(m, forward_hidden(m, {b.input_ids, b.attention_mask, b.position_ids}), b.labels);
+    return ((teacher - b.logprobs) * b.response_mask).abs().max().item<double>();
+  };
+  EXPECT_LT(teacher_error(m, true), 1e-4);
+  const auto half = cuda_model(16, 2, 64, 0, at::kBFloat16);
+  const double fused = teacher_error(half, true), aten = teacher_error(half, false);
+  EXPECT_LT(fused, 2 * aten + 0.02) << "bfloat16: fused " << fused << ", ATen " << aten;
 }
 
 // ---------------------------------------------------------------- continuous batching

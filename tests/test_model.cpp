@@ -287,3 +287,33 @@ TEST(Model, ActivationCheckpointingGivesTheSameGradients) {
 }
 
 }  // namespace
+
+// q|k|v and gate|up are views of one buffer each: generation joins them into one projection that
+// computes exactly what the parts compute, training still gets a gradient per part, and a part
+// replaced after loading makes the join refuse.
+TEST(Model, ProjectionsOfOneInputJoinForGenerationAndTrainSeparately) {
+  nlohmann::json j = {{"model_type", "qwen2"},    {"vocab_size", 64},
+                      {"hidden_size", 32},        {"intermediate_size", 48},
+                      {"num_hidden_layers", 1},   {"num_attention_heads", 4},
+                      {"num_key_value_heads", 2}, {"max_position_embeddings", 32},
+                      {"torch_dtype", "float32"}};
+  auto m = init_transformer(parse_model_config(j, "joined"), at::kCPU, 3);
+  Block& b = m.layers[0];
+  b.k.bias.normal_();
+  const auto x = at::randn({5, 32});
+  const auto qkv = joined_linear({&b.q, &b.k, &b.v});
+  ASSERT_TRUE(qkv.has_value());
+  EXPECT_TRUE(at::equal(apply(*qkv, x), at::cat({apply(b.q, x), apply(b.k, x), apply(b.v, x)}, -1)));
+  const auto gate_up = joined_linear({&b.gate, &b.up});
+  ASSERT_TRUE(gate_up.has_value());
+  EXPECT_TRUE(at::equal(apply(*gate_up, x), at::cat({apply(b.gate, x), apply(b.up, x)}, -1)));
+
+  b.q.weight.requires_grad_(true);
+  b.k.weight.requires_grad_(true);
+  (apply(b.q, x).sum() + 2 * apply(b.k, x).sum()).backward();
+  EXPECT_TRUE(at::allclose(b.q.weight.grad(), x.sum(0).expand_as(b.q.weight)));
+  EXPECT_TRUE(at::allclose(b.k.weight.grad(), 2 * x.sum(0).expand_as(b.k.weight)));
+
+  b.v.weight = b.v.weight.detach().clone();
+  EXPECT_FALSE(joined_linear({&b.q, &b.k, &b.v}).has_value());
+}

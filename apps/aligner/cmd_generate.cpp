@@ -25,16 +25,6 @@
 namespace aligner::cli {
 namespace {
 
-at::Device parse_device(const std::string& name) {
-  if (name == "cpu") return at::kCPU;
-  if (name == "cuda" || name == "auto") {
-    if (at::hasCUDA()) return at::kCUDA;
-    if (name == "auto") return at::kCPU;
-    fail("model.device=cuda, but this build of aligner has no CUDA or no GPU is visible");
-  }
-  fail("config key 'model.device' expects auto, cpu or cuda, got '{}'", name);
-}
-
 // An empty list default is a list of strings to the config schema, so the ids are parsed here.
 std::vector<int64_t> int_list(const Config& cfg, const std::string& key) {
   std::vector<int64_t> out;
@@ -124,7 +114,7 @@ void run(const std::string& model_dir, const std::string& data, const std::strin
   const auto tok = load_tokenizer(model_dir);
   opt.tokenizer = tok.get();
   check_generation_options(opt);
-  const at::Device device = parse_device(cfg.get_string("model.device"));
+  const at::Device device = parse_device_name(cfg.get_string("model.device"), "model.device");
   const auto dtype = parse_dtype_name(cfg.get_string("model.dtype"), "model.dtype");
   const Transformer m = load_transformer(model_dir, device, dtype);
   if (tok->vocab_size() > m.cfg.vocab_size)

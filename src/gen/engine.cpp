@@ -9,6 +9,8 @@
 
 #include "core/error.h"
 #include "core/torch_compat.h"
+#include "gen/cuda_decoder.h"
+#include "gen/sequence_stream.h"
 #include "model/layers.h"
 
 namespace aligner {
@@ -42,16 +44,30 @@ Qkv project(const ModelConfig& c, const Block& b, const at::Tensor& x, const at:
             const at::Tensor& sin) {
   const int64_t B = x.size(0), T = x.size(1), D = c.head_dim;
   const auto h = compat::rms_norm(x, b.input_norm, c.rms_norm_eps);
-  auto q = apply(b.q, h).view({B, T, c.num_heads, D}).transpose(1, 2);
-  auto k = apply(b.k, h).view({B, T, c.num_kv_heads, D}).transpose(1, 2);
-  auto v = apply(b.v, h).view({B, T, c.num_kv_heads, D}).transpose(1, 2);
+  at::Tensor q, k, v;
+  if (const auto qkv = joined_linear({&b.q, &b.k, &b.v})) {
+    const auto y = apply(*qkv, h);
+    const int64_t nq = c.num_heads * D, nkv = c.num_kv_heads * D;
+    q = y.narrow(-1, 0, nq), k = y.narrow(-1, nq, nkv), v = y.narrow(-1, nq + nkv, nkv);
+  } else {
+    q = apply(b.q, h), k = apply(b.k, h), v = apply(b.v, h);
+  }
+  q = q.view({B, T, c.num_heads, D}).transpose(1, 2);
+  k = k.view({B, T, c.num_kv_heads, D}).transpose(1, 2);
+  v = v.view({B, T, c.num_kv_heads, D}).transpose(1, 2);
   return {apply_rope(q, cos, sin), apply_rope(k, cos, sin), v};
 }
 
 // The rest of the block after attention: output projection, residual, feed-forward.
 at::Tensor finish_block(const ModelConfig& c, const Block& b, const at::Tensor& x, const at::Tensor& attn) {
   auto h = x + apply(b.o, attn);
-  return h + mlp(b, compat::rms_norm(h, b.post_attention_norm, c.rms_norm_eps));
+  const auto n = compat::rms_norm(h, b.post_attention_norm, c.rms_norm_eps);
+  if (const auto gate_up = joined_linear({&b.gate, &b.up})) {
+    const auto y = apply(*gate_up, n);
+    const int64_t I = b.gate.weight.size(0);
+    return h + apply(b.down, at::silu(y.narrow(-1, 0, I)) * y.narrow(-1, I, I));
+  }
+  return h + mlp(b, n);
 }
 
 double attention_scale(const ModelConfig& c) {
@@ -213,6 +229,11 @@ GenerationResult generate(const Transformer& m, const std::vector<std::vector<in
   KvCache cache =
       allocate_kv_cache(m.cfg, slots, std::min(context, longest + opt.max_new_tokens), m.embed.options());
   auto gen = make_generator(device, opt.seed);
+  // On CUDA the decoding step is a replayed graph with fused attention and sampling kernels; the
+  // ATen step below is the reference it is tested against and the path everywhere else.
+  std::unique_ptr<CudaDecoder> fast;
+  if (opt.cuda_kernels && cuda_decoding_supported(m))
+    fast = std::make_unique<CudaDecoder>(m, cache, opt.sampling);
 
   std::unordered_set<int64_t> stop_ids(opt.stop_ids.begin(), opt.stop_ids.end());
   if (opt.stop_at_eos) {
@@ -239,7 +260,13 @@ GenerationResult generate(const Transformer& m, const std::vector<std::vector<in
   }
   std::vector<int64_t> slot_seq(slots, -1);  // the sequence each slot holds, -1 for none
   std::vector<int64_t> slot_len(slots, 0);   // its prompt + generated tokens
-  auto last_tokens = at::zeros({slots}, at::TensorOptions().dtype(at::kLong).device(device));
+  auto last_tokens =
+      fast ? fast->tokens : at::zeros({slots}, at::TensorOptions().dtype(at::kLong).device(device));
+  // Where a step's tokens and log-probs land on the host; pinned, so that reading them back is a
+  // plain asynchronous copy.
+  const bool pin = device.is_cuda();
+  auto host_tokens = at::empty({slots}, at::TensorOptions().dtype(at::kLong).pinned_memory(pin));
+  auto host_logprobs = at::empty({slots}, at::TensorOptions().dtype(at::kFloat).pinned_memory(pin));
   int64_t next_seq = 0, finished = 0;
 
   // Appends a sampled token to the sequence in `slot`, and frees the slot when the sequence ends.
@@ -258,21 +285,35 @@ GenerationResult generate(const Transformer& m, const std::vector<std::vector<in
     slot_seq[slot] = -1;
     ++finished;
   };
-  // Samples from logits [rows, vocab] for the given slots and reads the tokens and their log-probs
-  // back in one copy: the one host synchronisation of a step, which stop checks need anyway.
+  // Reads the tokens and log-probs chosen for rows [0, rows) back and takes them: the one host
+  // synchronisation of a step, which stop checks need anyway.
+  auto read_back = [&](const at::Tensor& next, const at::Tensor& logprob,
+                       const std::vector<int64_t>& slot_of_row) {
+    const int64_t rows = int64_t(slot_of_row.size());
+    auto t = host_tokens.narrow(0, 0, rows), lp = host_logprobs.narrow(0, 0, rows);
+    t.copy_(next, /*non_blocking=*/true);
+    lp.copy_(logprob);  // waits for the device, and so for both copies
+    const int64_t* tp = t.data_ptr<int64_t>();
+    const float* lpp = lp.data_ptr<float>();
+    for (int64_t i = 0; i < rows; ++i)
+      if (slot_seq[slot_of_row[i]] >= 0) take(slot_of_row[i], tp[i], lpp[i]);
+  };
+  // Samples from logits [rows, vocab] for the given slots.
   auto sample = [&](const at::Tensor& logits, const at::Tensor& slot_index,
                     const std::vector<int64_t>& slot_of_row) {
+    if (fast) {
+      fast->sample(logits, slot_index);
+      read_back(last_tokens.index_select(0, slot_index), fast->logprobs.narrow(0, 0, logits.size(0)),
+                slot_of_row);
+      return;
+    }
     // Sampling from the log-probs gives the distribution it gives from the logits (the filters
     // do not see a shift) and saves a second softmax; greedy takes the argmax of the logits
     // themselves, as transformers does, so that rounding in the softmax cannot break a near-tie.
     const auto logp = at::log_softmax(logits.to(at::kFloat), -1);
     auto next = sample_tokens(opt.sampling.greedy ? logits : logp, opt.sampling, gen);
     last_tokens.index_copy_(0, slot_index, next);
-    auto logprob = logp.gather(1, next.unsqueeze(1)).squeeze(1);
-    auto host = at::stack({next.to(at::kDouble), logprob.to(at::kDouble)}).cpu();
-    auto a = host.accessor<double, 2>();
-    for (size_t i = 0; i < slot_of_row.size(); ++i)
-      if (slot_seq[slot_of_row[i]] >= 0) take(slot_of_row[i], int64_t(a[0][i]), a[1][i]);
+    read_back(next, logp.gather(1, next.unsqueeze(1)).squeeze(1), slot_of_row);
   };
 
   // Puts waiting sequences into free slots: prompts sorted by length into prefill batches of at
@@ -300,7 +341,13 @@ GenerationResult generate(const Transformer& m, const std::vector<std::vector<in
         batch_slots.push_back(prompt_slots[order[i].second]);
         slot_of_row.insert(slot_of_row.end(), batch_slots.back().begin(), batch_slots.back().end());
       }
-      sample(prefill(m, cache, batch, batch_slots), long_tensor(slot_of_row, device), slot_of_row);
+      const auto slot_index = long_tensor(slot_of_row, device);
+      if (fast) {
+        std::vector<int64_t> streams;
+        for (int64_t s : slot_of_row) streams.push_back(int64_t(sequence_stream(opt.seed, slot_seq[s])));
+        fast->set_streams(slot_index, long_tensor(streams, device));
+      }
+      sample(prefill(m, cache, batch, batch_slots), slot_index, slot_of_row);
       start = end;
     }
   };
@@ -317,8 +364,13 @@ GenerationResult generate(const Transformer& m, const std::vector<std::vector<in
     if (n > 0) {
       std::vector<int64_t> rows(n);
       std::iota(rows.begin(), rows.end(), 0);
-      auto logits = decode_step(m, cache, last_tokens.narrow(0, 0, n), span);
-      sample(logits, at::arange(n, last_tokens.options()), rows);
+      if (fast) {
+        fast->step(n);
+        read_back(last_tokens.narrow(0, 0, n), fast->logprobs.narrow(0, 0, n), rows);
+      } else {
+        sample(decode_step(m, cache, last_tokens.narrow(0, 0, n), span), at::arange(n, last_tokens.options()),
+               rows);
+      }
     }
     if (opt.on_step) opt.on_step(finished, r.generated_tokens);
   }

@@ -61,6 +61,9 @@ struct GenerationOptions {
   // Stop once the decoded response contains one of these (the token that completes it is kept).
   std::vector<std::string> stop_strings;
   const Tokenizer* tokenizer = nullptr;  // needed for stop_strings; not owned
+  // On CUDA, decode with the captured graph and fused kernels of gen/cuda_decoder.h where the
+  // model allows; false: the ATen step everywhere (the reference that tests compare them with).
+  bool cuda_kernels = true;
   // Called after every step with the sequences finished and the tokens generated so far.
   std::function<void(int64_t finished, int64_t generated_tokens)> on_step;
 };

@@ -238,6 +238,20 @@ Transformer allocate_transformer(const ModelConfig& cfg, const at::TensorOptions
   auto linear = [&](int64_t out, int64_t in, bool bias) {
     return Linear{empty({out, in}), bias ? empty({out}) : at::Tensor()};
   };
+  // Projections of the same input (q, k, v; gate, up) are rows of one buffer, each a view of its
+  // own rows: training sees separate tensors, generation runs them as one GEMM (joined_linear).
+  auto linears = [&](const std::vector<int64_t>& outs, int64_t in, bool bias) {
+    int64_t rows = 0;
+    for (int64_t o : outs) rows += o;
+    const auto w = empty({rows, in}), b = bias ? empty({rows}) : at::Tensor();
+    std::vector<Linear> parts;
+    rows = 0;
+    for (int64_t o : outs) {
+      parts.push_back({w.narrow(0, rows, o), bias ? b.narrow(0, rows, o) : at::Tensor()});
+      rows += o;
+    }
+    return parts;
+  };
   const int64_t H = cfg.hidden_size, D = cfg.head_dim, I = cfg.intermediate_size;
   Transformer m;
   m.cfg = cfg;
@@ -247,12 +261,11 @@ Transformer allocate_transformer(const ModelConfig& cfg, const at::TensorOptions
     Block b;
     b.input_norm = empty({H});
     b.post_attention_norm = empty({H});
-    b.q = linear(cfg.num_heads * D, H, cfg.qkv_bias);
-    b.k = linear(cfg.num_kv_heads * D, H, cfg.qkv_bias);
-    b.v = linear(cfg.num_kv_heads * D, H, cfg.qkv_bias);
+    auto qkv = linears({cfg.num_heads * D, cfg.num_kv_heads * D, cfg.num_kv_heads * D}, H, cfg.qkv_bias);
+    b.q = qkv[0], b.k = qkv[1], b.v = qkv[2];
     b.o = linear(H, cfg.num_heads * D, cfg.o_bias);
-    b.gate = linear(I, H, cfg.mlp_bias);
-    b.up = linear(I, H, cfg.mlp_bias);
+    auto gate_up = linears({I, I}, H, cfg.mlp_bias);
+    b.gate = gate_up[0], b.up = gate_up[1];
     b.down = linear(H, I, cfg.mlp_bias);
     m.layers.push_back(std::move(b));
   }

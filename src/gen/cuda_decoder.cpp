@@ -1,0 +1,258 @@
+#include "gen/cuda_decoder.h"
+
+#include "core/error.h"
+
+#ifdef ALIGNER_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cmath>
+#include <limits>
+
+#include "core/torch_compat.h"
+#include "kernels/decode_kernels.h"
+#endif
+
+namespace aligner {
+
+#ifdef ALIGNER_WITH_CUDA
+
+namespace {
+
+kernels::DType kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return kernels::DType::kFloat32;
+    case at::kBFloat16:
+      return kernels::DType::kBFloat16;
+    case at::kHalf:
+      return kernels::DType::kFloat16;
+    default:
+      fail("CUDA decoding: no kernels for {}", c10::toString(t));
+  }
+}
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) fail("CUDA decoding: {} failed: {}", what, cudaGetErrorString(e));
+}
+
+// x += in @ l.weight^T (+ bias): the residual add done by the GEMM's accumulation.
+void add_projection(at::Tensor& x, const Linear& l, const at::Tensor& in) {
+  x.addmm_(in, l.weight.t());
+  if (l.bias.defined()) x.add_(l.bias);
+}
+
+// Launches the sampling kernel on the current stream (kernels::SampleArgs says what each is).
+void launch_sample(const at::Tensor& logits, const SamplingParams& p, const int64_t* slots,
+                   const at::Tensor& streams, const at::Tensor& lengths, int64_t max_tokens, bool advance,
+                   at::Tensor& tokens, at::Tensor& logprobs) {
+  if (logits.dim() != 2 || logits.stride(1) != 1) fail("CUDA sampling: logits must be [rows, vocab] rows");
+  kernels::SampleArgs a{};
+  a.dtype = kernel_dtype(logits.scalar_type());
+  a.logits = logits.data_ptr();
+  a.rows = int(logits.size(0));
+  a.vocab = int(logits.size(1));
+  a.row_stride = logits.stride(0);
+  a.slots = slots;
+  a.streams = streams.data_ptr<int64_t>();
+  a.lengths = lengths.data_ptr<int64_t>();
+  a.max_tokens = max_tokens;
+  a.advance = advance;
+  a.tokens = tokens.data_ptr<int64_t>();
+  a.logprobs = logprobs.data_ptr<float>();
+  a.greedy = p.greedy;
+  a.temperature = float(p.temperature);
+  a.top_k = int(p.top_k);
+  a.top_p = float(p.top_p);
+  check(kernels::sample(a, at::cuda::getCurrentCUDAStream().stream()), "sampling");
+}
+
+}  // namespace
+
+std::pair<at::Tensor, at::Tensor> cuda_sample(const at::Tensor& logits, const SamplingParams& p,
+                                              const at::Tensor& streams, const at::Tensor& positions) {
+  check_sampling_params(p);
+  const int64_t rows = logits.size(0);
+  for (const auto* t : {&streams, &positions})
+    if (!t->is_cuda() || t->scalar_type() != at::kLong || t->numel() != rows)
+      fail("CUDA sampling: streams and positions must be int64 [rows] on the device");
+  auto tokens = at::empty({rows}, streams.options());
+  auto logprobs = at::empty({rows}, streams.options().dtype(at::kFloat));
+  launch_sample(logits.contiguous(), p, nullptr, streams.contiguous(), positions.contiguous(),
+                std::numeric_limits<int64_t>::max(), /*advance=*/false, tokens, logprobs);
+  return {tokens, logprobs};
+}
+
+bool cuda_decoding_supported(const Transformer& m) {
+  const auto t = m.embed.scalar_type();
+  return m.embed.is_cuda() && m.lm_head.weight.defined() &&
+         (t == at::kFloat || t == at::kBFloat16 || t == at::kHalf) &&
+         kernels::decode_attention_supported(int(m.cfg.head_dim)) &&
+         m.cfg.num_heads % m.cfg.num_kv_heads == 0;
+}
+
+struct CudaDecoder::Graphs {
+  const Transformer& m;
+  KvCache& cache;
+  SamplingParams sampling;
+  at::Tensor streams;            // [slots] int64: the sequence_stream of each slot's sequence
+  at::cuda::CUDAStream capture;  // graphs must be captured on a stream other than the default
+  std::map<int64_t, std::unique_ptr<at::cuda::CUDAGraph>> by_width;
+  // Per layer, q|k|v and gate|up as one projection each where the weights allow (joined_linear).
+  std::vector<c10::optional<Linear>> qkv, gate_up;
+
+  // Samples rows of logits for their slots (nullptr: row i is slot i) on the current stream.
+  void sample(const at::Tensor& logits, const int64_t* slots, bool advance, at::Tensor& tokens,
+              at::Tensor& logprobs) {
+    launch_sample(logits, sampling, slots, streams, cache.lengths, kv_max_tokens(cache), advance, tokens,
+                  logprobs);
+  }
+
+  // decode_step for slots [0, n) followed by sampling, with nothing that waits for the device,
+  // so that it can be captured.
+  void step(int64_t n, at::Tensor& tokens, at::Tensor& logprobs) {
+    const ModelConfig& c = m.cfg;
+    const auto stream = at::cuda::getCurrentCUDAStream().stream();
+    const auto dtype = kernel_dtype(m.embed.scalar_type());
+    auto x = at::embedding(m.embed, tokens.narrow(0, 0, n));
+    auto attn = at::empty({n, c.num_heads * c.head_dim}, x.options());
+    for (int64_t l = 0; l < c.num_layers; ++l) {
+      const Block& b = m.layers[l];
+      const auto h = compat::rms_norm(x, b.input_norm, c.rms_norm_eps);
+      at::Tensor q, k, v;
+      if (qkv[l]) {
+        const auto y = apply(*qkv[l], h);
+        const int64_t nq = c.num_heads * c.head_dim, nkv = c.num_kv_heads * c.head_dim;
+        q = y.narrow(1, 0, nq), k = y.narrow(1, nq, nkv), v = y.narrow(1, nq + nkv, nkv);
+      } else {
+        q = apply(b.q, h), k = apply(b.k, h), v = apply(b.v, h);
+      }
+      kernels::DecodeAttentionArgs a{};
+      a.dtype = dtype;
+      a.batch = int(n);
+      a.heads = int(c.num_heads);
+      a.kv_heads = int(c.num_kv_heads);
+      a.head_dim = int(c.head_dim);
+      a.q = q.data_ptr(), a.k = k.data_ptr(), a.v = v.data_ptr();
+      a.q_stride = q.stride(0), a.k_stride = k.stride(0), a.v_stride = v.stride(0);
+      a.k_cache = cache.k[l].data_ptr();
+      a.v_cache = cache.v[l].data_ptr();
+      a.max_tokens = kv_max_tokens(cache);
+      a.lengths = cache.lengths.data_ptr<int64_t>();
+      a.inv_freq = cache.inv_freq.data_ptr<float>();
+      a.window = c.window[l];
+      a.scale = float(1.0 / std::sqrt(double(c.head_dim)));
+      a.out = attn.data_ptr();
+      check(kernels::decode_attention(a, stream), "attention");
+      add_projection(x, b.o, attn);
+      const auto h2 = compat::rms_norm(x, b.post_attention_norm, c.rms_norm_eps);
+      at::Tensor gate, up, act;
+      if (gate_up[l]) {
+        const auto y = apply(*gate_up[l], h2);
+        const int64_t I = b.gate.weight.size(0);
+        gate = y.narrow(1, 0, I), up = y.narrow(1, I, I);
+        act = at::empty({n, I}, y.options());
+      } else {
+        gate = apply(b.gate, h2), up = apply(b.up, h2);
+        act = gate;  // elementwise: written where it is read
+      }
+      check(kernels::silu_mul(dtype, gate.data_ptr(), up.data_ptr(), gate.stride(0), act.data_ptr(), n,
+                              act.size(1), stream),
+            "silu_mul");
+      add_projection(x, b.down, act);
+    }
+    const auto logits = lm_logits(m, compat::rms_norm(x, m.norm, c.rms_norm_eps));
+    sample(logits, nullptr, /*advance=*/true, tokens, logprobs);
+  }
+};
+
+CudaDecoder::CudaDecoder(const Transformer& m, KvCache& cache, const SamplingParams& sampling) {
+  if (!cuda_decoding_supported(m)) fail("CUDA decoding: this model or device is not supported");
+  for (const auto& t : cache.k)
+    if (!t.is_contiguous() || t.scalar_type() != m.embed.scalar_type() || t.device() != m.embed.device())
+      fail("CUDA decoding: the KV cache must be contiguous, in the model's dtype and on its device");
+  const int64_t slots = kv_slots(cache);
+  const auto device = m.embed.device();
+  graphs_.reset(new Graphs{m,
+                           cache,
+                           sampling,
+                           at::zeros({slots}, at::TensorOptions().dtype(at::kLong).device(device)),
+                           at::cuda::getStreamFromPool(false, device.index()),
+                           {},
+                           {},
+                           {}});
+  for (const Block& b : m.layers) {
+    graphs_->qkv.push_back(joined_linear({&b.q, &b.k, &b.v}));
+    graphs_->gate_up.push_back(joined_linear({&b.gate, &b.up}));
+  }
+  tokens = at::zeros({slots}, at::TensorOptions().dtype(at::kLong).device(device));
+  logprobs = at::zeros({slots}, at::TensorOptions().dtype(at::kFloat).device(device));
+
+  // One uncaptured step first, so that every lazy initialisation (cuBLAS handles and workspaces
+  // for the capture stream) happens outside a capture. The cache holds nothing yet: what it
+  // writes at position 0 is overwritten by the prefills, and lengths and tokens are reset.
+  c10::cuda::device_synchronize();
+  {
+    c10::cuda::CUDAStreamGuard guard(graphs_->capture);
+    graphs_->step(slots, tokens, logprobs);
+  }
+  c10::cuda::device_synchronize();
+  cache.lengths.zero_();
+  tokens.zero_();
+}
+
+CudaDecoder::~CudaDecoder() = default;
+
+void CudaDecoder::set_streams(const at::Tensor& slots, const at::Tensor& streams) {
+  graphs_->streams.index_copy_(0, slots, streams);
+}
+
+void CudaDecoder::sample(const at::Tensor& logits, const at::Tensor& slots) {
+  if (slots.scalar_type() != at::kLong || slots.numel() != logits.size(0))
+    fail("CUDA decoding: need one int64 slot per row of logits");
+  graphs_->sample(logits.contiguous(), slots.contiguous().data_ptr<int64_t>(), /*advance=*/false, tokens,
+                  logprobs);
+}
+
+void CudaDecoder::step(int64_t n) {
+  const int64_t slots = kv_slots(graphs_->cache);
+  if (n < 1 || n > slots) fail("CUDA decoding: step of {} slots, the cache has {}", n, slots);
+  // Graphs for power-of-two widths: a step of n slots runs the narrowest graph that covers them
+  // (the slots past n hold no sequence, and their outputs are not read).
+  int64_t width = 1;
+  while (width < n) width *= 2;
+  width = std::min(width, slots);
+  auto& graph = graphs_->by_width[width];
+  if (!graph) {
+    graph = std::make_unique<at::cuda::CUDAGraph>();
+    c10::cuda::CUDAStreamGuard guard(graphs_->capture);
+    graph->capture_begin();
+    graphs_->step(width, tokens, logprobs);
+    graph->capture_end();
+  }
+  graph->replay();
+}
+
+#else
+
+bool cuda_decoding_supported(const Transformer&) {
+  return false;
+}
+struct CudaDecoder::Graphs {};
+CudaDecoder::CudaDecoder(const Transformer&, KvCache&, const SamplingParams&) {
+  fail("CUDA decoding needs a CUDA build");
+}
+CudaDecoder::~CudaDecoder() = default;
+void CudaDecoder::set_streams(const at::Tensor&, const at::Tensor&) {}
+void CudaDecoder::sample(const at::Tensor&, const at::Tensor&) {}
+void CudaDecoder::step(int64_t) {}
+std::pair<at::Tensor, at::Tensor> cuda_sample(const at::Tensor&, const SamplingParams&, const at::Tensor&,
+                                              const at::Tensor&) {
+  fail("CUDA sampling needs a CUDA build");
+}
+
+#endif
+
+}  // namespace aligner
