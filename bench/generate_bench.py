@@ -67,7 +67,8 @@ def main():
           f"{hf_tps:,.0f} | 1.00x |")
     print(f"| aligner | {ours['batch']} | {ours['seconds']:.1f} | {ours['tokens_per_s']:,.0f} | "
           f"{ours['tokens_per_s'] / hf_tps:.2f}x |")
-    print(f"\naligner: {ours['first_step_s']:.3f} s to the first decoding step's end (prefill of all prompts)")
+    print(f"\naligner: {ours['first_step_s']:.3f} s to the first decoding step's end, of which "
+          f"{ours['prefill_s']:.3f} s setup and prefill of all prompts")
     print(f"memory-bandwidth bound: {ours['weight_gb']:.2f} GB of weights + {ours['kv_gb_per_step']:.2f} GB of "
           f"KV cache (mean) read per decoding step at {ours['copy_gb_per_s']:,.0f} GB/s (device copy)")
     print("| aligner | generated tokens/s | bound tokens/s | fraction of bound |")

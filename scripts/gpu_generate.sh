@@ -15,5 +15,5 @@ echo "build: $(($(date +%s) - t0)) s, $(grep -c 'warning:' "$OUT/build.log") war
 ALIGNER_TEST_DEVICE=cuda timeout 400 build-cuda/tests/aligner_tests --gtest_filter="${TESTS:-Generate*:Cuda*}" \
   >"$OUT/tests.log" 2>&1
 grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|Expected|Which is|actual|error|tests ran" "$OUT/tests.log" | head -40
-[ "${BENCH:-1}" = 1 ] && python3 bench/generate_bench.py build-cuda 2>&1 | grep -v -E "Loading|Writing|it/s\]" | tail -14
-[ "${PROFILE:-0}" = 1 ] && timeout 300 python3 scripts/profile_decode.py build-cuda 2>&1 | grep -v -E "Loading|Writing"
+if [ "${BENCH:-1}" = 1 ]; then python3 bench/generate_bench.py build-cuda 2>&1 | grep -v -E "Loading|Writing|it/s\]" | tail -14; fi
+if [ "${PROFILE:-0}" = 1 ]; then timeout 300 python3 scripts/profile_decode.py build-cuda 2>&1 | grep -v -E "Loading|Writing"; fi

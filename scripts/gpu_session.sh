@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One GPU-machine session: build the CUDA target, run the whole test suite against it, check bf16
-# parity and Hugging Face round trips, check TensorBoard files with TensorBoard's own reader, and
-# (with MAKE_DEMO=1) remake the demo model. Results go to $OUT when set.
+# One GPU-machine session: build the CUDA target, run the whole test suite against it (generation
+# tests on the GPU), check bf16 parity and Hugging Face round trips, check TensorBoard files with
+# TensorBoard's own reader, and (with MAKE_DEMO=1) remake the demo model. Results go to $OUT when set.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/aligner-gpu}
@@ -10,7 +10,7 @@ export LD_LIBRARY_PATH="$PWD/.deps/root/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PA
 export PYTHONUNBUFFERED=1
 bash scripts/build_cuda.sh >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
 echo "build: ok, $(grep -c 'warning:' "$OUT/build.log") warnings"
-(cd build-cuda && ctest -j16 --timeout 600 >"$OUT/ctest.log" 2>&1); grep -E "tests passed|Failed|\*\*\*" "$OUT/ctest.log" | head -20
+(cd build-cuda && ALIGNER_TEST_DEVICE=cuda ctest -j16 --timeout 600 >"$OUT/ctest.log" 2>&1); grep -E "tests passed|Failed|\*\*\*" "$OUT/ctest.log" | head -20
 python3 scripts/gpu_check.py build-cuda 2>&1 | grep -v -E "Loading|Writing" | tail -14
 rm -rf /tmp/tb && mkdir -p /tmp/tb && ALIGNER_TB_OUT=/tmp/tb build-cuda/tests/aligner_tests --gtest_filter='TensorBoard.*' >/dev/null 2>&1
 python3 scripts/check_tensorboard.py /tmp/tb /tmp/tb/expected.json 2>&1 | tail -2

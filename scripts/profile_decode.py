@@ -39,6 +39,15 @@ def main():
         count[name] += 1
     step = sum(total.values())
     print(f"one decoding step: {len(rows)} kernels, {step / 1e3:.3f} ms of kernel time")
+    if os.environ.get("DETAIL"):  # a kernel in depth: DETAIL=regex of its name
+        detail = subprocess.run(["ncu", "--profile-from-start", "off", "--graph-profiling", "node", "-k",
+                                 f"regex:{os.environ['DETAIL']}", "--launch-count", "1", "--section",
+                                 "SpeedOfLight", "--section", "Occupancy", "--section", "WarpStateStats",
+                                 "--section", "MemoryWorkloadAnalysis", "--section", "LaunchStats",
+                                 f"{build}/generate_bench", folder, "256", "128", "4", "256"],
+                                env={**os.environ, "ALIGNER_PROFILE_STEP": "1"}, capture_output=True, text=True)
+        lines = [l for l in detail.stdout.splitlines() if l.strip() and not l.startswith("==PROF==")]
+        print("\n".join(lines[-120:]))
     print("| kernel | launches | total us | share |")
     print("|---|---|---|---|")
     for name, us in sorted(total.items(), key=lambda kv: -kv[1])[:16]:

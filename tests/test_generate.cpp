@@ -401,27 +401,39 @@ TEST(CudaDecoder, GreedyOutputsAndLogprobsEqualTheAtenStep) {
   check(m, "separate projections");
 }
 
-// Sampled with filters on the fused path, the log-probs are the teacher-forced ones (fp32), and in
-// bfloat16 they stay as close to the float32 model's as the ATen step's own.
-TEST(CudaDecoder, SampledLogprobsEqualTeacherForcedAndBf16StaysClose) {
+// Sampled with filters on the fused path, the log-probs are the teacher-forced ones (fp32); in
+// bfloat16 and float16 (tensor-core attention) they stay as close to the float32 model's as the
+// ATen step's own, for the shapes above.
+TEST(CudaDecoder, SampledLogprobsEqualTeacherForcedAnd16BitStaysClose) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
-  const auto m = cuda_model(16, 2, 64, 0, at::kFloat);
-  const auto prompts = random_prompts({5, 17, 1, 30}, m.cfg.vocab_size, 10);
-  auto opt = sampling_options(3);
-  opt.max_new_tokens = 24;
-  auto teacher_error = [&](const Transformer& gen_model, bool kernels) {
-    opt.cuda_kernels = kernels;
-    const auto r = generate(gen_model, prompts, opt);
-    const auto b = collate_generations(prompts, r, 0, at::kCUDA);
-    at::NoGradGuard g;
-    const auto teacher =
-        token_logprobs(m, forward_hidden(m, {b.input_ids, b.attention_mask, b.position_ids}), b.labels);
-    return ((teacher - b.logprobs) * b.response_mask).abs().max().item<double>();
+  struct Shape {
+    int64_t heads, kv_heads, head_dim, window;
   };
-  EXPECT_LT(teacher_error(m, true), 1e-4);
-  const auto half = cuda_model(16, 2, 64, 0, at::kBFloat16);
-  const double fused = teacher_error(half, true), aten = teacher_error(half, false);
-  EXPECT_LT(fused, 2 * aten + 0.02) << "bfloat16: fused " << fused << ", ATen " << aten;
+  for (const Shape& sh :
+       {Shape{16, 2, 64, 0}, Shape{4, 4, 128, 0}, Shape{12, 1, 32, 0}, Shape{8, 2, 16, 6}}) {
+    const auto m = cuda_model(sh.heads, sh.kv_heads, sh.head_dim, sh.window, at::kFloat);
+    const auto prompts = random_prompts({5, 17, 1, 30, 40}, m.cfg.vocab_size, 10);
+    auto opt = sampling_options(3);
+    opt.max_new_tokens = 40;
+    auto teacher_error = [&](const Transformer& gen_model, bool kernels) {
+      opt.cuda_kernels = kernels;
+      const auto r = generate(gen_model, prompts, opt);
+      const auto b = collate_generations(prompts, r, 0, at::kCUDA);
+      at::NoGradGuard g;
+      const auto teacher =
+          token_logprobs(m, forward_hidden(m, {b.input_ids, b.attention_mask, b.position_ids}), b.labels);
+      return ((teacher - b.logprobs) * b.response_mask).abs().max().item<double>();
+    };
+    const std::string where = std::to_string(sh.heads) + "/" + std::to_string(sh.kv_heads) + " heads of " +
+                              std::to_string(sh.head_dim) + ", window " + std::to_string(sh.window);
+    EXPECT_LT(teacher_error(m, true), 1e-4) << where;
+    for (const auto dtype : {at::kBFloat16, at::kHalf}) {
+      const auto low = cuda_model(sh.heads, sh.kv_heads, sh.head_dim, sh.window, dtype);
+      const double fused = teacher_error(low, true), aten = teacher_error(low, false);
+      EXPECT_LT(fused, 2 * aten + 0.02)
+          << where << ", " << c10::toString(dtype) << ": fused " << fused << ", ATen " << aten;
+    }
+  }
 }
 
 // ---------------------------------------------------------------- continuous batching

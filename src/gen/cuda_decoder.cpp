@@ -4,6 +4,7 @@
 
 #ifdef ALIGNER_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -11,7 +12,6 @@
 #include <cmath>
 #include <limits>
 
-#include "core/torch_compat.h"
 #include "kernels/decode_kernels.h"
 #endif
 
@@ -36,12 +36,6 @@ kernels::DType kernel_dtype(at::ScalarType t) {
 
 void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) fail("CUDA decoding: {} failed: {}", what, cudaGetErrorString(e));
-}
-
-// x += in @ l.weight^T (+ bias): the residual add done by the GEMM's accumulation.
-void add_projection(at::Tensor& x, const Linear& l, const at::Tensor& in) {
-  x.addmm_(in, l.weight.t());
-  if (l.bias.defined()) x.add_(l.bias);
 }
 
 // Launches the sampling kernel on the current stream (kernels::SampleArgs says what each is).
@@ -90,7 +84,7 @@ bool cuda_decoding_supported(const Transformer& m) {
   return m.embed.is_cuda() && m.lm_head.weight.defined() &&
          (t == at::kFloat || t == at::kBFloat16 || t == at::kHalf) &&
          kernels::decode_attention_supported(int(m.cfg.head_dim)) &&
-         m.cfg.num_heads % m.cfg.num_kv_heads == 0;
+         m.cfg.num_heads % m.cfg.num_kv_heads == 0 && m.cfg.hidden_size % 8 == 0;
 }
 
 struct CudaDecoder::Graphs {
@@ -102,6 +96,10 @@ struct CudaDecoder::Graphs {
   std::map<int64_t, std::unique_ptr<at::cuda::CUDAGraph>> by_width;
   // Per layer, q|k|v and gate|up as one projection each where the weights allow (joined_linear).
   std::vector<c10::optional<Linear>> qkv, gate_up;
+  // Two steps' results on the host (pinned), and the events that say they have arrived.
+  at::Tensor host_tokens[2], host_logprobs[2];
+  at::cuda::CUDAEvent arrived[2];
+  int64_t tickets = 0;
 
   // Samples rows of logits for their slots (nullptr: row i is slot i) on the current stream.
   void sample(const at::Tensor& logits, const int64_t* slots, bool advance, at::Tensor& tokens,
@@ -116,11 +114,19 @@ struct CudaDecoder::Graphs {
     const ModelConfig& c = m.cfg;
     const auto stream = at::cuda::getCurrentCUDAStream().stream();
     const auto dtype = kernel_dtype(m.embed.scalar_type());
+    // x: the residual stream; h: its normalised copy, which the next projections read.
     auto x = at::embedding(m.embed, tokens.narrow(0, 0, n));
+    auto h = at::empty_like(x);
+    const auto add_norm = [&](const at::Tensor* delta, const at::Tensor& weight) {
+      check(kernels::add_rms_norm(dtype, x.data_ptr(), delta ? delta->data_ptr() : nullptr,
+                                  delta ? delta->stride(0) : 0, weight.data_ptr(), float(c.rms_norm_eps),
+                                  h.data_ptr(), n, c.hidden_size, stream),
+            "rms_norm");
+    };
+    add_norm(nullptr, m.layers[0].input_norm);
     auto attn = at::empty({n, c.num_heads * c.head_dim}, x.options());
     for (int64_t l = 0; l < c.num_layers; ++l) {
       const Block& b = m.layers[l];
-      const auto h = compat::rms_norm(x, b.input_norm, c.rms_norm_eps);
       at::Tensor q, k, v;
       if (qkv[l]) {
         const auto y = apply(*qkv[l], h);
@@ -146,24 +152,25 @@ struct CudaDecoder::Graphs {
       a.scale = float(1.0 / std::sqrt(double(c.head_dim)));
       a.out = attn.data_ptr();
       check(kernels::decode_attention(a, stream), "attention");
-      add_projection(x, b.o, attn);
-      const auto h2 = compat::rms_norm(x, b.post_attention_norm, c.rms_norm_eps);
+      const auto o = apply(b.o, attn);
+      add_norm(&o, b.post_attention_norm);
       at::Tensor gate, up, act;
       if (gate_up[l]) {
-        const auto y = apply(*gate_up[l], h2);
+        const auto y = apply(*gate_up[l], h);
         const int64_t I = b.gate.weight.size(0);
         gate = y.narrow(1, 0, I), up = y.narrow(1, I, I);
         act = at::empty({n, I}, y.options());
       } else {
-        gate = apply(b.gate, h2), up = apply(b.up, h2);
+        gate = apply(b.gate, h), up = apply(b.up, h);
         act = gate;  // elementwise: written where it is read
       }
       check(kernels::silu_mul(dtype, gate.data_ptr(), up.data_ptr(), gate.stride(0), act.data_ptr(), n,
                               act.size(1), stream),
             "silu_mul");
-      add_projection(x, b.down, act);
+      const auto down = apply(b.down, act);
+      add_norm(&down, l + 1 < c.num_layers ? m.layers[l + 1].input_norm : m.norm);
     }
-    const auto logits = lm_logits(m, compat::rms_norm(x, m.norm, c.rms_norm_eps));
+    const auto logits = lm_logits(m, h);
     sample(logits, nullptr, /*advance=*/true, tokens, logprobs);
   }
 };
@@ -182,10 +189,18 @@ CudaDecoder::CudaDecoder(const Transformer& m, KvCache& cache, const SamplingPar
                            at::cuda::getStreamFromPool(false, device.index()),
                            {},
                            {},
-                           {}});
+                           {},
+                           {},
+                           {},
+                           {},
+                           0});
   for (const Block& b : m.layers) {
     graphs_->qkv.push_back(joined_linear({&b.q, &b.k, &b.v}));
     graphs_->gate_up.push_back(joined_linear({&b.gate, &b.up}));
+  }
+  for (int i = 0; i < 2; ++i) {
+    graphs_->host_tokens[i] = at::empty({slots}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    graphs_->host_logprobs[i] = at::empty({slots}, at::TensorOptions().dtype(at::kFloat).pinned_memory(true));
   }
   tokens = at::zeros({slots}, at::TensorOptions().dtype(at::kLong).device(device));
   logprobs = at::zeros({slots}, at::TensorOptions().dtype(at::kFloat).device(device));
@@ -216,7 +231,7 @@ void CudaDecoder::sample(const at::Tensor& logits, const at::Tensor& slots) {
                   logprobs);
 }
 
-void CudaDecoder::step(int64_t n) {
+int64_t CudaDecoder::step(int64_t n) {
   const int64_t slots = kv_slots(graphs_->cache);
   if (n < 1 || n > slots) fail("CUDA decoding: step of {} slots, the cache has {}", n, slots);
   // Graphs for power-of-two widths: a step of n slots runs the narrowest graph that covers them
@@ -233,6 +248,22 @@ void CudaDecoder::step(int64_t n) {
     graph->capture_end();
   }
   graph->replay();
+  const int64_t ticket = graphs_->tickets++;
+  const int b = int(ticket % 2);
+  graphs_->host_tokens[b].narrow(0, 0, n).copy_(tokens.narrow(0, 0, n), /*non_blocking=*/true);
+  graphs_->host_logprobs[b].narrow(0, 0, n).copy_(logprobs.narrow(0, 0, n), /*non_blocking=*/true);
+  graphs_->arrived[b].record(at::cuda::getCurrentCUDAStream());
+  return ticket;
+}
+
+void CudaDecoder::wait(int64_t ticket) {
+  graphs_->arrived[ticket % 2].synchronize();
+}
+const int64_t* CudaDecoder::host_tokens(int64_t ticket) const {
+  return graphs_->host_tokens[ticket % 2].data_ptr<int64_t>();
+}
+const float* CudaDecoder::host_logprobs(int64_t ticket) const {
+  return graphs_->host_logprobs[ticket % 2].data_ptr<float>();
 }
 
 #else
@@ -247,7 +278,16 @@ CudaDecoder::CudaDecoder(const Transformer&, KvCache&, const SamplingParams&) {
 CudaDecoder::~CudaDecoder() = default;
 void CudaDecoder::set_streams(const at::Tensor&, const at::Tensor&) {}
 void CudaDecoder::sample(const at::Tensor&, const at::Tensor&) {}
-void CudaDecoder::step(int64_t) {}
+int64_t CudaDecoder::step(int64_t) {
+  return 0;
+}
+void CudaDecoder::wait(int64_t) {}
+const int64_t* CudaDecoder::host_tokens(int64_t) const {
+  return nullptr;
+}
+const float* CudaDecoder::host_logprobs(int64_t) const {
+  return nullptr;
+}
 std::pair<at::Tensor, at::Tensor> cuda_sample(const at::Tensor&, const SamplingParams&, const at::Tensor&,
                                               const at::Tensor&) {
   fail("CUDA sampling needs a CUDA build");

@@ -19,7 +19,8 @@
 namespace aligner {
 
 // Whether the model can decode this way: a CUDA build, the model on a CUDA device, float32/
-// bfloat16/float16 weights, a head size of 16, 32, 64 or 128, an LM head.
+// bfloat16/float16 weights, a head size of 16, 32, 64 or 128, a hidden size divisible by 8, an
+// LM head.
 bool cuda_decoding_supported(const Transformer& m);
 
 // The decoder's sampling kernel on its own, for rows of logits [rows, vocab]: row i draws with
@@ -41,9 +42,15 @@ class CudaDecoder {
   // Chooses a token from each row of logits [rows, vocab] for slot slots[row], at the position
   // where the slot's cache ends (the first token after a prefill): into tokens[slot], logprobs[row].
   void sample(const at::Tensor& logits, const at::Tensor& slots);
-  // One decoding step of slots [0, n): the tokens in `tokens` go in, the chosen next tokens replace
-  // them and their log-probs go to logprobs[0, n); the slots' lengths advance.
-  void step(int64_t n);
+  // Enqueues one decoding step of slots [0, n) and returns at once: the tokens in `tokens` go in,
+  // the chosen next tokens replace them and their log-probs go to logprobs[0, n); the slots'
+  // lengths advance. Both are copied to the host, where host_tokens/host_logprobs(ticket) hold
+  // them once wait(ticket) returns; two steps can be in flight (the host reads one while the
+  // device runs the next).
+  int64_t step(int64_t n);
+  void wait(int64_t ticket);
+  const int64_t* host_tokens(int64_t ticket) const;
+  const float* host_logprobs(int64_t ticket) const;
 
   at::Tensor tokens;    // [slots] int64: each slot's last token
   at::Tensor logprobs;  // [slots] float32

@@ -352,6 +352,22 @@ GenerationResult generate(const Transformer& m, const std::vector<std::vector<in
     }
   };
 
+  // On CUDA a step is launched before the previous one's tokens are taken, so that the device never
+  // waits for the host. A sequence that the earlier step ends gets one more token, never read:
+  // a step's results go only to the sequences its slots held when it was launched.
+  struct Launched {
+    int64_t n, ticket;
+    std::vector<int64_t> seqs;
+  };
+  std::optional<Launched> in_flight;
+  auto take_step = [&](const Launched& l) {
+    fast->wait(l.ticket);
+    const int64_t* tp = fast->host_tokens(l.ticket);
+    const float* lp = fast->host_logprobs(l.ticket);
+    for (int64_t s = 0; s < l.n; ++s)
+      if (slot_seq[s] >= 0 && slot_seq[s] == l.seqs[s]) take(s, tp[s], lp[s]);
+    if (opt.on_step) opt.on_step(finished, r.generated_tokens);
+  };
   while (finished < total) {
     fill();
     // Decode slots [0, n): the live slots are below n; free ones among them compute unread output.
@@ -361,19 +377,22 @@ GenerationResult generate(const Transformer& m, const std::vector<std::vector<in
       n = s + 1;
       span = std::max(span, slot_len[s]);  // the pending token sits at position slot_len - 1
     }
+    if (fast) {
+      Launched next{n, n > 0 ? fast->step(n) : -1, {slot_seq.begin(), slot_seq.begin() + n}};
+      if (in_flight) take_step(*in_flight);
+      in_flight.reset();
+      if (n > 0) in_flight = std::move(next);
+      continue;
+    }
     if (n > 0) {
       std::vector<int64_t> rows(n);
       std::iota(rows.begin(), rows.end(), 0);
-      if (fast) {
-        fast->step(n);
-        read_back(last_tokens.narrow(0, 0, n), fast->logprobs.narrow(0, 0, n), rows);
-      } else {
-        sample(decode_step(m, cache, last_tokens.narrow(0, 0, n), span), at::arange(n, last_tokens.options()),
-               rows);
-      }
+      sample(decode_step(m, cache, last_tokens.narrow(0, 0, n), span), at::arange(n, last_tokens.options()),
+             rows);
     }
     if (opt.on_step) opt.on_step(finished, r.generated_tokens);
   }
+  if (in_flight) fast->wait(in_flight->ticket);  // a step past every sequence's end
   return r;
 }
 

@@ -52,6 +52,21 @@ struct MaxU64 {
   }
 };
 
+// Calls f(i, x[i] as float) over a thread's run [begin, end) in order, 16 bytes per load where the
+// run is aligned for it.
+template <typename T, typename F>
+__device__ inline void for_run(const T* x, int begin, int end, F&& f) {
+  int i = begin;
+  if (reinterpret_cast<uintptr_t>(x + i) % sizeof(Pack8<T>) == 0)
+    for (; i + 8 <= end; i += 8) {
+      float v[8];
+      unpack8(load8(x + i), v);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) f(i + k, v[k]);
+    }
+  for (; i < end; ++i) f(i, to_float(x[i]));
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
   __shared__ float f_scratch[kWarps];
@@ -69,31 +84,29 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
 
   // The raw distribution: its maximum (first index among equals, as argmax) and log-normaliser.
   unsigned long long best = 0;
-  for (int i = begin; i < end; ++i) {
-    const unsigned long long key = (static_cast<unsigned long long>(order_key(to_float(x[i]))) << 32) |
+  for_run(x, begin, end, [&](int i, float v) {
+    const unsigned long long key = (static_cast<unsigned long long>(order_key(v)) << 32) |
                                    static_cast<uint32_t>(~static_cast<uint32_t>(i));
     best = key > best ? key : best;
-  }
+  });
   best = block_reduce(best, MaxU64{}, u_scratch);
   const int argmax = int(~static_cast<uint32_t>(best & 0xffffffffu));
   const float raw_max = to_float(x[argmax]);
-  float raw_sum = 0;
-  for (int i = begin; i < end; ++i) raw_sum += __expf(to_float(x[i]) - raw_max);
-  raw_sum = block_reduce(raw_sum, Add{}, f_scratch);
-  const float log_norm = raw_max + logf(raw_sum);
+  float raw_mine = 0;
+  for_run(x, begin, end, [&](int, float v) { raw_mine += __expf(v - raw_max); });
+  const float log_norm = raw_max + logf(block_reduce(raw_mine, Add{}, f_scratch));
 
   int token = argmax;
   if (!a.greedy) {
     // Scaled logits z = x / temperature, and their weights exp(z - max z) (unnormalised).
     const float z_max = raw_max / a.temperature;
-    auto z_of = [&](int i) { return to_float(x[i]) / a.temperature; };
     uint32_t threshold = 0;
     if (a.top_k > 0 && a.top_k < a.vocab) {
       uint32_t lo = 0, hi = 0xffffffffu;  // count(key >= lo) >= top_k holds throughout
       while (lo < hi) {
         const uint32_t mid = lo + uint32_t((uint64_t(hi) - lo + 1) / 2);
         int count = 0;
-        for (int i = begin; i < end; ++i) count += order_key(z_of(i)) >= mid;
+        for_run(x, begin, end, [&](int, float v) { count += order_key(v / a.temperature) >= mid; });
         if (block_reduce(count, Add{}, reinterpret_cast<int*>(f_scratch)) >= a.top_k)
           lo = mid;
         else
@@ -103,20 +116,20 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
     }
     if (a.top_p < 1.f) {
       float kept = 0;
-      for (int i = begin; i < end; ++i) {
-        const float z = z_of(i);
+      for_run(x, begin, end, [&](int, float v) {
+        const float z = v / a.temperature;
         if (order_key(z) >= threshold) kept += __expf(z - z_max);
-      }
+      });
       const float bar = a.top_p * block_reduce(kept, Add{}, f_scratch);
       uint32_t lo = threshold, hi = 0xffffffffu;  // the answer is in [lo, hi]
       while (lo < hi) {
         const uint32_t mid = lo + (hi - lo) / 2;
         float above = 0;
-        for (int i = begin; i < end; ++i) {
-          const float z = z_of(i);
+        for_run(x, begin, end, [&](int, float v) {
+          const float z = v / a.temperature;
           const uint32_t k = order_key(z);
           if (k >= threshold && k > mid) above += __expf(z - z_max);
-        }
+        });
         if (block_reduce(above, Add{}, f_scratch) < bar)
           hi = mid;
         else
@@ -125,11 +138,15 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
       threshold = lo;
     }
 
+    // Unscaled and unfiltered, the weights are those of the normaliser: no second pass.
     float mine = 0;
-    for (int i = begin; i < end; ++i) {
-      const float z = z_of(i);
-      if (order_key(z) >= threshold) mine += __expf(z - z_max);
-    }
+    if (a.temperature == 1.f && threshold == 0)
+      mine = raw_mine;
+    else
+      for_run(x, begin, end, [&](int, float v) {
+        const float z = v / a.temperature;
+        if (order_key(z) >= threshold) mine += __expf(z - z_max);
+      });
     thread_mass[tid] = mine;
     __syncthreads();
     if (tid < 32) {
@@ -169,14 +186,17 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
     __syncthreads();
     if (tid == chosen_thread) {
       float r = residual;
-      for (int i = begin; i < end; ++i) {
-        const float z = z_of(i);
-        if (order_key(z) < threshold) continue;
+      bool found = false;
+      for_run(x, begin, end, [&](int i, float v) {
+        const float z = v / a.temperature;
+        if (found || order_key(z) < threshold) return;
         token = i;
         const float w = __expf(z - z_max);
-        if (r < w) break;
-        r -= w;
-      }
+        if (r < w)
+          found = true;
+        else
+          r -= w;
+      });
       a.tokens[slot] = token;
       a.logprobs[row] = to_float(x[token]) - log_norm;
     }
