@@ -17,7 +17,7 @@
 namespace aligner::kernels {
 namespace {
 
-constexpr int kWarps = 4;
+constexpr int kWarps = 2;  // measured best of 1, 2, 4 and 8 on the H100 (bench/generate_bench.py)
 
 // E consecutive elements as float32 in one load (zeros for a null row).
 template <int E, typename T>
