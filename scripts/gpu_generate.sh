@@ -2,12 +2,7 @@
 # The generation engine on the GPU machine: the CUDA build, the engine's tests on the GPU (the
 # fixtures' greedy parity and log-prob checks through the CUDA decoder, and the kernel tests), and
 # the generation benchmark. Logs go to $OUT when set.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/aligner-gpu}
-mkdir -p "$OUT"
-export LD_LIBRARY_PATH="$PWD/.deps/root/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
-export PYTHONUNBUFFERED=1
+source "$(dirname "$0")/gpu_env.sh"
 t0=$(date +%s)
 TARGETS="aligner aligner_tests generate_bench" bash scripts/build_cuda.sh >"$OUT/build.log" 2>&1 ||
   { grep -E "error" -A4 "$OUT/build.log" | head -60; tail -5 "$OUT/build.log"; exit 1; }

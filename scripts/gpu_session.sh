@@ -2,12 +2,7 @@
 # One GPU-machine session: build the CUDA target, run the whole test suite against it (generation
 # tests on the GPU), check bf16 parity and Hugging Face round trips, check TensorBoard files with
 # TensorBoard's own reader, and (with MAKE_DEMO=1) remake the demo model. Results go to $OUT when set.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/aligner-gpu}
-mkdir -p "$OUT"
-export LD_LIBRARY_PATH="$PWD/.deps/root/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
-export PYTHONUNBUFFERED=1
+source "$(dirname "$0")/gpu_env.sh"
 bash scripts/build_cuda.sh >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
 echo "build: ok, $(grep -c 'warning:' "$OUT/build.log") warnings"
 (cd build-cuda && ALIGNER_TEST_DEVICE=cuda ctest -j16 --timeout 600 >"$OUT/ctest.log" 2>&1); grep -E "tests passed|Failed|\*\*\*" "$OUT/ctest.log" | head -20
