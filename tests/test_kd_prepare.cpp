@@ -11,6 +11,7 @@
 #include "io/hf_checkpoint.h"
 #include "io/safetensors.h"
 #include "model/transformer.h"
+#include "run_outputs.h"
 #include "test_util.h"
 #include "text/chat_template.h"
 
@@ -65,15 +66,7 @@ std::string sft_args(const std::string& data, const fs::path& out, const std::st
          "optim.scheduler=constant trainer.seed=7 model.device=cpu output_dir=" + out.string() + " " + extra;
 }
 
-std::vector<nlohmann::json> metrics(const fs::path& out, const std::string& split) {
-  std::ifstream f(out / "metrics.jsonl");
-  std::vector<nlohmann::json> rows;
-  for (std::string line; std::getline(f, line);) {
-    auto j = nlohmann::json::parse(line);
-    if (j["split"] == split) rows.push_back(j);
-  }
-  return rows;
-}
+using aligner::test::metrics;
 
 TEST(KdPrepare, StoredTopKIsTheTeachersTopK) {
   const auto dir = temp_dir("kdp_topk");
