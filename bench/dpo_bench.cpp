@@ -2,32 +2,17 @@
 // pass (or its cached log-probs), the policy's forward and backward over the chosen and rejected
 // rows in one batch, the DPO loss, clipping and AdamW, through the code `aligner dpo` runs.
 // bench/dpo_bench.py runs it beside transformers doing the same work on the same GPU.
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <optional>
 #include <string>
 
-#ifdef ALIGNER_WITH_CUDA
-#include <c10/cuda/CUDACachingAllocator.h>
-#endif
 
 #include "algo/dpo.h"
+#include "bench_util.h"
 #include "io/hf_checkpoint.h"
 #include "train/optimizer.h"
 
-namespace {
-
-double peak_gb() {
-#ifdef ALIGNER_WITH_CUDA
-  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(0);
-  return stats.allocated_bytes[size_t(c10::CachingAllocator::StatType::AGGREGATE)].peak / 1e9;
-#else
-  return 0;
-#endif
-}
-
-}  // namespace
 
 int main(int argc, char** argv) {
   if (argc < 8) {
@@ -82,12 +67,8 @@ int main(int argc, char** argv) {
     opt.zero_grad();
     return loss.item<double>();  // waits for the GPU
   };
-  for (int i = 0; i < warmup; ++i) step();
-  double loss_sum = 0;
-  const auto t0 = std::chrono::steady_clock::now();
-  for (int i = 0; i < iters; ++i) loss_sum += step();
-  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const auto t = aligner::bench::time_steps(step, warmup, iters);
   std::printf("{\"ms_per_step\": %.3f, \"pairs_per_s\": %.3f, \"peak_gb\": %.3f, \"loss\": %.4f}\n",
-              1e3 * s / iters, P * iters / s, peak_gb(), loss_sum / iters);
+              1e3 * t.seconds_per_step, P / t.seconds_per_step, aligner::bench::peak_gb(), t.mean_loss);
   return 0;
 }

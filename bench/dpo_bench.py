@@ -18,11 +18,10 @@ import copy
 import json
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
-from tinyllama import CONFIG, make_model
+from tinyllama import CONFIG, make_model, time_steps
 
 PAIRS, T, PROMPT, BETA, WARMUP, ITERS = 8, 1024, 256, 0.1, 2, 6
 PEAK = 989e12
@@ -73,16 +72,7 @@ def main():
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    for _ in range(WARMUP):
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(ITERS):
-        step()
-    torch.cuda.synchronize()
-    hf_s = (time.perf_counter() - t0) / ITERS
-    hf_peak = torch.cuda.max_memory_allocated() / 1e9
+    hf_s, hf_peak = time_steps(step, WARMUP, ITERS)
     del policy, reference, opt
     torch.cuda.empty_cache()
 

@@ -1,29 +1,14 @@
 // Times full SFT steps (forward, loss, backward, clip, AdamW) of a model folder in bf16 with fp32
 // optimizer state; bench/sft_bench.py runs it beside transformers + torch AdamW on the same GPU.
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
 
-#ifdef ALIGNER_WITH_CUDA
-#include <c10/cuda/CUDACachingAllocator.h>
-#endif
 
+#include "bench_util.h"
 #include "io/hf_checkpoint.h"
 #include "train/optimizer.h"
 
-namespace {
-
-double peak_gb() {
-#ifdef ALIGNER_WITH_CUDA
-  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(0);
-  return stats.allocated_bytes[size_t(c10::CachingAllocator::StatType::AGGREGATE)].peak / 1e9;
-#else
-  return 0;
-#endif
-}
-
-}  // namespace
 
 int main(int argc, char** argv) {
   if (argc < 7) {
@@ -43,7 +28,6 @@ int main(int argc, char** argv) {
   auto ids = at::randint(m.cfg.vocab_size, {B, T}, gen, at::TensorOptions().dtype(at::kLong)).to(device);
   auto targets = at::cat({ids.narrow(1, 1, T - 1), at::full({B, 1}, -100, ids.options())}, 1);
   const double n_targets = double(B * (T - 1));
-  double loss_sum = 0;
   auto step = [&] {
     aligner::ForwardInput in{ids};
     in.checkpoint_layers = checkpoint;
@@ -54,11 +38,8 @@ int main(int argc, char** argv) {
     opt.zero_grad();
     return loss.item<double>();  // waits for the GPU
   };
-  for (int i = 0; i < warmup; ++i) step();
-  const auto t0 = std::chrono::steady_clock::now();
-  for (int i = 0; i < iters; ++i) loss_sum += step();
-  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const auto t = aligner::bench::time_steps(step, warmup, iters);
   std::printf("{\"ms_per_step\": %.3f, \"tokens_per_s\": %.1f, \"peak_gb\": %.3f, \"loss\": %.4f}\n",
-              1e3 * s / iters, B * T * iters / s, peak_gb(), loss_sum / iters);
+              1e3 * t.seconds_per_step, B * T / t.seconds_per_step, aligner::bench::peak_gb(), t.mean_loss);
   return 0;
 }

@@ -10,10 +10,9 @@ attention (6 x layers x seq x hidden per token, causal) against 989 TFLOP/s.
 import json
 import subprocess
 import sys
-import time
 
 import torch
-from tinyllama import CONFIG, make_model
+from tinyllama import CONFIG, make_model, time_steps
 
 B, T, WARMUP, ITERS = 8, 2048, 2, 6
 PEAK = 989e12
@@ -41,16 +40,7 @@ def main():
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    for _ in range(WARMUP):
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(ITERS):
-        step()
-    torch.cuda.synchronize()
-    hf_s = (time.perf_counter() - t0) / ITERS
-    hf_peak = torch.cuda.max_memory_allocated() / 1e9
+    hf_s, hf_peak = time_steps(step, WARMUP, ITERS)
     del model, opt
     torch.cuda.empty_cache()
     out = subprocess.run([f"{build}/sft_bench", d, str(B), str(T), str(WARMUP), str(ITERS), "1" if ckpt else "0"],

@@ -1,6 +1,7 @@
 """The model every benchmark uses: a random-weight Llama of TinyLlama-1.1B's shape, made by
 transformers on the GPU and saved where aligner can load the same weights."""
 import tempfile
+import time
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -18,3 +19,16 @@ def make_model(dtype):
     folder = tempfile.mkdtemp(prefix="tinyllama_")
     model.to(torch.bfloat16).save_pretrained(folder)
     return model.to(dtype), folder
+
+
+def time_steps(step, warmup, iters):
+    """(seconds per step, peak GB allocated) of `step` run `iters` times after `warmup` untimed runs."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters, torch.cuda.max_memory_allocated() / 1e9
