@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
+#include <nlohmann/json.hpp>
+
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -178,6 +180,81 @@ TEST(Sft, TwoRanksMatchOne) {
   expect_same_training(weights(a / "final"), weights(b / "final"), 3e-3);
   fs::remove_all(a);
   fs::remove_all(b);
+}
+
+// Even lines are long and odd lines short, so that without shuffling rank 0 (even positions) packs
+// one example per row and rank 1 several: rank 1's shard of the data runs out long before rank 0's.
+std::string uneven_data(const fs::path& dir) {
+  const std::string path = (dir / "uneven.jsonl").string();
+  std::ofstream f(path);
+  for (int i = 0; i < 120; ++i) {
+    std::string reply;
+    for (int w = 0; w < (i % 2 == 0 ? 30 : 2 + i % 5); ++w)
+      reply += " word" + std::to_string((i * 7 + w) % 13);
+    f << nlohmann::json{{"input", "Question " + std::to_string(i) + "?"}, {"output", reply}}.dump() << "\n";
+  }
+  return path;
+}
+
+// `aligner launch` of two ranks, killed after `timeout_s` so that a hang fails the test instead of
+// stalling the suite.
+Run launch_two(const std::string& sft, const std::string& env = "", int port_offset = 0) {
+  const int port = 29100 + int(::getpid() % 200) * 2 + port_offset;
+  return aligner(
+      "launch --nproc-per-node 2 --master-port " + std::to_string(port) + " -- " + ALIGNER_BINARY + " " + sft,
+      env + " timeout -s KILL 300");
+}
+
+const std::string kUneven =
+    "data.packing=true data.shuffle=false data.max_length=64 trainer.micro_batch_size=1 "
+    "trainer.global_batch_size=2 trainer.max_steps=0 trainer.max_epochs=1 optim.scheduler=constant ";
+
+// With uneven shards the ranks agree on the end of the data and stop together (before, the rank
+// that ran out went on to validation while the other waited in the step's reduction: a hang).
+TEST(Sft, TwoRanksWithUnevenShardsStopTogether) {
+  const auto out = temp_dir("uneven_stop");
+  const std::string data = uneven_data(out);
+  auto r = launch_two(sft_args(out / "run", kUneven + "data.train=" + data + " data.validation=" + data));
+  if (r.output.find("needs Gloo") != std::string::npos)
+    GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("every rank stops here"), std::string::npos) << r.output;
+  const auto rows = metrics(out / "run");
+  EXPECT_GE(rows.size(), 5u);
+  EXPECT_LT(rows.size(), 30u) << "rank 1's short examples pack many to a row";
+  EXPECT_EQ(metrics(out / "run", "validation").size(), 1u);
+  EXPECT_TRUE(fs::exists(out / "run" / "final" / "model.safetensors"));
+  fs::remove_all(out);
+}
+
+// Each rank saves and restores its own data position (sampler and the packed example that did not
+// fit): a two-rank run with packing and uneven shards, killed after a checkpoint and run again,
+// ends as the run never stopped. Another number of ranks is refused, saying why.
+TEST(Sft, TwoRanksWithPackingResumeToTheSameWeights) {
+  const auto out = temp_dir("uneven_resume");
+  const std::string data = uneven_data(out);
+  const std::string args = kUneven + "data.train=" + data + " trainer.save_interval=2 trainer.keep_last=0";
+  auto whole = launch_two(sft_args(out / "whole", args));
+  if (whole.output.find("needs Gloo") != std::string::npos)
+    GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
+  ASSERT_EQ(whole.status, 0) << whole.output;
+  auto killed = launch_two(sft_args(out / "killed", args), "ALIGNER_KILL_AT_STEP=5", 1);
+  ASSERT_NE(killed.status, 0) << killed.output;
+  ASSERT_TRUE(fs::exists(out / "killed" / "checkpoints" / "step_4"));
+  ASSERT_FALSE(fs::exists(out / "killed" / "final"));
+  auto resumed = launch_two(sft_args(out / "killed", args), "", 2);
+  ASSERT_EQ(resumed.status, 0) << resumed.output;
+  EXPECT_NE(resumed.output.find("resuming from"), std::string::npos) << resumed.output;
+  EXPECT_EQ(max_diff(weights(out / "whole" / "final"), weights(out / "killed" / "final")), 0.0);
+  const auto a = metrics(out / "whole"), b = metrics(out / "killed");
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i)
+    EXPECT_EQ(a[i]["loss"].get<double>(), b[i]["loss"].get<double>()) << i;
+
+  auto one = aligner(sft_args(out / "killed", args + " resume=true"));
+  EXPECT_NE(one.status, 0);
+  EXPECT_NE(one.output.find("was written by 2 ranks and this run has 1"), std::string::npos) << one.output;
+  fs::remove_all(out);
 }
 
 TEST(Kd, TopKLossMatchesDirectComputation) {

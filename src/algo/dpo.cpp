@@ -261,16 +261,17 @@ class Dpo final : public Algorithm {
     out.tokens = b.seqs.attention_mask.sum().item<int64_t>();
     // The implicit rewards beta x log(pi / ref) of each response.
     const auto rc = loss_.beta * (pi_c - ref_c).detach(), rr = loss_.beta * (pi_r - ref_r).detach();
-    out.metrics = {{"rewards_chosen", rc.sum().item<double>()},
-                   {"rewards_rejected", rr.sum().item<double>()},
-                   {"reward_margin", (rc - rr).sum().item<double>()},
-                   {"accuracy", (rc > rr).sum().item<double>()}};
+    // Means per pair.
+    out.metrics = {{"rewards_chosen", rc.sum().item<double>(), out.units},
+                   {"rewards_rejected", rr.sum().item<double>(), out.units},
+                   {"reward_margin", (rc - rr).sum().item<double>(), out.units},
+                   {"accuracy", (rc > rr).sum().item<double>(), out.units}};
     if (sft_weight_ > 0) {
       // NeMo-Aligner's sft_loss_func: the chosen response's negative log-likelihood, summed over
       // its tokens (their mean with average_log_probs), per pair.
       const auto sft = -pi_c.sum();
       out.loss = out.loss + sft_weight_ * sft;
-      out.metrics.emplace_back("sft_loss", sft.item<double>());
+      out.metrics.push_back({"sft_loss", sft.item<double>(), out.units});
     }
     return out;
   }
@@ -294,6 +295,7 @@ class Dpo final : public Algorithm {
 
 void run_dpo(const Config& cfg) {
   const auto opt = read_trainer_options(cfg);
+  const auto optim = read_optimizer_settings(cfg, "optim", "trainer.grad_clip");
   const std::string model_dir = cfg.get_string("model.path");
   if (model_dir.empty()) fail("config key 'model.path' must be set");
   auto ctx = init_run(cfg);
@@ -330,7 +332,7 @@ void run_dpo(const Config& cfg) {
     reference = reference_dir.empty() ? load_transformer(model_dir, ctx.device, dtype) : load_reference();
     algo.use_reference(&*reference);
   }
-  train(cfg, opt, policy, algo, ctx.dist, model_dir);
+  train(cfg, opt, {whole_model(policy, optim, model_dir)}, algo, ctx.dist);
 }
 
 }  // namespace aligner

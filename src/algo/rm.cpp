@@ -151,10 +151,11 @@ class PairwiseRewardModel final : public RewardModelTraining {
     out.units = double(B);
     out.tokens = b.seqs.attention_mask.sum().item<int64_t>();
     const auto c = chosen.detach(), r = rejected.detach();
-    out.metrics = {{"accuracy", (c > r).sum().item<double>()},
-                   {"reward_chosen_mean", c.sum().item<double>()},
-                   {"reward_rejected_mean", r.sum().item<double>()},
-                   {"reward_margin", (c - r).sum().item<double>()}};
+    // Means per pair.
+    out.metrics = {{"accuracy", (c > r).sum().item<double>(), out.units},
+                   {"reward_chosen_mean", c.sum().item<double>(), out.units},
+                   {"reward_rejected_mean", r.sum().item<double>(), out.units},
+                   {"reward_margin", (c - r).sum().item<double>(), out.units}};
     return out;
   }
 
@@ -166,11 +167,9 @@ using Labelled = std::vector<Indexed<AttributeExample>>;
 
 class RegressionRewardModel final : public RewardModelTraining {
  public:
-  RegressionRewardModel(const Config& cfg, const Tokenizer& tok, Transformer& model, dist::Dist& dist,
+  RegressionRewardModel(const Config& cfg, const Tokenizer& tok, Transformer& model, int rank, int world,
                         const std::vector<std::string>& attributes)
-      : RewardModelTraining(cfg, tok, model, dist.rank(), dist.world_size()),
-        dist_(dist),
-        attributes_(attributes) {
+      : RewardModelTraining(cfg, tok, model, rank, world), attributes_(attributes) {
     train_ = std::make_unique<AttributeDataset>(
         open_attribute_dataset(cfg.get_string("data.train"), tok, template_, options_, attributes));
     if (!cfg.get_string("data.validation").empty())
@@ -191,9 +190,7 @@ class RegressionRewardModel final : public RewardModelTraining {
   bool next_step(int64_t n) override {
     step_ = next_micro_batches(sampler_, max_epochs_, micro_batch_size_, n,
                                [&](int64_t index) { return attribute_example(*train_, index); });
-    if (step_.empty()) return false;
-    scales_ = metric_scales(step_);
-    return true;
+    return !step_.empty();
   }
 
   double units(int64_t i) const override {
@@ -203,47 +200,21 @@ class RegressionRewardModel final : public RewardModelTraining {
     return labels;
   }
 
-  LossSums loss(int64_t i) override { return compute(step_.at(i), scales_); }
+  LossSums loss(int64_t i) override { return compute(step_.at(i)); }
 
   ValidationSums validate() override {
     ValidationSums out;
+    for (const auto& a : attributes_) out.metric_names.push_back("mse_" + a);
     if (!val_) return out;
-    const auto batches = validation_batches(dataset_size(*val_), micro_batch_size_, rank_, world_,
-                                            [&](int64_t index) { return attribute_example(*val_, index); });
-    const auto scales = metric_scales(batches);  // every rank joins, even one with no batches
-    for (size_t a = 0; a < attributes_.size(); ++a)
-      if (scales[a] > 0) out.metric_names.push_back("mse_" + attributes_[a]);
-    for (const auto& batch : batches) out.parts.push_back(compute(batch, scales));
+    for (const auto& batch :
+         validation_batches(dataset_size(*val_), micro_batch_size_, rank_, world_,
+                            [&](int64_t index) { return attribute_example(*val_, index); }))
+      out.parts.push_back(compute(batch));
     return out;
   }
 
  private:
-  // The trainer reports a metric as its sum over the global batch divided by the batch's units
-  // (all labels present), but an attribute's mean squared error divides by that attribute's labels
-  // alone. So each attribute's squared errors are scaled by all labels / its labels, both counted
-  // over these micro-batches of every rank. 0 marks an attribute labelled nowhere in them: it has
-  // no error to report (every rank sees the same counts, so all leave out the same metrics).
-  std::vector<double> metric_scales(const std::vector<Labelled>& batches) {
-    const size_t A = attributes_.size();
-    std::vector<double> counts(A + 1, 0.0);  // per attribute, then all
-    for (const auto& batch : batches)
-      for (const auto& e : batch)
-        for (size_t a = 0; a < A; ++a) {
-          counts[a] += e.example.present[a];
-          counts[A] += e.example.present[a];
-        }
-    std::vector<at::Tensor> t{at::tensor(counts, at::TensorOptions().dtype(at::kDouble)).to(dist_.device())};
-    dist_.all_reduce_sum(t);
-    const auto global = t[0].cpu();
-    std::vector<double> scales(A, 0.0);
-    for (size_t a = 0; a < A; ++a) {
-      const double n = global[int64_t(a)].item<double>();
-      if (n > 0) scales[a] = global[int64_t(A)].item<double>() / n;
-    }
-    return scales;
-  }
-
-  LossSums compute(const Labelled& batch, const std::vector<double>& scales) {
+  LossSums compute(const Labelled& batch) {
     const auto b = collate_attributes(examples_of(batch), pad_id_);
     const auto scores = score_batch(model_, b.seqs, checkpoint_layers_);
     const auto present = b.present.to(scores.device(), scores.scalar_type());
@@ -253,25 +224,26 @@ class RegressionRewardModel final : public RewardModelTraining {
     out.loss = squared.sum();
     out.units = present.sum().item<double>();
     out.tokens = b.seqs.attention_mask.sum().item<int64_t>();
+    // Each attribute's mean squared error is over its own labels: an attribute labelled nowhere in
+    // the global batch has count 0 and is not reported.
     const auto per_attribute = squared.detach().sum(0).to(at::kDouble).cpu();
+    const auto labelled = present.sum(0).to(at::kDouble).cpu();
     for (size_t a = 0; a < attributes_.size(); ++a)
-      if (scales[a] > 0)
-        out.metrics.emplace_back("mse_" + attributes_[a],
-                                 per_attribute[int64_t(a)].item<double>() * scales[a]);
+      out.metrics.push_back({"mse_" + attributes_[a], per_attribute[int64_t(a)].item<double>(),
+                             labelled[int64_t(a)].item<double>()});
     return out;
   }
 
-  dist::Dist& dist_;
   std::vector<std::string> attributes_;
   std::unique_ptr<AttributeDataset> train_, val_;
   std::vector<Labelled> step_;
-  std::vector<double> scales_;
 };
 
 }  // namespace
 
 void run_rm(const Config& cfg) {
   const auto opt = read_trainer_options(cfg);
+  const auto optim = read_optimizer_settings(cfg, "optim", "trainer.grad_clip");
   const std::string model_dir = cfg.get_string("model.path");
   if (model_dir.empty()) fail("config key 'model.path' must be set");
   const std::string type = cfg.get_string("rm.type");
@@ -291,8 +263,9 @@ void run_rm(const Config& cfg) {
   if (type == "pairwise")
     algo = std::make_unique<PairwiseRewardModel>(cfg, *tok, model, ctx.dist.rank(), ctx.dist.world_size());
   else
-    algo = std::make_unique<RegressionRewardModel>(cfg, *tok, model, ctx.dist, labels);
-  train(cfg, opt, model, *algo, ctx.dist, model_dir);
+    algo = std::make_unique<RegressionRewardModel>(cfg, *tok, model, ctx.dist.rank(), ctx.dist.world_size(),
+                                                   labels);
+  train(cfg, opt, {whole_model(model, optim, model_dir)}, *algo, ctx.dist);
 }
 
 }  // namespace aligner

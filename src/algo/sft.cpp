@@ -265,7 +265,8 @@ class Sft final : public Algorithm {
                                       mb.teacher_ids.to(device_), kd_temperature_);
     }
     out.loss = ce_weight_ * ce + kd_weight_ * kd;
-    out.metrics = {{"ce_loss", ce.item<double>()}, {"kd_loss", kd.item<double>()}};
+    // Means per loss token.
+    out.metrics = {{"ce_loss", ce.item<double>(), out.units}, {"kd_loss", kd.item<double>(), out.units}};
     return out;
   }
 
@@ -288,6 +289,7 @@ class Sft final : public Algorithm {
 
 void run_sft(const Config& cfg) {
   const auto opt = read_trainer_options(cfg);
+  const auto optim = read_optimizer_settings(cfg, "optim", "trainer.grad_clip");
   const std::string model_dir = cfg.get_string("model.path");
   if (model_dir.empty()) fail("config key 'model.path' must be set");
   auto ctx = init_run(cfg);
@@ -306,7 +308,7 @@ void run_sft(const Config& cfg) {
   }
   Sft algo(cfg, *tok, model, teacher ? &*teacher : nullptr, ctx.device, ctx.dist.rank(),
            ctx.dist.world_size());
-  train(cfg, opt, model, algo, ctx.dist, model_dir);
+  train(cfg, opt, {whole_model(model, optim, model_dir)}, algo, ctx.dist);
 }
 
 }  // namespace aligner

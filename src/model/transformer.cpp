@@ -140,6 +140,12 @@ struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
   }
 };
 
+bool block_trains(const Block& b) {
+  for (const Linear* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down})
+    if (l->weight.requires_grad() || (l->bias.defined() && l->bias.requires_grad())) return true;
+  return b.input_norm.requires_grad() || b.post_attention_norm.requires_grad();
+}
+
 }  // namespace
 
 at::Tensor forward_hidden(const Transformer& m, const ForwardInput& in) {
@@ -171,6 +177,10 @@ at::Tensor forward_hidden(const Transformer& m, const ForwardInput& in) {
     const Block& b = m.layers[i];
     const auto& mask = masks[c.window[i]];
     if (checkpoint) {
+      // A checkpointed layer's backward, which gives its weights their gradients, runs only if its
+      // output needs one; when nothing before it trains (frozen embeddings, adapters only) its input
+      // needs none, so it becomes a leaf that asks for one.
+      if (!x.requires_grad() && block_trains(b)) x = x.detach().requires_grad_(true);
       auto layer = c10::make_intrusive<Recompute>();
       layer->fn = [&c, &b, cos = cos, sin = sin, mask](const at::Tensor& h) {
         return block_forward(c, b, h, cos, sin, mask);

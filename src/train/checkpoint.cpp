@@ -29,21 +29,39 @@ std::vector<std::pair<int64_t, fs::path>> list_checkpoints(const std::string& ou
   return out;
 }
 
+safetensors::NamedTensors read_file(const fs::path& path) {
+  auto f = safetensors::File::open(path.string());
+  safetensors::NamedTensors out;
+  for (const auto& info : f.tensors()) out.emplace_back(info.name, f.get(info.name));
+  return out;
+}
+
 }  // namespace
 
-void save_checkpoint(const std::string& output_dir, const Transformer& model,
-                     const safetensors::NamedTensors& optimizer_state, const CheckpointState& state,
-                     int64_t keep_last, const std::string& tokenizer_dir) {
+void save_checkpoint(const std::string& output_dir, const std::vector<CheckpointModule>& modules,
+                     const CheckpointState& state, int64_t keep_last) {
   const fs::path root = fs::path(output_dir) / "checkpoints";
   const fs::path final_dir = root / fmt::format("step_{}", state.step);
   const fs::path tmp = root / fmt::format("step_{}.tmp", state.step);
   fs::remove_all(tmp);
   fs::create_directories(tmp);
-  save_transformer(model, (tmp / "model").string(), std::nullopt, 0, tokenizer_dir);
-  safetensors::save((tmp / "optimizer.safetensors").string(), optimizer_state);
+  for (const auto& m : modules) {
+    if (m.whole_model) {
+      save_transformer(*m.model, (tmp / m.name).string(), std::nullopt, 0, m.tokenizer_dir);
+    } else {
+      fs::create_directories(tmp / m.name);
+      safetensors::save((tmp / m.name / "trainable.safetensors").string(), m.params);
+    }
+    safetensors::save((tmp / (m.name + ".optimizer.safetensors")).string(), m.optimizer_state);
+  }
   {
     std::ofstream f(tmp / "trainer_state.json");
-    f << nlohmann::json{{"step", state.step}, {"trainer", state.trainer}}.dump(2) << "\n";
+    f << nlohmann::json{{"step", state.step},
+                        {"world_size", state.world_size},
+                        {"modules", state.modules},
+                        {"data", state.data}}
+             .dump(2)
+      << "\n";
     if (!f) fail("cannot write {}", (tmp / "trainer_state.json").string());
   }
   fs::remove_all(final_dir);
@@ -65,10 +83,32 @@ CheckpointState read_checkpoint_state(const std::string& dir) {
   if (!f) fail("cannot open {}", path);
   try {
     auto j = nlohmann::json::parse(f);
-    return {j.at("step").get<int64_t>(), j.at("trainer")};
+    if (!j.contains("modules"))
+      fail("{}: written by an older aligner without per-module state; resume=false starts afresh", path);
+    CheckpointState s;
+    s.step = j.at("step").get<int64_t>();
+    s.world_size = j.at("world_size").get<int64_t>();
+    s.modules = j.at("modules").get<std::vector<std::string>>();
+    s.data = j.at("data").get<std::vector<nlohmann::json>>();
+    if (int64_t(s.data.size()) != s.world_size)
+      fail("{}: {} data positions for {} ranks", path, s.data.size(), s.world_size);
+    return s;
   } catch (const nlohmann::json::exception& e) {
     fail("{}: corrupt trainer state: {}", path, e.what());
   }
+}
+
+safetensors::NamedTensors read_module_params(const std::string& dir, const std::string& module) {
+  const fs::path folder = fs::path(dir) / module;
+  if (fs::exists(folder / "trainable.safetensors")) return read_file(folder / "trainable.safetensors");
+  const auto ckpt = safetensors::Checkpoint::open_dir(folder.string());
+  safetensors::NamedTensors out;
+  for (const auto& name : ckpt.names()) out.emplace_back(name, ckpt.get(name));
+  return out;
+}
+
+safetensors::NamedTensors read_module_optimizer(const std::string& dir, const std::string& module) {
+  return read_file(fs::path(dir) / (module + ".optimizer.safetensors"));
 }
 
 }  // namespace aligner

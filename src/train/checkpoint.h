@@ -1,33 +1,49 @@
-// Training checkpoints: OUTPUT_DIR/checkpoints/step_N/ holds the model as a Hugging Face folder
-// (model/), the optimizer state (optimizer.safetensors) and trainer_state.json (step, data
-// position, RNG). Each is written under step_N.tmp/ and renamed once complete, so a kill at any
-// moment leaves every step_N/ whole.
+// Training checkpoints. OUTPUT_DIR/checkpoints/step_N/ holds, for each trainable module NAME,
+//   NAME/                        a Hugging Face folder when the module trains its whole model (so a
+//                                checkpoint loads like any model folder), else NAME/trainable.safetensors
+//                                holding only the trained tensors
+//   NAME.optimizer.safetensors   its AdamW state
+// and trainer_state.json: the step, the number of ranks, the modules, and each rank's data position.
+// Everything is written under step_N.tmp/ and renamed once complete, so a kill at any moment leaves
+// every step_N/ whole.
 #pragma once
 #include <nlohmann/json.hpp>
 
-#include <optional>
 #include <string>
+#include <vector>
 
 #include "io/safetensors.h"
 #include "model/transformer.h"
 
 namespace aligner {
 
-struct CheckpointState {
-  int64_t step = 0;
-  nlohmann::json trainer;  // step, data position, RNG, anything the algorithm needs
+struct CheckpointModule {
+  std::string name;
+  const Transformer* model = nullptr;
+  safetensors::NamedTensors params;  // what trains, by name
+  bool whole_model = false;          // params are all of the model's: write a Hugging Face folder
+  safetensors::NamedTensors optimizer_state;
+  std::string tokenizer_dir;  // copied into a whole model's folder
 };
 
-// Writes step_<step>/ and then deletes all but the newest keep_last (keep_last <= 0 keeps all).
-void save_checkpoint(const std::string& output_dir, const Transformer& model,
-                     const safetensors::NamedTensors& optimizer_state, const CheckpointState& state,
-                     int64_t keep_last, const std::string& tokenizer_dir);
+struct CheckpointState {
+  int64_t step = 0;
+  int64_t world_size = 1;
+  std::vector<std::string> modules;
+  std::vector<nlohmann::json> data;  // per rank
+};
+
+// Writes step_<state.step>/ and then deletes all but the newest keep_last (keep_last <= 0 keeps
+// all). Called by one rank, with every rank's data position in `state`.
+void save_checkpoint(const std::string& output_dir, const std::vector<CheckpointModule>& modules,
+                     const CheckpointState& state, int64_t keep_last);
 
 // The newest complete checkpoint folder, or "" when there is none.
 std::string latest_checkpoint(const std::string& output_dir);
 
-// Reads trainer_state.json; the model and optimizer files are read by the caller from
-// <dir>/model and <dir>/optimizer.safetensors.
 CheckpointState read_checkpoint_state(const std::string& checkpoint_dir);
+// A module's trained tensors and its optimizer state, as save_checkpoint wrote them.
+safetensors::NamedTensors read_module_params(const std::string& checkpoint_dir, const std::string& module);
+safetensors::NamedTensors read_module_optimizer(const std::string& checkpoint_dir, const std::string& module);
 
 }  // namespace aligner

@@ -6,6 +6,8 @@
 #include <csignal>
 #include <cstdlib>
 #include <filesystem>
+#include <map>
+#include <set>
 
 #include "core/error.h"
 #include "core/log.h"
@@ -28,7 +30,7 @@ double seconds_since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
 
-// Sums over ranks of [units, loss, tokens, metric...] in one collective.
+// Sums over ranks, in one collective.
 std::vector<double> sum_over_ranks(dist::Dist& dist, std::vector<double> values) {
   if (dist.world_size() == 1) return values;
   auto t = at::tensor(values, at::TensorOptions().dtype(at::kDouble)).to(dist.device());
@@ -38,28 +40,65 @@ std::vector<double> sum_over_ranks(dist::Dist& dist, std::vector<double> values)
   return std::vector<double>(cpu.data_ptr<double>(), cpu.data_ptr<double>() + cpu.numel());
 }
 
-// Means per unit over the global batch of the given micro-batch results: "loss", then the metrics
-// `names`, which every part must carry in that order. A rank without parts still sends zeros for
-// each name, so that all ranks reduce vectors of one length.
+// Every rank's string, on every rank, in rank order: a gather made of two sums (the lengths, then
+// the bytes, each rank filling its own slot), for the few hundred bytes of a data position.
+std::vector<std::string> gather_strings(dist::Dist& dist, const std::string& mine) {
+  const int world = dist.world_size(), rank = dist.rank();
+  if (world == 1) return {mine};
+  std::vector<double> lengths(world, 0.0);
+  lengths[rank] = double(mine.size());
+  lengths = sum_over_ranks(dist, lengths);
+  const size_t longest = size_t(*std::max_element(lengths.begin(), lengths.end()));
+  std::vector<double> bytes(world * longest, 0.0);
+  for (size_t i = 0; i < mine.size(); ++i) bytes[rank * longest + i] = double(uint8_t(mine[i]));
+  bytes = sum_over_ranks(dist, bytes);
+  std::vector<std::string> out(world);
+  for (int r = 0; r < world; ++r)
+    for (size_t i = 0; i < size_t(lengths[r]); ++i) out[r].push_back(char(uint8_t(bytes[r * longest + i])));
+  return out;
+}
+
+// FNV-1a of the names: ranks that report other metrics are caught instead of summed position by
+// position. 32 bits, so that its sum over ranks stays exact in a double.
+double names_hash(const std::vector<std::string>& names) {
+  uint32_t h = 2166136261u;
+  for (const auto& n : names)
+    for (char c : n + '\n') h = (h ^ uint8_t(c)) * 16777619u;
+  return double(h);
+}
+
+// Means over the global batch of the given micro-batch results: "loss" per unit, then each metric
+// `names` (every part carries them, in that order) as its sum over its count; a metric counted
+// nowhere is left out. A rank without parts still sends zeros for each name, so that all ranks
+// reduce vectors of one length.
 std::vector<std::pair<std::string, double>> reduce_metrics(dist::Dist& dist,
                                                            const std::vector<std::string>& names,
                                                            const std::vector<LossSums>& parts,
                                                            double* tokens_out) {
-  std::vector<double> sums(3 + names.size(), 0.0);  // units, loss, tokens, metric...
+  // names hash, units, loss, tokens, then (sum, count) per metric
+  std::vector<double> sums(4 + 2 * names.size(), 0.0);
+  sums[0] = names_hash(names);
   for (const auto& p : parts) {
-    sums[0] += p.units;
-    sums[1] += p.loss.defined() ? p.loss.item<double>() : 0.0;
-    sums[2] += double(p.tokens);
+    sums[1] += p.units;
+    sums[2] += p.loss.defined() ? p.loss.item<double>() : 0.0;
+    sums[3] += double(p.tokens);
     bool same = p.metrics.size() == names.size();
-    for (size_t k = 0; same && k < names.size(); ++k) same = p.metrics[k].first == names[k];
+    for (size_t k = 0; same && k < names.size(); ++k) same = p.metrics[k].name == names[k];
     if (!same) fail("a micro-batch reports metrics other than the [{}] declared", fmt::join(names, ", "));
-    for (size_t k = 0; k < names.size(); ++k) sums[3 + k] += p.metrics[k].second;
+    for (size_t k = 0; k < names.size(); ++k) {
+      sums[4 + 2 * k] += p.metrics[k].sum;
+      sums[5 + 2 * k] += p.metrics[k].count;
+    }
   }
+  const double hash = sums[0];
   sums = sum_over_ranks(dist, sums);
-  if (tokens_out) *tokens_out = sums[2];
-  const double units = std::max(sums[0], 1e-12);
-  std::vector<std::pair<std::string, double>> out{{"loss", sums[1] / units}};
-  for (size_t k = 0; k < names.size(); ++k) out.emplace_back(names[k], sums[3 + k] / units);
+  if (sums[0] != hash * dist.world_size())
+    fail("the ranks report different metrics (this rank: [{}])", fmt::join(names, ", "));
+  if (tokens_out) *tokens_out = sums[3];
+  const double units = std::max(sums[1], 1e-12);
+  std::vector<std::pair<std::string, double>> out{{"loss", sums[2] / units}};
+  for (size_t k = 0; k < names.size(); ++k)
+    if (sums[5 + 2 * k] > 0) out.emplace_back(names[k], sums[4 + 2 * k] / sums[5 + 2 * k]);
   return out;
 }
 
@@ -79,14 +118,119 @@ void prepare_output_dir(const TrainerOptions& opt, bool main_rank) {
   fs::create_directories(dir);
 }
 
-safetensors::NamedTensors read_named(const std::string& path) {
-  auto f = safetensors::File::open(path);
-  safetensors::NamedTensors out;
-  for (const auto& info : f.tensors()) out.emplace_back(info.name, f.get(info.name));
+// A module while training: its optimizer and schedule.
+struct Running {
+  TrainableModule module;
+  bool whole_model = false;  // its params are all of its model's
+  Schedule schedule;
+  std::unique_ptr<AdamW> optimizer;
+};
+
+// Checks the modules, freezes what they do not train, and says which train a whole model.
+std::vector<Running> prepare_modules(std::vector<TrainableModule> modules, int64_t total_steps) {
+  if (modules.empty()) fail("an algorithm must train at least one module");
+  std::set<std::string> names;
+  std::map<const void*, std::string> owner;  // parameter -> module
+  std::set<Transformer*> models;
+  for (const auto& m : modules) {
+    if (!names.insert(m.name).second) fail("two trainable modules are named '{}'", m.name);
+    if (!m.model) fail("trainable module '{}' has no model", m.name);
+    if (m.params.empty()) fail("trainable module '{}' has no parameters", m.name);
+    std::map<std::string, const void*> known;
+    for (const auto& [name, t] : named_parameters(*m.model)) known.emplace(name, t.unsafeGetTensorImpl());
+    for (const auto& [name, t] : m.params) {
+      auto it = known.find(name);
+      if (it == known.end() || it->second != t.unsafeGetTensorImpl())
+        fail("trainable module '{}': '{}' is not a parameter of its model", m.name, name);
+      auto [at, fresh] = owner.emplace(t.unsafeGetTensorImpl(), m.name);
+      if (!fresh) fail("parameter '{}' is in trainable modules '{}' and '{}'", name, at->second, m.name);
+    }
+    models.insert(m.model);
+  }
+  for (Transformer* model : models)
+    for (auto& [name, t] : named_parameters(*model)) t.requires_grad_(false);
+  std::vector<Running> out;
+  for (auto& m : modules) {
+    for (auto& [name, t] : m.params) t.requires_grad_(true);
+    Running r;
+    r.whole_model = m.params.size() == named_parameters(*m.model).size();
+    const auto& o = m.optim;
+    r.schedule = Schedule{o.schedule, o.adam.lr, o.min_lr, o.warmup_steps, total_steps};
+    check_schedule(r.schedule);
+    r.module = std::move(m);
+    out.push_back(std::move(r));
+  }
   return out;
 }
 
+// Copies a module's trained tensors from a checkpoint, matched by name; anything else in the
+// checkpoint, or missing from it, means it comes from another configuration.
+void load_module_params(const std::string& ckpt, const TrainableModule& m) {
+  std::map<std::string, at::Tensor> saved;
+  for (auto& [name, t] : read_module_params(ckpt, m.name)) saved.emplace(name, t);
+  at::NoGradGuard no_grad;
+  for (const auto& [name, param] : m.params) {
+    auto it = saved.find(name);
+    if (it == saved.end())
+      fail("checkpoint {}: module '{}' has no tensor '{}' (a checkpoint of another configuration?)", ckpt,
+           m.name, name);
+    if (it->second.scalar_type() != param.scalar_type() || !it->second.sizes().equals(param.sizes()))
+      fail("checkpoint {}: tensor '{}' of module '{}' is {} [{}], this run trains {} [{}]", ckpt, name,
+           m.name, dtype_name(it->second.scalar_type()), fmt::join(it->second.sizes(), ", "),
+           dtype_name(param.scalar_type()), fmt::join(param.sizes(), ", "));
+    param.copy_(it->second);
+    saved.erase(it);
+  }
+  if (!saved.empty())
+    fail(
+        "checkpoint {}: module '{}' has tensor '{}', which this run does not train (a checkpoint of another "
+        "configuration?)",
+        ckpt, m.name, saved.begin()->first);
+}
+
 }  // namespace
+
+OptimizerSettings read_optimizer_settings(const Config& cfg, const std::string& prefix,
+                                          const std::string& grad_clip_key) {
+  auto key = [&](const char* k) { return prefix + "." + k; };
+  OptimizerSettings o;
+  o.adam.lr = cfg.get_float(key("lr"));
+  const auto betas = cfg.get_float_list(key("betas"));
+  if (betas.size() != 2) fail("config key '{}' expects two numbers, got {}", key("betas"), betas.size());
+  o.adam.beta1 = betas[0];
+  o.adam.beta2 = betas[1];
+  o.adam.eps = cfg.get_float(key("eps"));
+  o.adam.weight_decay = cfg.get_float(key("weight_decay"));
+  o.min_lr = cfg.get_float(key("min_lr"));
+  o.warmup_steps = cfg.get_int(key("warmup_steps"));
+  o.grad_clip = cfg.get_float(grad_clip_key);
+  const std::string scheduler = cfg.get_string(key("scheduler"));
+  if (scheduler != "constant" && scheduler != "linear" && scheduler != "cosine")
+    fail("config key '{}' expects constant, linear or cosine, got '{}'", key("scheduler"), scheduler);
+  o.schedule = parse_schedule_kind(scheduler);
+  if (!(o.adam.lr >= 0)) fail("config key '{}' must be >= 0, got {}", key("lr"), o.adam.lr);
+  for (double b : betas)
+    if (!(b >= 0 && b < 1)) fail("config key '{}' expects numbers in [0, 1), got {}", key("betas"), b);
+  if (!(o.adam.eps >= 0)) fail("config key '{}' must be >= 0, got {}", key("eps"), o.adam.eps);
+  if (!(o.adam.weight_decay >= 0))
+    fail("config key '{}' must be >= 0, got {}", key("weight_decay"), o.adam.weight_decay);
+  if (o.schedule != ScheduleKind::kConstant && !(o.min_lr >= 0 && o.min_lr <= o.adam.lr))
+    fail("config key '{}' must be in [0, {} = {}], got {}", key("min_lr"), key("lr"), o.adam.lr, o.min_lr);
+  if (o.warmup_steps < 0) fail("config key '{}' must be >= 0, got {}", key("warmup_steps"), o.warmup_steps);
+  if (!(o.grad_clip >= 0)) fail("config key '{}' must be >= 0, got {}", grad_clip_key, o.grad_clip);
+  return o;
+}
+
+TrainableModule whole_model(Transformer& model, OptimizerSettings optim, std::string tokenizer_dir,
+                            std::string name) {
+  TrainableModule m;
+  m.name = std::move(name);
+  m.model = &model;
+  m.params = named_parameters(model);
+  m.optim = optim;
+  m.tokenizer_dir = std::move(tokenizer_dir);
+  return m;
+}
 
 TrainerOptions read_trainer_options(const Config& cfg) {
   TrainerOptions o;
@@ -99,7 +243,6 @@ TrainerOptions read_trainer_options(const Config& cfg) {
   o.keep_last = cfg.get_int("trainer.keep_last");
   o.log_interval = std::max<int64_t>(1, cfg.get_int("trainer.log_interval"));
   o.seed = uint64_t(cfg.get_int("trainer.seed"));
-  o.grad_clip = cfg.get_float("trainer.grad_clip");
   o.output_dir = cfg.get_string("output_dir");
   o.resume = cfg.get_string("resume");
   o.overwrite = cfg.get_bool("overwrite");
@@ -112,8 +255,8 @@ TrainerOptions read_trainer_options(const Config& cfg) {
   return o;
 }
 
-void train(const Config& cfg, const TrainerOptions& opt, Transformer& model, Algorithm& algo,
-           dist::Dist& dist, const std::string& tokenizer_dir) {
+void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableModule> trainable,
+           Algorithm& algo, dist::Dist& dist) {
   const bool main_rank = dist.is_main();
   const int64_t per_step = opt.micro_batch_size * dist.world_size();
   if (opt.global_batch_size % per_step != 0)
@@ -123,6 +266,11 @@ void train(const Config& cfg, const TrainerOptions& opt, Transformer& model, Alg
   const int64_t total_steps =
       opt.max_steps > 0 ? opt.max_steps
                         : std::max<int64_t>(1, algo.steps_per_epoch(opt.global_batch_size) * opt.max_epochs);
+  auto modules = prepare_modules(std::move(trainable), total_steps);
+  // With one module the metrics keep their plain names ("lr"); with several each is prefixed.
+  auto module_key = [&](const Running& r, const std::string& what) {
+    return modules.size() == 1 ? what : r.module.name + "/" + what;
+  };
 
   prepare_output_dir(opt, main_rank);
   dist.barrier();
@@ -131,41 +279,43 @@ void train(const Config& cfg, const TrainerOptions& opt, Transformer& model, Alg
     log_info("config:\n{}", cfg.to_yaml());
   }
 
-  auto params = named_parameters(model);
-  for (auto& [name, t] : params) t.requires_grad_(true);
-  AdamWConfig adam;
-  adam.lr = cfg.get_float("optim.lr");
-  const auto betas = cfg.get_float_list("optim.betas");
-  if (betas.size() != 2) fail("config key 'optim.betas' expects two numbers, got {}", betas.size());
-  adam.beta1 = betas[0];
-  adam.beta2 = betas[1];
-  adam.eps = cfg.get_float("optim.eps");
-  adam.weight_decay = cfg.get_float("optim.weight_decay");
-  Schedule schedule{parse_schedule_kind(cfg.get_string("optim.scheduler")), adam.lr,
-                    cfg.get_float("optim.min_lr"), cfg.get_int("optim.warmup_steps"), total_steps};
-  check_schedule(schedule);
-
-  // Resume: weights, optimizer moments, step and data position from the newest checkpoint.
+  // Resume: trained weights, optimizer moments, step and this rank's data position from the newest
+  // checkpoint, each module matched by name.
   int64_t step = 0;
   const std::string ckpt = opt.resume == "false" ? "" : latest_checkpoint(opt.output_dir);
   if (opt.resume == "true" && ckpt.empty()) fail("resume=true but {} has no checkpoint", opt.output_dir);
+  CheckpointState saved;
   if (!ckpt.empty()) {
-    auto saved = load_transformer((fs::path(ckpt) / "model").string(), at::kCPU, model.cfg.dtype);
-    at::NoGradGuard no_grad;
-    auto saved_params = named_parameters(saved);
-    for (size_t i = 0; i < params.size(); ++i) params[i].second.copy_(saved_params[i].second);
+    saved = read_checkpoint_state(ckpt);
+    // Each rank's position is in its own shard of the data; another number of ranks shards it
+    // otherwise, and no position in the new shards continues the old ones exactly.
+    if (saved.world_size != dist.world_size())
+      fail(
+          "checkpoint {} was written by {} ranks and this run has {}: each rank's data position belongs to "
+          "its shard of the data, which another number of ranks would cut differently; resume with {} ranks "
+          "(or resume=false to start afresh)",
+          ckpt, saved.world_size, dist.world_size(), saved.world_size);
+    std::set<std::string> names(saved.modules.begin(), saved.modules.end());
+    for (const auto& r : modules)
+      if (!names.erase(r.module.name))
+        fail("checkpoint {} has no trainable module '{}' (modules: {})", ckpt, r.module.name,
+             fmt::join(saved.modules, ", "));
+    if (!names.empty())
+      fail("checkpoint {} has a trainable module '{}' that this run does not train", ckpt, *names.begin());
+    for (const auto& r : modules) load_module_params(ckpt, r.module);
   }
-  AdamW optimizer(params, adam);
+  // After the weights are loaded: bf16 parameters take their fp32 master copies now.
+  for (auto& r : modules) r.optimizer = std::make_unique<AdamW>(r.module.params, r.module.optim.adam);
   if (!ckpt.empty()) {
-    optimizer.load_state(read_named((fs::path(ckpt) / "optimizer.safetensors").string()));
-    const auto state = read_checkpoint_state(ckpt);
-    step = state.step;
-    algo.load_state(state.trainer.at("data"));
+    for (auto& r : modules) r.optimizer->load_state(read_module_optimizer(ckpt, r.module.name));
+    step = saved.step;
+    algo.load_state(saved.data.at(dist.rank()));
     log_info("resuming from {} (step {})", ckpt, step);
   }
 
   std::vector<at::Tensor> leaves;
-  for (auto& [name, t] : params) leaves.push_back(t);
+  for (const auto& r : modules)
+    for (const auto& [name, t] : r.module.params) leaves.push_back(t);
   std::unique_ptr<dist::DataParallel> ddp;
   if (dist.world_size() > 1) {
     ddp = std::make_unique<dist::DataParallel>(
@@ -181,17 +331,13 @@ void train(const Config& cfg, const TrainerOptions& opt, Transformer& model, Alg
     tensorboard = std::make_unique<TensorBoardWriter>((fs::path(opt.output_dir) / "tensorboard").string());
   }
   auto log_row = [&](const std::string& split, int64_t at_step,
-                     const std::vector<std::pair<std::string, double>>& values, const nlohmann::json& extra) {
+                     const std::vector<std::pair<std::string, double>>& values) {
     if (!main_rank) return;
     nlohmann::json row = {{"step", at_step}, {"split", split}};
     std::vector<std::pair<std::string, double>> tb;
     for (const auto& [k, v] : values) {
       row[k] = v;
       tb.emplace_back(split + "/" + k, v);
-    }
-    for (const auto& [k, v] : extra.items()) {
-      row[k] = v;
-      if (v.is_number()) tb.emplace_back(split + "/" + k, v.get<double>());
     }
     metrics->write(row);
     tensorboard->add_scalars(at_step, tb);
@@ -204,9 +350,26 @@ void train(const Config& cfg, const TrainerOptions& opt, Transformer& model, Alg
     const bool any = sum_over_ranks(dist, {double(val.parts.size())})[0] > 0;
     if (!any) return std::nullopt;
     auto values = reduce_metrics(dist, val.metric_names, val.parts, nullptr);
-    log_row("validation", at_step, values, {});
+    log_row("validation", at_step, values);
     if (main_rank) log_info("step {}: validation loss {:.4f}", at_step, values[0].second);
     return values[0].second;
+  };
+
+  auto save = [&] {
+    // Every rank's data position goes into the one checkpoint that rank 0 writes.
+    std::vector<nlohmann::json> data;
+    for (const auto& s : gather_strings(dist, algo.state().dump())) data.push_back(nlohmann::json::parse(s));
+    if (main_rank) {
+      std::vector<CheckpointModule> saved_modules;
+      CheckpointState state{step, dist.world_size(), {}, std::move(data)};
+      for (const auto& r : modules) {
+        saved_modules.push_back({r.module.name, r.module.model, r.module.params, r.whole_model,
+                                 r.optimizer->state(), r.module.tokenizer_dir});
+        state.modules.push_back(r.module.name);
+      }
+      save_checkpoint(opt.output_dir, saved_modules, state, opt.keep_last);
+    }
+    dist.barrier();
   };
 
   // A real SIGKILL at a chosen step, so that tests can check that a killed run resumes to the
@@ -218,10 +381,19 @@ void train(const Config& cfg, const TrainerOptions& opt, Transformer& model, Alg
   if (step == 0 && opt.val_interval > 0) validate(0);
   while (step < total_steps) {
     const auto t0 = Clock::now();
-    if (!algo.next_step(accumulation)) break;
+    const bool loaded = algo.next_step(accumulation);
     double units = 0;
-    for (int64_t i = 0; i < accumulation; ++i) units += algo.units(i);
-    const double global_units = sum_over_ranks(dist, {units})[0];
+    for (int64_t i = 0; loaded && i < accumulation; ++i) units += algo.units(i);
+    // One collective settles both whether every rank has data (uneven shards end together, rather
+    // than one rank leaving for validation while the others wait in this step's reductions) and
+    // what the global batch's loss is divided by.
+    const auto agreed = sum_over_ranks(dist, {loaded ? 1.0 : 0.0, units});
+    if (agreed[0] < dist.world_size()) {
+      if (main_rank && agreed[0] > 0)
+        log_info("step {}: a rank's share of the data is done, so every rank stops here", step + 1);
+      break;
+    }
+    const double global_units = agreed[1];
     if (global_units <= 0)
       fail("step {}: the global batch has nothing to train on (every loss token masked)", step + 1);
 
@@ -234,44 +406,51 @@ void train(const Config& cfg, const TrainerOptions& opt, Transformer& model, Alg
       parts.push_back(std::move(part));
     }
     if (ddp) ddp->sync_gradients();
-    const double grad_norm = clip_grad_norm(params, opt.grad_clip > 0 ? opt.grad_clip : INFINITY);
-    const double lr = schedule_lr(schedule, step);
-    if (std::isfinite(grad_norm)) {
-      optimizer.step(lr);
-    } else {
-      log_warn("step {}: gradient norm is {}; step skipped", step + 1, grad_norm);
+    std::vector<std::pair<std::string, double>> shown;  // lr and grad_norm per module
+    bool finite = true;
+    for (auto& r : modules) {
+      const double clip = r.module.optim.grad_clip;
+      const double norm = clip_grad_norm(r.module.params, clip > 0 ? clip : INFINITY);
+      if (!std::isfinite(norm)) {
+        log_warn("step {}: the gradient norm of '{}' is {}; step skipped", step + 1, r.module.name, norm);
+        finite = false;
+      }
+      shown.emplace_back(module_key(r, "lr"), schedule_lr(r.schedule, step));
+      shown.emplace_back(module_key(r, "grad_norm"), norm);
     }
-    optimizer.zero_grad();
+    for (size_t k = 0; k < modules.size(); ++k) {
+      if (finite) modules[k].optimizer->step(shown[2 * k].second);
+      modules[k].optimizer->zero_grad();
+    }
     ++step;
+    algo.after_optimizer_step(step);
 
     double tokens = 0;
     // Every rank loads `accumulation` micro-batches, so each knows the names from its own.
     std::vector<std::string> names;
-    for (const auto& m : parts.front().metrics) names.push_back(m.first);
+    for (const auto& m : parts.front().metrics) names.push_back(m.name);
     auto values = reduce_metrics(dist, names, parts, &tokens);
     const double tokens_per_s = tokens / std::max(seconds_since(t0), 1e-9);
-    auto shown = values;
-    shown.emplace_back("lr", lr);
-    shown.emplace_back("grad_norm", grad_norm);
-    if (main_rank) progress.update(step, shown, tokens_per_s);
-    if (step % opt.log_interval == 0 || step == total_steps)
-      log_row("train", step, values, {{"lr", lr}, {"grad_norm", grad_norm}, {"tokens_per_s", tokens_per_s}});
+    values.insert(values.end(), shown.begin(), shown.end());
+    if (main_rank) progress.update(step, values, tokens_per_s);
+    values.emplace_back("tokens_per_s", tokens_per_s);
+    if (step % opt.log_interval == 0 || step == total_steps) log_row("train", step, values);
     if (opt.val_interval > 0 && step % opt.val_interval == 0) validate(step);
-    if (opt.save_interval > 0 && step % opt.save_interval == 0) {
-      if (main_rank)
-        save_checkpoint(opt.output_dir, model, optimizer.state(),
-                        {step, {{"data", algo.state()}, {"optimizer_steps", optimizer.step_count()}}},
-                        opt.keep_last, tokenizer_dir);
-      dist.barrier();
-    }
+    if (opt.save_interval > 0 && step % opt.save_interval == 0) save();
     if (step == kill_at) std::raise(SIGKILL);
   }
   progress.finish();
   if (opt.val_interval <= 0 || step % opt.val_interval != 0) validate(step);
   if (main_rank) {
-    const std::string final_dir = (fs::path(opt.output_dir) / "final").string();
-    save_transformer(model, final_dir, std::nullopt, 0, tokenizer_dir);
-    log_info("wrote {} after {} steps", final_dir, step);
+    int64_t exported = 0;
+    for (const auto& r : modules) exported += r.module.export_final;
+    for (const auto& r : modules) {
+      if (!r.module.export_final) continue;
+      fs::path dir = fs::path(opt.output_dir) / "final";
+      if (exported > 1) dir /= r.module.name;
+      save_transformer(*r.module.model, dir.string(), std::nullopt, 0, r.module.tokenizer_dir);
+      log_info("wrote {} after {} steps", dir.string(), step);
+    }
   }
   dist.barrier();
 }

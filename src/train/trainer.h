@@ -12,16 +12,57 @@
 #include "core/config.h"
 #include "dist/process_group.h"
 #include "model/transformer.h"
+#include "train/optimizer.h"
+#include "train/schedule.h"
 
 namespace aligner {
 
+// ---- The algorithm interface ----
+//
+// An algorithm is a loss and a data (or rollout) recipe; the trainer owns the rest. Per optimizer
+// step, on every rank, the trainer calls
+//   next_step(n)                 load this rank's n micro-batches (an online algorithm generates and
+//                                scores its rollouts here)
+//   units(i), i < n              what micro-batch i's loss is a sum over (tokens, pairs, labels)
+//   loss(i),  i < n              that sum, with the graph; the trainer divides it by the units of the
+//                                whole global batch (all micro-batches of all ranks) and backpropagates
+//   after_optimizer_step(step)   once every module has stepped (adaptive KL, refreshing caches)
+// and validate() every trainer.val_interval steps and at the end.
+//
+// What trains is a list of TrainableModule (below): each names a subset of one model's parameters
+// and its own optimizer settings. Parameters of a module's model that no module lists are frozen
+// (no gradient, no optimizer state), and models in no module (a reference, a teacher) are left
+// alone.
+//
+// Collectives: an algorithm that needs them (advantage whitening, counts over all ranks) keeps the
+// run's dist::Dist (init_run) and may call them in any of the methods above, provided every rank
+// calls the same ones in the same order, including a rank whose next_step finds no data: ranks
+// agree on the end of the data after next_step, and all stop at the first step where any rank has
+// none.
+//
+// tests/test_trainer.cpp has an algorithm with two modules (an "actor" and a "critic" with their
+// own learning rates) that shows every part of this.
+
+// A mean over the global batch: sums and counts are added over the micro-batches of every rank
+// before the division, so the count decides what the metric is a mean of: loss tokens (per-token
+// quantities), sequences (reward, KL, length), or 1 from one micro-batch per rank (per-step
+// quantities such as timings: their mean over ranks). A metric whose count is 0 over the whole
+// global batch is not reported.
+struct Metric {
+  std::string name;
+  double sum = 0;
+  double count = 0;
+};
+
 // One micro-batch's contribution, as sums over its loss units (tokens for SFT, pairs for DPO), so
-// that the trainer can divide by the count over the whole global batch on every rank.
+// that the trainer can divide by the count over the whole global batch on every rank. Every
+// micro-batch of a step, on every rank, reports the same metric names in the same order (a metric
+// with nothing to add reports count 0).
 struct LossSums {
-  at::Tensor loss;                                      // scalar; carries the graph when training
-  double units = 0;                                     // what the loss is averaged over
-  int64_t tokens = 0;                                   // tokens processed, for throughput
-  std::vector<std::pair<std::string, double>> metrics;  // sums over units, reported as means
+  at::Tensor loss;     // scalar; carries the graph when training
+  double units = 0;    // what the loss is averaged over
+  int64_t tokens = 0;  // tokens processed, for throughput
+  std::vector<Metric> metrics;
 };
 
 // This rank's share of the validation set, and the names its micro-batches' metrics carry, in their
@@ -37,17 +78,54 @@ class Algorithm {
   virtual ~Algorithm() = default;
   // Examples per epoch on all ranks together, to turn max_epochs into steps.
   virtual int64_t steps_per_epoch(int64_t global_batch_size) const = 0;
-  // Loads this rank's next `n` micro-batches; false once max_epochs are done.
+  // Loads this rank's next `n` micro-batches; false once its data is done (max_epochs).
   virtual bool next_step(int64_t n) = 0;
   // Loss units in micro-batch i of the loaded step (known before any forward pass).
   virtual double units(int64_t i) const = 0;
   virtual LossSums loss(int64_t i) = 0;
+  // Called after the optimizer step that made `step` steps in all.
+  virtual void after_optimizer_step(int64_t step) {}
   // The validation set once over (this rank's share), without gradients; no parts when none.
   virtual ValidationSums validate() = 0;
-  // Where the data stands, for checkpoints; load_state continues from there.
+  // Where this rank's data stands, for checkpoints; load_state continues from there. Each rank
+  // saves and restores its own.
   virtual nlohmann::json state() const = 0;
   virtual void load_state(const nlohmann::json& state) = 0;
 };
+
+// How one module's parameters are updated: AdamW, a learning-rate schedule over the run's steps,
+// and gradient clipping by the module's own global norm.
+struct OptimizerSettings {
+  AdamWConfig adam;
+  ScheduleKind schedule = ScheduleKind::kConstant;
+  double min_lr = 0;
+  int64_t warmup_steps = 0;
+  double grad_clip = 1.0;  // 0: no clipping (the norm is still reported)
+};
+
+// <prefix>.lr, .betas, .eps, .weight_decay, .scheduler, .min_lr, .warmup_steps and the clipping
+// norm at `grad_clip_key`, checked; errors name the key.
+OptimizerSettings read_optimizer_settings(const Config& cfg, const std::string& prefix,
+                                          const std::string& grad_clip_key);
+
+struct TrainableModule {
+  // Names the module's checkpoint entry, its metrics ("<name>/lr", "<name>/grad_norm" when there
+  // are several modules) and its folder in final/.
+  std::string name;
+  Transformer* model = nullptr;
+  // What trains: a subset of named_parameters(*model), by its names. A parameter may belong to one
+  // module only.
+  NamedParams params;
+  OptimizerSettings optim;
+  // Written to OUTPUT_DIR/final (one module exported) or final/<name> (several) as a Hugging Face
+  // folder with the tokenizer files of tokenizer_dir.
+  bool export_final = true;
+  std::string tokenizer_dir;
+};
+
+// Every parameter of `model` trains: what SFT, RM, DPO and KD use (module "model").
+TrainableModule whole_model(Transformer& model, OptimizerSettings optim, std::string tokenizer_dir,
+                            std::string name = "model");
 
 struct TrainerOptions {
   int64_t max_steps = 0;  // 0: as many as max_epochs take
@@ -59,7 +137,6 @@ struct TrainerOptions {
   int64_t keep_last = 2;
   int64_t log_interval = 1;
   uint64_t seed = 1234;
-  double grad_clip = 1.0;  // 0: no clipping (the norm is still reported)
   std::string output_dir;
   std::string resume = "auto";  // auto | true | false
   bool overwrite = false;
@@ -69,8 +146,8 @@ struct TrainerOptions {
 TrainerOptions read_trainer_options(const Config& cfg);
 
 // Prepares output_dir per resume/overwrite (rank 0), writes the resolved config beside the run's
-// outputs, trains, and exports OUTPUT_DIR/final with the tokenizer files of `tokenizer_dir`.
-void train(const Config& cfg, const TrainerOptions& opt, Transformer& model, Algorithm& algo,
-           dist::Dist& dist, const std::string& tokenizer_dir);
+// outputs, trains the modules, and exports them to OUTPUT_DIR/final.
+void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableModule> modules,
+           Algorithm& algo, dist::Dist& dist);
 
 }  // namespace aligner

@@ -1,0 +1,321 @@
+// The trainer's algorithm interface, through an example of an algorithm with two trainable modules:
+// an "actor" that trains its whole model and a "critic" that trains one layer of another, each with
+// its own learning rate and clipping, per-sequence and per-step metrics, a hook after each optimizer
+// step, checkpoints matched by name, and one folder per module in final/. Also: activation
+// checkpointing gives gradients to a layer whose input needs none.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "algo/data_stream.h"
+#include "core/builtin_configs.h"
+#include "core/error.h"
+#include "data/sampler.h"
+#include "io/hf_checkpoint.h"
+#include "io/safetensors.h"
+#include "model/transformer.h"
+#include "run_outputs.h"
+#include "test_util.h"
+#include "train/trainer.h"
+
+namespace fs = std::filesystem;
+using namespace aligner;
+using namespace aligner::test;
+
+namespace {
+
+bool contains(const std::string& text, const std::string& part) {
+  return text.find(part) != std::string::npos;
+}
+
+ModelConfig small_config() {
+  nlohmann::json j = {{"model_type", "llama"},
+                      {"vocab_size", 64},
+                      {"hidden_size", 16},
+                      {"intermediate_size", 32},
+                      {"num_hidden_layers", 2},
+                      {"num_attention_heads", 2},
+                      {"num_key_value_heads", 1},
+                      {"max_position_embeddings", 64},
+                      {"tie_word_embeddings", false},
+                      {"torch_dtype", "float32"}};
+  return parse_model_config(j, "small");
+}
+
+// Sequences of 5 to 12 random tokens.
+std::vector<at::Tensor> make_data(int64_t n) {
+  at::manual_seed(3);
+  std::vector<at::Tensor> out;
+  for (int64_t i = 0; i < n; ++i) out.push_back(at::randint(64, {1, 5 + i % 8}, at::kLong));
+  return out;
+}
+
+// The sum of log p(token | previous tokens) over a sequence.
+at::Tensor sequence_logprob(const Transformer& m, const at::Tensor& ids, bool checkpoint_layers) {
+  ForwardInput in{ids};
+  in.checkpoint_layers = checkpoint_layers;
+  const int64_t T = ids.size(1);
+  const auto hidden = forward_hidden(m, in).narrow(1, 0, T - 1);
+  return token_logprobs(m, hidden, ids.narrow(1, 1, T - 1)).sum();
+}
+
+// Both models learn the same sequences; the loss is a sum over predicted tokens. The critic runs
+// with activation checkpointing, and its first trained layer's input needs no gradient (its
+// embeddings and first layer are frozen).
+class TwoModels final : public Algorithm {
+ public:
+  TwoModels(Transformer& actor, Transformer& critic, int64_t micro_batch_size)
+      : actor_(actor), critic_(critic), data_(make_data(24)), micro_batch_size_(micro_batch_size) {
+    sampler_ = make_sampler(int64_t(data_.size()), 0, 1, true, 11);
+  }
+
+  int64_t steps_per_epoch(int64_t global_batch_size) const override {
+    return int64_t(data_.size()) / global_batch_size;
+  }
+  bool next_step(int64_t n) override {
+    step_ = next_micro_batches(sampler_, 1, micro_batch_size_, n,
+                               [](int64_t i) { return std::optional<int64_t>(i); });
+    return !step_.empty();
+  }
+  double units(int64_t i) const override {
+    double tokens = 0;
+    for (const auto& e : step_.at(i)) tokens += double(data_[e.index].size(1) - 1);
+    return tokens;
+  }
+  LossSums loss(int64_t i) override {
+    LossSums out;
+    out.loss = at::zeros({}, at::kFloat);
+    double length = 0;
+    for (const auto& e : step_.at(i)) {
+      const auto& ids = data_[e.index];
+      out.loss = out.loss - sequence_logprob(actor_, ids, false) - sequence_logprob(critic_, ids, true);
+      length += double(ids.size(1));
+    }
+    out.units = units(i);
+    const bool first = i == 0;
+    out.metrics = {{"length", length, double(step_.at(i).size())},  // per sequence
+                   {"hook_calls", first ? double(hook_calls.size()) : 0.0, first ? 1.0 : 0.0}};  // per step
+    return out;
+  }
+  void after_optimizer_step(int64_t step) override { hook_calls.push_back(step); }
+  ValidationSums validate() override { return {}; }
+  nlohmann::json state() const override { return {{"position", sampler_.position}}; }
+  void load_state(const nlohmann::json& s) override { sampler_.position = s.at("position").get<int64_t>(); }
+
+  std::vector<int64_t> hook_calls;
+
+ private:
+  Transformer &actor_, &critic_;
+  std::vector<at::Tensor> data_;
+  int64_t micro_batch_size_;
+  Sampler sampler_;
+  std::vector<std::vector<Indexed<int64_t>>> step_;
+};
+
+struct TwoModelRun {
+  Transformer actor = init_transformer(small_config(), at::kCPU, 1);
+  Transformer critic = init_transformer(small_config(), at::kCPU, 2);
+  std::vector<int64_t> hook_calls;
+};
+
+OptimizerSettings settings(double lr, double grad_clip) {
+  OptimizerSettings o;
+  o.adam.lr = lr;
+  o.adam.eps = 1e-12;
+  o.grad_clip = grad_clip;
+  return o;
+}
+
+NamedParams critic_layer(Transformer& critic, const std::string& prefix = "model.layers.1.") {
+  NamedParams out;
+  for (auto& [name, t] : named_parameters(critic))
+    if (name.rfind(prefix, 0) == 0) out.emplace_back(name, t);
+  return out;
+}
+
+// Trains both modules for max_steps (micro-batches of 2, global batches of 4) into `out`.
+TwoModelRun run_two_models(const fs::path& out, int64_t max_steps,
+                           const std::string& critic_prefix = "model.layers.1.",
+                           const std::string& critic_name = "critic", bool export_critic = true) {
+  TwoModelRun run;
+  const auto cfg = Config::load(builtin_config("sft"), "", {"output_dir=" + out.string()});
+  TrainerOptions opt;
+  opt.max_steps = max_steps;
+  opt.micro_batch_size = 2;
+  opt.global_batch_size = 4;
+  opt.save_interval = 2;
+  opt.keep_last = 0;
+  opt.output_dir = out.string();
+  TrainableModule actor{"actor", &run.actor, named_parameters(run.actor), settings(1e-2, 1.0)};
+  TrainableModule critic{critic_name, &run.critic, critic_layer(run.critic, critic_prefix),
+                         settings(1e-3, 1e-3)};
+  critic.export_final = export_critic;
+  TwoModels algo(run.actor, run.critic, 2);
+  dist::Dist one;
+  train(cfg, opt, {actor, critic}, algo, one);
+  run.hook_calls = algo.hook_calls;
+  return run;
+}
+
+std::map<std::string, at::Tensor> clone_params(const Transformer& m) {
+  std::map<std::string, at::Tensor> out;
+  for (const auto& [name, t] : named_parameters(m)) out.emplace(name, t.detach().clone());
+  return out;
+}
+
+double max_change(const at::Tensor& a, const at::Tensor& b) {
+  return (a - b).abs().max().item<double>();
+}
+
+TEST(Trainer, TwoModulesTrainWithTheirOwnSettings) {
+  const auto out = temp_dir("two_modules");
+  const TwoModelRun fresh;
+  const auto actor0 = clone_params(fresh.actor), critic0 = clone_params(fresh.critic);
+  auto run = run_two_models(out, 1);
+
+  // Adam's first step moves every coordinate by about its module's learning rate (the gradient's
+  // sign times lr), whatever the clipping did to the gradient's scale.
+  double actor_moved = 0, critic_moved = 0;
+  for (const auto& [name, t] : named_parameters(run.actor))
+    actor_moved = std::max(actor_moved, max_change(t, actor0.at(name)));
+  for (const auto& [name, t] : named_parameters(run.critic)) {
+    const bool trained = name.rfind("model.layers.1.", 0) == 0;
+    if (trained) {
+      critic_moved = std::max(critic_moved, max_change(t, critic0.at(name)));
+    } else {
+      EXPECT_EQ(max_change(t, critic0.at(name)), 0.0) << name << " is frozen";
+      EXPECT_FALSE(t.requires_grad()) << name;
+      EXPECT_FALSE(t.grad().defined()) << name << " is frozen: no gradient";
+    }
+  }
+  EXPECT_NEAR(actor_moved, 1e-2, 1e-5);
+  EXPECT_NEAR(critic_moved, 1e-3, 1e-6);
+
+  // Each module's gradient norm is its own: the same loss, backpropagated by hand, gives it.
+  TwoModelRun again;
+  for (auto& [name, t] : named_parameters(again.actor)) t.requires_grad_(true);
+  for (auto& [name, t] : critic_layer(again.critic)) t.requires_grad_(true);
+  TwoModels algo(again.actor, again.critic, 2);
+  ASSERT_TRUE(algo.next_step(2));
+  const double units = algo.units(0) + algo.units(1);
+  for (int i = 0; i < 2; ++i) (algo.loss(i).loss / units).backward();
+  auto norm = [](const NamedParams& ps) {
+    double s = 0;
+    for (const auto& [n, t] : ps) s += t.grad().pow(2).sum().item<double>();
+    return std::sqrt(s);
+  };
+  const auto rows = metrics(out);
+  ASSERT_EQ(rows.size(), 1u);
+  EXPECT_NEAR(rows[0]["actor/grad_norm"].get<double>(), norm(named_parameters(again.actor)), 1e-4);
+  EXPECT_NEAR(rows[0]["critic/grad_norm"].get<double>(), norm(critic_layer(again.critic)), 1e-4);
+  EXPECT_EQ(rows[0]["actor/lr"].get<double>(), 1e-2);
+  EXPECT_EQ(rows[0]["critic/lr"].get<double>(), 1e-3);
+  EXPECT_FALSE(rows[0].contains("grad_norm"));
+  fs::remove_all(out);
+}
+
+TEST(Trainer, MetricsAreMeansOverTheirOwnCountsAndTheHookFollowsEachStep) {
+  const auto out = temp_dir("two_modules_metrics");
+  auto run = run_two_models(out, 3);
+  EXPECT_EQ(run.hook_calls, (std::vector<int64_t>{1, 2, 3}));
+  // The same order of examples as the run's, to compute the mean length per sequence.
+  auto sampler = make_sampler(24, 0, 1, true, 11);
+  const auto data = make_data(24);
+  const auto rows = metrics(out);
+  ASSERT_EQ(rows.size(), 3u);
+  for (int step = 0; step < 3; ++step) {
+    double length = 0;
+    for (int k = 0; k < 4; ++k) length += double(data[next_index(sampler)].size(1));
+    EXPECT_DOUBLE_EQ(rows[step]["length"].get<double>(), length / 4) << step;
+    // Counted once per step, so its mean is the value itself: the hooks called before this step.
+    EXPECT_EQ(rows[step]["hook_calls"].get<double>(), double(step)) << step;
+  }
+  fs::remove_all(out);
+}
+
+TEST(Trainer, CheckpointsHoldEveryModuleAndResumeByName) {
+  const auto whole = temp_dir("two_modules_whole"), parts = temp_dir("two_modules_parts");
+  const auto a = run_two_models(whole, 4);
+  run_two_models(parts, 2);
+  const fs::path step2 = parts / "checkpoints" / "step_2";
+  // The actor trains its whole model: a Hugging Face folder. The critic trains one layer: only that.
+  EXPECT_TRUE(fs::exists(step2 / "actor" / "config.json"));
+  EXPECT_TRUE(fs::exists(step2 / "actor.optimizer.safetensors"));
+  auto critic_file = safetensors::File::open((step2 / "critic" / "trainable.safetensors").string());
+  EXPECT_EQ(critic_file.tensors().size(), 9u);  // norms and seven projections of layer 1
+  EXPECT_TRUE(fs::exists(step2 / "critic.optimizer.safetensors"));
+  // final/ has a folder per module.
+  EXPECT_TRUE(fs::exists(whole / "final" / "actor" / "config.json"));
+  EXPECT_TRUE(fs::exists(whole / "final" / "critic" / "config.json"));
+
+  // Resumed from step 2 to step 4: the same weights and metrics as the run never stopped.
+  const auto b = run_two_models(parts, 4);
+  EXPECT_EQ(b.hook_calls, (std::vector<int64_t>{3, 4}));
+  for (const auto& [m1, m2] : {std::make_pair(&a.actor, &b.actor), std::make_pair(&a.critic, &b.critic)}) {
+    const auto p1 = named_parameters(*m1), p2 = named_parameters(*m2);
+    for (size_t i = 0; i < p1.size(); ++i) EXPECT_TRUE(p1[i].second.equal(p2[i].second)) << p1[i].first;
+  }
+  const auto ra = metrics(whole), rb = metrics(parts);
+  ASSERT_EQ(rb.size(), 4u);
+  for (size_t i = 0; i < 4; ++i) EXPECT_EQ(ra[i]["loss"].get<double>(), rb[i]["loss"].get<double>()) << i;
+
+  // A run that trains another layer, or names its modules otherwise, is refused by name.
+  EXPECT_TRUE(contains(error_of([&] { run_two_models(parts, 6, "model.layers.0."); }),
+                       "module 'critic' has no tensor 'model.layers.0."));
+  EXPECT_TRUE(contains(error_of([&] { run_two_models(parts, 6, "model.layers.1.", "value"); }),
+                       "has no trainable module 'value'"));
+  fs::remove_all(whole);
+  fs::remove_all(parts);
+}
+
+TEST(Trainer, OneExportedModuleIsFinalItself) {
+  const auto out = temp_dir("two_modules_one_export");
+  run_two_models(out, 1, "model.layers.1.", "critic", /*export_critic=*/false);
+  EXPECT_TRUE(fs::exists(out / "final" / "config.json"));
+  EXPECT_FALSE(fs::exists(out / "final" / "critic"));
+  fs::remove_all(out);
+}
+
+TEST(Trainer, ModulesAreChecked) {
+  Transformer m = init_transformer(small_config(), at::kCPU, 1);
+  Transformer other = init_transformer(small_config(), at::kCPU, 2);
+  const auto cfg = Config::load(builtin_config("sft"), "", {"output_dir=/tmp/unused"});
+  TrainerOptions opt;
+  opt.max_steps = 1;
+  opt.output_dir = temp_dir("modules_checked").string();
+  TwoModels algo(m, other, 1);
+  dist::Dist one;
+  auto error = [&](std::vector<TrainableModule> modules) {
+    return error_of([&] { train(cfg, opt, modules, algo, one); });
+  };
+  TrainableModule a{"a", &m, named_parameters(m), settings(1e-3, 1)};
+  TrainableModule b{"b", &m, critic_layer(m), settings(1e-3, 1)};
+  EXPECT_TRUE(contains(error({a, b}), "parameter 'model.layers.1.")) << "a parameter in two modules";
+  EXPECT_TRUE(contains(error({a, a}), "two trainable modules are named 'a'"));
+  TrainableModule foreign{"f", &m, critic_layer(other), settings(1e-3, 1)};
+  EXPECT_TRUE(contains(error({foreign}), "is not a parameter of its model"));
+}
+
+// With frozen embeddings the first layer's input needs no gradient; a checkpointed layer must
+// still give its weights theirs, the same as without checkpointing.
+TEST(ActivationCheckpointing, GradientsReachLayersWhoseInputNeedsNone) {
+  const auto ids = at::randint(64, {2, 9}, at::kLong);
+  std::vector<std::map<std::string, at::Tensor>> grads;
+  for (bool checkpoint : {false, true}) {
+    Transformer m = init_transformer(small_config(), at::kCPU, 5);
+    for (auto& [name, t] : named_parameters(m)) t.requires_grad_(name != "model.embed_tokens.weight");
+    sequence_logprob(m, ids, checkpoint).backward();
+    std::map<std::string, at::Tensor> g;
+    for (auto& [name, t] : named_parameters(m))
+      if (t.requires_grad()) {
+        EXPECT_TRUE(t.grad().defined()) << name << (checkpoint ? " with" : " without") << " checkpointing";
+        if (t.grad().defined()) g.emplace(name, t.grad().clone());
+      }
+    grads.push_back(g);
+  }
+  ASSERT_EQ(grads[0].size(), grads[1].size());
+  for (const auto& [name, g] : grads[0]) EXPECT_LT(max_change(g, grads[1].at(name)), 1e-6) << name;
+}
+
+}  // namespace
