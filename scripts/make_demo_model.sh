@@ -8,7 +8,7 @@ A=${ALIGNER:-build-cuda/aligner}
 CORPUS=${CORPUS:-.deps/corpus}
 RUN_DIR=${RUN_DIR:-runs/tiny-llama-pretrain}
 $A init --config examples/models/tiny-llama.config.json --tokenizer tests/fixtures/tokenizers/llama3-style-bpe6k \
-  --out runs/tiny-llama-init --seed 1
+  --out runs/tiny-llama-init --overwrite --seed 1
 $A sft --config examples/models/tiny-llama.pretrain.yaml model.path=runs/tiny-llama-init \
   data.train=$CORPUS/train.jsonl data.validation=$CORPUS/val.jsonl output_dir=$RUN_DIR
 rm -rf examples/models/tiny-llama

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "core/error.h"
+#include "core/json.h"
 #include "test_util.h"
 
 namespace aligner {
@@ -59,6 +60,31 @@ TEST(Jsonl, MalformedLineNamesFileAndLine) {
   EXPECT_NE(msg.find(path + ":4: expected a JSON object, got array"), std::string::npos) << msg;
   msg = error_of([&] { f.read(3); });
   EXPECT_NE(msg.find("out of range"), std::string::npos) << msg;
+}
+
+// Deep enough to overflow the stack of a recursive walk (a copy, a dump), were it parsed.
+TEST(Jsonl, DeeplyNestedLineNamesFileAndLine) {
+  const std::string path = write_temp(
+      "deep.jsonl", "{\"a\": 1}\n{\"a\": " + std::string(100000, '[') + std::string(100000, ']') + "}\n");
+  JsonlFile f(path);
+  EXPECT_EQ(f.read(0)["a"], 1);
+  const std::string msg = error_of([&] { f.read(1); });
+  EXPECT_NE(msg.find(path + ":2: JSON nested deeper than 256 levels"), std::string::npos) << msg;
+}
+
+TEST(Json, DepthIsBoundedAndCountsOnlyBracketsOutsideStrings) {
+  const std::string deepest = std::string(kMaxJsonDepth, '[') + std::string(kMaxJsonDepth, ']');
+  EXPECT_TRUE(parse_json(deepest, "x.json").is_array());
+  std::string msg = error_of([&] { parse_json("[" + deepest + "]", "x.json"); });
+  EXPECT_EQ(msg, "x.json: JSON nested deeper than 256 levels");
+  // Brackets inside strings, after an escaped quote too, are text.
+  const std::string text = std::string(1000, '[') + "\\\"" + std::string(1000, '{');
+  EXPECT_EQ(parse_json("{\"s\": \"" + text + "\"}", "x.json")["s"].get<std::string>().size(), 2001u);
+  msg = error_of([&] { parse_json("{\"a\": ", "x.json"); });
+  EXPECT_EQ(msg.rfind("x.json: invalid JSON: ", 0), 0u) << msg;
+  EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
+  EXPECT_NE(error_of([&] { read_json_file(testing::TempDir() + "no_such.json"); }).find("no_such.json"),
+            std::string::npos);
 }
 
 TEST(Jsonl, EmptyAndMissingFilesAreErrors) {

@@ -378,6 +378,35 @@ TEST(MetricsLog, TruncateAfterDropsTornLastLine) {
   }
 }
 
+// Resuming rolls back by step number: a bad line in the middle (a torn write that a later run
+// appended after, a hand edit) loses only itself, with a warning, never the rows after it.
+TEST(MetricsLog, TruncateAfterKeepsRowsAfterABadLineAndWarns) {
+  const std::string path = fresh_dir("m_bad_line") + "/metrics.jsonl";
+  std::ofstream(path, std::ios::binary)
+      << "{\"step\": 1}\n"
+      << "{\"step\": 2, \"lo\n"
+      << "{\"step\": 2}\n"
+      << "[3]\n"
+      << "{\"note\": \"after 2\"}\n"
+      << std::string(100000, '[') << std::string(100000, ']') << "\n"
+      << "{\"step\": 3}\n{\"step\": 4}\n{\"note\": \"after 4\"}\n{\"step\": 5}\n";
+  std::vector<std::string> lines;
+  LogSink previous = set_log_sink([&](const std::string& line) { lines.push_back(line); });
+  {
+    MetricsLog log(path, true);
+    log.truncate_after(3);
+    log.write({{"step", 4}});
+  }
+  set_log_sink(std::move(previous));
+  EXPECT_EQ(read_file(path),
+            "{\"step\": 1}\n{\"step\": 2}\n{\"note\": \"after 2\"}\n{\"step\": 3}\n{\"step\":4}\n");
+  ASSERT_EQ(lines.size(), 1u);
+  EXPECT_NE(lines[0].find("warning: " + path + ": dropped 3 line(s) that are not JSON objects: line 2, 4, 6"),
+            std::string::npos)
+      << lines[0];
+  EXPECT_FALSE(fs::exists(path + ".tmp"));
+}
+
 // ---- Progress ----
 
 TEST(Progress, FormatsDurations) {

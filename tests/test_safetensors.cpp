@@ -313,8 +313,13 @@ TEST_P(MalformedHeader, ErrorNamesFileAndTensor) {
 INSTANTIATE_TEST_SUITE_P(
     Safetensors, MalformedHeader,
     testing::Values(
-        BadHeader{"not_json", R"({"a": {"dtype": )", 0, {"not valid JSON"}},
-        BadHeader{"empty_header", "", 0, {"not valid JSON"}},
+        BadHeader{"not_json", R"({"a": {"dtype": )", 0, {"header: invalid JSON"}},
+        BadHeader{"empty_header", "", 0, {"header: invalid JSON"}},
+        // Deep enough to overflow the stack of a recursive walk, were it parsed.
+        BadHeader{"deeply_nested",
+                  R"({"__metadata__":)" + std::string(100000, '[') + std::string(100000, ']') + "}",
+                  0,
+                  {"header: JSON nested deeper than 256 levels"}},
         BadHeader{"not_object", R"([1, 2])", 0, {"not a JSON object"}},
         BadHeader{"entry_not_object", R"({"a": 5})", 0, {"'a'", "not an object"}},
         BadHeader{"missing_dtype", R"({"a":{"shape":[1],"data_offsets":[0,4]}})", 4, {"'a'", "\"dtype\""}},
@@ -457,6 +462,53 @@ TEST_F(Safetensors, OpenDirErrors) {
 
   write_bytes(index, "{\"weight_map\": 3}");
   expect_error([&] { st::Checkpoint::open_dir(dir); }, {index, "weight_map"});
+
+  write_bytes(index, std::string(100000, '[') + std::string(100000, ']'));
+  expect_error([&] { st::Checkpoint::open_dir(dir); }, {index, "nested deeper than 256 levels"});
+}
+
+// A model folder is untrusted: the names its index holds must not lead out of it.
+TEST_F(Safetensors, IndexNamesOnlyFilesInsideTheFolder) {
+  const std::string dir = path("model");
+  st::save_dir(dir, five_tensors(), 100);
+  const std::string index = dir + "/model.safetensors.index.json";
+  const nlohmann::json good = nlohmann::json::parse(read_bytes(index));
+  write_safetensors(path("outside.safetensors"), "{}", "");
+  fs::create_directories(dir + "/sub");
+  fs::create_symlink("../../outside.safetensors", dir + "/sub/link.safetensors");
+
+  const std::vector<std::string> bad = {"../outside.safetensors",    "../../../../../../etc/passwd",
+                                        path("outside.safetensors"), "sub/../../outside.safetensors",
+                                        "sub/link.safetensors",      ""};
+  for (const std::string& shard : bad) {
+    nlohmann::json j = good;
+    j["weight_map"]["c"] = shard;
+    write_bytes(index, j.dump());
+    expect_error([&] { st::Checkpoint::open_dir(dir); }, {index, "weight_map entry 'c'", "'" + shard + "'"});
+  }
+  write_bytes(index, good.dump());
+  EXPECT_EQ(st::Checkpoint::open_dir(dir).names().size(), 5u);
+
+  // The index itself, or the one weights file, as a symlink out of the folder.
+  fs::remove(index);
+  fs::create_symlink("../outside.safetensors", index);
+  expect_error([&] { st::Checkpoint::open_dir(dir); }, {dir, "model.safetensors.index.json", "symlink"});
+  const std::string single = path("single");
+  fs::create_directories(single);
+  fs::create_symlink("../outside.safetensors", single + "/model.safetensors");
+  expect_error([&] { st::Checkpoint::open_dir(single); }, {single, "model.safetensors", "symlink"});
+}
+
+// The Hugging Face cache's snapshot folders hold links to ../../blobs: those are allowed.
+TEST_F(Safetensors, HuggingFaceCacheSnapshotLinksAreAllowed) {
+  const fs::path repo = dir_ / "hub" / "models--org--tiny";
+  const fs::path snapshot = repo / "snapshots" / "0123abcd";
+  fs::create_directories(repo / "blobs");
+  fs::create_directories(snapshot);
+  st::save(path("hub/models--org--tiny/blobs/5f3a"), five_tensors());
+  fs::create_symlink("../../blobs/5f3a", snapshot / "model.safetensors");
+  const auto ckpt = st::Checkpoint::open_dir(snapshot.string());
+  for (const auto& [name, t] : five_tensors()) expect_same_bits(t, ckpt.get(name), name);
 }
 
 }  // namespace

@@ -231,6 +231,45 @@ TEST(Tokenizer, LoadErrorsNameTheFile) {
   EXPECT_NE(message.find(broken.file()), std::string::npos) << message;
 }
 
+// tokenizer.json is untrusted input: ids size tables, so one far beyond what the file holds must be
+// an error naming it, not a std::bad_alloc; and nesting deep enough to overflow a recursive walk is
+// refused before parsing.
+TEST(Tokenizer, IdsBeyondTheFilesVocabularyAndDeepNestingAreErrors) {
+  TempTokenizer huge(R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1000000000}, "merges": []}})");
+  std::string message = load_error(huge.file());
+  EXPECT_NE(message.find(huge.file() + ": vocab token \"b\" has id 1000000000"), std::string::npos)
+      << message;
+
+  // Two entries and one added token: ids 0..2.
+  TempTokenizer past(R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": 3}, "merges": []},
+                         "added_tokens": [{"id": 2, "content": "<x>", "special": true}]})");
+  message = load_error(past.file());
+  EXPECT_NE(message.find("\"b\" has id 3, beyond the 3 ids"), std::string::npos) << message;
+
+  TempTokenizer text_id(R"({"model": {"type": "BPE", "vocab": {"a": "0"}, "merges": []}})");
+  message = load_error(text_id.file());
+  EXPECT_NE(message.find("\"a\" has id \"0\", not an integer"), std::string::npos) << message;
+
+  TempTokenizer special(R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
+    "post_processor": {"type": "TemplateProcessing",
+      "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+      "pair": [], "special_tokens": {"<s>": {"id": "<s>", "ids": [1000000000], "tokens": ["<s>"]}}}})");
+  message = load_error(special.file());
+  EXPECT_NE(message.find(special.file() + ": post_processor special token id 1000000000"), std::string::npos)
+      << message;
+
+  TempTokenizer deep(R"({"model": )" + std::string(100000, '[') + std::string(100000, ']') + "}");
+  message = load_error(deep.file());
+  EXPECT_NE(message.find(deep.file() + ": JSON nested deeper than 256 levels"), std::string::npos) << message;
+
+  TempTokenizer deep_config(R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}})");
+  const std::string config = (deep_config.dir / "tokenizer_config.json").string();
+  std::ofstream(config) << R"({"chat_template": )" << std::string(100000, '[') << std::string(100000, ']')
+                        << "}";
+  message = load_error(deep_config.file());
+  EXPECT_NE(message.find(config + ": JSON nested deeper than 256 levels"), std::string::npos) << message;
+}
+
 TEST(Tokenizer, HandWrittenBpeMergesByRank) {
   // "a b" ranks before "b c": "abc" -> "ab" + "c", and "bc" alone merges.
   TempTokenizer tiny(R"({
@@ -296,6 +335,14 @@ TEST(TokenizeCommand, PrintsIdsPerLine) {
   EXPECT_EQ(output, "{\"index\": 0, \"ids\": [15496, 995]}\n{\"index\": 1, \"ids\": [50256]}\n");
 }
 
+// {"a": {"a": ... 1}}, `depth` levels: nlohmann parses it, and its recursive copy or destruction
+// would overflow the stack.
+std::string deep_object(int depth) {
+  std::string text;
+  for (int i = 0; i < depth; ++i) text += "{\"a\": ";
+  return text + "1" + std::string(depth, '}');
+}
+
 TEST(TokenizeCommand, BadLinesNameFileLineAndField) {
   auto [status, output] = tokenize_cli("{\"text\": \"ok\"}\n{\"txt\": \"no\"}\n");
   EXPECT_NE(status, 0);
@@ -305,6 +352,10 @@ TEST(TokenizeCommand, BadLinesNameFileLineAndField) {
   std::tie(status, output) = tokenize_cli("{\"text\": \"ok\"}\n{broken\n");
   EXPECT_NE(status, 0);
   EXPECT_NE(output.find(".jsonl:2"), std::string::npos) << output;
+
+  std::tie(status, output) = tokenize_cli("{\"text\": \"ok\"}\n{\"x\": " + deep_object(100000) + "}\n");
+  EXPECT_EQ(status, 1) << output;
+  EXPECT_NE(output.find(".jsonl:2: JSON nested deeper than 256 levels"), std::string::npos) << output;
 }
 #endif
 

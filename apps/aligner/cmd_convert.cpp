@@ -40,15 +40,21 @@ void add_convert(CLI::App& app) {
   auto out = std::make_shared<std::string>();
   auto dtype = std::make_shared<std::string>();
   auto shard = std::make_shared<std::string>("0");
+  auto overwrite = std::make_shared<bool>(false);
   cmd->add_option("--model", *model, "Input model folder")->required();
   cmd->add_option("--out", *out, "Output model folder")->required();
   cmd->add_option("--dtype", *dtype, "float32 | bfloat16 | float16 (default: as stored)");
   cmd->add_option("--shard-size", *shard, "Largest shard, e.g. 5GB (default: one file)");
+  cmd->add_flag("--overwrite", *overwrite,
+                "Replace --out whatever it holds (without it, only a model folder aligner wrote)");
   cmd->callback([=] {
     std::optional<at::ScalarType> dt;
     if (!dtype->empty()) dt = parse_dtype_name(*dtype, "--dtype");
+    const int64_t shard_bytes = parse_size(*shard);
+    const Replace replace = *overwrite ? Replace::anything : Replace::ours;
+    check_model_folder_target(*out, replace, *model);
     auto m = load_transformer(*model, at::kCPU, dt);
-    save_transformer(m, *out, dt, parse_size(*shard), *model);
+    save_transformer(m, *out, dt, shard_bytes, *model, replace);
     fmt::print("wrote {}\n", *out);
   });
 }

@@ -115,7 +115,7 @@ void run(const std::string& model_dir, const std::string& data, const std::strin
   opt.tokenizer = tok.get();
   check_generation_options(opt);
   const at::Device device = parse_device_name(cfg.get_string("model.device"), "model.device");
-  const auto dtype = parse_dtype_name(cfg.get_string("model.dtype"), "model.dtype");
+  const auto dtype = parse_compute_dtype(cfg.get_string("model.dtype"), device, "model.dtype");
   const Transformer m = load_transformer(model_dir, device, dtype);
   if (tok->vocab_size() > m.cfg.vocab_size)
     fail("{}: the tokenizer has {} tokens but the model's vocabulary is {}", model_dir, tok->vocab_size(),

@@ -1,7 +1,5 @@
 // `aligner init`: a randomly initialised model folder from a config.json and a tokenizer, the
 // starting point for training a model from scratch (the demo model is made this way).
-#include <filesystem>
-#include <fstream>
 
 #include "commands.h"
 #include "core/error.h"
@@ -17,19 +15,24 @@ void add_init(CLI::App& app) {
   auto tokenizer = std::make_shared<std::string>();
   auto out = std::make_shared<std::string>();
   auto seed = std::make_shared<uint64_t>(1234);
+  auto overwrite = std::make_shared<bool>(false);
   cmd->add_option("--config", *config, "A Hugging Face config.json describing the model")->required();
   cmd->add_option("--tokenizer", *tokenizer, "Folder with tokenizer.json / tokenizer_config.json")
       ->required();
   cmd->add_option("--out", *out, "Output model folder")->required();
   cmd->add_option("--seed", *seed, "Seed of the random weights");
+  cmd->add_flag("--overwrite", *overwrite,
+                "Replace --out whatever it holds (without it, only a model folder aligner wrote)");
   cmd->callback([=] {
+    const Replace replace = *overwrite ? Replace::anything : Replace::ours;
+    check_model_folder_target(*out, replace, *tokenizer);
     const ModelConfig cfg = load_model_config(*config);
     const auto tok = load_tokenizer(*tokenizer);
     if (tok->vocab_size() > cfg.vocab_size)
       fail("{}: vocab_size {} is smaller than the tokenizer's {} tokens", *config, cfg.vocab_size,
            tok->vocab_size());
     const Transformer m = init_transformer(cfg, at::kCPU, *seed);
-    save_transformer(m, *out, std::nullopt, 0, *tokenizer);
+    save_transformer(m, *out, std::nullopt, 0, *tokenizer, replace);
     int64_t n = 0;
     for (const auto& [name, t] : named_parameters(m)) n += t.numel();
     fmt::print("wrote {} ({:.2f}M parameters)\n", *out, n / 1e6);

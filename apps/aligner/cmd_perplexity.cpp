@@ -34,7 +34,7 @@ std::vector<std::vector<int32_t>> read_sequences(const std::string& path, const 
 void run(const Options& o) {
   if (o.batch_size < 1) fail("--batch-size must be at least 1");
   const at::Device device = parse_device_name(o.device, "--device");
-  const Transformer m = load_transformer(o.model, device, parse_dtype_name(o.dtype, "--dtype"));
+  const Transformer m = load_transformer(o.model, device, parse_compute_dtype(o.dtype, device, "--dtype"));
   const auto seqs = read_sequences(o.data, o.model, m.cfg.vocab_size);
 
   // Batches of similar lengths waste little on padding; results are printed in input order.

@@ -40,7 +40,7 @@ std::vector<std::vector<int32_t>> read_sequences(const Options& o, int64_t vocab
 void run(const Options& o) {
   if (o.batch_size < 1) fail("--batch-size must be at least 1");
   const at::Device device = parse_device_name(o.device, "--device");
-  const Transformer m = load_transformer(o.model, device, parse_dtype_name(o.dtype, "--dtype"));
+  const Transformer m = load_transformer(o.model, device, parse_compute_dtype(o.dtype, device, "--dtype"));
   if (m.cfg.num_labels == 0)
     fail("{} is not a reward model: its config.json names no XxxForSequenceClassification architecture",
          o.model);

@@ -11,6 +11,7 @@
 
 #include "commands.h"
 #include "core/error.h"
+#include "core/json.h"
 #include "text/tokenizer.h"
 
 namespace aligner::cli {
@@ -33,12 +34,7 @@ void run_tokenize(const TokenizeOptions& options) {
   while (std::getline(in, line)) {
     ++line_number;
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    nlohmann::json record;
-    try {
-      record = nlohmann::json::parse(line);
-    } catch (const nlohmann::json::exception& e) {
-      fail("{}:{}: not valid JSON: {}", options.data, line_number, e.what());
-    }
+    const nlohmann::json record = parse_json(line, fmt::format("{}:{}", options.data, line_number));
     if (!record.is_object() || !record.contains(options.field) || !record[options.field].is_string()) {
       fail("{}:{}: no string field \"{}\"", options.data, line_number, options.field);
     }

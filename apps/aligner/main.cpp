@@ -1,13 +1,31 @@
 #include <c10/util/Exception.h>
+#include <fmt/ranges.h>
 
 #include <cstdio>
 #include <exception>
+#include <string>
+#include <vector>
 
 #include "commands.h"
 #include "core/error.h"
 
+namespace {
+
+// CLI11 answers a first word that names no command with "A subcommand is required", which hides
+// the mistake: the error for `word`, listing the commands, or "" when it names one.
+std::string unknown_command(const CLI::App& app, const std::string& word) {
+  std::vector<std::string> names;
+  for (const CLI::App* sub : app.get_subcommands([](const CLI::App* s) { return !s->get_name().empty(); })) {
+    if (sub->check_name(word)) return "";
+    names.push_back(sub->get_name());
+  }
+  return fmt::format("unknown command '{}' (commands: {})", word, fmt::join(names, ", "));
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
-  CLI::App app{"aligner: align large language models (SFT, reward models, DPO, PPO, ...)"};
+  CLI::App app{"aligner: align large language models (SFT, knowledge distillation, reward models, DPO)"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "aligner 0.1.0");
   aligner::cli::add_perplexity(app);
@@ -21,6 +39,12 @@ int main(int argc, char** argv) {
   aligner::cli::add_dpo(app);
   aligner::cli::add_launch(app);
   aligner::cli::add_generate(app);
+  if (argc > 1 && argv[1][0] != '-') {
+    if (const std::string error = unknown_command(app, argv[1]); !error.empty()) {
+      std::fprintf(stderr, "error: %s\n", error.c_str());
+      return 1;
+    }
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

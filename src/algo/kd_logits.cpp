@@ -236,7 +236,7 @@ void run_kd_prepare(const Config& cfg) {
   if (batch_size < 1) fail("config key 'trainer.micro_batch_size' must be at least 1");
   auto ctx = init_run(cfg);
   if (ctx.dist.world_size() > 1) fail("kd-prepare runs as one process: start it without aligner launch");
-  const auto dtype = parse_dtype_name(cfg.get_string("model.dtype"), "model.dtype");
+  const auto dtype = parse_compute_dtype(cfg.get_string("model.dtype"), ctx.device, "model.dtype");
   const Transformer teacher = load_transformer(teacher_dir, ctx.device, dtype);
   // sft tokenizes with the student's tokenizer; the teacher's stands in for it when none is named.
   const std::string tok_dir =

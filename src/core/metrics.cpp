@@ -1,12 +1,19 @@
 #include "core/metrics.h"
 
+#include <fmt/ranges.h>
+
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <optional>
 #include <stdexcept>
 #include <system_error>
+#include <vector>
 
 #include "core/error.h"
+#include "core/json.h"
+#include "core/log.h"
 
 namespace aligner {
 
@@ -38,20 +45,44 @@ void MetricsLog::truncate_after(int64_t step) {
   out_.close();
   std::ifstream in(path_, std::ios::binary);
   if (!in) fail("{}: cannot open for reading: {}", path_, std::strerror(errno));
-  uint64_t keep = 0;  // bytes of the rows kept
+  // Written beside the file and renamed over it, so that a crash leaves the old rows or the new.
+  const std::string kept_path = path_ + ".tmp";
+  std::ofstream kept(kept_path, std::ios::binary | std::ios::trunc);
+  if (!kept) fail("{}: cannot open for writing: {}", kept_path, std::strerror(errno));
+  // A row without a "step" (a note, a summary) goes with the step of the row before it.
+  std::optional<double> row_step;
+  std::vector<int64_t> bad_lines;
   std::string line;
-  while (std::getline(in, line)) {
-    if (in.eof()) break;  // no newline after it: a torn write
-    nlohmann::json row = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
-    if (!row.is_object()) break;  // includes parse failures, which are "discarded" values
+  for (int64_t number = 1; std::getline(in, line); ++number) {
+    if (in.eof()) break;  // no newline after it: the torn last write of a killed run
+    nlohmann::json row;
+    try {
+      row = parse_json(line, path_);
+    } catch (const Error&) {
+      // left null: counted with the bad lines below
+    }
+    if (!row.is_object()) {
+      bad_lines.push_back(number);
+      continue;
+    }
     auto it = row.find("step");
-    if (it != row.end() && it->is_number() && it->get<double>() > static_cast<double>(step)) break;
-    keep += line.size() + 1;
+    if (it != row.end() && it->is_number()) row_step = it->get<double>();
+    if (row_step && *row_step > static_cast<double>(step)) continue;
+    kept << line << '\n';
   }
+  if (in.bad()) fail("{}: read failed: {}", path_, std::strerror(errno));
   in.close();
+  kept.close();
+  if (!kept) fail("{}: write failed: {}", kept_path, std::strerror(errno));
   std::error_code ec;
-  std::filesystem::resize_file(path_, keep, ec);
-  if (ec) fail("{}: cannot truncate: {}", path_, ec.message());
+  std::filesystem::rename(kept_path, path_, ec);
+  if (ec) fail("{}: cannot replace with {}: {}", path_, kept_path, ec.message());
+  if (!bad_lines.empty()) {
+    const size_t shown = std::min<size_t>(bad_lines.size(), 10);
+    log_warn("{}: dropped {} line(s) that are not JSON objects: line {}{}", path_, bad_lines.size(),
+             fmt::join(bad_lines.begin(), bad_lines.begin() + shown, ", "),
+             shown < bad_lines.size() ? ", ..." : "");
+  }
   open(std::ios::app);
 }
 

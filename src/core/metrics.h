@@ -19,10 +19,11 @@ class MetricsLog {
   // an error, so logging cannot stop a run.
   void write(const nlohmann::json& row);
 
-  // Cuts the file before its first row whose "step" is greater than `step`, so that the rows a
-  // resumed run writes again are not duplicated. Reading stops, and the file is cut, at a line that
-  // is not a JSON object or has no newline: the torn last write of a killed run. Rows without a
-  // "step" are kept when they come before the cut.
+  // Drops every row whose "step" is greater than `step`, so that the rows a resumed run writes
+  // again are not duplicated; a row without a "step" goes with the row before it. A last line
+  // without a newline (the torn last write of a killed run) is dropped; so are lines that are not
+  // JSON objects, with one warning that gives their line numbers. Every other row is kept as it
+  // was written.
   void truncate_after(int64_t step);
 
   const std::string& path() const { return path_; }

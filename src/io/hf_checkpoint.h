@@ -24,15 +24,35 @@ Transformer load_transformer(const std::string& dir, at::Device device,
 Transformer load_reward_model(const std::string& dir, at::Device device, std::optional<at::ScalarType> dtype,
                               const std::vector<std::string>& labels, int64_t pad_token_id, uint64_t seed);
 
-// Writes config.json and the weights (sharded above max_shard_bytes, if > 0) in `dtype` (default:
-// the model's), into "<dir>.tmp" first and then renamed over `dir`, so that a crash leaves either
-// the old folder or the new one. Tokenizer files are copied from `tokenizer_from` when given.
+// What save_transformer may do with something already at its folder's path.
+enum class Replace {
+  // Replace nothing but an empty folder or a model folder aligner wrote: one that holds its marker
+  // file (.written-by-aligner) and no file that save_transformer does not write (config.json,
+  // weights, tokenizer files). Anything else is an error that names it.
+  ours,
+  // Replace whatever is there: a person asked for it (--overwrite).
+  anything,
+};
+
+// Writes config.json, the weights (sharded above max_shard_bytes, if > 0) in `dtype` (default: the
+// model's) and the marker file into a new folder of a unique hidden name beside `dir`, then moves
+// it to `dir` (what was there is moved aside to another such name, then deleted), so that a
+// failure leaves the old folder in place and nothing else behind. Tokenizer files are copied from
+// `tokenizer_from` when given; a `dir` that holds `tokenizer_from` (other than `dir` itself) is an
+// error even with Replace::anything. `dir` may end in "/"; a symlink is followed.
 void save_transformer(const Transformer& m, const std::string& dir,
                       std::optional<at::ScalarType> dtype = std::nullopt, int64_t max_shard_bytes = 0,
-                      const std::string& tokenizer_from = "");
+                      const std::string& tokenizer_from = "", Replace replace = Replace::ours);
+
+// The error save_transformer(m, dir, ..., tokenizer_from = source, replace) would give for what is
+// at `dir` now, so that a command can refuse before it loads or builds a model.
+void check_model_folder_target(const std::string& dir, Replace replace, const std::string& source = "");
 
 // "float32" | "bfloat16" | "float16" -> dtype; anything else is an error naming `what`.
 at::ScalarType parse_dtype_name(const std::string& name, const std::string& what);
+// parse_dtype_name for a model that computes on `device`: float16 on the CPU is an error naming
+// `what`, since libtorch's CPU kernels lack it (matmuls fail deep inside a forward pass).
+at::ScalarType parse_compute_dtype(const std::string& name, at::Device device, const std::string& what);
 std::string dtype_name(at::ScalarType t);
 
 // "auto" (CUDA when there is a GPU, else the CPU) | "cpu" | "cuda" -> a device, CUDA without an

@@ -9,6 +9,7 @@
 #include <limits>
 
 #include "core/error.h"
+#include "core/json.h"
 
 namespace aligner {
 
@@ -130,12 +131,7 @@ std::string JsonlFile::read_text(int64_t i) const {
 }
 
 nlohmann::json JsonlFile::read(int64_t i) const {
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(read_text(i));
-  } catch (const nlohmann::json::parse_error& e) {
-    fail("{}: invalid JSON: {}", where(i), e.what());
-  }
+  const nlohmann::json j = parse_json(read_text(i), where(i));
   if (!j.is_object()) fail("{}: expected a JSON object, got {}", where(i), json_type_name(j));
   return j;
 }

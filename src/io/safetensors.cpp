@@ -10,12 +10,12 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <string_view>
 
 #include "core/error.h"
+#include "core/json.h"
 
 namespace aligner::safetensors {
 
@@ -220,6 +220,40 @@ bool is_shard_name(const std::string& s) {
          digits(15) && s.compare(20, 12, ".safetensors") == 0;
 }
 
+// Whether `path` is `root` or lies under it, comparing whole components.
+bool within(const fs::path& path, const fs::path& root) {
+  auto p = path.begin();
+  for (const auto& part : root) {
+    if (p == path.end() || *p != part) return false;
+    ++p;
+  }
+  return true;
+}
+
+// `name` as a file of the model folder `dir`. A model folder is untrusted input: an absolute name, a
+// ".." or a symlink that leads out of the folder would make us open files elsewhere. Symlinks into
+// the Hugging Face cache's blobs/ are allowed, since a cache snapshot folder
+// (models--org--name/snapshots/REV/) holds nothing but links to ../../blobs/. Errors start with
+// `where`.
+fs::path file_in_folder(const fs::path& dir, const std::string& name, const std::string& where) {
+  const fs::path rel(name);
+  if (name.empty() || rel.is_absolute())
+    fail("{}: '{}' is not a file name inside {}", where, name, dir.string());
+  for (const auto& part : rel)
+    if (part == "..") fail("{}: '{}' leads outside {} (\"..\")", where, name, dir.string());
+  const fs::path path = dir / rel;
+  std::error_code ec;
+  const fs::path real = fs::canonical(path, ec);
+  if (ec) return path;  // missing: the caller's error names it
+  const fs::path real_dir = fs::canonical(dir, ec);
+  if (ec) fail("{}: cannot resolve {}: {}", where, dir.string(), ec.message());
+  const fs::path cache_blobs = real_dir.parent_path().parent_path() / "blobs";
+  if (within(real, real_dir) ||
+      (real_dir.parent_path().filename() == "snapshots" && within(real, cache_blobs)))
+    return path;
+  fail("{}: '{}' is a symlink to {}, outside {}", where, name, real.string(), dir.string());
+}
+
 }  // namespace
 
 File File::open(const std::string& path) {
@@ -263,12 +297,8 @@ File File::open(const std::string& path) {
   const size_t data_size = size - 8 - header_len;
 
   // Ordered, so that tensors at the same offset (empty ones) keep the order they were written in.
-  nlohmann::ordered_json header;
-  try {
-    header = nlohmann::ordered_json::parse(header_begin, header_begin + header_len);
-  } catch (const nlohmann::ordered_json::parse_error& e) {
-    fail("{}: header is not valid JSON: {}", path, e.what());
-  }
+  const nlohmann::ordered_json header =
+      parse_ordered_json(std::string_view(header_begin, header_len), path + ": header");
   if (!header.is_object()) fail("{}: header is not a JSON object", path);
 
   f.tensors_.reserve(header.size());
@@ -344,18 +374,11 @@ Checkpoint Checkpoint::open_dir(const std::string& dir) {
   Checkpoint c;
   c.dir_ = dir;
   const fs::path root(dir);
-  const std::string index_path = (root / "model.safetensors.index.json").string();
-  const std::string single_path = (root / "model.safetensors").string();
+  const std::string index_path = file_in_folder(root, "model.safetensors.index.json", dir).string();
+  const std::string single_path = file_in_folder(root, "model.safetensors", dir).string();
 
   if (fs::exists(index_path)) {
-    std::ifstream in(index_path);
-    if (!in) fail_errno("cannot open", index_path);
-    json index;
-    try {
-      index = json::parse(in);
-    } catch (const json::parse_error& e) {
-      fail("{}: not valid JSON: {}", index_path, e.what());
-    }
+    const json index = read_json_file(index_path);
     auto map = index.is_object() ? index.find("weight_map") : index.end();
     if (map == index.end() || !map->is_object()) fail("{}: no \"weight_map\" object", index_path);
 
@@ -364,7 +387,9 @@ Checkpoint Checkpoint::open_dir(const std::string& dir) {
       if (!shard.is_string()) fail("{}: weight_map entry for '{}' is not a string", index_path, name);
       const auto& shard_name = shard.get_ref<const std::string&>();
       auto [it, added] = shard_index.emplace(shard_name, c.files_.size());
-      const std::string shard_path = (root / shard_name).string();
+      const std::string shard_path =
+          file_in_folder(root, shard_name, fmt::format("{}: weight_map entry '{}'", index_path, name))
+              .string();
       if (added) {
         if (!fs::exists(shard_path)) fail("{}: shard listed in {} does not exist", shard_path, index_path);
         c.files_.push_back(File::open(shard_path));

@@ -56,7 +56,10 @@ void save(const std::string& path, const NamedTensors& tensors,
 
 // A model folder's weights: "model.safetensors", or the shards listed by
 // "model.safetensors.index.json" (weight_map: tensor name -> shard file). A shard that is missing
-// or a tensor the index names but the shard lacks is an error naming both.
+// or a tensor the index names but the shard lacks is an error naming both. Every file read must lie
+// inside `dir`: a shard name that is absolute or holds "..", or a symlink that leads out of the
+// folder (but for the Hugging Face cache's links from snapshots/REV/ to blobs/), is an error naming
+// the index and the entry.
 class Checkpoint {
  public:
   static Checkpoint open_dir(const std::string& dir);

@@ -5,6 +5,7 @@
 #include <map>
 
 #include "core/error.h"
+#include "core/json.h"
 
 namespace aligner {
 namespace {
@@ -167,15 +168,7 @@ ModelConfig parse_model_config(const json& j, const std::string& where) {
 }
 
 ModelConfig load_model_config(const std::string& path) {
-  std::ifstream f(path);
-  if (!f) fail("cannot open {}", path);
-  json j;
-  try {
-    j = json::parse(f);
-  } catch (const json::parse_error& e) {
-    fail("{}: invalid JSON: {}", path, e.what());
-  }
-  return parse_model_config(j, path);
+  return parse_model_config(read_json_file(path), path);
 }
 
 ModelConfig sequence_classifier_config(const ModelConfig& lm, const std::vector<std::string>& labels,

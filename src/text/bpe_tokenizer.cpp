@@ -5,12 +5,12 @@
 #include <algorithm>
 #include <array>
 #include <deque>
-#include <fstream>
 #include <mutex>
 #include <shared_mutex>
 #include <unordered_set>
 
 #include "core/error.h"
+#include "core/json.h"
 #include "text/flat_map.h"
 #include "text/regex.h"
 #include "text/utf8.h"
@@ -445,7 +445,7 @@ class BpeTokenizer final : public Tokenizer {
   std::string id_to_token(int32_t id) const override;
 
  private:
-  void load_model(const json& model, const JsonReader& reader);
+  void load_model(const json& model, const JsonReader& reader, size_t added_tokens);
   void load_added_tokens(const json& tokens);
   void set_default_specials(const json& model);
 
@@ -495,19 +495,26 @@ BpeTokenizer::BpeTokenizer(const json& root, const std::string& path) : path_(pa
   JsonReader reader{path};
   try {
     if (!root.is_object() || !root.contains("model")) fail("{}: no \"model\" (not a tokenizer.json?)", path);
-    load_model(root.at("model"), reader);
+    const json& added = root.value("added_tokens", json::array());
+    load_model(root.at("model"), reader, added.is_array() ? added.size() : 0);
     reader.normalizers(root.value("normalizer", json()), normalizers_);
     byte_level_ = reader.pre_tokenizers(root.value("pre_tokenizer", json()), pre_tokenizers_);
     reader.post_processors(root.value("post_processor", json()), templates_);
     reader.decoders(root.value("decoder", json()), decoders_);
     load_added_tokens(root.value("added_tokens", json::array()));
+    for (const auto& items : templates_)
+      for (const TemplateItem& item : items)
+        for (int32_t id : item.ids)
+          if (id < 0 || static_cast<size_t>(id) >= id_to_token_.size())
+            fail("{}: post_processor special token id {} is outside the vocabulary ({} ids)", path, id,
+                 id_to_token_.size());
   } catch (const json::exception& e) {
     fail("{}: unexpected structure: {}", path, e.what());
   }
   set_default_specials(root.at("model"));
 }
 
-void BpeTokenizer::load_model(const json& model, const JsonReader& reader) {
+void BpeTokenizer::load_model(const json& model, const JsonReader& reader, size_t added_tokens) {
   std::string type = model.value("type", std::string());
   if (type != "BPE") reader.unsupported("model type", model.value("type", json()));
   if (!model.value("dropout", json()).is_null()) reader.unsupported("BPE dropout", model["dropout"]);
@@ -517,9 +524,19 @@ void BpeTokenizer::load_model(const json& model, const JsonReader& reader) {
   }
 
   const json& vocab = model.at("vocab");
+  // The table below has one slot per id up to the largest, so an id is bounded by what the file
+  // itself holds: the ids may leave gaps, but only as many as added tokens can fill.
+  const size_t ids = vocab.size() + added_tokens;
   int32_t max_id = -1;
   for (const auto& [token, id] : vocab.items()) {
-    if (id.get<int32_t>() < 0) fail("{}: vocab token \"{}\" has a negative id", path_, token);
+    if (!id.is_number_integer())
+      fail("{}: vocab token \"{}\" has id {}, not an integer", path_, token, id.dump());
+    if (id.get<int64_t>() < 0) fail("{}: vocab token \"{}\" has a negative id", path_, token);
+    if (id.get<uint64_t>() >= ids)
+      fail(
+          "{}: vocab token \"{}\" has id {}, beyond the {} ids that its {} vocab entries and {} added tokens "
+          "can take",
+          path_, token, id.dump(), ids, vocab.size(), added_tokens);
     max_id = std::max(max_id, id.get<int32_t>());
   }
   id_to_token_.assign(max_id + 1, std::string());
@@ -1187,15 +1204,7 @@ std::string BpeTokenizer::decode(const std::vector<int32_t>& ids, bool skip_spec
 }  // namespace
 
 std::unique_ptr<Tokenizer> load_bpe_tokenizer(const std::string& json_path) {
-  std::ifstream in(json_path, std::ios::binary);
-  if (!in) fail("cannot open tokenizer file {}", json_path);
-  json root;
-  try {
-    root = json::parse(in);
-  } catch (const json::exception& e) {
-    fail("{}: not valid JSON: {}", json_path, e.what());
-  }
-  return make_bpe_tokenizer(root, json_path);
+  return make_bpe_tokenizer(read_json_file(json_path), json_path);
 }
 
 std::unique_ptr<Tokenizer> make_bpe_tokenizer(const nlohmann::json& tokenizer_json,

@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "core/json.h"
 #include "text/bpe_tokenizer.h"
 #include "text/sentencepiece_tokenizer.h"
 
@@ -15,16 +16,6 @@ namespace {
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
-
-json read_json(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail("cannot open {}", path.string());
-  try {
-    return json::parse(in);
-  } catch (const json::exception& e) {
-    fail("{}: not valid JSON: {}", path.string(), e.what());
-  }
-}
 
 // bos_token and friends are written either as the token text or as an AddedToken object.
 void resolve_special(const Tokenizer& tokenizer, const json& config, const fs::path& config_path,
@@ -95,7 +86,7 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
 
   fs::path config_path = file.parent_path() / "tokenizer_config.json";
   if (fs::exists(config_path, error)) {
-    json config = read_json(config_path);
+    json config = read_json_file(config_path.string());
     SpecialTokens& special = tokenizer->special_;
     resolve_special(*tokenizer, config, config_path, "bos_token", special.bos, special.bos_text);
     resolve_special(*tokenizer, config, config_path, "eos_token", special.eos, special.eos_text);

@@ -1,0 +1,187 @@
+// The aligner binary as a user meets it: unknown commands, the help and README, what convert and
+// init may write over, and settings refused before any work.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <regex>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "test_util.h"
+
+namespace aligner {
+namespace {
+
+namespace fs = std::filesystem;
+using test::kRoot;
+using test::run_aligner;
+using test::tiny_model;
+
+std::vector<std::string> entries(const fs::path& dir) {
+  std::vector<std::string> out;
+  for (const auto& e : fs::directory_iterator(dir)) out.push_back(e.path().filename().string());
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+std::string read(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::ostringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+// `aligner args` run in the folder `cwd`; stdout and stderr together.
+test::Run run_in(const fs::path& cwd, const std::string& args) {
+  test::Run r;
+  FILE* p = ::popen(("cd '" + cwd.string() + "' && " + ALIGNER_BINARY + " " + args + " 2>&1").c_str(), "r");
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, p)) > 0) r.output.append(buf, n);
+  const int st = ::pclose(p);
+  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+  return r;
+}
+
+using Names = std::vector<std::string>;
+const Names kModelFiles = {".written-by-aligner", "config.json", "model.safetensors", "tokenizer.json",
+                           "tokenizer_config.json"};
+
+TEST(Cli, UnknownCommandIsNamedAndTheCommandsListed) {
+  for (const std::string& args : {std::string("ppo"), std::string("ppo --config run.yaml")}) {
+    const auto r = run_aligner(args);
+    EXPECT_EQ(r.status, 1) << r.output;
+    EXPECT_EQ(r.output.rfind("error: unknown command 'ppo' (commands: ", 0), 0u) << r.output;
+    for (const char* command : {"sft", "dpo", "rm", "convert", "generate"})
+      EXPECT_NE(r.output.find(command), std::string::npos) << command;
+    EXPECT_EQ(std::count(r.output.begin(), r.output.end(), '\n'), 1) << r.output;
+  }
+  EXPECT_EQ(run_aligner("--version").status, 0);
+}
+
+// The help and the README name only commands that exist.
+TEST(Cli, HelpAndReadmeNameOnlyRealCommands) {
+  const auto help = run_aligner("--help");
+  EXPECT_EQ(help.status, 0) << help.output;
+  EXPECT_EQ(help.output.find("PPO"), std::string::npos) << help.output;  // there is no ppo command
+  const std::string readme = read(kRoot + "/README.md");
+  EXPECT_EQ(readme.find("PPO"), std::string::npos);
+  const std::regex row(R"(\n\| `aligner ([a-z-]+))");
+  int rows = 0;
+  for (std::sregex_iterator it(readme.begin(), readme.end(), row), end; it != end; ++it, ++rows) {
+    const std::string command = (*it)[1];
+    const auto r = run_aligner(command + " --help");
+    EXPECT_EQ(r.status, 0) << command << ": " << r.output;
+    EXPECT_NE(help.output.find("  " + command + " "), std::string::npos) << command;
+  }
+  EXPECT_GE(rows, 10);
+}
+
+TEST(Cli, ConvertWritesOnlyItsOutputFolder) {
+  const fs::path root = test::temp_dir("cli_convert");
+  const std::string convert = "convert --model " + tiny_model() + " --out ";
+
+  // A trailing slash names the folder; nothing is left beside or inside it.
+  auto r = run_aligner(convert + (root / "conv").string() + "/");
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(entries(root), Names{"conv"});
+  EXPECT_EQ(entries(root / "conv"), kModelFiles);
+  r = run_aligner(convert + (root / "conv").string() + "/ --dtype bfloat16");  // ours: replaced
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(entries(root), Names{"conv"});
+
+  // A user's folder is refused, and left as it was, unless --overwrite.
+  const fs::path mine = root / "mine";
+  fs::create_directories(mine);
+  std::ofstream(mine / "notes.txt") << "mine";
+  r = run_aligner(convert + mine.string());
+  EXPECT_EQ(r.status, 1);
+  EXPECT_EQ(r.output,
+            "error: " + mine.string() +
+                ": not a model folder written by aligner (it holds 'notes.txt'); pass --overwrite to "
+                "replace it\n");
+  EXPECT_EQ(entries(mine), Names{"notes.txt"});
+  r = run_aligner(convert + mine.string() + " --overwrite");
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(entries(mine), kModelFiles);
+
+  // "--out ." in a folder of the user's: refused, and nothing written beside it ("..tmp").
+  const fs::path here = root / "here";
+  fs::create_directories(here);
+  std::ofstream(here / "notes.txt") << "mine";
+  r = run_in(here, convert + ".");
+  EXPECT_EQ(r.status, 1) << r.output;
+  EXPECT_NE(r.output.find("it holds 'notes.txt'"), std::string::npos) << r.output;
+  EXPECT_EQ(entries(here), Names{"notes.txt"});
+  EXPECT_EQ(entries(root), (Names{"conv", "here", "mine"}));
+  fs::remove(here / "notes.txt");
+  r = run_in(here, convert + ".");  // empty: written
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(entries(here), kModelFiles);
+  EXPECT_EQ(entries(root), (Names{"conv", "here", "mine"}));
+}
+
+TEST(Cli, InitLeavesOtherFoldersAlone) {
+  const fs::path root = test::temp_dir("cli_init");
+  // Names the writer once used as scratch (and deleted), here a user's.
+  for (const char* name : {"m.old", "m.tmp"}) {
+    fs::create_directories(root / name);
+    std::ofstream(root / name / "keep") << name;
+  }
+  const std::string init = "init --config " + kRoot + "/examples/models/tiny-llama.config.json --tokenizer " +
+                           kRoot + "/tests/fixtures/tokenizers/llama3-style-bpe6k --out ";
+  auto r = run_aligner(init + (root / "m").string());
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(entries(root), (Names{"m", "m.old", "m.tmp"}));
+  for (const char* name : {"m.old", "m.tmp"}) EXPECT_EQ(read(root / name / "keep"), name);
+
+  std::ofstream(root / "file") << "data";
+  r = run_aligner(init + (root / "file").string());
+  EXPECT_EQ(r.status, 1);
+  EXPECT_EQ(r.output, "error: " + (root / "file").string() +
+                          ": exists and is not a folder; pass --overwrite to replace it\n");
+  EXPECT_EQ(read(root / "file"), "data");
+}
+
+// config.json is untrusted input: nesting deep enough to overflow the stack of a recursive walk
+// (it crashed with SIGSEGV) is a one-line error naming the file.
+TEST(Cli, DeeplyNestedConfigIsAnErrorNotACrash) {
+  const fs::path root = test::temp_dir("cli_deep");
+  const fs::path model = root / "m";
+  fs::create_directories(model);
+  fs::copy_file(fs::path(tiny_model()) / "model.safetensors", model / "model.safetensors");
+  std::string deep;
+  for (int i = 0; i < 100000; ++i) deep += "{\"a\": ";
+  deep += "1" + std::string(100000, '}');
+  std::ofstream(model / "config.json") << "{\"model_type\": \"llama\", \"x\": " << deep << "}";
+  const auto r = run_aligner("convert --model " + model.string() + " --out " + (root / "out").string());
+  EXPECT_EQ(r.status, 1);
+  EXPECT_EQ(r.output,
+            "error: " + (model / "config.json").string() + ": JSON nested deeper than 256 levels\n");
+}
+
+// libtorch has no CPU float16 kernels: refused before the model is loaded, naming the setting.
+TEST(Cli, Float16OnTheCpuIsRefusedUpFront) {
+  const std::string data = test::write_temp("f16.jsonl", "{\"text\": \"hello\"}\n");
+  const std::string out = test::temp_dir("cli_f16").string() + "/out.jsonl";
+  const std::string common = " --model " + tiny_model() + " --data " + data;
+  const std::string expected =
+      ": float16 does not run on the CPU (libtorch has no CPU float16 kernels); use "
+      "bfloat16 or float32\n";
+  auto r = run_aligner("perplexity" + common + " --dtype float16 --device cpu");
+  EXPECT_EQ(r.status, 1);
+  EXPECT_EQ(r.output, "error: --dtype" + expected);
+  r = run_aligner("rm-score" + common + " --dtype float16 --device cpu");
+  EXPECT_EQ(r.status, 1);
+  EXPECT_EQ(r.output, "error: --dtype" + expected);
+  r = run_aligner("generate" + common + " --out " + out + " model.dtype=float16 model.device=cpu");
+  EXPECT_EQ(r.status, 1);
+  EXPECT_EQ(r.output, "error: model.dtype" + expected);
+}
+
+}  // namespace
+}  // namespace aligner
