@@ -1,8 +1,11 @@
 // The trainer through `aligner sft`: losses that fall, results that do not depend on how the
 // global batch is split, a killed run that resumes to the same weights, two ranks that match one,
 // and distillation against a direct computation.
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/file.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <nlohmann/json.hpp>
 
@@ -137,6 +140,139 @@ TEST(Sft, KilledRunResumesToTheSameWeights) {
   for (size_t i = 0; i < 8; ++i) EXPECT_EQ(ma[i]["loss"].get<double>(), mb[i]["loss"].get<double>()) << i;
   fs::remove_all(a);
   fs::remove_all(b);
+}
+
+// SIGTERM (Slurm's pre-emption) or SIGINT (Ctrl-C) ends the step under way, writes a checkpoint
+// and exits non-zero saying so; the same command then ends as a run never stopped.
+TEST(Sft, StopSignalWritesACheckpointToResumeFrom) {
+  const auto a = temp_dir("signal_a");
+  const std::string args = "trainer.max_steps=6 trainer.micro_batch_size=2 trainer.global_batch_size=4";
+  auto ra = aligner(sft_args(a, args));
+  ASSERT_EQ(ra.status, 0) << ra.output;
+  for (const std::string sig : {"TERM", "INT"}) {
+    const auto b = temp_dir("signal_" + sig);
+    auto stopped = aligner(sft_args(b, args), "ALIGNER_KILL_AT_STEP=3 ALIGNER_KILL_SIGNAL=" + sig);
+    EXPECT_EQ(stopped.status, 1) << stopped.output;
+    EXPECT_NE(stopped.output.find("error: stopped by " +
+                                  std::string(sig == "TERM" ? "Terminated" : "Interrupt") + " after step 3"),
+              std::string::npos)
+        << stopped.output;
+    EXPECT_TRUE(fs::exists(b / "checkpoints" / "step_3"));
+    EXPECT_FALSE(fs::exists(b / "final"));
+    auto resumed = aligner(sft_args(b, args));
+    ASSERT_EQ(resumed.status, 0) << resumed.output;
+    EXPECT_EQ(max_diff(weights(a / "final"), weights(b / "final")), 0.0) << sig;
+    fs::remove_all(b);
+  }
+  fs::remove_all(a);
+}
+
+// A damaged newest checkpoint (a file changed or cut short after it was written) is skipped with a
+// warning for the newest whole one; resume=PATH resumes from a chosen checkpoint.
+TEST(Sft, DamagedCheckpointFallsBackToAnOlderOne) {
+  const auto a = temp_dir("damaged_a"), b = temp_dir("damaged_b");
+  const std::string args =
+      "trainer.max_steps=6 trainer.micro_batch_size=2 trainer.global_batch_size=4 trainer.save_interval=2 "
+      "trainer.keep_last=0";
+  auto ra = aligner(sft_args(a, args));
+  ASSERT_EQ(ra.status, 0) << ra.output;
+  auto killed = aligner(sft_args(b, args), "ALIGNER_KILL_AT_STEP=5");
+  ASSERT_EQ(killed.status, 128 + SIGKILL) << killed.output;
+  const fs::path step4 = b / "checkpoints" / "step_4", step2 = b / "checkpoints" / "step_2";
+  {
+    std::fstream f(step4 / "model.optimizer.safetensors", std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(-3, std::ios::end);
+    f.put('\x7f');
+  }
+  auto resumed = aligner(sft_args(b, args));
+  ASSERT_EQ(resumed.status, 0) << resumed.output;
+  EXPECT_NE(resumed.output.find("skipping checkpoint " + step4.string()), std::string::npos)
+      << resumed.output;
+  EXPECT_NE(resumed.output.find("does not match the checksum"), std::string::npos) << resumed.output;
+  EXPECT_NE(resumed.output.find("resuming from " + step2.string() + " (step 2)"), std::string::npos);
+  EXPECT_EQ(max_diff(weights(a / "final"), weights(b / "final")), 0.0);
+
+  // Cut short: refused by size when named with resume=PATH, which does not fall back.
+  fs::resize_file(step4 / "model" / "model.safetensors",
+                  fs::file_size(step4 / "model" / "model.safetensors") - 8);
+  auto chosen = aligner(sft_args(b, args + " resume=" + step4.string()));
+  EXPECT_NE(chosen.status, 0);
+  EXPECT_NE(chosen.output.find("bytes"), std::string::npos) << chosen.output;
+  chosen = aligner(sft_args(b, args + " resume=" + step2.string()));
+  ASSERT_EQ(chosen.status, 0) << chosen.output;
+  EXPECT_NE(chosen.output.find("resuming from " + step2.string()), std::string::npos) << chosen.output;
+  EXPECT_EQ(max_diff(weights(a / "final"), weights(b / "final")), 0.0);
+  fs::remove_all(a);
+  fs::remove_all(b);
+}
+
+// A second run on an output_dir in use is refused before it writes anything there.
+TEST(Sft, OutputDirInUseIsRefused) {
+  const auto out = temp_dir("locked");
+  const int fd = ::open((out / ".aligner.lock").c_str(), O_RDWR | O_CREAT, 0644);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::flock(fd, LOCK_EX | LOCK_NB), 0);
+  const std::string pid = std::to_string(::getpid());
+  ASSERT_EQ(::write(fd, pid.data(), pid.size()), ssize_t(pid.size()));
+  auto r = aligner(sft_args(out, "trainer.max_steps=1"));
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("output_dir " + out.string() + " is in use by process " + pid), std::string::npos)
+      << r.output;
+  EXPECT_FALSE(fs::exists(out / "config.yaml"));
+  ::close(fd);
+  r = aligner(sft_args(out, "trainer.max_steps=1"));
+  EXPECT_EQ(r.status, 0) << r.output;
+  fs::remove_all(out);
+}
+
+// Bad trainer and optimizer values are reported by key before output_dir is created.
+TEST(Sft, BadValuesAreRefusedBeforeAnythingIsWritten) {
+  const auto out = temp_dir("bad_values") / "run";
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"trainer.max_steps=-3", "config key 'trainer.max_steps' must not be negative, got -3"},
+      {"trainer.keep_last=-1", "config key 'trainer.keep_last' must not be negative"},
+      {"trainer.micro_batch_size=0", "config key 'trainer.micro_batch_size' must be at least 1"},
+      {"optim.lr=-1", "config key 'optim.lr' must be >= 0, got -1"},
+      {"optim.weight_decay=-0.1", "config key 'optim.weight_decay' must be >= 0"},
+      {"optim.scheduler=cosin",
+       "config key 'optim.scheduler' expects constant, linear or cosine, got 'cosin'"},
+      {"optim.betas=[0.9,1.5]", "config key 'optim.betas' expects numbers in [0, 1)"},
+      {"resume=/nonexistent/step_4", "config key 'resume' expects auto, true, false or a checkpoint folder"},
+      {"trainer.global_batch_size=512 trainer.micro_batch_size=4",
+       "trainer.global_batch_size (512) is larger than the training data (300 examples)"},
+  };
+  for (const auto& [args, message] : cases) {
+    auto r = aligner(sft_args(out, args));
+    EXPECT_EQ(r.status, 1) << args;
+    EXPECT_NE(r.output.find(message), std::string::npos) << args << "\n" << r.output;
+    EXPECT_FALSE(fs::exists(out)) << args;
+  }
+  fs::remove_all(out.parent_path());
+}
+
+// trainer.max_steps is reached even when it takes more than max_epochs: the data repeats.
+TEST(Sft, MaxStepsOverridesMaxEpochs) {
+  const auto out = temp_dir("max_steps");
+  copy_lines(kData, out / "eight.jsonl", 0, 8);
+  auto r = aligner(sft_args(out / "run",
+                            "trainer.max_steps=5 trainer.max_epochs=1 trainer.micro_batch_size=4 "
+                            "trainer.global_batch_size=4 data.train=" +
+                                (out / "eight.jsonl").string()));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(metrics(out / "run").size(), 5u);
+  fs::remove_all(out);
+}
+
+// Every example dropped: an error, not an untrained final/ with exit 0.
+TEST(Sft, NoStepTrainedIsAnError) {
+  const auto out = temp_dir("nothing");
+  auto r = aligner(sft_args(out / "run",
+                            "trainer.max_epochs=1 trainer.micro_batch_size=4 "
+                            "trainer.global_batch_size=4 data.max_length=8 data.truncation=drop"));
+  EXPECT_NE(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("no step was trained"), std::string::npos) << r.output;
+  EXPECT_FALSE(fs::exists(out / "run" / "final"));
+  fs::remove_all(out);
 }
 
 TEST(Sft, ResumeFalseRefusesANonEmptyOutputDir) {

@@ -70,9 +70,7 @@ class TwoModels final : public Algorithm {
     sampler_ = make_sampler(int64_t(data_.size()), 0, 1, true, 11);
   }
 
-  int64_t steps_per_epoch(int64_t global_batch_size) const override {
-    return int64_t(data_.size()) / global_batch_size;
-  }
+  int64_t train_examples() const override { return int64_t(data_.size()); }
   bool next_step(int64_t n) override {
     step_ = next_micro_batches(sampler_, 1, micro_batch_size_, n,
                                [](int64_t i) { return std::optional<int64_t>(i); });

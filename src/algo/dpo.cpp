@@ -107,7 +107,7 @@ class Dpo final : public Algorithm {
     sampler_ = make_sampler(dataset_size(*train_), rank, world, cfg.get_bool("data.shuffle"),
                             uint64_t(cfg.get_int("trainer.seed")));
     micro_batch_size_ = cfg.get_int("trainer.micro_batch_size");
-    max_epochs_ = cfg.get_int("trainer.max_epochs");
+    max_epochs_ = data_epochs(cfg);
     checkpoint_layers_ = cfg.get_bool("model.activation_checkpointing");
     pad_id_ = pad_id_for(tok);
   }
@@ -164,9 +164,7 @@ class Dpo final : public Algorithm {
   // Without a cache the reference model runs beside the policy at every step.
   void use_reference(const Transformer* reference) { reference_ = reference; }
 
-  int64_t steps_per_epoch(int64_t global_batch_size) const override {
-    return std::max<int64_t>(1, dataset_size(*train_) / global_batch_size);
-  }
+  int64_t train_examples() const override { return dataset_size(*train_); }
 
   bool next_step(int64_t n) override {
     step_ = next_micro_batches(sampler_, max_epochs_, micro_batch_size_, n, read(*train_));
@@ -299,7 +297,7 @@ void run_dpo(const Config& cfg) {
   const std::string model_dir = cfg.get_string("model.path");
   if (model_dir.empty()) fail("config key 'model.path' must be set");
   auto ctx = init_run(cfg);
-  const auto dtype = parse_dtype_name(cfg.get_string("model.dtype"), "model.dtype");
+  const auto dtype = parse_compute_dtype(cfg.get_string("model.dtype"), ctx.device, "model.dtype");
   Transformer policy = load_transformer(model_dir, ctx.device, dtype);
   if (policy.cfg.num_labels > 0)
     fail("{} is a reward model (a sequence classifier), not a causal LM", model_dir);

@@ -63,7 +63,7 @@ class RewardModelTraining : public Algorithm {
         rank_(rank),
         world_(world),
         micro_batch_size_(cfg.get_int("trainer.micro_batch_size")),
-        max_epochs_(cfg.get_int("trainer.max_epochs")),
+        max_epochs_(data_epochs(cfg)),
         checkpoint_layers_(cfg.get_bool("model.activation_checkpointing")),
         pad_id_(pad_id_for(tok)),
         options_(read_data_options(cfg)),
@@ -111,9 +111,7 @@ class PairwiseRewardModel final : public RewardModelTraining {
     report(val_.get());
   }
 
-  int64_t steps_per_epoch(int64_t global_batch_size) const override {
-    return std::max<int64_t>(1, dataset_size(*train_) / global_batch_size);
-  }
+  int64_t train_examples() const override { return dataset_size(*train_); }
 
   bool next_step(int64_t n) override {
     step_ = next_micro_batches(sampler_, max_epochs_, micro_batch_size_, n,
@@ -183,9 +181,7 @@ class RegressionRewardModel final : public RewardModelTraining {
     report(val_.get());
   }
 
-  int64_t steps_per_epoch(int64_t global_batch_size) const override {
-    return std::max<int64_t>(1, dataset_size(*train_) / global_batch_size);
-  }
+  int64_t train_examples() const override { return dataset_size(*train_); }
 
   bool next_step(int64_t n) override {
     step_ = next_micro_batches(sampler_, max_epochs_, micro_batch_size_, n,
@@ -253,7 +249,7 @@ void run_rm(const Config& cfg) {
   auto tok = load_tokenizer(model_dir);
   const auto labels =
       type == "pairwise" ? std::vector<std::string>{"reward"} : cfg.get_string_list("rm.attributes");
-  const auto dtype = parse_dtype_name(cfg.get_string("model.dtype"), "model.dtype");
+  const auto dtype = parse_compute_dtype(cfg.get_string("model.dtype"), ctx.device, "model.dtype");
   Transformer model = load_reward_model(model_dir, ctx.device, dtype, labels, pad_id_for(*tok),
                                         uint64_t(cfg.get_int("trainer.seed")));
   if (tok->vocab_size() > model.cfg.vocab_size)

@@ -71,7 +71,7 @@ class Sft final : public Algorithm {
     sampler_ = make_sampler(dataset_size(*train_), rank, world, cfg.get_bool("data.shuffle"),
                             uint64_t(cfg.get_int("trainer.seed")));
     micro_batch_size_ = cfg.get_int("trainer.micro_batch_size");
-    max_epochs_ = cfg.get_int("trainer.max_epochs");
+    max_epochs_ = data_epochs(cfg);
     max_length_ = opt.max_length;
     packing_ = cfg.get_bool("data.packing");
     checkpoint_layers_ = cfg.get_bool("model.activation_checkpointing");
@@ -104,11 +104,7 @@ class Sft final : public Algorithm {
     }
   }
 
-  int64_t steps_per_epoch(int64_t global_batch_size) const override {
-    // Packed rows hold several examples, so an epoch takes fewer steps than examples / batch;
-    // the trainer stops when the data ends, and the schedule uses this bound.
-    return std::max<int64_t>(1, dataset_size(*train_) / global_batch_size);
-  }
+  int64_t train_examples() const override { return dataset_size(*train_); }
 
   bool next_step(int64_t n) override {
     step_.clear();
@@ -293,7 +289,7 @@ void run_sft(const Config& cfg) {
   const std::string model_dir = cfg.get_string("model.path");
   if (model_dir.empty()) fail("config key 'model.path' must be set");
   auto ctx = init_run(cfg);
-  const auto dtype = parse_dtype_name(cfg.get_string("model.dtype"), "model.dtype");
+  const auto dtype = parse_compute_dtype(cfg.get_string("model.dtype"), ctx.device, "model.dtype");
   Transformer model = load_transformer(model_dir, ctx.device, dtype);
   auto tok = load_tokenizer(model_dir);
   if (tok->vocab_size() > model.cfg.vocab_size)

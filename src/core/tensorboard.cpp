@@ -2,7 +2,6 @@
 
 #include <unistd.h>
 
-#include <array>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -15,16 +14,6 @@
 namespace aligner {
 
 namespace {
-
-std::array<uint32_t, 256> make_crc32c_table() {
-  std::array<uint32_t, 256> table{};
-  for (uint32_t i = 0; i < 256; ++i) {
-    uint32_t crc = i;
-    for (int bit = 0; bit < 8; ++bit) crc = (crc >> 1) ^ (0x82F63B78u & (0u - (crc & 1u)));  // reflected poly
-    table[i] = crc;
-  }
-  return table;
-}
 
 // Protobuf wire format, just the parts an Event with scalars needs. Fixed-width fields are
 // little-endian whatever the host is, hence the byte-by-byte shifts.
@@ -94,13 +83,6 @@ std::string hostname() {
 }
 
 }  // namespace
-
-uint32_t crc32c(std::string_view bytes) {
-  static const std::array<uint32_t, 256> table = make_crc32c_table();
-  uint32_t crc = 0xFFFFFFFFu;
-  for (unsigned char c : bytes) crc = table[(crc ^ c) & 0xFF] ^ (crc >> 8);
-  return crc ^ 0xFFFFFFFFu;
-}
 
 uint32_t mask_crc32c(uint32_t crc) {
   return ((crc >> 15) | (crc << 17)) + 0xA282EAD8u;

@@ -9,10 +9,10 @@
 #include <utility>
 #include <vector>
 
+#include "core/crc32c.h"  // TFRecord checksums each record's length and data
+
 namespace aligner {
 
-// CRC-32C (Castagnoli), as TFRecord uses to checksum each record's length and data.
-uint32_t crc32c(std::string_view bytes);
 // TFRecord stores CRCs rotated and offset, because a CRC of data that itself holds CRCs is weak.
 uint32_t mask_crc32c(uint32_t crc);
 

@@ -5,7 +5,10 @@
 #include <fstream>
 #include <regex>
 
+#include "core/crc32c.h"
 #include "core/error.h"
+#include "core/json.h"
+#include "core/log.h"
 #include "io/hf_checkpoint.h"
 
 namespace aligner {
@@ -54,12 +57,19 @@ void save_checkpoint(const std::string& output_dir, const std::vector<Checkpoint
     }
     safetensors::save((tmp / (m.name + ".optimizer.safetensors")).string(), m.optimizer_state);
   }
+  nlohmann::json files = nlohmann::json::object();
+  for (const auto& e : fs::recursive_directory_iterator(tmp)) {
+    if (!e.is_regular_file()) continue;
+    const auto d = file_digest(e.path().string());
+    files[fs::relative(e.path(), tmp).generic_string()] = {{"bytes", d.bytes}, {"crc32c", d.crc32c}};
+  }
   {
     std::ofstream f(tmp / "trainer_state.json");
     f << nlohmann::json{{"step", state.step},
                         {"world_size", state.world_size},
                         {"modules", state.modules},
-                        {"data", state.data}}
+                        {"data", state.data},
+                        {"files", files}}
              .dump(2)
       << "\n";
     if (!f) fail("cannot write {}", (tmp / "trainer_state.json").string());
@@ -72,17 +82,48 @@ void save_checkpoint(const std::string& output_dir, const std::vector<Checkpoint
   }
 }
 
+std::string checkpoint_problem(const std::string& dir) {
+  const fs::path state = fs::path(dir) / "trainer_state.json";
+  nlohmann::json files;
+  try {
+    files = read_json_file(state.string()).at("files");
+    for (const auto& [name, expected] : files.items()) {
+      const fs::path path = fs::path(dir) / name;
+      std::error_code ec;
+      const auto bytes = fs::file_size(path, ec);
+      if (ec) return fmt::format("{} is missing", path.string());
+      if (bytes != expected.at("bytes").get<uint64_t>())
+        return fmt::format("{} has {} bytes, {} were written", path.string(), bytes,
+                           expected.at("bytes").get<uint64_t>());
+      if (file_digest(path.string()).crc32c != expected.at("crc32c").get<uint32_t>())
+        return fmt::format("{} does not match the checksum written with it", path.string());
+    }
+  } catch (const nlohmann::json::exception& e) {
+    return fmt::format("{} is damaged: {}", state.string(), e.what());
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
 std::string latest_checkpoint(const std::string& output_dir) {
   auto all = list_checkpoints(output_dir);
-  return all.empty() ? "" : all.back().second.string();
+  for (auto it = all.rbegin(); it != all.rend(); ++it) {
+    const std::string dir = it->second.string();
+    const std::string problem = checkpoint_problem(dir);
+    if (problem.empty()) return dir;
+    log_warn("skipping checkpoint {}: {}", dir, problem);
+  }
+  if (!all.empty())
+    fail("every checkpoint in {} is damaged (see the warnings above); resume=false starts afresh",
+         (fs::path(output_dir) / "checkpoints").string());
+  return "";
 }
 
 CheckpointState read_checkpoint_state(const std::string& dir) {
   const std::string path = (fs::path(dir) / "trainer_state.json").string();
-  std::ifstream f(path);
-  if (!f) fail("cannot open {}", path);
+  const auto j = read_json_file(path);
   try {
-    auto j = nlohmann::json::parse(f);
     if (!j.contains("modules"))
       fail("{}: written by an older aligner without per-module state; resume=false starts afresh", path);
     CheckpointState s;

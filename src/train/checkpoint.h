@@ -3,9 +3,10 @@
 //                                checkpoint loads like any model folder), else NAME/trainable.safetensors
 //                                holding only the trained tensors
 //   NAME.optimizer.safetensors   its AdamW state
-// and trainer_state.json: the step, the number of ranks, the modules, and each rank's data position.
-// Everything is written under step_N.tmp/ and renamed once complete, so a kill at any moment leaves
-// every step_N/ whole.
+// and trainer_state.json: the step, the number of ranks, the modules, each rank's data position, and
+// the size and CRC-32C of every other file. Everything is written under step_N.tmp/ and renamed once
+// complete, so a kill at any moment leaves every step_N/ whole; the checksums catch what happens to
+// the files afterwards (a full disk, a bad copy).
 #pragma once
 #include <nlohmann/json.hpp>
 
@@ -38,7 +39,12 @@ struct CheckpointState {
 void save_checkpoint(const std::string& output_dir, const std::vector<CheckpointModule>& modules,
                      const CheckpointState& state, int64_t keep_last);
 
-// The newest complete checkpoint folder, or "" when there is none.
+// What is wrong with a checkpoint folder (unreadable state, a file missing or not of its recorded
+// size and checksum), or "" when it is whole.
+std::string checkpoint_problem(const std::string& checkpoint_dir);
+
+// The newest whole checkpoint folder, skipping damaged newer ones with a warning; "" when there is
+// none. An aligner::Error when every checkpoint is damaged, rather than starting afresh.
 std::string latest_checkpoint(const std::string& output_dir);
 
 CheckpointState read_checkpoint_state(const std::string& checkpoint_dir);

@@ -1,10 +1,13 @@
 #include "train/trainer.h"
 
+#include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <csignal>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <map>
 #include <set>
@@ -102,21 +105,81 @@ std::vector<std::pair<std::string, double>> reduce_metrics(dist::Dist& dist,
   return out;
 }
 
-void prepare_output_dir(const TrainerOptions& opt, bool main_rank) {
-  if (!main_rank) return;
+// An advisory lock on OUTPUT_DIR/.aligner.lock for the run's life, the file holding the run's process
+// id: a second run on the same folder is refused instead of interleaving its files with the first's.
+// The system drops the lock with the process, however it ends, so it never goes stale.
+class OutputDirLock {
+ public:
+  explicit OutputDirLock(const fs::path& dir) {
+    const fs::path path = dir / kFile;
+    fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd_ < 0) fail("cannot create {}: {}", path.string(), std::strerror(errno));
+    if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+      char pid[32] = {};
+      const ssize_t n = ::pread(fd_, pid, sizeof pid - 1, 0);
+      ::close(fd_);
+      fail("output_dir {} is in use by process {}", dir.string(), n > 0 ? std::string(pid, size_t(n)) : "?");
+    }
+    const std::string pid = std::to_string(::getpid());
+    if (::ftruncate(fd_, 0) != 0 || ::pwrite(fd_, pid.data(), pid.size(), 0) != ssize_t(pid.size()))
+      fail("cannot write {}: {}", path.string(), std::strerror(errno));
+  }
+  ~OutputDirLock() { ::close(fd_); }
+  OutputDirLock(const OutputDirLock&) = delete;
+  OutputDirLock& operator=(const OutputDirLock&) = delete;
+
+  static constexpr const char* kFile = ".aligner.lock";
+
+ private:
+  int fd_ = -1;
+};
+
+// Creates and locks output_dir, and clears it for resume=false with overwrite=true.
+std::unique_ptr<OutputDirLock> prepare_output_dir(const TrainerOptions& opt) {
   const fs::path dir(opt.output_dir);
-  const bool non_empty = fs::exists(dir) && !fs::is_empty(dir);
-  if (opt.resume == "false" && non_empty) {
+  fs::create_directories(dir);
+  auto lock = std::make_unique<OutputDirLock>(dir);
+  std::vector<fs::path> entries;
+  for (const auto& e : fs::directory_iterator(dir))
+    if (e.path().filename() != OutputDirLock::kFile) entries.push_back(e.path());
+  if (opt.resume == "false" && !entries.empty()) {
     if (!opt.overwrite)
       fail(
           "output_dir {} is not empty; resume=false refuses to write over it (set overwrite=true to clear "
-          "it, "
-          "or resume=auto to continue)",
+          "it, or resume=auto to continue)",
           opt.output_dir);
-    fs::remove_all(dir);
+    for (const auto& e : entries) fs::remove_all(e);
   }
-  fs::create_directories(dir);
+  return lock;
 }
+
+// SIGTERM and SIGINT ask the run to stop after the step under way; the handler puts the default
+// back, so a second one kills at once.
+volatile std::sig_atomic_t stop_signal = 0;
+
+extern "C" void on_stop_signal(int sig) {
+  stop_signal = sig;
+}
+
+class StopSignals {
+ public:
+  StopSignals() {
+    stop_signal = 0;
+    struct sigaction sa = {};
+    sa.sa_handler = on_stop_signal;
+    sa.sa_flags = SA_RESETHAND;
+    sigemptyset(&sa.sa_mask);
+    ::sigaction(SIGTERM, &sa, &previous_term_);
+    ::sigaction(SIGINT, &sa, &previous_int_);
+  }
+  ~StopSignals() {
+    ::sigaction(SIGTERM, &previous_term_, nullptr);
+    ::sigaction(SIGINT, &previous_int_, nullptr);
+  }
+
+ private:
+  struct sigaction previous_term_ = {}, previous_int_ = {};
+};
 
 // A module while training: its optimizer and schedule.
 struct Running {
@@ -232,6 +295,10 @@ TrainableModule whole_model(Transformer& model, OptimizerSettings optim, std::st
   return m;
 }
 
+int64_t data_epochs(const Config& cfg) {
+  return cfg.get_int("trainer.max_steps") > 0 ? 0 : cfg.get_int("trainer.max_epochs");
+}
+
 TrainerOptions read_trainer_options(const Config& cfg) {
   TrainerOptions o;
   o.max_steps = cfg.get_int("trainer.max_steps");
@@ -247,11 +314,19 @@ TrainerOptions read_trainer_options(const Config& cfg) {
   o.resume = cfg.get_string("resume");
   o.overwrite = cfg.get_bool("overwrite");
   if (o.output_dir.empty()) fail("config key 'output_dir' must be set");
-  if (o.resume != "auto" && o.resume != "true" && o.resume != "false")
-    fail("config key 'resume' expects auto, true or false, got '{}'", o.resume);
-  if (o.micro_batch_size < 1 || o.global_batch_size < 1)
-    fail("trainer.micro_batch_size and trainer.global_batch_size must be at least 1");
-  if (o.max_steps <= 0 && o.max_epochs <= 0) fail("set trainer.max_steps or trainer.max_epochs");
+  if (o.resume != "auto" && o.resume != "true" && o.resume != "false" &&
+      !fs::exists(fs::path(o.resume) / "trainer_state.json"))
+    fail(
+        "config key 'resume' expects auto, true, false or a checkpoint folder, got '{}' (no "
+        "trainer_state.json "
+        "there)",
+        o.resume);
+  for (const char* key : {"trainer.max_steps", "trainer.max_epochs", "trainer.val_interval",
+                          "trainer.save_interval", "trainer.keep_last", "trainer.log_interval"})
+    if (cfg.get_int(key) < 0) fail("config key '{}' must not be negative, got {}", key, cfg.get_int(key));
+  for (const char* key : {"trainer.micro_batch_size", "trainer.global_batch_size"})
+    if (cfg.get_int(key) < 1) fail("config key '{}' must be at least 1, got {}", key, cfg.get_int(key));
+  if (o.max_steps == 0 && o.max_epochs == 0) fail("set trainer.max_steps or trainer.max_epochs");
   return o;
 }
 
@@ -263,16 +338,22 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
     fail("trainer.global_batch_size ({}) must be a multiple of micro_batch_size x ranks ({} x {})",
          opt.global_batch_size, opt.micro_batch_size, dist.world_size());
   const int64_t accumulation = opt.global_batch_size / per_step;
+  const int64_t examples = algo.train_examples();
+  if (examples < opt.global_batch_size)
+    fail("trainer.global_batch_size ({}) is larger than the training data ({} examples)",
+         opt.global_batch_size, examples);
+  // With packing an epoch can take fewer steps than this (a row holds several examples): the run then
+  // stops where the data ends, and the schedule follows this bound.
   const int64_t total_steps =
-      opt.max_steps > 0 ? opt.max_steps
-                        : std::max<int64_t>(1, algo.steps_per_epoch(opt.global_batch_size) * opt.max_epochs);
+      opt.max_steps > 0 ? opt.max_steps : examples / opt.global_batch_size * opt.max_epochs;
   auto modules = prepare_modules(std::move(trainable), total_steps);
   // With one module the metrics keep their plain names ("lr"); with several each is prefixed.
   auto module_key = [&](const Running& r, const std::string& what) {
     return modules.size() == 1 ? what : r.module.name + "/" + what;
   };
 
-  prepare_output_dir(opt, main_rank);
+  std::unique_ptr<OutputDirLock> lock;
+  if (main_rank) lock = prepare_output_dir(opt);
   dist.barrier();
   if (main_rank) {
     cfg.save((fs::path(opt.output_dir) / "config.yaml").string());
@@ -282,8 +363,15 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
   // Resume: trained weights, optimizer moments, step and this rank's data position from the newest
   // checkpoint, each module matched by name.
   int64_t step = 0;
-  const std::string ckpt = opt.resume == "false" ? "" : latest_checkpoint(opt.output_dir);
-  if (opt.resume == "true" && ckpt.empty()) fail("resume=true but {} has no checkpoint", opt.output_dir);
+  std::string ckpt;
+  if (opt.resume == "auto" || opt.resume == "true") {
+    ckpt = latest_checkpoint(opt.output_dir);
+    if (opt.resume == "true" && ckpt.empty()) fail("resume=true but {} has no checkpoint", opt.output_dir);
+  } else if (opt.resume != "false") {
+    ckpt = opt.resume;
+    const std::string problem = checkpoint_problem(ckpt);
+    if (!problem.empty()) fail("resume={}: {}", ckpt, problem);
+  }
   CheckpointState saved;
   if (!ckpt.empty()) {
     saved = read_checkpoint_state(ckpt);
@@ -355,7 +443,10 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
     return values[0].second;
   };
 
+  // The step of the newest checkpoint in output_dir; -1: none yet.
+  int64_t saved_step = !ckpt.empty() && opt.resume != ckpt ? step : -1;
   auto save = [&] {
+    saved_step = step;
     // Every rank's data position goes into the one checkpoint that rank 0 writes.
     std::vector<nlohmann::json> data;
     for (const auto& s : gather_strings(dist, algo.state().dump())) data.push_back(nlohmann::json::parse(s));
@@ -372,14 +463,27 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
     dist.barrier();
   };
 
-  // A real SIGKILL at a chosen step, so that tests can check that a killed run resumes to the
-  // same weights as one never interrupted.
+  // A real signal at a chosen step (SIGKILL, or ALIGNER_KILL_SIGNAL=TERM or INT), so that tests can
+  // check that a killed or stopped run resumes to the same weights as one never interrupted.
   const char* kill_env = std::getenv("ALIGNER_KILL_AT_STEP");
   const int64_t kill_at = kill_env ? std::atoll(kill_env) : -1;
+  const std::string kill_name =
+      std::getenv("ALIGNER_KILL_SIGNAL") ? std::getenv("ALIGNER_KILL_SIGNAL") : "KILL";
+  const int kill_signal = kill_name == "TERM" ? SIGTERM : kill_name == "INT" ? SIGINT : SIGKILL;
 
+  const StopSignals signals;
   Progress progress(total_steps, main_rank && ::isatty(STDERR_FILENO), opt.log_interval, step);
   if (step == 0 && opt.val_interval > 0) validate(0);
   while (step < total_steps) {
+    // Before the next step's data is read, so that the checkpoint continues with it.
+    const double stopping = sum_over_ranks(dist, {double(stop_signal != 0)})[0];
+    if (stopping > 0) {
+      progress.finish();
+      if (saved_step != step) save();
+      fail("stopped by {} after step {}; the checkpoint {} holds it: run the same command to resume",
+           stop_signal != 0 ? strsignal(stop_signal) : "a signal to another rank", step,
+           (fs::path(opt.output_dir) / "checkpoints" / fmt::format("step_{}", step)).string());
+    }
     const auto t0 = Clock::now();
     const bool loaded = algo.next_step(accumulation);
     double units = 0;
@@ -437,9 +541,15 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
     if (step % opt.log_interval == 0 || step == total_steps) log_row("train", step, values);
     if (opt.val_interval > 0 && step % opt.val_interval == 0) validate(step);
     if (opt.save_interval > 0 && step % opt.save_interval == 0) save();
-    if (step == kill_at) std::raise(SIGKILL);
+    if (step == kill_at) std::raise(kill_signal);
   }
   progress.finish();
+  if (step == 0)
+    fail(
+        "no step was trained: the training data gave no full global batch of {} (were its examples dropped "
+        "or "
+        "skipped?)",
+        opt.global_batch_size);
   if (opt.val_interval <= 0 || step % opt.val_interval != 0) validate(step);
   if (main_rank) {
     int64_t exported = 0;
@@ -448,7 +558,9 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
       if (!r.module.export_final) continue;
       fs::path dir = fs::path(opt.output_dir) / "final";
       if (exported > 1) dir /= r.module.name;
-      save_transformer(*r.module.model, dir.string(), std::nullopt, 0, r.module.tokenizer_dir);
+      // The run owns output_dir (it holds the lock): final/ is replaced whatever it holds.
+      save_transformer(*r.module.model, dir.string(), std::nullopt, 0, r.module.tokenizer_dir,
+                       Replace::anything);
       log_info("wrote {} after {} steps", dir.string(), step);
     }
   }

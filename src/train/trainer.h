@@ -76,9 +76,10 @@ struct ValidationSums {
 class Algorithm {
  public:
   virtual ~Algorithm() = default;
-  // Examples per epoch on all ranks together, to turn max_epochs into steps.
-  virtual int64_t steps_per_epoch(int64_t global_batch_size) const = 0;
-  // Loads this rank's next `n` micro-batches; false once its data is done (max_epochs).
+  // Training examples per epoch on all ranks together (prompts, for an online algorithm), to turn
+  // max_epochs into steps and to refuse a global batch larger than the data.
+  virtual int64_t train_examples() const = 0;
+  // Loads this rank's next `n` micro-batches; false once its data is done (data_epochs).
   virtual bool next_step(int64_t n) = 0;
   // Loss units in micro-batch i of the loaded step (known before any forward pass).
   virtual double units(int64_t i) const = 0;
@@ -127,6 +128,10 @@ struct TrainableModule {
 TrainableModule whole_model(Transformer& model, OptimizerSettings optim, std::string tokenizer_dir,
                             std::string name = "model");
 
+// How many times the data is read: trainer.max_epochs, or no limit (0) when trainer.max_steps is
+// set, so that max_steps is reached even when it takes more than max_epochs (as in TRL).
+int64_t data_epochs(const Config& cfg);
+
 struct TrainerOptions {
   int64_t max_steps = 0;  // 0: as many as max_epochs take
   int64_t max_epochs = 1;
@@ -138,15 +143,17 @@ struct TrainerOptions {
   int64_t log_interval = 1;
   uint64_t seed = 1234;
   std::string output_dir;
-  std::string resume = "auto";  // auto | true | false
+  std::string resume = "auto";  // auto | true | false | a checkpoint folder
   bool overwrite = false;
 };
 
 // Reads trainer.*, output_dir, resume and overwrite; checks them.
 TrainerOptions read_trainer_options(const Config& cfg);
 
-// Prepares output_dir per resume/overwrite (rank 0), writes the resolved config beside the run's
-// outputs, trains the modules, and exports them to OUTPUT_DIR/final.
+// Locks output_dir for the run's life and prepares it per resume/overwrite (rank 0), writes the
+// resolved config beside the run's outputs, trains the modules, and exports them to
+// OUTPUT_DIR/final. SIGTERM or SIGINT (Slurm's pre-emption, Ctrl-C) ends the step under way, writes
+// a checkpoint and stops with an aligner::Error saying so; a second one kills at once.
 void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableModule> modules,
            Algorithm& algo, dist::Dist& dist);
 
