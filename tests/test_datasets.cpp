@@ -384,6 +384,43 @@ TEST(SftData, BadLinesNameFileLineAndField) {
   EXPECT_NE(report.find("warning: " + path + ": 7 bad lines skipped"), std::string::npos) << report;
 }
 
+// Every record is built before training, on several threads: all bad lines at once, in file
+// order, and the same counts (and layouts) a sequential read gives.
+TEST(SftData, CheckFindsEveryBadLineAndCountsWhatIsCut) {
+  std::string text;
+  for (int i = 0; i < 200; ++i) {
+    if (i % 15 == 7)
+      text += "{\"input\": \"q\"}\n";  // no output: bad
+    else if (i % 40 == 3)
+      text += "{\"text\": \"" + std::string(90, 'x') + "\"}\n";  // longer than max_length
+    else
+      text += "{\"input\": \"q" + std::to_string(i) + "\", \"output\": \"a\"}\n";
+  }
+  const std::string path = write_temp("check.jsonl", text);
+  DataOptions opt = options();
+  opt.max_length = 64;
+  SftDataset ds = open_sft_dataset(path, llama_tok(), tmpl("plain"), opt);
+  const std::string error = error_of([&] { check_dataset(ds, 4); });
+  EXPECT_NE(error.find(path + ": 13 bad records, the first 10:\n  " + path + ":8: missing field \"output\""),
+            std::string::npos)
+      << error;
+  EXPECT_NE(error.find(path + ":143: missing field"), std::string::npos) << "the 10th, line 143";
+  EXPECT_EQ(error.find(path + ":158:"), std::string::npos) << "only the first 10 are listed";
+  EXPECT_NE(error.find("data.skip_bad_lines=true"), std::string::npos);
+
+  opt.skip_bad_lines = true;
+  SftDataset checked = open_sft_dataset(path, llama_tok(), tmpl("plain"), opt);
+  SftDataset read = open_sft_dataset(path, llama_tok(), tmpl("plain"), opt);
+  check_dataset(checked, 4);
+  for (int64_t i = 0; i < dataset_size(read); ++i) sft_example(read, i);
+  EXPECT_EQ(checked.stats.bad_lines, 13);
+  EXPECT_EQ(checked.stats.truncated, read.stats.truncated);
+  EXPECT_EQ(checked.stats.truncated, 5);
+  EXPECT_EQ(checked.stats.status, read.stats.status);
+  EXPECT_EQ(checked.stats.layouts, (std::map<std::string, int64_t>{{"input_output", 182}, {"text", 5}}));
+  EXPECT_NE(checked.stats.first_error.find(":8: missing field"), std::string::npos);
+}
+
 TEST(SftData, NemoFieldsAreChecked) {
   std::string path = write_temp(
       "nemo_bad.jsonl",

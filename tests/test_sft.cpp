@@ -250,6 +250,50 @@ TEST(Sft, BadValuesAreRefusedBeforeAnythingIsWritten) {
   fs::remove_all(out.parent_path());
 }
 
+// Bad lines anywhere in the training or validation data are all reported before anything is
+// written; what was read is logged before the first step.
+TEST(Sft, DataIsCheckedBeforeTheFirstStep) {
+  const auto dir = temp_dir("data_check");
+  copy_lines(kData, dir / "train.jsonl", 0, 100);
+  {
+    std::ofstream f(dir / "train.jsonl", std::ios::app);
+    f << "{\"input\": \"q\"}\n";
+    copy_lines(kData, dir / "rest.jsonl", 100, 200);
+    std::ifstream rest(dir / "rest.jsonl");
+    f << rest.rdbuf();
+  }
+  std::ofstream(dir / "val.jsonl") << "{\"input\": \"q\", \"output\": \"a\"}\n{\"output\": 1}\n";
+  const auto out = dir / "run";
+  const std::string train = " data.train=" + (dir / "train.jsonl").string();
+  auto r = aligner(sft_args(out, "trainer.max_steps=2" + train));
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.output.find((dir / "train.jsonl").string() + ":101: missing field \"output\""),
+            std::string::npos)
+      << r.output;
+  EXPECT_FALSE(fs::exists(out));
+  r = aligner(sft_args(out, "trainer.max_steps=2 data.validation=" + (dir / "val.jsonl").string()));
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.output.find((dir / "val.jsonl").string() + ":2:"), std::string::npos) << r.output;
+  EXPECT_FALSE(fs::exists(out));
+
+  r = aligner(sft_args(out, "trainer.max_steps=2 data.skip_bad_lines=true" + train));
+  ASSERT_EQ(r.status, 0) << r.output;
+  const auto described = r.output.find("data.train " + (dir / "train.jsonl").string() +
+                                       ": 201 examples (input_output 200), chat template");
+  const auto warned = r.output.find("1 bad lines skipped");
+  EXPECT_NE(described, std::string::npos) << r.output;
+  EXPECT_NE(warned, std::string::npos) << r.output;
+  EXPECT_LT(warned, r.output.find("step 1/2")) << "warnings come before training";
+
+  r = aligner(sft_args(out, "trainer.max_steps=2 data.max_length=1024 resume=false overwrite=true" + train));
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.output.find("config key 'data.max_length' (1024) is beyond the model's context "
+                          "(max_position_embeddings 512)"),
+            std::string::npos)
+      << r.output;
+  fs::remove_all(dir);
+}
+
 // trainer.max_steps is reached even when it takes more than max_epochs: the data repeats.
 TEST(Sft, MaxStepsOverridesMaxEpochs) {
   const auto out = temp_dir("max_steps");

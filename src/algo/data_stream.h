@@ -9,13 +9,35 @@
 #include <vector>
 
 #include "core/config.h"
+#include "core/log.h"
 #include "data/examples.h"
 #include "data/sampler.h"
+#include "model/config.h"
+#include "text/chat_template.h"
 
 namespace aligner {
 
-// data.format, data.max_length, data.truncation, data.skip_bad_lines and data.add_eos.
-DataOptions read_data_options(const Config& cfg);
+// data.format, data.max_length, data.truncation, data.skip_bad_lines and data.add_eos; a
+// max_length beyond the model's context is an error rather than positions it was never trained on.
+DataOptions read_data_options(const Config& cfg, const ModelConfig& model);
+
+// Threads for checking data: this machine's cores shared by the ranks on it (LOCAL_WORLD_SIZE).
+int data_check_threads();
+
+// Builds every example of data set `ds` (data.train or data.validation, named by `key`) once before
+// training (check_dataset: every bad line found and reported now) and logs what it holds: the
+// examples, their record layouts, the chat template, and what was skipped, dropped or truncated.
+template <class Dataset>
+void check_and_describe(Dataset& ds, const std::string& key) {
+  check_dataset(ds, data_check_threads());
+  std::string layouts;
+  for (const auto& [name, n] : ds.stats.layouts)
+    layouts += fmt::format("{}{} {}", layouts.empty() ? "" : ", ", name, n);
+  log_info("{} {}: {} examples ({}), chat template {}", key, ds.file.path(), dataset_size(ds), layouts,
+           chat_format_name(ds.tmpl.format));
+  const auto report = data_report(ds.stats, ds.file.path(), ds.opt.max_length);
+  if (!report.empty()) log_info("{}", report);  // the report says "warning:" itself
+}
 
 template <class Example>
 struct Indexed {

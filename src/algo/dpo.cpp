@@ -96,28 +96,23 @@ class Dpo final : public Algorithm {
     if (sft_weight_ < 0) fail("config key 'dpo.sft_weight' must not be negative, got {}", sft_weight_);
     needs_rewards_ = loss_.loss != PreferenceLoss::kDpo && loss_.loss != PreferenceLoss::kIpo;
 
-    options_ = read_data_options(cfg);
+    options_ = read_data_options(cfg, policy.cfg);
     const auto tmpl = resolve_chat_template(cfg.get_string("data.template"), tok);
     if (cfg.get_string("data.train").empty()) fail("config key 'data.train' must be set");
     train_ = std::make_unique<PreferenceDataset>(
         open_preference_dataset(cfg.get_string("data.train"), tok, tmpl, options_));
-    if (!cfg.get_string("data.validation").empty())
+    check_and_describe(*train_, "data.train");
+    if (!cfg.get_string("data.validation").empty()) {
       val_ = std::make_unique<PreferenceDataset>(
           open_preference_dataset(cfg.get_string("data.validation"), tok, tmpl, options_));
+      check_and_describe(*val_, "data.validation");
+    }
     sampler_ = make_sampler(dataset_size(*train_), rank, world, cfg.get_bool("data.shuffle"),
                             uint64_t(cfg.get_int("trainer.seed")));
     micro_batch_size_ = cfg.get_int("trainer.micro_batch_size");
     max_epochs_ = data_epochs(cfg);
     checkpoint_layers_ = cfg.get_bool("model.activation_checkpointing");
     pad_id_ = pad_id_for(tok);
-  }
-
-  ~Dpo() override {
-    for (const auto* ds : {train_.get(), val_.get()}) {
-      if (!ds) continue;
-      const auto report = data_report(ds->stats, ds->file.path(), options_.max_length);
-      if (!report.empty()) log_info("{}", report);  // the report says "warning:" itself
-    }
   }
 
   // Computes the reference's log-probs of the pairs that this rank trains on in its first

@@ -245,7 +245,7 @@ void run_kd_prepare(const Config& cfg) {
   if (tok->vocab_size() > teacher.cfg.vocab_size)
     fail("{}: the tokenizer has {} tokens but the teacher {} has a vocabulary of {}", tok_dir,
          tok->vocab_size(), teacher_dir, teacher.cfg.vocab_size);
-  const auto opt = read_data_options(cfg);
+  const auto opt = read_data_options(cfg, teacher.cfg);
   const auto tmpl = resolve_chat_template(cfg.get_string("data.template"), *tok);
   const int64_t k = std::min(top_k, teacher.cfg.vocab_size);
   for (const auto& [data_key, logits_key] :
@@ -255,6 +255,7 @@ void run_kd_prepare(const Config& cfg) {
     std::string path = cfg.get_string(logits_key);
     if (path.empty()) path = default_kd_logits_path(data, k);
     auto ds = open_sft_dataset(data, *tok, tmpl, opt);
+    check_and_describe(ds, data_key);
     write_topk(path, ds, teacher, teacher_dir, k, batch_size, pad_id_for(*tok), ctx.device);
   }
 }

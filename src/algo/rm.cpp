@@ -66,7 +66,7 @@ class RewardModelTraining : public Algorithm {
         max_epochs_(data_epochs(cfg)),
         checkpoint_layers_(cfg.get_bool("model.activation_checkpointing")),
         pad_id_(pad_id_for(tok)),
-        options_(read_data_options(cfg)),
+        options_(read_data_options(cfg, model.cfg)),
         template_(resolve_chat_template(cfg.get_string("data.template"), tok)) {
     if (cfg.get_string("data.train").empty()) fail("config key 'data.train' must be set");
   }
@@ -75,13 +75,6 @@ class RewardModelTraining : public Algorithm {
   void load_state(const nlohmann::json& s) override { sampler_.position = s.at("position").get<int64_t>(); }
 
  protected:
-  template <class Dataset>
-  void report(const Dataset* ds) const {
-    if (!ds) return;
-    const auto text = data_report(ds->stats, ds->file.path(), options_.max_length);
-    if (!text.empty()) log_info("{}", text);  // the report says "warning:" itself
-  }
-
   Transformer& model_;
   int rank_, world_;
   int64_t micro_batch_size_, max_epochs_;
@@ -100,15 +93,14 @@ class PairwiseRewardModel final : public RewardModelTraining {
       : RewardModelTraining(cfg, tok, model, rank, world) {
     train_ = std::make_unique<PreferenceDataset>(
         open_preference_dataset(cfg.get_string("data.train"), tok, template_, options_));
-    if (!cfg.get_string("data.validation").empty())
+    check_and_describe(*train_, "data.train");
+    if (!cfg.get_string("data.validation").empty()) {
       val_ = std::make_unique<PreferenceDataset>(
           open_preference_dataset(cfg.get_string("data.validation"), tok, template_, options_));
+      check_and_describe(*val_, "data.validation");
+    }
     sampler_ = make_sampler(dataset_size(*train_), rank, world, cfg.get_bool("data.shuffle"),
                             uint64_t(cfg.get_int("trainer.seed")));
-  }
-  ~PairwiseRewardModel() override {
-    report(train_.get());
-    report(val_.get());
   }
 
   int64_t train_examples() const override { return dataset_size(*train_); }
@@ -170,15 +162,14 @@ class RegressionRewardModel final : public RewardModelTraining {
       : RewardModelTraining(cfg, tok, model, rank, world), attributes_(attributes) {
     train_ = std::make_unique<AttributeDataset>(
         open_attribute_dataset(cfg.get_string("data.train"), tok, template_, options_, attributes));
-    if (!cfg.get_string("data.validation").empty())
+    check_and_describe(*train_, "data.train");
+    if (!cfg.get_string("data.validation").empty()) {
       val_ = std::make_unique<AttributeDataset>(
           open_attribute_dataset(cfg.get_string("data.validation"), tok, template_, options_, attributes));
+      check_and_describe(*val_, "data.validation");
+    }
     sampler_ = make_sampler(dataset_size(*train_), rank_, world_, cfg.get_bool("data.shuffle"),
                             uint64_t(cfg.get_int("trainer.seed")));
-  }
-  ~RegressionRewardModel() override {
-    report(train_.get());
-    report(val_.get());
   }
 
   int64_t train_examples() const override { return dataset_size(*train_); }

@@ -60,14 +60,17 @@ class Sft final : public Algorithm {
   Sft(const Config& cfg, const Tokenizer& tok, Transformer& model, const Transformer* teacher,
       at::Device device, int rank, int world)
       : model_(model), teacher_(teacher), device_(device), rank_(rank), world_(world) {
-    const DataOptions opt = read_data_options(cfg);
+    const DataOptions opt = read_data_options(cfg, model.cfg);
     const auto tmpl = resolve_chat_template(cfg.get_string("data.template"), tok);
     const std::string train_path = cfg.get_string("data.train");
     if (train_path.empty()) fail("config key 'data.train' must be set");
     train_ = std::make_unique<SftDataset>(open_sft_dataset(train_path, tok, tmpl, opt));
-    if (!cfg.get_string("data.validation").empty())
+    check_and_describe(*train_, "data.train");
+    if (!cfg.get_string("data.validation").empty()) {
       val_ =
           std::make_unique<SftDataset>(open_sft_dataset(cfg.get_string("data.validation"), tok, tmpl, opt));
+      check_and_describe(*val_, "data.validation");
+    }
     sampler_ = make_sampler(dataset_size(*train_), rank, world, cfg.get_bool("data.shuffle"),
                             uint64_t(cfg.get_int("trainer.seed")));
     micro_batch_size_ = cfg.get_int("trainer.micro_batch_size");
@@ -94,14 +97,6 @@ class Sft final : public Algorithm {
       }
     }
     kd_weight_ = (teacher || stored_train_) ? cfg.get_float("kd.kd_weight") : 0.0;
-  }
-
-  ~Sft() override {
-    for (const auto* ds : {train_.get(), val_.get()}) {
-      if (!ds) continue;
-      const auto report = data_report(ds->stats, ds->file.path(), max_length_);
-      if (!report.empty()) log_info("{}", report);  // the report says "warning:" itself
-    }
   }
 
   int64_t train_examples() const override { return dataset_size(*train_); }

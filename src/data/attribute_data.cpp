@@ -77,8 +77,9 @@ void read_values(const AttributeDataset& ds, const nlohmann::json& r, const std:
   }
 }
 
-std::optional<AttributeExample> make_example(const AttributeDataset& ds, int64_t index,
-                                             ExampleStatus& status) {
+// Example `index` and the layout of its record; nullopt when dropped for length.
+std::optional<AttributeExample> make_example(const AttributeDataset& ds, int64_t index, ExampleStatus& status,
+                                             std::string& layout) {
   std::string where = ds.file.where(index);
   nlohmann::json r = ds.file.read(index);
   Encoder enc{ds.tok, ds.tmpl, ds.opt.add_eos};
@@ -88,6 +89,7 @@ std::optional<AttributeExample> make_example(const AttributeDataset& ds, int64_t
   int64_t prompt_length = 0;
   std::optional<Conversation> conv;
   if (r.contains("text")) {
+    layout = "text";
     std::string text = get_field<std::string>(r, "text", where);
     if (is_blank(text)) fail("{}: field \"text\": empty text", where);
     seq.input_ids = encode_prompt_text(enc, text);
@@ -95,11 +97,13 @@ std::optional<AttributeExample> make_example(const AttributeDataset& ds, int64_t
     seq.loss_mask.assign(seq.input_ids.size(), 0);
     prompt_length = static_cast<int64_t>(seq.input_ids.size());
   } else if (r.contains("prompt")) {
+    layout = "prompt_response";
     TextOrChat prompt = parse_text_or_chat(r["prompt"], where, "prompt", true);
     TextOrChat response = parse_text_or_chat(require_field(r, "response", where), where, "response", true);
     if (!response.is_chat && is_blank(response.text)) fail("{}: field \"response\": empty response", where);
     seq = encode_prompt_response(enc, prompt, response, where, "response", &prompt_length);
   } else if (r.contains("messages") || r.contains("conversations")) {
+    layout = r.contains("messages") ? "messages" : "conversations";
     ChatFormat format = enc.tmpl.format;
     conv = r.contains("messages") ? parse_messages(r["messages"], where, "messages", true)
                                   : parse_nemo_conversation(r, where, format, true);
@@ -166,9 +170,22 @@ AttributeDataset open_attribute_dataset(const std::string& path, const Tokenizer
 
 std::optional<AttributeExample> attribute_example(AttributeDataset& ds, int64_t index) {
   std::string where = ds.file.where(index);
-  return read_guarded<AttributeExample>(
-      ds.file, ds.stats, ds.opt.skip_bad_lines, index, where,
-      [&](ExampleStatus& status) { return make_example(ds, index, status); });
+  return read_guarded<AttributeExample>(ds.file, ds.stats, ds.opt.skip_bad_lines, index, where,
+                                        [&](ExampleStatus& status) {
+                                          std::string layout;
+                                          return make_example(ds, index, status, layout);
+                                        });
+}
+
+void check_dataset(AttributeDataset& ds, int threads) {
+  check_examples(
+      ds.file, ds.stats, dataset_size(ds), ds.opt.skip_bad_lines, threads,
+      [&](int64_t index, ExampleStatus& status) {
+        std::string layout;
+        make_example(ds, index, status, layout);
+        return layout;
+      },
+      [&](int64_t index) { return ds.file.where(index); });
 }
 
 }  // namespace aligner

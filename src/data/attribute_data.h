@@ -41,6 +41,8 @@ inline int64_t dataset_size(const AttributeDataset& ds) {
   return ds.file.size();
 }
 std::optional<AttributeExample> attribute_example(AttributeDataset& ds, int64_t index);
+// Every example built once before training (check_examples in data/common.h).
+void check_dataset(AttributeDataset& ds, int threads);
 
 // "helpfulness:4,correctness:3" into values in `attributes` order. An unknown name, a value that
 // is not a number or a name given twice is an error.

@@ -1,7 +1,11 @@
 #include "data/common.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cctype>
+#include <exception>
+#include <mutex>
+#include <thread>
 
 namespace aligner {
 
@@ -229,6 +233,54 @@ ExampleStatus fit_length(const std::vector<Sequence*>& seqs, int64_t& prompt_len
 int64_t first_loss_index(const Sequence& seq) {
   auto it = std::find(seq.loss_mask.begin(), seq.loss_mask.end(), 1);
   return static_cast<int64_t>(it - seq.loss_mask.begin());
+}
+
+void check_examples(const JsonlFile& file, DataStats& stats, int64_t n, bool skip_bad_lines, int threads,
+                    const std::function<std::string(int64_t, ExampleStatus&)>& build,
+                    const std::function<std::string(int64_t)>& where) {
+  std::vector<ExampleStatus> status(static_cast<size_t>(n), ExampleStatus::kUnread);
+  std::vector<std::string> layout(static_cast<size_t>(n));
+  std::vector<std::pair<int64_t, std::string>> errors;
+  std::exception_ptr crash;  // anything but a bad record stops the check and is rethrown here
+  std::mutex mutex;
+  std::atomic<int64_t> next{0};
+  auto work = [&] {
+    for (int64_t i = next++; i < n; i = next++) {
+      try {
+        ExampleStatus s = ExampleStatus::kOk;
+        layout[size_t(i)] = build(i, s);
+        status[size_t(i)] = s;
+      } catch (const Error& e) {
+        std::string message = e.what();
+        if (message.rfind(file.path() + ":", 0) != 0) message = where(i) + ": " + message;
+        status[size_t(i)] = ExampleStatus::kBad;
+        const std::lock_guard<std::mutex> lock(mutex);
+        errors.emplace_back(i, std::move(message));
+      } catch (...) {
+        const std::lock_guard<std::mutex> lock(mutex);
+        if (!crash) crash = std::current_exception();
+        next = n;
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < std::max(1, threads); ++t) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
+  if (crash) std::rethrow_exception(crash);
+
+  std::sort(errors.begin(), errors.end());
+  if (!errors.empty() && !skip_bad_lines) {
+    std::string listed;
+    for (size_t k = 0; k < std::min<size_t>(10, errors.size()); ++k) listed += "\n  " + errors[k].second;
+    fail("{}: {} bad record{}{}:{}\n(data.skip_bad_lines=true skips bad records)", file.path(), errors.size(),
+         errors.size() == 1 ? "" : "s", errors.size() > 10 ? ", the first 10" : "", listed);
+  }
+  if (!errors.empty() && stats.first_error.empty()) stats.first_error = errors.front().second;
+  for (int64_t i = 0; i < n; ++i) {
+    record_status(stats, i, status[size_t(i)]);
+    if (status[size_t(i)] != ExampleStatus::kBad) ++stats.layouts[layout[size_t(i)]];
+  }
 }
 
 }  // namespace aligner

@@ -4,6 +4,7 @@
 #pragma once
 #include <nlohmann/json.hpp>
 
+#include <functional>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -98,5 +99,15 @@ std::optional<T> read_guarded(const JsonlFile& file, DataStats& stats, bool skip
     return std::nullopt;
   }
 }
+
+// Builds every example of a data set once, on `threads` threads, before training reads any: a bad
+// line is found now rather than when a batch first reads it (hours into a run), all bad lines are
+// reported together (an aligner::Error with the first 10 and their count, unless skip_bad_lines),
+// and what is dropped or truncated is counted in `stats` before the first step. build(index, status)
+// makes example `index` as the data set's reader does, sets its status and returns the name of its
+// record layout, counted in stats.layouts; or it throws aligner::Error.
+void check_examples(const JsonlFile& file, DataStats& stats, int64_t n, bool skip_bad_lines, int threads,
+                    const std::function<std::string(int64_t, ExampleStatus&)>& build,
+                    const std::function<std::string(int64_t)>& where);
 
 }  // namespace aligner

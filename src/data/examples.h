@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -57,7 +58,8 @@ enum class ExampleStatus : uint8_t { kUnread = 0, kOk, kTruncated, kDropped, kBa
 struct DataStats {
   std::vector<ExampleStatus> status;  // per example index
   int64_t bad_lines = 0, dropped = 0, truncated = 0;
-  std::string first_error;  // why the first skipped line was bad
+  std::string first_error;                 // why the first skipped line was bad
+  std::map<std::string, int64_t> layouts;  // records per layout ("messages", "hh", ...), from check_examples
 };
 
 void record_status(DataStats& stats, int64_t index, ExampleStatus status);

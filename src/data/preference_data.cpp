@@ -80,10 +80,25 @@ void split_shared(const nlohmann::json& r, const std::string& where, TextOrChat&
   rejected.chat.messages.assign(b.begin() + n, b.end());
 }
 
-std::optional<PreferenceExample> make_pair(const PreferenceDataset& ds, int64_t index,
-                                           ExampleStatus& status) {
+const char* layout_name(PreferenceFormat format) {
+  switch (format) {
+    case PreferenceFormat::kNemo:
+      return "nemo";
+    case PreferenceFormat::kHh:
+      return "hh";
+    case PreferenceFormat::kTextPairs:
+      return "text_pairs";
+    default:
+      return "trl";
+  }
+}
+
+// Pair `index` and the layout of its record; nullopt when dropped for length.
+std::optional<PreferenceExample> make_pair(const PreferenceDataset& ds, int64_t index, ExampleStatus& status,
+                                           PreferenceFormat& layout) {
   Encoder enc{ds.tok, ds.tmpl, ds.opt.add_eos};
   PreferenceExample ex;
+  layout = ds.format;
   if (ds.format == PreferenceFormat::kTextPairs) {
     std::string wc = ds.file.where(2 * index), wr = ds.file.where(2 * index + 1);
     std::string c = get_field<std::string>(ds.file.read(2 * index), "text", wc);
@@ -108,7 +123,8 @@ std::optional<PreferenceExample> make_pair(const PreferenceDataset& ds, int64_t 
   } else {
     std::string where = ds.file.where(index);
     nlohmann::json r = ds.file.read(index);
-    PreferenceFormat format = ds.format == PreferenceFormat::kAuto ? detect(r, where) : ds.format;
+    if (layout == PreferenceFormat::kAuto) layout = detect(r, where);
+    const PreferenceFormat format = layout;
     TextOrChat prompt, chosen, rejected;
     const char* ck = "chosen";
     const char* rk = "rejected";
@@ -134,6 +150,11 @@ std::optional<PreferenceExample> make_pair(const PreferenceDataset& ds, int64_t 
                       ds.tmpl.bos);
   if (status == ExampleStatus::kDropped) return std::nullopt;
   return ex;
+}
+
+// The "file:line" of pair `index` (of its chosen text, for text_pairs).
+std::string where_of(const PreferenceDataset& ds, int64_t index) {
+  return ds.file.where(ds.format == PreferenceFormat::kTextPairs ? 2 * index : index);
 }
 
 }  // namespace
@@ -176,10 +197,22 @@ int64_t dataset_size(const PreferenceDataset& ds) {
 }
 
 std::optional<PreferenceExample> preference_example(PreferenceDataset& ds, int64_t index) {
-  int64_t first = ds.format == PreferenceFormat::kTextPairs ? 2 * index : index;
-  std::string where = ds.file.where(first);
-  return read_guarded<PreferenceExample>(ds.file, ds.stats, ds.opt.skip_bad_lines, index, where,
-                                         [&](ExampleStatus& status) { return make_pair(ds, index, status); });
+  return read_guarded<PreferenceExample>(ds.file, ds.stats, ds.opt.skip_bad_lines, index, where_of(ds, index),
+                                         [&](ExampleStatus& status) {
+                                           PreferenceFormat layout;
+                                           return make_pair(ds, index, status, layout);
+                                         });
+}
+
+void check_dataset(PreferenceDataset& ds, int threads) {
+  check_examples(
+      ds.file, ds.stats, dataset_size(ds), ds.opt.skip_bad_lines, threads,
+      [&](int64_t index, ExampleStatus& status) {
+        PreferenceFormat layout = PreferenceFormat::kAuto;
+        make_pair(ds, index, status, layout);
+        return std::string(layout_name(layout));
+      },
+      [&](int64_t index) { return where_of(ds, index); });
 }
 
 }  // namespace aligner

@@ -36,6 +36,8 @@ PreferenceDataset open_preference_dataset(const std::string& path, const Tokeniz
 int64_t dataset_size(const PreferenceDataset& ds);  // pairs
 // Pair `index`; nullopt when it was dropped for length or skipped as bad.
 std::optional<PreferenceExample> preference_example(PreferenceDataset& ds, int64_t index);
+// Every pair built once before training (check_examples in data/common.h).
+void check_dataset(PreferenceDataset& ds, int threads);
 
 // hh-rlhf: the shared prompt, up to and including the last "\n\nAssistant:" that both texts share,
 // and the two answers after it. A pair sharing no such prefix is an error.

@@ -33,9 +33,22 @@ bool has_reply(const Conversation& conv) {
   return false;
 }
 
-Sequence make_sequence(const SftDataset& ds, const nlohmann::json& r, const std::string& where) {
+const char* layout_name(SftFormat format) {
+  switch (format) {
+    case SftFormat::kInputOutput:
+      return "input_output";
+    case SftFormat::kMessages:
+      return "messages";
+    case SftFormat::kConversations:
+      return "conversations";
+    default:
+      return "text";
+  }
+}
+
+Sequence make_sequence(const SftDataset& ds, const nlohmann::json& r, const std::string& where,
+                       SftFormat format) {
   Encoder enc{ds.tok, ds.tmpl, ds.opt.add_eos};
-  SftFormat format = ds.format == SftFormat::kAuto ? detect(r, where) : ds.format;
   if (format == SftFormat::kInputOutput) {
     bool nemo = r.contains("input") || !r.contains("prompt");
     const char* in = nemo ? "input" : "prompt";
@@ -75,17 +88,40 @@ SftDataset open_sft_dataset(const std::string& path, const Tokenizer& tok, const
   return SftDataset{JsonlFile(path), parse_sft_format(opt.format), &tok, tmpl, opt, {}};
 }
 
+namespace {
+
+// Example `index` and the layout its record has; nullopt when dropped for length.
+std::optional<Sequence> build_example(const SftDataset& ds, int64_t index, ExampleStatus& status,
+                                      SftFormat& layout) {
+  const std::string where = ds.file.where(index);
+  const nlohmann::json r = ds.file.read(index);
+  layout = ds.format == SftFormat::kAuto ? detect(r, where) : ds.format;
+  Sequence seq = make_sequence(ds, r, where, layout);
+  int64_t prompt_length = first_loss_index(seq);
+  status = fit_length({&seq}, prompt_length, ds.opt.max_length, ds.opt.truncation, ds.tmpl.bos);
+  if (status == ExampleStatus::kDropped) return std::nullopt;
+  return seq;
+}
+
+}  // namespace
+
 std::optional<Sequence> sft_example(SftDataset& ds, int64_t index) {
-  std::string where = ds.file.where(index);
-  return read_guarded<Sequence>(ds.file, ds.stats, ds.opt.skip_bad_lines, index, where,
-                                [&](ExampleStatus& status) -> std::optional<Sequence> {
-                                  Sequence seq = make_sequence(ds, ds.file.read(index), where);
-                                  int64_t prompt_length = first_loss_index(seq);
-                                  status = fit_length({&seq}, prompt_length, ds.opt.max_length,
-                                                      ds.opt.truncation, ds.tmpl.bos);
-                                  if (status == ExampleStatus::kDropped) return std::nullopt;
-                                  return seq;
+  return read_guarded<Sequence>(ds.file, ds.stats, ds.opt.skip_bad_lines, index, ds.file.where(index),
+                                [&](ExampleStatus& status) {
+                                  SftFormat layout;
+                                  return build_example(ds, index, status, layout);
                                 });
+}
+
+void check_dataset(SftDataset& ds, int threads) {
+  check_examples(
+      ds.file, ds.stats, dataset_size(ds), ds.opt.skip_bad_lines, threads,
+      [&](int64_t index, ExampleStatus& status) {
+        SftFormat layout = SftFormat::kAuto;
+        build_example(ds, index, status, layout);
+        return std::string(layout_name(layout));
+      },
+      [&](int64_t index) { return ds.file.where(index); });
 }
 
 }  // namespace aligner

@@ -34,5 +34,7 @@ inline int64_t dataset_size(const SftDataset& ds) {
 }
 // Example `index`, tokenized; nullopt when it was dropped for length or skipped as bad.
 std::optional<Sequence> sft_example(SftDataset& ds, int64_t index);
+// Every example built once before training (check_examples in data/common.h).
+void check_dataset(SftDataset& ds, int threads);
 
 }  // namespace aligner
