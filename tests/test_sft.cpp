@@ -238,6 +238,8 @@ TEST(Sft, BadValuesAreRefusedBeforeAnythingIsWritten) {
        "config key 'optim.scheduler' expects constant, linear or cosine, got 'cosin'"},
       {"optim.betas=[0.9,1.5]", "config key 'optim.betas' expects numbers in [0, 1)"},
       {"resume=/nonexistent/step_4", "config key 'resume' expects auto, true, false or a checkpoint folder"},
+      {"trainer.max_steps=3 optim.warmup_steps=5 optim.scheduler=cosine",
+       "config key 'optim.warmup_steps' (5) is more than the run's 3 steps"},
       {"trainer.global_batch_size=512 trainer.micro_batch_size=4",
        "trainer.global_batch_size (512) is larger than the training data (300 examples)"},
   };

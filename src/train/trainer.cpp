@@ -219,6 +219,9 @@ std::vector<Running> prepare_modules(std::vector<TrainableModule> modules, int64
     r.whole_model = m.params.size() == named_parameters(*m.model).size();
     const auto& o = m.optim;
     r.schedule = Schedule{o.schedule, o.adam.lr, o.min_lr, o.warmup_steps, total_steps};
+    if (o.schedule != ScheduleKind::kConstant && o.warmup_steps > total_steps)
+      fail("config key '{}.warmup_steps' ({}) is more than the run's {} steps", o.prefix, o.warmup_steps,
+           total_steps);
     check_schedule(r.schedule);
     r.module = std::move(m);
     out.push_back(std::move(r));
@@ -257,6 +260,7 @@ OptimizerSettings read_optimizer_settings(const Config& cfg, const std::string& 
                                           const std::string& grad_clip_key) {
   auto key = [&](const char* k) { return prefix + "." + k; };
   OptimizerSettings o;
+  o.prefix = prefix;
   o.adam.lr = cfg.get_float(key("lr"));
   const auto betas = cfg.get_float_list(key("betas"));
   if (betas.size() != 2) fail("config key '{}' expects two numbers, got {}", key("betas"), betas.size());

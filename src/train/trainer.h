@@ -101,7 +101,8 @@ struct OptimizerSettings {
   ScheduleKind schedule = ScheduleKind::kConstant;
   double min_lr = 0;
   int64_t warmup_steps = 0;
-  double grad_clip = 1.0;  // 0: no clipping (the norm is still reported)
+  double grad_clip = 1.0;        // 0: no clipping (the norm is still reported)
+  std::string prefix = "optim";  // where the settings came from, for errors
 };
 
 // <prefix>.lr, .betas, .eps, .weight_decay, .scheduler, .min_lr, .warmup_steps and the clipping
