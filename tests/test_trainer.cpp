@@ -5,6 +5,9 @@
 // checkpointing gives gradients to a layer whose input needs none.
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
+#include <chrono>
 #include <filesystem>
 #include <fstream>
 
@@ -12,6 +15,7 @@
 #include "core/builtin_configs.h"
 #include "core/error.h"
 #include "data/sampler.h"
+#include "dist/process_group.h"
 #include "io/hf_checkpoint.h"
 #include "io/safetensors.h"
 #include "model/transformer.h"
@@ -51,13 +55,26 @@ std::vector<at::Tensor> make_data(int64_t n) {
   return out;
 }
 
-// The sum of log p(token | previous tokens) over a sequence.
-at::Tensor sequence_logprob(const Transformer& m, const at::Tensor& ids, bool checkpoint_layers) {
-  ForwardInput in{ids};
+// The sum of log p(token | previous tokens) over sequences, right-padded into one batch: each model
+// runs once per micro-batch, as data parallel needs of a checkpointed model (a parameter's gradient
+// must arrive once per backward).
+at::Tensor sequence_logprob(const Transformer& m, const std::vector<at::Tensor>& seqs,
+                            bool checkpoint_layers) {
+  int64_t T = 0;
+  for (const auto& s : seqs) T = std::max(T, s.size(1));
+  const int64_t B = int64_t(seqs.size());
+  auto ids = at::zeros({B, T}, at::kLong), mask = at::zeros({B, T}, at::kLong);
+  auto targets = at::full({B, T - 1}, int64_t(-100), at::kLong);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = seqs[b].size(1);
+    ids[b].narrow(0, 0, n).copy_(seqs[b][0]);
+    mask[b].narrow(0, 0, n).fill_(1);
+    targets[b].narrow(0, 0, n - 1).copy_(seqs[b][0].narrow(0, 1, n - 1));
+  }
+  ForwardInput in{ids, mask};
   in.checkpoint_layers = checkpoint_layers;
-  const int64_t T = ids.size(1);
   const auto hidden = forward_hidden(m, in).narrow(1, 0, T - 1);
-  return token_logprobs(m, hidden, ids.narrow(1, 1, T - 1)).sum();
+  return token_logprobs(m, hidden, targets).sum();
 }
 
 // Both models learn the same sequences; the loss is a sum over predicted tokens. The critic runs
@@ -65,9 +82,9 @@ at::Tensor sequence_logprob(const Transformer& m, const at::Tensor& ids, bool ch
 // embeddings and first layer are frozen).
 class TwoModels final : public Algorithm {
  public:
-  TwoModels(Transformer& actor, Transformer& critic, int64_t micro_batch_size)
+  TwoModels(Transformer& actor, Transformer& critic, int64_t micro_batch_size, int rank = 0, int world = 1)
       : actor_(actor), critic_(critic), data_(make_data(24)), micro_batch_size_(micro_batch_size) {
-    sampler_ = make_sampler(int64_t(data_.size()), 0, 1, true, 11);
+    sampler_ = make_sampler(int64_t(data_.size()), rank, world, true, 11);
   }
 
   int64_t train_examples() const override { return int64_t(data_.size()); }
@@ -83,13 +100,13 @@ class TwoModels final : public Algorithm {
   }
   LossSums loss(int64_t i) override {
     LossSums out;
-    out.loss = at::zeros({}, at::kFloat);
+    std::vector<at::Tensor> seqs;
     double length = 0;
     for (const auto& e : step_.at(i)) {
-      const auto& ids = data_[e.index];
-      out.loss = out.loss - sequence_logprob(actor_, ids, false) - sequence_logprob(critic_, ids, true);
-      length += double(ids.size(1));
+      seqs.push_back(data_[e.index]);
+      length += double(data_[e.index].size(1));
     }
+    out.loss = -sequence_logprob(actor_, seqs, false) - sequence_logprob(critic_, seqs, true);
     out.units = units(i);
     const bool first = i == 0;
     out.metrics = {{"length", length, double(step_.at(i).size())},  // per sequence
@@ -132,10 +149,12 @@ NamedParams critic_layer(Transformer& critic, const std::string& prefix = "model
   return out;
 }
 
-// Trains both modules for max_steps (micro-batches of 2, global batches of 4) into `out`.
+// Trains both modules for max_steps (micro-batches of 2, global batches of 4) into `out`, on the
+// ranks of `dist` (one process when null).
 TwoModelRun run_two_models(const fs::path& out, int64_t max_steps,
                            const std::string& critic_prefix = "model.layers.1.",
-                           const std::string& critic_name = "critic", bool export_critic = true) {
+                           const std::string& critic_name = "critic", bool export_critic = true,
+                           dist::Dist* dist = nullptr) {
   TwoModelRun run;
   const auto cfg = Config::load(builtin_config("sft"), "", {"output_dir=" + out.string()});
   TrainerOptions opt;
@@ -149,9 +168,10 @@ TwoModelRun run_two_models(const fs::path& out, int64_t max_steps,
   TrainableModule critic{critic_name, &run.critic, critic_layer(run.critic, critic_prefix),
                          settings(1e-3, 1e-3)};
   critic.export_final = export_critic;
-  TwoModels algo(run.actor, run.critic, 2);
   dist::Dist one;
-  train(cfg, opt, {actor, critic}, algo, one);
+  dist::Dist& ranks = dist ? *dist : one;
+  TwoModels algo(run.actor, run.critic, 2, ranks.rank(), ranks.world_size());
+  train(cfg, opt, {actor, critic}, algo, ranks);
   run.hook_calls = algo.hook_calls;
   return run;
 }
@@ -267,6 +287,51 @@ TEST(Trainer, CheckpointsHoldEveryModuleAndResumeByName) {
   fs::remove_all(parts);
 }
 
+// One rank of Trainer.TwoRanksMatchOne, started by `aligner launch`.
+TEST(TrainerWorker, TwoModulesOnTwoRanks) {
+  const char* out = std::getenv("ALIGNER_TRAINER_TEST_OUT");
+  if (!out) GTEST_SKIP() << "runs as a rank started by Trainer.TwoRanksMatchOne";
+  dist::Dist dist = dist::Dist::init(dist::read_dist_env(), at::kCPU, std::chrono::seconds(60));
+  run_two_models(out, 3, "model.layers.1.", "critic", true, &dist);
+}
+
+// Data parallel over both modules: two ranks, each with half of every global batch, train as one
+// rank does, and the means per sequence and per step are those of the whole global batch.
+TEST(Trainer, TwoRanksMatchOne) {
+  const auto one = temp_dir("two_modules_one_rank"), two = temp_dir("two_modules_two_ranks");
+  run_two_models(one, 3);
+  char self[4096] = {};
+  ASSERT_GT(::readlink("/proc/self/exe", self, sizeof self - 1), 0);
+  const auto r =
+      run_aligner("launch --nproc-per-node 2 --master-port " + std::to_string(29300 + ::getpid() % 200) +
+                      " -- " + self + " --gtest_filter=TrainerWorker.TwoModulesOnTwoRanks",
+                  "ALIGNER_TRAINER_TEST_OUT=" + two.string() + " timeout -s KILL 300");
+  if (r.output.find("needs Gloo") != std::string::npos)
+    GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
+  ASSERT_EQ(r.status, 0) << r.output;
+  const auto a = metrics(one), b = metrics(two);
+  ASSERT_EQ(a.size(), 3u);
+  ASSERT_EQ(b.size(), 3u);
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_NEAR(a[i]["loss"].get<double>(), b[i]["loss"].get<double>(), 1e-5) << i;
+    EXPECT_DOUBLE_EQ(a[i]["length"].get<double>(), b[i]["length"].get<double>()) << i;
+    EXPECT_EQ(a[i]["hook_calls"].get<double>(), b[i]["hook_calls"].get<double>()) << i;
+    for (const char* key : {"actor/grad_norm", "critic/grad_norm"})
+      EXPECT_NEAR(a[i][key].get<double>(), b[i][key].get<double>(), 1e-4) << key << " " << i;
+  }
+  for (const char* module : {"actor", "critic"}) {
+    const auto m1 = load_transformer((one / "final" / module).string(), at::kCPU);
+    const auto m2 = load_transformer((two / "final" / module).string(), at::kCPU);
+    const auto p1 = named_parameters(m1), p2 = named_parameters(m2);
+    // Sums in another order move Adam's normalised update by at most a step on coordinates whose
+    // gradient is near zero.
+    for (size_t i = 0; i < p1.size(); ++i)
+      EXPECT_LT(max_change(p1[i].second, p2[i].second), 2 * 1e-2 + 1e-6) << module << " " << p1[i].first;
+  }
+  fs::remove_all(one);
+  fs::remove_all(two);
+}
+
 TEST(Trainer, OneExportedModuleIsFinalItself) {
   const auto out = temp_dir("two_modules_one_export");
   run_two_models(out, 1, "model.layers.1.", "critic", /*export_critic=*/false);
@@ -298,12 +363,12 @@ TEST(Trainer, ModulesAreChecked) {
 // With frozen embeddings the first layer's input needs no gradient; a checkpointed layer must
 // still give its weights theirs, the same as without checkpointing.
 TEST(ActivationCheckpointing, GradientsReachLayersWhoseInputNeedsNone) {
-  const auto ids = at::randint(64, {2, 9}, at::kLong);
+  const auto ids = at::randint(64, {1, 9}, at::kLong);
   std::vector<std::map<std::string, at::Tensor>> grads;
   for (bool checkpoint : {false, true}) {
     Transformer m = init_transformer(small_config(), at::kCPU, 5);
     for (auto& [name, t] : named_parameters(m)) t.requires_grad_(name != "model.embed_tokens.weight");
-    sequence_logprob(m, ids, checkpoint).backward();
+    sequence_logprob(m, {ids}, checkpoint).backward();
     std::map<std::string, at::Tensor> g;
     for (auto& [name, t] : named_parameters(m))
       if (t.requires_grad()) {

@@ -40,6 +40,10 @@ namespace aligner {
 // agree on the end of the data after next_step, and all stop at the first step where any rank has
 // none.
 //
+// Data parallel sends each parameter's gradient as soon as the last micro-batch's backward has it,
+// so with model.activation_checkpointing (whose recomputed layers accumulate their gradients on
+// their own) loss(i) must run each model once per micro-batch, batching its sequences.
+//
 // tests/test_trainer.cpp has an algorithm with two modules (an "actor" and a "critic" with their
 // own learning rates) that shows every part of this.
 
