@@ -3,7 +3,7 @@
 # 4.4M-parameter demo model, one epoch of a pairwise reward model and then one of DPO on real
 # hh-rlhf preference pairs (540 to train on, the last 60 held out), each printing how often it
 # ranks a held-out pair's chosen answer above the rejected one as it trains. Between the two, the
-# reward model scores the held-out conversations with rm-score.
+# reward model scores the held-out pairs with rm-score.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 A=${ALIGNER:-build/aligner}
@@ -32,21 +32,14 @@ echo "== reward model: Bradley-Terry on chosen/rejected pairs"
 $A rm $RUN $DATA optim.lr=3e-4 output_dir=$OUT/rm 2>&1 | grep -E "\] step [0-9]+"
 accuracy $OUT/rm
 
-echo "== rm-score on the held-out conversations: how often the chosen one scores higher"
-python3 -c '
-import json, sys
-for line in open(sys.argv[1]):
-    pair = json.loads(line)
-    print(json.dumps({"text": pair["chosen"]}))
-    print(json.dumps({"text": pair["rejected"]}))
-' $OUT/heldout.jsonl >$OUT/score.jsonl
-$A rm-score --model $OUT/rm/final --data $OUT/score.jsonl --device cpu --batch-size 16 >$OUT/scores.jsonl
+echo "== rm-score on the held-out pairs: how often the chosen one scores higher"
+$A rm-score --model $OUT/rm/final --data $OUT/heldout.jsonl --device cpu --batch-size 16 \
+  data.skip_bad_lines=true data.max_length=128 >$OUT/scores.jsonl
 head -2 $OUT/scores.jsonl
 python3 -c '
 import json, sys
-r = [json.loads(line)["reward"] for line in open(sys.argv[1])]
-wins = sum(c > j for c, j in zip(r[0::2], r[1::2]))
-print("  chosen scored higher in %d of %d pairs" % (wins, len(r) // 2))
+s = json.loads(open(sys.argv[1]).readlines()[-1])
+print("  chosen scored higher in %.0f of %d pairs (accuracy %.3f)" % (s["accuracy"] * s["pairs"], s["pairs"], s["accuracy"]))
 ' $OUT/scores.jsonl
 
 # DPO's accuracy counts the pairs whose implicit reward beta log(pi/ref) is higher for the chosen

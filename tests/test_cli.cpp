@@ -172,15 +172,82 @@ TEST(Cli, Float16OnTheCpuIsRefusedUpFront) {
   const std::string expected =
       ": float16 does not run on the CPU (libtorch has no CPU float16 kernels); use "
       "bfloat16 or float32\n";
-  auto r = run_aligner("perplexity" + common + " --dtype float16 --device cpu");
-  EXPECT_EQ(r.status, 1);
-  EXPECT_EQ(r.output, "error: --dtype" + expected);
-  r = run_aligner("rm-score" + common + " --dtype float16 --device cpu");
-  EXPECT_EQ(r.status, 1);
-  EXPECT_EQ(r.output, "error: --dtype" + expected);
-  r = run_aligner("generate" + common + " --out " + out + " model.dtype=float16 model.device=cpu");
-  EXPECT_EQ(r.status, 1);
-  EXPECT_EQ(r.output, "error: model.dtype" + expected);
+  // --dtype is model.dtype, so the error names the key either way.
+  for (const std::string& command :
+       {"perplexity" + common, "rm-score" + common, "generate" + common + " --out " + out}) {
+    for (const std::string& setting :
+         {" --dtype float16 --device cpu", " model.dtype=float16 model.device=cpu"}) {
+      const auto r = run_aligner(command + setting);
+      EXPECT_EQ(r.status, 1) << command << setting;
+      EXPECT_EQ(r.output, "error: model.dtype" + expected) << command << setting;
+    }
+  }
+}
+
+// Every command that takes a config takes its keys both as flags and as key=value, and
+// --print-config shows the result without loading anything (the model folder does not exist).
+TEST(Cli, FlagsAndKeysAreTwoSpellingsOfOneSetting) {
+  struct Spellings {
+    std::string command, flags, keys;
+  };
+  const std::string model = " --model /no/such/model", model_key = " model.path=/no/such/model";
+  const std::string common = model + " --device cpu --dtype bfloat16",
+                    common_keys = model_key + " model.device=cpu model.dtype=bfloat16";
+  const std::vector<Spellings> cases = {
+      {"perplexity", common + " --data d.jsonl --batch-size 3 --stride 4",
+       common_keys + " data.path=d.jsonl batch_size=3 stride=4"},
+      {"rm-score", common + " --data d.jsonl --batch-size 3 --template chatml --no-eos",
+       common_keys + " data.path=d.jsonl batch_size=3 data.template=chatml data.add_eos=false"},
+      {"generate", common + " --data d.jsonl --out o.jsonl --batch-size 3",
+       common_keys + " data.path=d.jsonl out=o.jsonl gen.batch_size=3"},
+      {"convert", model + " --out o --dtype bfloat16 --shard-size 5GB --overwrite",
+       model_key + " out=o model.dtype=bfloat16 shard_size=5GB overwrite=true"},
+      {"sft", common, common_keys},
+      {"kd-prepare", common, common_keys},
+      {"rm", common, common_keys},
+      {"dpo", common, common_keys}};
+  for (const auto& c : cases) {
+    const auto defaults = run_aligner(c.command + " --print-config");
+    const auto flags = run_aligner(c.command + " --print-config" + c.flags);
+    const auto keys = run_aligner(c.command + " --print-config" + c.keys);
+    ASSERT_EQ(flags.status, 0) << c.command << ": " << flags.output;
+    ASSERT_EQ(keys.status, 0) << c.command << ": " << keys.output;
+    EXPECT_EQ(flags.output, keys.output) << c.command;
+    EXPECT_NE(flags.output, defaults.output) << c.command;
+    EXPECT_NE(flags.output.find("path: /no/such/model\n"), std::string::npos)
+        << c.command << ": " << flags.output;
+    EXPECT_NE(flags.output.find("dtype: bfloat16\n"), std::string::npos) << c.command << ": " << flags.output;
+  }
+  // A key=value comes after the flags; a flag's value is text, whatever YAML would make of it.
+  const auto r = run_aligner("perplexity --print-config --device cpu model.device=cuda --model 'a: [b'");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("device: cuda\n"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("path: \"a: [b\"\n"), std::string::npos) << r.output;
+  // A bad value through a flag is the key's error.
+  EXPECT_EQ(run_aligner("perplexity --print-config --batch-size x").output,
+            "error: config key 'batch_size' expects an int, got 'x' (from the command line)\n");
+  // What must be set is named with both spellings.
+  EXPECT_EQ(run_aligner("perplexity --data d.jsonl").output,
+            "error: config key 'model.path' must be set: --model VALUE or model.path=VALUE\n");
+}
+
+// A user with only the binary learns every key, its default and its meaning from --help.
+TEST(Cli, HelpListsEveryKeyWithItsDefault) {
+  for (const auto& [command, config] :
+       std::vector<std::pair<std::string, std::string>>{{"perplexity", "perplexity"},
+                                                        {"rm-score", "rm-score"},
+                                                        {"generate", "generate"},
+                                                        {"convert", "convert"},
+                                                        {"sft", "sft"},
+                                                        {"kd-prepare", "sft"},
+                                                        {"rm", "rm"},
+                                                        {"dpo", "dpo"}}) {
+    const auto r = run_aligner(command + " --help");
+    EXPECT_EQ(r.status, 0) << command;
+    EXPECT_NE(r.output.find(read(kRoot + "/configs/" + config + ".yaml")), std::string::npos)
+        << command << ": " << r.output;
+    EXPECT_NE(r.output.find("--print-config"), std::string::npos) << command;
+  }
 }
 
 }  // namespace

@@ -505,8 +505,8 @@ TEST(GenerateErrors, BadPromptsAndOptionsNameTheCulprit) {
       error_of([&] { generate(m, {{1}}, greedy_options(0)); }).find("max_new_tokens must be at least 1"),
       std::string::npos);
   auto bad = sampling_options(1);
-  bad.sampling.temperature = 0;
-  EXPECT_NE(error_of([&] { generate(m, {{1}}, bad); }).find("temperature must be positive"),
+  bad.sampling.temperature = -1;
+  EXPECT_NE(error_of([&] { generate(m, {{1}}, bad); }).find("temperature must be positive (or 0: greedy)"),
             std::string::npos);
   bad = sampling_options(1);
   bad.sampling.top_p = 0;
@@ -549,6 +549,72 @@ TEST(GenerateStop, StopStringEndsTheResponseAtTheTokenThatCompletesIt) {
   const auto r = generate(m, prompts, opt).sequences[0];
   EXPECT_EQ(r.tokens, std::vector<int32_t>(full.begin(), full.begin() + expected)) << "stop '" << stop << "'";
   EXPECT_EQ(r.finish, FinishReason::kStop);
+}
+
+// The text ends before the stop string (after it with include_stop), and the tokens kept are the
+// fewest whose text covers it.
+TEST(GenerateStop, TextEndsBeforeTheStopStringUnlessIncluded) {
+  const auto m = load_transformer(tiny_model(), at::kCPU);
+  const auto tok = load_tokenizer(tiny_model());
+  auto opt = greedy_options(24);
+  opt.stop_at_eos = false;
+  opt.tokenizer = tok.get();
+  const std::vector<std::vector<int32_t>> prompts = {tok->encode("The quick brown fox")};
+  const auto full = generate(m, prompts, opt).sequences[0].tokens;
+  // Stop strings inside a token, across tokens, and at a token's start.
+  const std::string text = tok->decode(full, true);
+  const std::string a = tok->decode({full[6]}), b = tok->decode({full[7]});
+  for (const std::string& stop : {a.substr(a.size() - 1) + b.substr(0, 1), b, b.substr(0, 1)}) {
+    opt.stop_strings = {stop};
+    const auto s = generate(m, prompts, opt).sequences[0];
+    ASSERT_EQ(s.finish, FinishReason::kStop) << stop;
+    const std::string made = tok->decode(s.tokens, true);
+    const size_t at = made.find(stop);
+    ASSERT_NE(at, std::string::npos);
+    for (const bool include : {false, true}) {
+      const size_t cut = include ? at + stop.size() : at;
+      size_t covering = 0;
+      while (tok->decode({s.tokens.begin(), s.tokens.begin() + int64_t(covering)}, true).size() < cut)
+        ++covering;
+      const auto r = response_text(s, *tok, opt.stop_strings, include);
+      EXPECT_EQ(r.text, made.substr(0, cut)) << "stop '" << stop << "' include " << include;
+      EXPECT_EQ(r.tokens, covering) << "stop '" << stop << "' include " << include;
+    }
+  }
+  // Of several stop strings in the text, the one that completed first cuts it.
+  const test::ByteTokenizer bytes({}, "", "");
+  GeneratedSequence s;
+  const std::string hello = "Hello###";
+  s.tokens.assign(hello.begin(), hello.end());
+  s.finish = FinishReason::kStop;
+  auto r = response_text(s, bytes, {"###", "lo#"}, false);
+  EXPECT_EQ(r.text, "Hel");
+  EXPECT_EQ(r.tokens, 3u);
+  r = response_text(s, bytes, {"###", "lo#"}, true);
+  EXPECT_EQ(r.text, "Hello#");
+  EXPECT_EQ(r.tokens, 6u);
+  // A response that ran out of length is whole.
+  s.finish = FinishReason::kLength;
+  r = response_text(s, bytes, {"###"}, false);
+  EXPECT_EQ(r.text, hello);
+  EXPECT_EQ(r.tokens, hello.size());
+}
+
+// temperature 0 means greedy, as in vLLM and transformers, in the engine and on the command line.
+TEST(GenerateSampling, TemperatureZeroIsGreedy) {
+  const Transformer& m = fixture("llama3");
+  const auto prompts = random_prompts({3, 7, 5}, m.cfg.vocab_size, 4);
+  auto zero = sampling_options(12);
+  zero.sampling.temperature = 0;
+  auto greedy = zero;
+  greedy.sampling = {true, 1.0, 0, 1.0};
+  const auto got = generate(m, prompts, zero);
+  const auto want = generate(m, prompts, greedy);
+  ASSERT_EQ(got.sequences.size(), want.sequences.size());
+  for (size_t i = 0; i < got.sequences.size(); ++i) {
+    EXPECT_EQ(got.sequences[i].tokens, want.sequences[i].tokens) << i;
+    EXPECT_EQ(got.sequences[i].logprobs, want.sequences[i].logprobs) << i;
+  }
 }
 
 Run aligner(const std::string& args) {
@@ -600,7 +666,19 @@ TEST(GenerateCli, WritesOneLinePerCompletion) {
     ASSERT_EQ(l["logprobs"].size(), e.tokens.size());
     EXPECT_NEAR(l["logprobs"][0].get<double>(), e.logprobs[0], 1e-6);
     EXPECT_EQ(l["finish_reason"], finish_reason_name(e.finish));
+    EXPECT_EQ(l["prompt"], prompt_example(ds, int64_t(i / 2))->text);
   }
+  EXPECT_EQ(lines[0]["prompt"], "Hello there");
+  EXPECT_EQ(lines[4]["prompt"], tok->decode({5, 6, 7}));
+
+  // The flags are the keys' other spellings; temperature 0 is greedy. Six slots decode all six
+  // completions at once, as the default does, so the numbers are the same to the bit.
+  r = aligner("generate --model " + tiny_model() + " --data " + data + " --out " +
+              (d / "flags.jsonl").string() +
+              " --device cpu --batch-size 6 gen.temperature=0 gen.num_samples=2 gen.max_new_tokens=6 "
+              "data.template=llama3");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(read_lines(d / "flags.jsonl"), lines);
 
   // Stop strings reach the engine (with the tokenizer they need).
   r = aligner("generate --model " + tiny_model() + " --data " + data + " --out " +
@@ -609,10 +687,33 @@ TEST(GenerateCli, WritesOneLinePerCompletion) {
   ASSERT_EQ(r.status, 0) << r.output;
   opt.stop_strings = {"e", "a"};
   const auto stopped = generate(m, prompts, opt);
-  const auto stopped_lines = read_lines(d / "out.jsonl");
-  ASSERT_EQ(stopped_lines.size(), 3u);
-  for (size_t i = 0; i < 3; ++i)
-    EXPECT_EQ(stopped_lines[i]["output_ids"].get<std::vector<int32_t>>(), stopped.sequences[i].tokens);
+  for (const bool include : {false, true}) {
+    if (include) {
+      r = aligner(
+          "generate --model " + tiny_model() + " --data " + data + " --out " + (d / "out.jsonl").string() +
+          " gen.greedy=true gen.max_new_tokens=6 model.device=cpu data.template=llama3 'gen.stop=[e,a]' "
+          "gen.include_stop_str=true");
+      ASSERT_EQ(r.status, 0) << r.output;
+    }
+    const auto stopped_lines = read_lines(d / "out.jsonl");
+    ASSERT_EQ(stopped_lines.size(), 3u);
+    for (size_t i = 0; i < 3; ++i) {
+      const auto& s = stopped.sequences[i];
+      const auto want = response_text(s, *tok, opt.stop_strings, include);
+      const auto& l = stopped_lines[i];
+      EXPECT_EQ(l["text"], want.text);
+      EXPECT_EQ(l["output_ids"].get<std::vector<int32_t>>(),
+                std::vector<int32_t>(s.tokens.begin(), s.tokens.begin() + int64_t(want.tokens)));
+      EXPECT_EQ(l["logprobs"].size(), want.tokens);
+      // Ended by a stop string rather than EOS.
+      if (tok->decode(s.tokens, true).find_first_of("ea") != std::string::npos) {
+        const std::string& text = l["text"].get<std::string>();
+        const bool ends_with_stop = !text.empty() && (text.back() == 'e' || text.back() == 'a');
+        EXPECT_EQ(ends_with_stop, include) << l;
+        if (!include) EXPECT_EQ(text.find_first_of("ea"), std::string::npos) << l;
+      }
+    }
+  }
 }
 
 TEST(GenerateCli, ErrorsNameTheLineOrKey) {

@@ -87,6 +87,17 @@ TEST(Json, DepthIsBoundedAndCountsOnlyBracketsOutsideStrings) {
             std::string::npos);
 }
 
+// Found by fuzz/safetensors.cpp: nlohmann throws out_of_range, not parse_error, for these.
+TEST(Json, NumbersBeyondADoubleAreInvalidJson) {
+  for (const char* text : {"[1e400]", "{\"a\": -1e400}", "184467440737095516151e300"}) {
+    const std::string msg = error_of([&] { parse_json(text, "x.json"); });
+    EXPECT_EQ(msg.rfind("x.json: invalid JSON: ", 0), 0u) << msg;
+  }
+  const std::string path = write_temp("overflow.jsonl", "{\"a\": 1}\n{\"a\": 1e999}\n");
+  const std::string msg = error_of([&] { JsonlFile(path).read(1); });
+  EXPECT_NE(msg.find(path + ":2: invalid JSON"), std::string::npos) << msg;
+}
+
 TEST(Jsonl, EmptyAndMissingFilesAreErrors) {
   std::string empty = write_temp("empty.jsonl", "");
   EXPECT_NE(error_of([&] { JsonlFile f(empty); }).find(empty + ": empty file"), std::string::npos);

@@ -193,6 +193,44 @@ TEST(ModelConfig, UnsupportedOptionsAreClearErrors) {
   expect_error(bad, "num_key_value_heads");
 }
 
+// Found by fuzz/model_config.cpp: each of these crashed (division by zero, a vector of -1 layers, an
+// out-of-bounds write, an exception other than aligner::Error) or converted 1e300 to an int64.
+TEST(ModelConfig, HostileValuesAreClearErrors) {
+  const auto j = tiny_config().raw;
+  const std::vector<std::pair<nlohmann::json, std::string>> cases = {
+      {{{"num_attention_heads", 0}}, "num_attention_heads (0) must be in [1, "},
+      {{{"num_hidden_layers", -1}}, "num_hidden_layers (-1) must be in [1, "},
+      {{{"vocab_size", 1e300}}, "key 'vocab_size' has the wrong type"},
+      {{{"vocab_size", 64.5}}, "key 'vocab_size' has the wrong type"},
+      {{{"hidden_size", 18446744073709551615u}}, "key 'hidden_size' has the wrong type"},
+      {{{"layer_types", {"full_attention", 1}}}, "layer_types[1] is not a string"},
+      {{{"eos_token_id", "</s>"}}, "eos_token_id must be an id or a list of ids"},
+      {{{"eos_token_id", {1, nullptr}}}, "eos_token_id must be an id or a list of ids"},
+      {{{"sliding_window", -4}}, "sliding_window (-4) is negative"},
+      {{{"architectures", {"LlamaForSequenceClassification"}}, {"num_labels", 100000000000}},
+       "num_labels (100000000000) must be in [1, "},
+  };
+  for (const auto& [patch, needle] : cases) {
+    auto bad = j;
+    bad.update(patch);
+    std::string msg = "no aligner::Error";
+    try {
+      parse_model_config(bad, "some/config.json");
+    } catch (const Error& e) {
+      msg = e.what();
+    }
+    EXPECT_NE(msg.find("some/config.json: " + needle), std::string::npos) << patch.dump() << ": " << msg;
+  }
+  // As transformers reads it, a negative max_window_layers makes every layer slide.
+  auto qwen = tiny_config("qwen2").raw;
+  qwen.update({{"use_sliding_window", true}, {"sliding_window", 8}, {"max_window_layers", -5}});
+  EXPECT_EQ(parse_model_config(qwen, "q").window, (std::vector<int64_t>{8, 8}));
+  // A float with an integral value is an int, as Python's json writes 4096.0.
+  auto floats = j;
+  floats["max_position_embeddings"] = 4096.0;
+  EXPECT_EQ(parse_model_config(floats, "f").max_position_embeddings, 4096);
+}
+
 fs::path temp_dir(const std::string& name) {
   auto d = fs::temp_directory_path() / ("aligner_test_" + name + "_" + std::to_string(::getpid()));
   fs::remove_all(d);

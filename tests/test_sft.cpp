@@ -287,9 +287,9 @@ TEST(Sft, DataIsCheckedBeforeTheFirstStep) {
   EXPECT_NE(warned, std::string::npos) << r.output;
   EXPECT_LT(warned, r.output.find("step 1/2")) << "warnings come before training";
 
-  r = aligner(sft_args(out, "trainer.max_steps=2 data.max_length=1024 resume=false overwrite=true" + train));
+  r = aligner(sft_args(out, "trainer.max_steps=2 data.max_length=2048 resume=false overwrite=true" + train));
   EXPECT_EQ(r.status, 1);
-  EXPECT_NE(r.output.find("config key 'data.max_length' (1024) is beyond the model's context "
+  EXPECT_NE(r.output.find("config key 'data.max_length' (2048) is beyond the model's context "
                           "(max_position_embeddings 512)"),
             std::string::npos)
       << r.output;

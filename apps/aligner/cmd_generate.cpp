@@ -1,19 +1,22 @@
 // `aligner generate --model DIR --data FILE --out FILE [--config FILE] [key=value ...]`: completions
 // of the prompts in a JSONL file, one output line per completion:
-//   {"prompt_index", "sample_index", "output_ids", "text", "logprobs", "finish_reason"}
+//   {"prompt_index", "sample_index", "prompt", "output_ids", "text", "logprobs", "finish_reason"}
 // prompt_index is the record's index in the file (0-based, blank lines not counted), so a dropped
-// prompt leaves a gap rather than shifting the others. text is output_ids decoded without special
-// tokens. logprobs[i] is log p(output_ids[i]) under the model's own distribution (temperature 1,
-// no top-k/top-p), whatever was sampled from. finish_reason: "stop" (EOS, a stop id or string) or
-// "length" (max_new_tokens or the model's context).
+// prompt leaves a gap rather than shifting the others. prompt is the prompt's text as the model
+// got it (rendered with the chat template, or decoded from ids). text is output_ids decoded without
+// special tokens, ending before a stop string that ended it (after it with gen.include_stop_str);
+// output_ids are the fewest generated tokens whose text covers `text` (gen/engine.h response_text).
+// logprobs[i] is log p(output_ids[i]) under the model's own distribution (temperature 1, no
+// top-k/top-p), whatever was sampled from. finish_reason: "stop" (EOS, a stop id or string) or
+// "length" (max_new_tokens or the model's context). configs/generate.yaml is the schema.
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <limits>
 
+#include "command_config.h"
 #include "commands.h"
-#include "core/builtin_configs.h"
 #include "core/config.h"
 #include "core/error.h"
 #include "core/log.h"
@@ -61,7 +64,8 @@ GenerationOptions read_options(const Config& cfg) {
 
 struct Prompts {
   std::vector<std::vector<int32_t>> ids;
-  std::vector<int64_t> record;  // index of each prompt's record in the file
+  std::vector<std::string> text;  // as rendered, or decoded
+  std::vector<int64_t> record;    // index of each prompt's record in the file
 };
 
 // Prompts no longer than `limit`: longer ones are an error naming the line, or truncated or
@@ -99,6 +103,7 @@ Prompts read_prompts(const Config& cfg, const std::string& path, const Tokenizer
           ds.file.where(i), n, limit, bound);
     }
     p.ids.push_back(std::move(ex->input_ids));
+    p.text.push_back(std::move(ex->text));
     p.record.push_back(i);
   }
   const auto report = data_report(ds.stats, path, limit);
@@ -107,10 +112,12 @@ Prompts read_prompts(const Config& cfg, const std::string& path, const Tokenizer
   return p;
 }
 
-void run(const std::string& model_dir, const std::string& data, const std::string& out_path,
-         const Config& cfg) {
+void run(const Config& cfg) {
+  const std::string model_dir = cfg.get_string("model.path"), data = cfg.get_string("data.path"),
+                    out_path = cfg.get_string("out");
   // Everything that can be checked without the weights is checked before loading them.
   GenerationOptions opt = read_options(cfg);
+  const bool include_stop = cfg.get_bool("gen.include_stop_str");
   const auto tok = load_tokenizer(model_dir);
   opt.tokenizer = tok.get();
   check_generation_options(opt);
@@ -141,12 +148,15 @@ void run(const std::string& model_dir, const std::string& data, const std::strin
   report(total, result.generated_tokens, true);
 
   for (const auto& s : result.sequences) {
-    nlohmann::ordered_json line = {{"prompt_index", prompts.record[s.prompt_index]},
-                                   {"sample_index", s.sample_index},
-                                   {"output_ids", s.tokens},
-                                   {"text", tok->decode(s.tokens, /*skip_special=*/true)},
-                                   {"logprobs", s.logprobs},
-                                   {"finish_reason", finish_reason_name(s.finish)}};
+    const ResponseText response = response_text(s, *tok, opt.stop_strings, include_stop);
+    nlohmann::ordered_json line = {
+        {"prompt_index", prompts.record[s.prompt_index]},
+        {"sample_index", s.sample_index},
+        {"prompt", prompts.text[s.prompt_index]},
+        {"output_ids", std::vector<int32_t>(s.tokens.begin(), s.tokens.begin() + int64_t(response.tokens))},
+        {"text", response.text},
+        {"logprobs", std::vector<float>(s.logprobs.begin(), s.logprobs.begin() + int64_t(response.tokens))},
+        {"finish_reason", finish_reason_name(s.finish)}};
     // A response cut inside a UTF-8 sequence decodes to invalid UTF-8, which JSON cannot hold.
     out << line.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace) << '\n';
   }
@@ -159,19 +169,10 @@ void run(const std::string& model_dir, const std::string& data, const std::strin
 
 void add_generate(CLI::App& app) {
   auto* cmd = app.add_subcommand("generate", "Complete the prompts of a JSONL file with a model");
-  auto model = std::make_shared<std::string>();
-  auto data = std::make_shared<std::string>();
-  auto out = std::make_shared<std::string>();
-  auto file = std::make_shared<std::string>();
-  auto overrides = std::make_shared<std::vector<std::string>>();
-  cmd->add_option("--model", *model, "Hugging Face model folder, with its tokenizer")->required();
-  cmd->add_option("--data", *data, "JSONL prompts: prompt, messages, conversations, input_ids, text or input")
-      ->required();
-  cmd->add_option("--out", *out, "Output JSONL, one line per completion")->required();
-  cmd->add_option("--config", *file, "YAML config (keys and defaults: configs/generate.yaml)");
-  cmd->add_option("overrides", *overrides, "key=value overrides, e.g. gen.temperature=0.7 gen.num_samples=4");
-  cmd->callback(
-      [=] { run(*model, *data, *out, Config::load(builtin_config("generate"), *file, *overrides)); });
+  auto aliases = model_aliases(true);
+  aliases.insert(aliases.end(),
+                 {{"--data", "data.path", true}, {"--out", "out", true}, {"--batch-size", "gen.batch_size"}});
+  add_config_options(*cmd, "generate", aliases, run);
 }
 
 }  // namespace aligner::cli

@@ -1,11 +1,14 @@
 // `aligner perplexity`: per-sequence log-likelihood under a model, the check that a model folder
-// computes what it should (and the simplest user of the model code).
+// computes what it should (and the simplest user of the model code). configs/perplexity.yaml is
+// its schema.
 #include <algorithm>
 #include <cmath>
 #include <numeric>
 
+#include "command_config.h"
 #include "commands.h"
 #include "core/error.h"
+#include "core/log.h"
 #include "data/sequence_data.h"
 #include "io/hf_checkpoint.h"
 #include "io/jsonl.h"
@@ -13,11 +16,6 @@
 
 namespace aligner::cli {
 namespace {
-
-struct Options {
-  std::string model, data, dtype = "float32", device = "cpu";
-  int64_t batch_size = 8;
-};
 
 // Each line holds `input_ids`, or `text` that the model folder's tokenizer encodes (with the
 // special tokens its encode adds by default, BOS for Llama).
@@ -31,37 +29,81 @@ std::vector<std::vector<int32_t>> read_sequences(const std::string& path, const 
   });
 }
 
-void run(const Options& o) {
-  if (o.batch_size < 1) fail("--batch-size must be at least 1");
-  const at::Device device = parse_device_name(o.device, "--device");
-  const Transformer m = load_transformer(o.model, device, parse_compute_dtype(o.dtype, device, "--dtype"));
-  const auto seqs = read_sequences(o.data, o.model, m.cfg.vocab_size);
+// Tokens [begin, end) of sequence `seq` in one forward pass, of which those from `first_scored` on
+// are scored (predicted from the window's tokens before them).
+struct Window {
+  size_t seq = 0;
+  int64_t begin = 0, end = 0, first_scored = 1;
+};
 
+// A sequence that fits the context is one window. A longer one, with a stride, is cut as Hugging
+// Face's perplexity guide cuts it: windows of `context` tokens starting every `stride` tokens, each
+// scoring the tokens that the window before it did not reach.
+std::vector<Window> windows(size_t seq, int64_t n, int64_t context, int64_t stride) {
+  std::vector<Window> out;
+  int64_t scored_to = 1;  // the first token has nothing to be predicted from
+  for (int64_t begin = 0;; begin += stride) {
+    const int64_t end = std::min(begin + context, n);
+    out.push_back({seq, begin, end, scored_to});
+    if (end == n) return out;
+    scored_to = end;
+  }
+}
+
+void run(const Config& cfg) {
+  const std::string model_dir = cfg.get_string("model.path"), data = cfg.get_string("data.path");
+  const int64_t batch_size = cfg.get_int("batch_size"), stride = cfg.get_int("stride");
+  if (batch_size < 1) fail("config key 'batch_size' must be at least 1, got {}", batch_size);
+  if (stride < 0) fail("config key 'stride' must be 0 (no windows) or positive, got {}", stride);
+  const at::Device device = parse_device_name(cfg.get_string("model.device"), "model.device");
+  const Transformer m = load_transformer(
+      model_dir, device, parse_compute_dtype(cfg.get_string("model.dtype"), device, "model.dtype"));
+  const int64_t context = m.cfg.max_position_embeddings;
+  if (stride >= context)
+    fail("config key 'stride' must be less than the model's max_position_embeddings ({}), got {}", context,
+         stride);
+  const auto seqs = read_sequences(data, model_dir, m.cfg.vocab_size);
+
+  std::vector<Window> rows;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const int64_t n = int64_t(seqs[i].size());
+    if (n > context && stride == 0)
+      fail(
+          "{}: {} tokens, more than the model's max_position_embeddings ({}); --stride N (stride=N) scores "
+          "it in windows",
+          JsonlFile(data).where(int64_t(i)), n, context);
+    const auto w = windows(i, n, context, stride);
+    rows.insert(rows.end(), w.begin(), w.end());
+  }
   // Batches of similar lengths waste little on padding; results are printed in input order.
-  std::vector<size_t> order(seqs.size());
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(),
-                   [&](size_t a, size_t b) { return seqs[a].size() < seqs[b].size(); });
-  std::vector<double> logprob(seqs.size());
+  std::stable_sort(rows.begin(), rows.end(),
+                   [](const Window& a, const Window& b) { return a.end - a.begin < b.end - b.begin; });
+  std::vector<double> logprob(seqs.size(), 0.0);
 
   at::NoGradGuard no_grad;
-  for (size_t start = 0; start < order.size(); start += o.batch_size) {
-    const size_t n = std::min<size_t>(o.batch_size, order.size() - start);
+  for (size_t start = 0; start < rows.size(); start += size_t(batch_size)) {
+    const size_t n = std::min<size_t>(size_t(batch_size), rows.size() - start);
     int64_t T = 0;
-    for (size_t i = 0; i < n; ++i) T = std::max<int64_t>(T, seqs[order[start + i]].size());
-    auto ids = at::zeros({(int64_t)n, T}, at::kLong);
-    auto mask = at::zeros({(int64_t)n, T}, at::kLong);
-    auto targets = at::full({(int64_t)n, T}, -100, at::kLong);
+    for (size_t i = 0; i < n; ++i) T = std::max(T, rows[start + i].end - rows[start + i].begin);
+    auto ids = at::zeros({int64_t(n), T}, at::kLong);
+    auto mask = at::zeros({int64_t(n), T}, at::kLong);
+    auto targets = at::full({int64_t(n), T}, -100, at::kLong);
     for (size_t i = 0; i < n; ++i) {
-      const auto& s = seqs[order[start + i]];
-      const int64_t len = s.size();
-      ids[i].narrow(0, 0, len).copy_(at::tensor(s));
-      mask[i].narrow(0, 0, len).fill_(1);
-      if (len > 1) targets[i].narrow(0, 0, len - 1).copy_(ids[i].narrow(0, 1, len - 1));
+      const Window& w = rows[start + i];
+      const int64_t len = w.end - w.begin;
+      const auto& s = seqs[w.seq];
+      ids[int64_t(i)].narrow(0, 0, len).copy_(
+          at::tensor(std::vector<int32_t>(s.begin() + w.begin, s.begin() + w.end)));
+      mask[int64_t(i)].narrow(0, 0, len).fill_(1);
+      // Position j predicts token begin + j + 1.
+      const int64_t from = w.first_scored - w.begin - 1;
+      targets[int64_t(i)]
+          .narrow(0, from, len - 1 - from)
+          .copy_(ids[int64_t(i)].narrow(0, from + 1, len - 1 - from));
     }
     ForwardInput in{ids.to(device), mask.to(device)};
     auto lp = token_logprobs(m, forward_hidden(m, in), targets.to(device)).sum(1).to(at::kDouble).cpu();
-    for (size_t i = 0; i < n; ++i) logprob[order[start + i]] = lp[i].item<double>();
+    for (size_t i = 0; i < n; ++i) logprob[rows[start + i].seq] += lp[int64_t(i)].item<double>();
   }
 
   double total = 0;
@@ -70,30 +112,32 @@ void run(const Options& o) {
     fmt::print("{}\n",
                nlohmann::json{{"index", i}, {"tokens", seqs[i].size()}, {"logprob", logprob[i]}}.dump());
     total += logprob[i];
-    predicted += seqs[i].size() - 1;
+    predicted += int64_t(seqs[i].size()) - 1;
   }
-  const double nll = predicted ? -total / predicted : 0.0;
-  fmt::print("{}\n", nlohmann::json{{"summary", true},
-                                    {"sequences", seqs.size()},
-                                    {"predicted_tokens", predicted},
-                                    {"mean_nll", nll},
-                                    {"perplexity", std::exp(nll)}}
-                         .dump());
+  nlohmann::ordered_json summary = {
+      {"summary", true}, {"sequences", seqs.size()}, {"predicted_tokens", predicted}};
+  if (predicted > 0) {
+    summary["mean_nll"] = -total / double(predicted);
+    summary["perplexity"] = std::exp(-total / double(predicted));
+  } else {
+    // exp(0 / 0) is no number, and 1.0 would claim a perfect model.
+    summary["mean_nll"] = nullptr;
+    summary["perplexity"] = nullptr;
+    log_warn("{}: every sequence is a single token, so no token is predicted and there is no perplexity",
+             data);
+  }
+  fmt::print("{}\n", summary.dump());
 }
 
 }  // namespace
 
 void add_perplexity(CLI::App& app) {
-  auto o = std::make_shared<Options>();
   auto* cmd =
       app.add_subcommand("perplexity", "Log-likelihood of each sequence in a JSONL file under a model");
-  cmd->add_option("--model", o->model, "Hugging Face model folder")->required();
-  cmd->add_option("--data", o->data, "JSONL file: {\"input_ids\": [...]} or {\"text\": ...} per line")
-      ->required();
-  cmd->add_option("--batch-size", o->batch_size, "Sequences per forward pass");
-  cmd->add_option("--dtype", o->dtype, "float32 | bfloat16");
-  cmd->add_option("--device", o->device, "auto | cpu | cuda");
-  cmd->callback([o] { run(*o); });
+  auto aliases = model_aliases(true);
+  aliases.insert(aliases.end(),
+                 {{"--data", "data.path", true}, {"--batch-size", "batch_size"}, {"--stride", "stride"}});
+  add_config_options(*cmd, "perplexity", aliases, run);
 }
 
 }  // namespace aligner::cli

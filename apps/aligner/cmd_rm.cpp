@@ -1,7 +1,7 @@
 // `aligner rm --config FILE key=value ...`
 #include "algo/rm.h"
+#include "command_config.h"
 #include "commands.h"
-#include "core/builtin_configs.h"
 
 namespace aligner::cli {
 
@@ -9,11 +9,7 @@ void add_rm(CLI::App& app) {
   auto* cmd = app.add_subcommand(
       "rm",
       "Train a reward model: pairwise (Bradley-Terry) or regression on attributes (rm.type=regression)");
-  auto file = std::make_shared<std::string>();
-  auto overrides = std::make_shared<std::vector<std::string>>();
-  cmd->add_option("--config", *file, "YAML config (keys and defaults: configs/rm.yaml)");
-  cmd->add_option("overrides", *overrides, "key=value overrides, e.g. trainer.max_steps=100 optim.lr=1e-5");
-  cmd->callback([=] { run_rm(Config::load(builtin_config("rm"), *file, *overrides)); });
+  add_config_options(*cmd, "rm", model_aliases(false), run_rm);
 }
 
 }  // namespace aligner::cli

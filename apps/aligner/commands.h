@@ -7,6 +7,7 @@ namespace aligner::cli {
 void add_perplexity(CLI::App& app);
 void add_convert(CLI::App& app);
 void add_tokenize(CLI::App& app);
+void add_chat_template(CLI::App& app);
 void add_sft(CLI::App& app);
 void add_kd_prepare(CLI::App& app);
 void add_init(CLI::App& app);

@@ -31,6 +31,7 @@ int main(int argc, char** argv) {
   aligner::cli::add_perplexity(app);
   aligner::cli::add_convert(app);
   aligner::cli::add_tokenize(app);
+  aligner::cli::add_chat_template(app);
   aligner::cli::add_init(app);
   aligner::cli::add_sft(app);
   aligner::cli::add_kd_prepare(app);

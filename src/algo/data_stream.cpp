@@ -15,9 +15,14 @@ DataOptions read_data_options(const Config& cfg, const ModelConfig& model) {
   opt.truncation = parse_truncation(cfg.get_string("data.truncation"));
   opt.skip_bad_lines = cfg.get_bool("data.skip_bad_lines");
   opt.add_eos = cfg.get_bool("data.add_eos");
-  if (model.max_position_embeddings > 0 && opt.max_length > model.max_position_embeddings)
-    fail("config key 'data.max_length' ({}) is beyond the model's context (max_position_embeddings {})",
-         opt.max_length, model.max_position_embeddings);
+  if (model.max_position_embeddings > 0 && opt.max_length > model.max_position_embeddings) {
+    if (!cfg.is_default("data.max_length"))
+      fail("config key 'data.max_length' ({}) is beyond the model's context (max_position_embeddings {})",
+           opt.max_length, model.max_position_embeddings);
+    log_info("data.max_length: {}, the model's context (the default {} is beyond it)",
+             model.max_position_embeddings, opt.max_length);
+    opt.max_length = model.max_position_embeddings;
+  }
   return opt;
 }
 

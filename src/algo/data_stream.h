@@ -17,8 +17,9 @@
 
 namespace aligner {
 
-// data.format, data.max_length, data.truncation, data.skip_bad_lines and data.add_eos; a
-// max_length beyond the model's context is an error rather than positions it was never trained on.
+// data.format, data.max_length, data.truncation, data.skip_bad_lines and data.add_eos. A
+// max_length beyond the model's context is an error rather than positions it was never trained on;
+// the default gives way to the context.
 DataOptions read_data_options(const Config& cfg, const ModelConfig& model);
 
 // Threads for checking data: this machine's cores shared by the ranks on it (LOCAL_WORLD_SIZE).

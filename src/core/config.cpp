@@ -179,6 +179,12 @@ std::optional<YAML::Node> find(const YAML::Node& root, const std::string& path) 
   return node;
 }
 
+// The node at a dotted path that exists, by value: a range-for over `*find(...)` would iterate a
+// node inside an optional that is destroyed before the loop starts.
+YAML::Node existing(const YAML::Node& root, const std::string& path) {
+  return *find(root, path);
+}
+
 // Replaces the value at an existing dotted path.
 void set(YAML::Node& root, const std::string& path, const YAML::Node& value) {
   const std::vector<std::string> parts = split_path(path);
@@ -475,6 +481,11 @@ bool Config::is_null(const std::string& key) const {
   return find(root_, key)->IsNull();
 }
 
+bool Config::is_default(const std::string& key) const {
+  leaf_kind(schema_, key);  // throws for an unknown key or a section
+  return YAML::Dump(*find(root_, key)) == YAML::Dump(*find(schema_, key));
+}
+
 int64_t Config::get_int(const std::string& key) const {
   expect_kind(key, leaf_kind(schema_, key), {Scalar::Int, false});
   return *parse_int(find(root_, key)->Scalar());
@@ -500,21 +511,21 @@ std::string Config::get_string(const std::string& key) const {
 std::vector<int64_t> Config::get_int_list(const std::string& key) const {
   expect_kind(key, leaf_kind(schema_, key), {Scalar::Int, true});
   std::vector<int64_t> values;
-  for (const auto& element : *find(root_, key)) values.push_back(*parse_int(element.Scalar()));
+  for (const auto& element : existing(root_, key)) values.push_back(*parse_int(element.Scalar()));
   return values;
 }
 
 std::vector<double> Config::get_float_list(const std::string& key) const {
   expect_kind(key, leaf_kind(schema_, key), {Scalar::Float, true});
   std::vector<double> values;
-  for (const auto& element : *find(root_, key)) values.push_back(*parse_float(element.Scalar()));
+  for (const auto& element : existing(root_, key)) values.push_back(*parse_float(element.Scalar()));
   return values;
 }
 
 std::vector<std::string> Config::get_string_list(const std::string& key) const {
   expect_kind(key, leaf_kind(schema_, key), {Scalar::String, true});
   std::vector<std::string> values;
-  for (const auto& element : *find(root_, key)) values.push_back(element.Scalar());
+  for (const auto& element : existing(root_, key)) values.push_back(element.Scalar());
   return values;
 }
 

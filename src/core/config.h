@@ -21,6 +21,9 @@ class Config {
 
   bool has(const std::string& key) const;  // dotted path, e.g. "trainer.max_steps"
   bool is_null(const std::string& key) const;
+  // Whether the key still has its built-in default value (neither the file nor an override changed
+  // it), for settings whose default gives way to what the model allows.
+  bool is_default(const std::string& key) const;
   int64_t get_int(const std::string& key) const;
   double get_float(const std::string& key) const;
   bool get_bool(const std::string& key) const;

@@ -39,7 +39,8 @@ Json parse(std::string_view text, const std::string& where) {
   if (nested_too_deep(text)) fail("{}: JSON nested deeper than {} levels", where, kMaxJsonDepth);
   try {
     return Json::parse(text);
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) {
+    // Not only parse_error: a number too large for a double is an out_of_range.
     fail("{}: invalid JSON: {}", where, e.what());
   }
 }

@@ -56,7 +56,7 @@ void launch_sample(const at::Tensor& logits, const SamplingParams& p, const int6
   a.advance = advance;
   a.tokens = tokens.data_ptr<int64_t>();
   a.logprobs = logprobs.data_ptr<float>();
-  a.greedy = p.greedy;
+  a.greedy = is_greedy(p);
   a.temperature = float(p.temperature);
   a.top_k = int(p.top_k);
   a.top_p = float(p.top_p);

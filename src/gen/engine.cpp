@@ -184,6 +184,28 @@ std::string finish_reason_name(FinishReason r) {
   return r == FinishReason::kStop ? "stop" : "length";
 }
 
+ResponseText response_text(const GeneratedSequence& s, const Tokenizer& tok,
+                           const std::vector<std::string>& stop_strings, bool include_stop) {
+  ResponseText r{tok.decode(s.tokens, /*skip_special=*/true), s.tokens.size()};
+  if (s.finish != FinishReason::kStop) return r;
+  // The occurrence that ends first is the one that stopped generation; of those ending together,
+  // the longest.
+  size_t start = std::string::npos, end = std::string::npos;
+  for (const auto& stop : stop_strings) {
+    const size_t at = r.text.find(stop);
+    if (at == std::string::npos) continue;
+    if (end == std::string::npos || at + stop.size() < end || (at + stop.size() == end && at < start))
+      start = at, end = at + stop.size();
+  }
+  if (start == std::string::npos) return r;  // ended by an EOS or stop id
+  const size_t cut = include_stop ? end : start;
+  while (r.tokens > 0 &&
+         tok.decode({s.tokens.begin(), s.tokens.begin() + int64_t(r.tokens) - 1}, true).size() >= cut)
+    --r.tokens;
+  r.text.resize(cut);
+  return r;
+}
+
 void check_generation_options(const GenerationOptions& o) {
   if (o.max_new_tokens < 1) fail("generation: max_new_tokens must be at least 1, got {}", o.max_new_tokens);
   if (o.num_samples < 1) fail("generation: num_samples must be at least 1, got {}", o.num_samples);
@@ -311,7 +333,7 @@ GenerationResult generate(const Transformer& m, const std::vector<std::vector<in
     // do not see a shift) and saves a second softmax; greedy takes the argmax of the logits
     // themselves, as transformers does, so that rounding in the softmax cannot break a near-tie.
     const auto logp = at::log_softmax(logits.to(at::kFloat), -1);
-    auto next = sample_tokens(opt.sampling.greedy ? logits : logp, opt.sampling, gen);
+    auto next = sample_tokens(is_greedy(opt.sampling) ? logits : logp, opt.sampling, gen);
     last_tokens.index_copy_(0, slot_index, next);
     read_back(next, logp.gather(1, next.unsqueeze(1)).squeeze(1), slot_of_row);
   };

@@ -58,7 +58,8 @@ struct GenerationOptions {
   // Stop at the model's eos_token_ids and, when `tokenizer` is given, the tokenizer's EOS.
   bool stop_at_eos = true;
   std::vector<int64_t> stop_ids;
-  // Stop once the decoded response contains one of these (the token that completes it is kept).
+  // Stop once the decoded response contains one of these (the token that completes it is kept;
+  // response_text cuts the text there).
   std::vector<std::string> stop_strings;
   const Tokenizer* tokenizer = nullptr;  // needed for stop_strings; not owned
   // On CUDA, decode with the captured graph and fused kernels of gen/cuda_decoder.h where the
@@ -77,6 +78,18 @@ struct GeneratedSequence {
   std::vector<float> logprobs;
   FinishReason finish = FinishReason::kLength;
 };
+
+// A response as `aligner generate` reports it: its text, decoded without special tokens, and the
+// number of its leading tokens that make that text. A response ended by a stop string is cut before
+// the stop string (after it with include_stop; the one that completed first, when several are in
+// the text); the tokens kept are the fewest whose text covers what is left, so a token that the cut
+// falls inside stays and the tokens wholly past the cut go. Others: the whole text and all tokens.
+struct ResponseText {
+  std::string text;
+  size_t tokens = 0;
+};
+ResponseText response_text(const GeneratedSequence& s, const Tokenizer& tok,
+                           const std::vector<std::string>& stop_strings, bool include_stop);
 
 struct GenerationResult {
   std::vector<GeneratedSequence> sequences;  // prompt-major: prompt * num_samples + sample

@@ -13,9 +13,9 @@
 namespace aligner {
 
 void check_sampling_params(const SamplingParams& p) {
-  if (p.greedy) return;
+  if (is_greedy(p)) return;
   if (!(p.temperature > 0) || !std::isfinite(p.temperature))
-    fail("sampling: temperature must be positive (or greedy=true), got {}", p.temperature);
+    fail("sampling: temperature must be positive (or 0: greedy), got {}", p.temperature);
   if (p.top_k < 0) fail("sampling: top_k must be 0 (off) or positive, got {}", p.top_k);
   if (!(p.top_p > 0 && p.top_p <= 1)) fail("sampling: top_p must be in (0, 1], got {}", p.top_p);
 }
@@ -40,7 +40,7 @@ at::Tensor sampling_logprobs(const at::Tensor& logits, const SamplingParams& p) 
 }
 
 at::Tensor sample_tokens(const at::Tensor& logits, const SamplingParams& p, at::Generator& gen) {
-  if (p.greedy) return logits.argmax(-1);
+  if (is_greedy(p)) return logits.argmax(-1);
   // argmax of p_i / E_i with E_i ~ Exp(1) is token i with probability p_i (the exponential race):
   // one pass, no sort, and no host synchronisation, unlike a multinomial draw. The clamp keeps a
   // draw of exactly 0 from turning a filtered-out token's 0 / 0 into NaN.

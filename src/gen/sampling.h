@@ -10,10 +10,15 @@ namespace aligner {
 
 struct SamplingParams {
   bool greedy = false;       // argmax; the other fields are then unused
-  double temperature = 1.0;  // logits are divided by it
+  double temperature = 1.0;  // logits are divided by it; 0 is greedy, as in vLLM and transformers
   int64_t top_k = 0;         // keep the k most likely tokens (ties with the k-th kept); 0: all
   double top_p = 1.0;        // keep the most likely tokens whose mass reaches top_p; 1: all
 };
+
+// Argmax decoding: greedy, or temperature 0.
+inline bool is_greedy(const SamplingParams& p) {
+  return p.greedy || p.temperature == 0;
+}
 
 // Errors name the field and the value given.
 void check_sampling_params(const SamplingParams& p);

@@ -1,8 +1,11 @@
 #include "model/config.h"
 
 #include <algorithm>
+#include <cmath>
 #include <fstream>
+#include <limits>
 #include <map>
+#include <type_traits>
 
 #include "core/error.h"
 #include "core/json.h"
@@ -12,16 +15,36 @@ namespace {
 
 using json = nlohmann::json;
 
+// An integer, or a float with an integral value; nlohmann would truncate 1.5 and convert 1e300 with
+// undefined behaviour.
+std::optional<int64_t> as_int(const json& v) {
+  if (v.is_number_unsigned()) {
+    if (v.get<uint64_t>() > uint64_t(std::numeric_limits<int64_t>::max())) return std::nullopt;
+    return int64_t(v.get<uint64_t>());
+  }
+  if (v.is_number_integer()) return v.get<int64_t>();
+  if (v.is_number_float()) {
+    const double d = v.get<double>();
+    // 2^63 is exactly representable, and the first double past int64's range.
+    if (d == std::trunc(d) && d >= -9223372036854775808.0 && d < 9223372036854775808.0) return int64_t(d);
+  }
+  return std::nullopt;
+}
+
 // Reads an optional field with a type check, so that a wrong type names the key and file.
 template <class T>
 std::optional<T> opt(const json& j, const char* key, const std::string& where) {
   auto it = j.find(key);
   if (it == j.end() || it->is_null()) return std::nullopt;
-  try {
-    return it->get<T>();
-  } catch (const json::exception&) {
-    fail("{}: key '{}' has the wrong type ({})", where, key, it->dump());
+  if constexpr (std::is_same_v<T, int64_t>) {
+    if (auto v = as_int(*it)) return v;
+  } else {
+    try {
+      return it->get<T>();
+    } catch (const json::exception&) {
+    }
   }
+  fail("{}: key '{}' has the wrong type ({})", where, key, it->dump());
 }
 
 template <class T>
@@ -65,6 +88,18 @@ RopeConfig parse_rope(const json& j, const std::string& where) {
   return r;
 }
 
+// Bounds what a config may ask for before anything is allocated from it: far beyond any real
+// model, far below what would overflow the products of sizes computed later.
+constexpr int64_t kMaxSize = int64_t(1) << 24;
+
+// A size: required unless `fallback` is given, and in [1, kMaxSize].
+int64_t size_field(const json& j, const char* key, const std::string& where,
+                   std::optional<int64_t> fallback = std::nullopt) {
+  const auto v = fallback ? opt<int64_t>(j, key, where).value_or(*fallback) : req<int64_t>(j, key, where);
+  if (v < 1 || v > kMaxSize) fail("{}: {} ({}) must be in [1, {}]", where, key, v, kMaxSize);
+  return v;
+}
+
 bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
@@ -78,6 +113,8 @@ void parse_classifier(const json& j, const std::string& where, ModelConfig& c) {
                    [](const std::string& a) { return ends_with(a, "ForSequenceClassification"); }))
     return;
   const auto num_labels = opt<int64_t>(j, "num_labels", where);
+  if (num_labels && (*num_labels < 1 || *num_labels > kMaxSize))
+    fail("{}: num_labels ({}) must be in [1, {}]", where, *num_labels, kMaxSize);
   if (auto it = j.find("id2label"); it != j.end() && it->is_object() && !it->empty()) {
     c.labels.resize(it->size());
     for (size_t i = 0; i < c.labels.size(); ++i) {
@@ -107,17 +144,17 @@ ModelConfig parse_model_config(const json& j, const std::string& where) {
   if (auto act = opt<std::string>(j, "hidden_act", where); act && *act != "silu")
     fail("{}: unsupported hidden_act '{}' (supported: silu)", where, *act);
 
-  c.vocab_size = req<int64_t>(j, "vocab_size", where);
-  c.hidden_size = req<int64_t>(j, "hidden_size", where);
-  c.intermediate_size = req<int64_t>(j, "intermediate_size", where);
-  c.num_layers = req<int64_t>(j, "num_hidden_layers", where);
-  c.num_heads = req<int64_t>(j, "num_attention_heads", where);
-  c.num_kv_heads = opt<int64_t>(j, "num_key_value_heads", where).value_or(c.num_heads);
-  c.head_dim = opt<int64_t>(j, "head_dim", where).value_or(c.hidden_size / c.num_heads);
-  c.max_position_embeddings = opt<int64_t>(j, "max_position_embeddings", where).value_or(4096);
+  c.vocab_size = size_field(j, "vocab_size", where);
+  c.hidden_size = size_field(j, "hidden_size", where);
+  c.intermediate_size = size_field(j, "intermediate_size", where);
+  c.num_layers = size_field(j, "num_hidden_layers", where);
+  c.num_heads = size_field(j, "num_attention_heads", where);
+  c.num_kv_heads = size_field(j, "num_key_value_heads", where, c.num_heads);
+  c.head_dim = size_field(j, "head_dim", where, c.hidden_size / c.num_heads);
+  c.max_position_embeddings = size_field(j, "max_position_embeddings", where, 4096);
   c.rms_norm_eps = opt<double>(j, "rms_norm_eps", where).value_or(1e-6);
   c.tie_word_embeddings = opt<bool>(j, "tie_word_embeddings", where).value_or(false);
-  if (c.num_heads <= 0 || c.num_kv_heads <= 0 || c.num_heads % c.num_kv_heads != 0)
+  if (c.num_heads % c.num_kv_heads != 0)
     fail("{}: num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})", where,
          c.num_heads, c.num_kv_heads);
   c.rope = parse_rope(j, where);
@@ -134,11 +171,13 @@ ModelConfig parse_model_config(const json& j, const std::string& where) {
   // Sliding windows: transformers 5.x lists them per layer in layer_types; older files say it
   // per family (Mistral: every layer; Qwen2: layers >= max_window_layers when enabled).
   auto window = opt<int64_t>(j, "sliding_window", where).value_or(0);
+  if (window < 0) fail("{}: sliding_window ({}) is negative", where, window);
   c.window.assign(c.num_layers, 0);
   if (auto lt = j.find("layer_types"); lt != j.end() && lt->is_array()) {
     if ((int64_t)lt->size() != c.num_layers)
       fail("{}: layer_types has {} entries for {} layers", where, lt->size(), c.num_layers);
     for (int64_t i = 0; i < c.num_layers; ++i) {
+      if (!(*lt)[i].is_string()) fail("{}: layer_types[{}] is not a string ({})", where, i, (*lt)[i].dump());
       auto t = (*lt)[i].get<std::string>();
       if (t == "sliding_attention")
         c.window[i] = window;
@@ -148,17 +187,20 @@ ModelConfig parse_model_config(const json& j, const std::string& where) {
   } else if (c.model_type == "mistral") {
     c.window.assign(c.num_layers, window);
   } else if (c.model_type == "qwen2" && opt<bool>(j, "use_sliding_window", where).value_or(false)) {
-    auto first = opt<int64_t>(j, "max_window_layers", where).value_or(c.num_layers);
+    // As transformers reads it: layer i slides when i >= max_window_layers, so a negative value
+    // means every layer.
+    auto first = std::max<int64_t>(opt<int64_t>(j, "max_window_layers", where).value_or(c.num_layers), 0);
     for (int64_t i = first; i < c.num_layers; ++i) c.window[i] = window;
   }
 
   c.bos_token_id = opt<int64_t>(j, "bos_token_id", where);
   c.pad_token_id = opt<int64_t>(j, "pad_token_id", where);
   if (auto it = j.find("eos_token_id"); it != j.end() && !it->is_null()) {
-    if (it->is_array())
-      c.eos_token_ids = it->get<std::vector<int64_t>>();
-    else
-      c.eos_token_ids = {it->get<int64_t>()};
+    for (const json& id : it->is_array() ? *it : json::array({*it})) {
+      const auto v = as_int(id);
+      if (!v) fail("{}: eos_token_id must be an id or a list of ids, got {}", where, it->dump());
+      c.eos_token_ids.push_back(*v);
+    }
   }
   parse_classifier(j, where, c);
   auto dtype = opt<std::string>(j, "dtype", where);

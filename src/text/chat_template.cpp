@@ -1,12 +1,21 @@
 #include "text/chat_template.h"
 
+#include <algorithm>
+
 #include "core/error.h"
+#include "text/jinja.h"
 
 namespace aligner {
 
+struct JinjaChatTemplate {
+  std::shared_ptr<const jinja::Template> program;
+  nlohmann::ordered_json special_tokens;  // bos_token, eos_token, ... as transformers passes them
+  std::string instead;  // the end of an error message: which built-in template could be used instead
+};
+
 namespace {
 
-constexpr const char* kFormatNames = "plain, llama3, llama2, chatml, mistral, nemo, steerlm";
+constexpr const char* kFormatNames = "plain, llama3, llama2, chatml, mistral, nemo, steerlm, jinja";
 
 bool contains(std::string_view text, std::string_view what) {
   return text.find(what) != std::string_view::npos;
@@ -147,6 +156,101 @@ void render_nemo(Builder& b, const Conversation& conv, bool gen, bool labels) {
   }
 }
 
+// Which built-in family a Jinja chat template writes, by the markers only that family uses.
+std::optional<ChatFormat> template_family(std::string_view t) {
+  if (contains(t, "<|start_header_id|>")) return ChatFormat::kLlama3;
+  if (contains(t, "<|im_start|>")) return ChatFormat::kChatml;
+  if (contains(t, "<<SYS>>")) return ChatFormat::kLlama2;
+  if (contains(t, "[INST]")) return ChatFormat::kMistral;
+  if (contains(t, "<extra_id_1>")) return ChatFormat::kNemo;
+  return std::nullopt;
+}
+
+jinja::Rendered run_jinja(const JinjaChatTemplate& j, nlohmann::ordered_json variables,
+                          bool add_generation_prompt) {
+  nlohmann::ordered_json all = j.special_tokens;
+  for (auto& [k, v] : variables.items()) all[k] = std::move(v);
+  all["add_generation_prompt"] = add_generation_prompt;
+  return jinja::render(*j.program, all);
+}
+
+// `messages` as the template sees them: the system prompt first, then the turns.
+nlohmann::ordered_json jinja_messages(const Conversation& conv, size_t count) {
+  nlohmann::ordered_json messages = nlohmann::ordered_json::array();
+  if (conv.system) messages.push_back({{"role", "system"}, {"content", *conv.system}});
+  for (size_t i = 0; i < count; ++i) {
+    messages.push_back({{"role", conv.messages[i].role}, {"content", conv.messages[i].content}});
+  }
+  return messages;
+}
+
+std::string_view rtrim(std::string_view s) {
+  size_t e = s.find_last_not_of(" \t\n\r");
+  return e == std::string_view::npos ? std::string_view() : s.substr(0, e + 1);
+}
+
+size_t common_prefix(std::string_view a, std::string_view b) {
+  const size_t n = std::min(a.size(), b.size());
+  return static_cast<size_t>(std::mismatch(a.begin(), a.begin() + n, b.begin()).first - a.begin());
+}
+
+bool starts_with(std::string_view s, std::string_view prefix) {
+  return s.substr(0, prefix.size()) == prefix;
+}
+
+void render_jinja(Builder& b, const JinjaChatTemplate& j, const Conversation& conv, bool gen) {
+  auto render = [&](size_t count, bool g) {
+    return run_jinja(j, {{"messages", jinja_messages(conv, count)}}, g);
+  };
+  const jinja::Rendered full = render(conv.messages.size(), gen);
+  if (gen) {
+    b.text(full.text);
+    return;
+  }
+  size_t cursor = 0;
+  auto cut = [&](size_t begin, size_t end) {
+    b.text(full.text.substr(cursor, begin - cursor));
+    b.text(full.text.substr(begin, end - begin), true);
+    cursor = end;
+  };
+  if (jinja::uses_generation(*j.program)) {
+    for (const auto& [begin, end] : full.generation) {
+      if (begin < cursor) fail("the chat template's {{% generation %}} blocks overlap");
+      cut(begin, end);
+    }
+    b.text(full.text.substr(cursor));
+    return;
+  }
+  const size_t system = conv.system ? 1 : 0;
+  for (size_t i = 0; i < conv.messages.size(); ++i) {
+    if (conv.messages[i].role != "assistant") continue;
+    jinja::Rendered before, head;
+    try {
+      before = render(i, false);
+      head = render(i, true);
+    } catch (const Error& e) {
+      fail(
+          "message {}: the chat template fails on the messages before this reply, so the reply cannot "
+          "be found: {}",
+          i + system, e.what());
+    }
+    const jinja::Rendered upto = render(i + 1, false);
+    // Whitespace after a turn's end (ChatML's newline) is the next turn's: it is not trained on.
+    const std::string_view prefix = rtrim(before.text), turn = rtrim(upto.text);
+    if (!starts_with(turn, prefix) || !starts_with(full.text, turn)) {
+      fail(
+          "message {}: the chat template renders the messages before this reply differently once the "
+          "reply follows them, so the reply cannot be found{}",
+          i + system, j.instead);
+    }
+    // The reply starts where the generation prompt ends, or where rendering with it and rendering
+    // the reply part ways (a prompt that opens the reply, as DeepSeek-R1's <think>).
+    const size_t begin = std::max({prefix.size(), common_prefix(head.text, turn), cursor});
+    cut(begin, std::max(begin, turn.size()));
+  }
+  b.text(full.text.substr(cursor));
+}
+
 void render_plain(Builder& b, const ChatTemplate& tmpl, const Conversation& conv) {
   if (tmpl.bos) b.bos();
   if (conv.system) b.text(*conv.system);
@@ -164,6 +268,7 @@ ChatFormat parse_chat_format(std::string_view name) {
   if (name == "mistral") return ChatFormat::kMistral;
   if (name == "nemo") return ChatFormat::kNemo;
   if (name == "steerlm") return ChatFormat::kSteerlm;
+  if (name == "jinja") return ChatFormat::kJinja;
   fail("unknown chat template \"{}\": expected one of {}, auto", name, kFormatNames);
 }
 
@@ -183,6 +288,8 @@ std::string chat_format_name(ChatFormat format) {
       return "nemo";
     case ChatFormat::kSteerlm:
       return "steerlm";
+    case ChatFormat::kJinja:
+      return "jinja";
   }
   return "?";
 }
@@ -195,18 +302,51 @@ ChatFormat detect_chat_format(const Tokenizer& tok) {
     if (tok.token_to_id("<extra_id_1>")) return ChatFormat::kNemo;
     return ChatFormat::kPlain;
   }
-  if (contains(t, "<|start_header_id|>")) return ChatFormat::kLlama3;
-  if (contains(t, "<|im_start|>")) return ChatFormat::kChatml;
-  if (contains(t, "<<SYS>>")) return ChatFormat::kLlama2;
-  if (contains(t, "[INST]")) return ChatFormat::kMistral;
-  if (contains(t, "<extra_id_1>")) return ChatFormat::kNemo;
+  if (std::optional<ChatFormat> family = template_family(t)) return *family;
   fail("the tokenizer's chat template is not one of the built-in ones; set the template to one of {}",
        kFormatNames);
 }
 
+namespace {
+
+std::shared_ptr<const JinjaChatTemplate> load_jinja(const Tokenizer& tok) {
+  const std::string& source = tok.special().chat_template;
+  if (source.empty()) {
+    fail(
+        "the tokenizer has no chat template (tokenizer_config.json chat_template or "
+        "chat_template.jinja); set the template to one of {}",
+        kFormatNames);
+  }
+  auto j = std::make_shared<JinjaChatTemplate>();
+  std::optional<ChatFormat> family = template_family(source);
+  j->instead = family
+                   ? fmt::format("; data.template={} uses the built-in {} template instead",
+                                 chat_format_name(*family), chat_format_name(*family))
+                   : fmt::format("; data.template can name a built-in template instead ({})", kFormatNames);
+  try {
+    j->program = jinja::parse(source, "chat template");
+  } catch (const Error& e) {
+    fail("{}{}", e.what(), j->instead);
+  }
+  const SpecialTokens& special = tok.special();
+  for (const auto& [key, text] : {std::pair<const char*, const std::string*>{"bos_token", &special.bos_text},
+                                  {"eos_token", &special.eos_text},
+                                  {"unk_token", &special.unk_text},
+                                  {"pad_token", &special.pad_text}}) {
+    if (!text->empty()) j->special_tokens[key] = *text;
+  }
+  return j;
+}
+
+}  // namespace
+
 ChatTemplate resolve_chat_template(std::string_view name, const Tokenizer& tok) {
   ChatTemplate t;
-  t.format = name == "auto" ? detect_chat_format(tok) : parse_chat_format(name);
+  if (name == "auto") {
+    t.format = tok.special().chat_template.empty() ? detect_chat_format(tok) : ChatFormat::kJinja;
+  } else {
+    t.format = parse_chat_format(name);
+  }
   switch (t.format) {
     case ChatFormat::kLlama3:
     case ChatFormat::kLlama2:
@@ -219,6 +359,20 @@ ChatTemplate resolve_chat_template(std::string_view name, const Tokenizer& tok) 
       const auto& bos = tok.special().bos;
       t.bos = bos && !added.empty() && added.front() == *bos;
       t.eos = tok.special().eos.has_value();
+      break;
+    }
+    case ChatFormat::kJinja: {
+      t.jinja = load_jinja(tok);
+      // Whether the template writes BOS itself, seen on a one-message prompt: text (not chat)
+      // prompts then start with BOS as its chat prompts do. A template that rejects that prompt
+      // (one that needs a system message) is taken not to.
+      const std::string& bos = tok.special().bos_text;
+      try {
+        nlohmann::ordered_json probe = {{"messages", {{{"role", "user"}, {"content", "x"}}}}};
+        t.bos = !bos.empty() && starts_with(run_jinja(*t.jinja, probe, true).text, bos);
+      } catch (const Error&) {
+        t.bos = false;
+      }
       break;
     }
     default:
@@ -234,10 +388,18 @@ ChatTemplate resolve_chat_template(std::string_view name, const Tokenizer& tok) 
   return t;
 }
 
+std::string apply_chat_template(const ChatTemplate& tmpl, const nlohmann::ordered_json& variables,
+                                bool add_generation_prompt) {
+  if (!tmpl.jinja)
+    fail("the {} template is built in, not a Jinja chat template", chat_format_name(tmpl.format));
+  return run_jinja(*tmpl.jinja, variables, add_generation_prompt).text;
+}
+
 std::vector<Segment> render_segments(const ChatTemplate& tmpl, const Conversation& conv,
                                      bool add_generation_prompt) {
   bool alternate = tmpl.format == ChatFormat::kLlama2 || tmpl.format == ChatFormat::kMistral;
-  check_roles(conv, alternate, tmpl.format);
+  // A Jinja template checks roles and their order itself (raise_exception).
+  if (tmpl.format != ChatFormat::kJinja) check_roles(conv, alternate, tmpl.format);
   Builder b;
   switch (tmpl.format) {
     case ChatFormat::kPlain:
@@ -260,6 +422,9 @@ std::vector<Segment> render_segments(const ChatTemplate& tmpl, const Conversatio
       break;
     case ChatFormat::kSteerlm:
       render_nemo(b, conv, add_generation_prompt, true);
+      break;
+    case ChatFormat::kJinja:
+      render_jinja(b, *tmpl.jinja, conv, add_generation_prompt);
       break;
   }
   return std::move(b.out);
