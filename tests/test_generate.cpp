@@ -731,6 +731,16 @@ TEST(GenerateCli, ErrorsNameTheLineOrKey) {
   EXPECT_NE(r.output.find("config key 'gen.stop_ids' expects a list of ints, got 'x'"), std::string::npos)
       << r.output;
 
+  for (const auto& [value, message] : std::vector<std::pair<std::string, std::string>>{
+           {"gen.batch_size=0", "config key 'gen.batch_size' must be at least 1, got 0"},
+           {"gen.num_samples=-2", "config key 'gen.num_samples' must be at least 1, got -2"},
+           {"gen.temperature=-1", "config key 'gen.temperature' must not be negative"},
+           {"gen.top_p=1.5", "config key 'gen.top_p' must be in (0, 1], got 1.5"}}) {
+    r = aligner(base + ok + " " + value);
+    EXPECT_EQ(r.status, 1) << value;
+    EXPECT_NE(r.output.find(message), std::string::npos) << r.output;
+  }
+
   const auto empty = write_file(d / "empty.jsonl", "{\"input_ids\": [5]}\n{\"input_ids\": []}\n");
   r = aligner(base + empty);
   EXPECT_NE(r.status, 0);

@@ -59,6 +59,14 @@ GenerationOptions read_options(const Config& cfg) {
   o.seed = uint64_t(cfg.get_int("gen.seed"));
   o.batch_size = cfg.get_int("gen.batch_size");
   o.prefill_tokens = cfg.get_int("gen.prefill_tokens");
+  for (const char* key : {"gen.max_new_tokens", "gen.num_samples", "gen.batch_size"})
+    if (cfg.get_int(key) < 1) fail("config key '{}' must be at least 1, got {}", key, cfg.get_int(key));
+  if (!(o.sampling.temperature >= 0))
+    fail("config key 'gen.temperature' must not be negative (0 is greedy), got {}", o.sampling.temperature);
+  if (o.sampling.top_k < 0)
+    fail("config key 'gen.top_k' must not be negative (0: off), got {}", o.sampling.top_k);
+  if (!(o.sampling.top_p > 0 && o.sampling.top_p <= 1))
+    fail("config key 'gen.top_p' must be in (0, 1], got {}", o.sampling.top_p);
   return o;
 }
 
