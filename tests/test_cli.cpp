@@ -175,8 +175,7 @@ TEST(Cli, Float16OnTheCpuIsRefusedUpFront) {
   // --dtype is model.dtype, so the error names the key either way.
   for (const std::string& command :
        {"perplexity" + common, "rm-score" + common, "generate" + common + " --out " + out}) {
-    for (const std::string& setting :
-         {" --dtype float16 --device cpu", " model.dtype=float16 model.device=cpu"}) {
+    for (const char* setting : {" --dtype float16 --device cpu", " model.dtype=float16 model.device=cpu"}) {
       const auto r = run_aligner(command + setting);
       EXPECT_EQ(r.status, 1) << command << setting;
       EXPECT_EQ(r.output, "error: model.dtype" + expected) << command << setting;
