@@ -37,14 +37,7 @@ std::string read(const fs::path& path) {
 
 // `aligner args` run in the folder `cwd`; stdout and stderr together.
 test::Run run_in(const fs::path& cwd, const std::string& args) {
-  test::Run r;
-  FILE* p = ::popen(("cd '" + cwd.string() + "' && " + ALIGNER_BINARY + " " + args + " 2>&1").c_str(), "r");
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) r.output.append(buf, n);
-  const int st = ::pclose(p);
-  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-  return r;
+  return test::run_shell("cd '" + cwd.string() + "' && " + ALIGNER_BINARY + " " + args);
 }
 
 using Names = std::vector<std::string>;

@@ -135,11 +135,9 @@ struct Run {
   std::string output;
 };
 
-// The aligner binary with `args` (and environment assignments `env`), single-threaded so that
-// numbers are reproducible; stdout and stderr together.
-inline Run run_aligner(const std::string& args, const std::string& env = "") {
-  const std::string cmd =
-      "OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 " + env + " " + ALIGNER_BINARY + " " + args + " 2>&1";
+// A shell command's exit status and its stdout and stderr together.
+inline Run run_shell(const std::string& command) {
+  const std::string cmd = command + " 2>&1";
   Run r;
   FILE* p = ::popen(cmd.c_str(), "r");
   char buf[4096];
@@ -148,6 +146,12 @@ inline Run run_aligner(const std::string& args, const std::string& env = "") {
   const int st = ::pclose(p);
   r.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
   return r;
+}
+
+// The aligner binary with `args` (and environment assignments `env`), single-threaded so that
+// numbers are reproducible; stdout and stderr together.
+inline Run run_aligner(const std::string& args, const std::string& env = "") {
+  return run_shell("OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 " + env + " " + ALIGNER_BINARY + " " + args);
 }
 
 }  // namespace aligner::test
