@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs every system dependency of aligner from Debian's packages. Safe to run again.
 # libopenblas0-pthread replaces the reference BLAS that libtorch-dev would otherwise load (10x
-# slower matrix products on the CPU).
+# slower matrix products on the CPU). clang, its sanitizer and libFuzzer runtimes (libclang-rt-14-dev)
+# and llvm-symbolizer (llvm) build and report the sanitizer tests and fuzzers (scripts/sanitize.sh,
+# scripts/fuzz.sh).
 set -euo pipefail
 pkgs=(
   build-essential cmake ninja-build pkg-config clang-format python3
@@ -9,6 +11,7 @@ pkgs=(
   libyaml-cpp-dev nlohmann-json3-dev libcli11-dev libfmt-dev libspdlog-dev
   libpcre2-dev
   libgtest-dev libgmock-dev
+  clang libclang-rt-14-dev llvm
 )
 missing=()
 for p in "${pkgs[@]}"; do

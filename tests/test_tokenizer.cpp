@@ -270,6 +270,51 @@ TEST(Tokenizer, IdsBeyondTheFilesVocabularyAndDeepNestingAreErrors) {
   EXPECT_NE(message.find(config + ": JSON nested deeper than 256 levels"), std::string::npos) << message;
 }
 
+// Found by fuzzing (fuzz/tokenizer_json.cpp): an empty side of a merge was read before its start, and
+// nlohmann converted 1e300 to an integer with undefined behaviour.
+TEST(Tokenizer, EmptyMergeSidesAndNonIntegerNumbersAreErrors) {
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {R"("model": {"type": "BPE", "vocab": {"": 0, "b": 1}, "merges": [" b"]})",
+       "merge 1 \" b\" has an empty token"},
+      {R"("model": {"type": "BPE", "vocab": {"": 0, "b": 1}, "merges": [["b", ""]]})",
+       "merge 1 \"b \" has an empty token"},
+      {R"("model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
+          "decoder": {"type": "Strip", "content": " ", "start": 1e300, "stop": 0})",
+       "Strip decoder start 1e+300 is not an integer"},
+      {R"("model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
+          "decoder": {"type": "Strip", "content": " ", "start": 0, "stop": -1})",
+       "Strip decoder stop -1 is not an integer"},
+      {R"("model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
+          "post_processor": {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>"}}],
+                             "special_tokens": {"<s>": {"ids": [1e300]}}})",
+       "post_processor special token id 1e+300 is not an integer"},
+      {R"("model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
+          "post_processor": {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>"}}],
+                             "special_tokens": {"<s>": {"ids": 0}}})",
+       "special token '<s>' has \"ids\" 0, not a list"},
+  };
+  for (const auto& [body, needle] : cases) {
+    TempTokenizer tok("{" + body + "}");
+    const std::string message = load_error(tok.file());
+    EXPECT_NE(message.find(tok.file() + ": " + needle), std::string::npos) << message;
+  }
+}
+
+// Found by fuzz/tokenizer_config.cpp: entries of other shapes threw nlohmann's exceptions.
+TEST(Tokenizer, ChatTemplateListsHoldNamedTemplates) {
+  TempTokenizer tok(R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}})");
+  const std::string config = (tok.dir / "tokenizer_config.json").string();
+  for (const char* bad : {R"([1])", R"([{"name": 5, "template": "x"}])", R"([{"name": "default"}])"}) {
+    std::ofstream(config) << R"({"chat_template": )" << bad << "}";
+    const std::string message = load_error(tok.file());
+    EXPECT_NE(message.find(config + ": chat_template must be a string or a list"), std::string::npos)
+        << bad << ": " << message;
+  }
+  std::ofstream(config) << R"({"chat_template": [{"name": "tool_use", "template": "x"},
+                                                 {"name": "default", "template": "y"}]})";
+  EXPECT_EQ(load_tokenizer(tok.file())->special().chat_template, "y");
+}
+
 TEST(Tokenizer, HandWrittenBpeMergesByRank) {
   // "a b" ranks before "b c": "abc" -> "ab" + "c", and "bc" alone merges.
   TempTokenizer tiny(R"({

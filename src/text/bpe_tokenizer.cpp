@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <array>
 #include <deque>
+#include <limits>
 #include <mutex>
 #include <shared_mutex>
 #include <unordered_set>
@@ -265,6 +266,17 @@ struct JsonReader {
     fail("{}: {} {} is not supported ({})", path, what, value.dump(), kSupported);
   }
 
+  // nlohmann converts a float such as 1e300 to an integer with undefined behaviour, so integers are
+  // checked before they are read.
+  int64_t integer(const json& value, std::string_view what, int64_t max) const {
+    const bool in_range =
+        value.is_number_unsigned()
+            ? value.get<uint64_t>() <= uint64_t(max)
+            : value.is_number_integer() && value.get<int64_t>() >= 0 && value.get<int64_t>() <= max;
+    if (!in_range) fail("{}: {} {} is not an integer in [0, {}]", path, what, value.dump(), max);
+    return value.get<int64_t>();
+  }
+
   std::string type_of(const json& node, std::string_view what) const {
     if (!node.is_object() || !node.contains("type") || !node["type"].is_string()) {
       fail("{}: {} has no \"type\"", path, what);
@@ -397,8 +409,9 @@ struct JsonReader {
       std::string c = single_char(node, "content", "Strip decoder");
       size_t i = 0;
       step.strip_char = utf8::next(c, i);
-      step.start = node.value("start", size_t{0});
-      step.stop = node.value("stop", size_t{0});
+      constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+      step.start = node.contains("start") ? integer(node["start"], "Strip decoder start", kMax) : 0;
+      step.stop = node.contains("stop") ? integer(node["stop"], "Strip decoder stop", kMax) : 0;
       out.push_back(std::move(step));
     } else {
       unsupported("decoder", node);
@@ -422,7 +435,14 @@ struct JsonReader {
         } else if (piece.contains("SpecialToken")) {
           std::string name = piece["SpecialToken"].at("id").get<std::string>();
           if (!specials.contains(name)) fail("{}: template names unknown special token '{}'", path, name);
-          items.push_back({false, specials[name].at("ids").get<std::vector<int32_t>>()});
+          const json& ids = specials[name].at("ids");
+          if (!ids.is_array())
+            fail("{}: special token '{}' has \"ids\" {}, not a list", path, name, ids.dump());
+          TemplateItem item;
+          for (const json& id : ids)
+            item.ids.push_back(static_cast<int32_t>(
+                integer(id, "post_processor special token id", std::numeric_limits<int32_t>::max())));
+          items.push_back(std::move(item));
         } else {
           unsupported("template piece", piece);
         }
@@ -562,6 +582,9 @@ void BpeTokenizer::load_model(const json& model, const JsonReader& reader, size_
       left = merge.at(0).get<std::string>();
       right = merge.at(1).get<std::string>();
     }
+    // Each side's last and first character are read below.
+    if (left.empty() || right.empty())
+      fail("{}: merge {} \"{} {}\" has an empty token", path_, rank + 1, left, right);
     const int32_t* a = vocab_.find(left);
     const int32_t* b = vocab_.find(right);
     const int32_t* merged = vocab_.find(left + right);

@@ -2,6 +2,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -51,10 +52,16 @@ std::string chat_template(const json& config, const fs::path& config_path) {
   const json& value = config["chat_template"];
   if (value.is_string()) return value.get<std::string>();
   if (value.is_array()) {
-    for (const json& named : value) {
-      if (named.value("name", std::string()) == "default") return named.value("template", std::string());
+    // Checked before reading: value() and get() throw nlohmann's own exceptions on other shapes.
+    const auto is_named_template = [](const json& named) {
+      return named.is_object() && named.contains("name") && named["name"].is_string() &&
+             named.contains("template") && named["template"].is_string();
+    };
+    if (std::all_of(value.begin(), value.end(), is_named_template)) {
+      for (const json& named : value)
+        if (named["name"] == "default") return named["template"].get<std::string>();
+      return {};
     }
-    return {};
   }
   fail("{}: chat_template must be a string or a list of {{\"name\", \"template\"}}", config_path.string());
 }
