@@ -20,8 +20,8 @@ namespace {
 
 // Bounds that keep a hostile template from exhausting memory, stack or time. Real chat templates
 // stay orders of magnitude below each.
-constexpr size_t kMaxText = size_t(1) << 26;   // bytes in the output or any string a template builds
-constexpr size_t kMaxItems = size_t(1) << 22;  // elements in a list a template builds
+constexpr size_t kMaxText = size_t(1) << 24;   // bytes in the output or any string a template builds
+constexpr size_t kMaxItems = size_t(1) << 20;  // elements in a list a template builds
 constexpr int64_t kMaxRange = 100000;          // jinja2's sandbox refuses larger range()s too
 constexpr uint32_t kMaxNesting = 512;          // lists and dicts inside each other
 constexpr int kMaxDepth = 500;                 // nested evaluation: expressions, blocks, macro calls
@@ -44,6 +44,11 @@ template <class... Args>
 void check_text_size(size_t size) {
   if (size > kMaxText) raise("the template builds a string of more than {} bytes", kMaxText);
 }
+
+// Bytes of the string values this thread's render has made so far: many strings each under
+// kMaxText (a join of a join of a map over characters) could still take minutes and gigabytes.
+thread_local size_t built_bytes = 0;
+constexpr size_t kMaxBuilt = size_t(1) << 28;
 
 // ---------------------------------------------------------------------------------------------
 // Text as Python sees it: code points, and str.isspace() for whitespace.
@@ -229,6 +234,8 @@ Value number(double f) {
 }
 Value string(std::string s) {
   check_text_size(s.size());
+  built_bytes += s.size();
+  if (built_bytes > kMaxBuilt) raise("the template builds more than {} bytes of strings in all", kMaxBuilt);
   Value v;
   v.kind = Value::kString;
   v.s = std::move(s);
@@ -3592,6 +3599,7 @@ bool uses_generation(const Template& tmpl) {
 }
 
 Rendered render(const Template& tmpl, const nlohmann::ordered_json& variables, const RenderOptions& options) {
+  built_bytes = 0;
   try {
     return Renderer(tmpl, options).run(variables);
   } catch (const Failure& f) {
