@@ -5,8 +5,8 @@
 #
 # Each target starts from its seeds in fuzz/corpus/<target> (small files made from tests/fixtures
 # by fuzz/make_seeds.py), the inputs of past findings in fuzz/regressions/<target> and the fixture
-# folders named below, and keeps what it learns in
-# build-asan/fuzz-corpus/<target>, so that later local runs go deeper. A crash, a sanitizer report,
+# folders named below, and keeps what it learns in build-asan/fuzz-corpus/<target>, so that later
+# local runs go deeper. A crash, a sanitizer report,
 # an input that runs longer than 20 s or allocates more than 2 GB, or an exception other than
 # aligner::Error is a finding: the script fails, prints the report and leaves the input in
 # build-asan/fuzz-findings/<target>/ (replay it: build-asan/fuzz/fuzz_<target> FILE).
@@ -17,7 +17,7 @@ source scripts/sanitizer_env.sh
 
 seconds=${FUZZ_SECONDS:-60}
 jobs=${FUZZ_JOBS:-$cores}
-build=build-asan
+build="build-asan"
 
 configure_asan_build
 all_targets=$(cd fuzz && ls *.cpp | sed 's/\.cpp$//')

@@ -193,7 +193,7 @@ TEST(ModelConfig, UnsupportedOptionsAreClearErrors) {
   expect_error(bad, "num_key_value_heads");
 }
 
-// Found by fuzz/model_config.cpp: each of these crashed (division by zero, a vector of -1 layers, an
+// Reproduced with fuzz/model_config.cpp: each of these crashed (division by zero, a vector of -1 layers, an
 // out-of-bounds write, an exception other than aligner::Error) or converted 1e300 to an int64.
 TEST(ModelConfig, HostileValuesAreClearErrors) {
   const auto j = tiny_config().raw;

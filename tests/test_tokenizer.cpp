@@ -270,7 +270,7 @@ TEST(Tokenizer, IdsBeyondTheFilesVocabularyAndDeepNestingAreErrors) {
   EXPECT_NE(message.find(config + ": JSON nested deeper than 256 levels"), std::string::npos) << message;
 }
 
-// Found by fuzzing (fuzz/tokenizer_json.cpp): an empty side of a merge was read before its start, and
+// Reproduced with fuzz/tokenizer_json.cpp: an empty side of a merge was read before its start, and
 // nlohmann converted 1e300 to an integer with undefined behaviour.
 TEST(Tokenizer, EmptyMergeSidesAndNonIntegerNumbersAreErrors) {
   const std::vector<std::pair<std::string, std::string>> cases = {
@@ -300,7 +300,29 @@ TEST(Tokenizer, EmptyMergeSidesAndNonIntegerNumbersAreErrors) {
   }
 }
 
-// Found by fuzz/tokenizer_config.cpp: entries of other shapes threw nlohmann's exceptions.
+// Found by fuzz/sentencepiece.cpp: a piece cut inside a UTF-8 sequence was decoded past its end.
+TEST(Tokenizer, SentencePiecePiecesMustBeUtf8) {
+  // ModelProto: pieces {piece, type}, trainer_spec {model_type: BPE}, normalizer_spec {name:
+  // "identity", remove_extra_whitespaces: false}; every length here fits one byte.
+  auto field = [](int number, const std::string& payload) {
+    return std::string(1, static_cast<char>(number << 3 | 2)) + static_cast<char>(payload.size()) + payload;
+  };
+  auto piece = [&](const std::string& text, char type) { return field(1, field(1, text) + '\x18' + type); };
+  const std::string pieces = piece("<unk>", 2) + piece("<s>", 3) + piece("</s>", 3) + piece("a", 1);
+  const std::string specs =
+      field(2, std::string("\x18\x02", 2)) + field(3, field(1, "identity") + std::string("\x20\x00", 2));
+  TempTokenizer dir("{}");
+  const std::string path = (dir.dir / "tokenizer.model").string();
+  std::ofstream(path, std::ios::binary) << pieces + specs;
+  EXPECT_EQ(load_tokenizer(path)->vocab_size(), 4);
+  std::ofstream(path, std::ios::binary) << pieces + piece("nco\x96\x81\xe2", 1) + specs;
+  const std::string message = load_error(path);
+  EXPECT_NE(message.find(path + ": not a SentencePiece model (piece 4 is not valid UTF-8)"),
+            std::string::npos)
+      << message;
+}
+
+// Reproduced with fuzz/tokenizer_config.cpp: entries of other shapes threw nlohmann's exceptions.
 TEST(Tokenizer, ChatTemplateListsHoldNamedTemplates) {
   TempTokenizer tok(R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}})");
   const std::string config = (tok.dir / "tokenizer_config.json").string();

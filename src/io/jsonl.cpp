@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 
 #include "core/error.h"
 #include "core/json.h"
@@ -29,7 +30,10 @@ JsonlFile::JsonlFile(std::string path) : path_(std::move(path)) {
   fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd_ < 0) fail_errno("open", path_);
 
-  std::vector<char> buf(1 << 20);
+  // Not zero-filled: opening a small file, as the data readers do for every file, then touches only
+  // the pages it reads into.
+  constexpr size_t kChunk = 1 << 20;
+  const std::unique_ptr<char[]> buf(new char[kChunk]);
   uint64_t offset = 0;      // of buf[0] in the file
   uint64_t line_start = 0;  // of the current line
   uint32_t line = 1;
@@ -46,7 +50,7 @@ JsonlFile::JsonlFile(std::string path) : path_(std::move(path)) {
     }
   };
   for (;;) {
-    ssize_t n = ::read(fd_, buf.data(), buf.size());
+    ssize_t n = ::read(fd_, buf.get(), kChunk);
     if (n < 0) {
       if (errno == EINTR) continue;
       fail_errno("read", path_);
@@ -54,7 +58,7 @@ JsonlFile::JsonlFile(std::string path) : path_(std::move(path)) {
     if (n == 0) break;
     size_t i = 0;
     // A UTF-8 byte order mark, as some editors write, is not part of the first record.
-    if (first_chunk && n >= 3 && std::memcmp(buf.data(), "\xEF\xBB\xBF", 3) == 0) {
+    if (first_chunk && n >= 3 && std::memcmp(buf.get(), "\xEF\xBB\xBF", 3) == 0) {
       i = 3;
       line_start = 3;
     }

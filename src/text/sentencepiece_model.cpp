@@ -108,6 +108,10 @@ SentencePieceModel read_sentencepiece_model(const std::string& path) {
         else if (g.number == 3)
           p.type = int(g.varint);
       }
+      // The tokenizer walks pieces by character, trusting their UTF-8; SentencePiece and transformers
+      // read them as text too.
+      if (!utf8::is_valid(p.text))
+        fail("{}: not a SentencePiece model (piece {} is not valid UTF-8)", path, pieces.size());
       pieces.push_back(std::move(p));
     } else if (fl.number == 2) {  // TrainerSpec
       while (sub.next(g)) {
