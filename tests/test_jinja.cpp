@@ -204,6 +204,10 @@ TEST(Jinja, HostileTemplatesFailWithoutHarm) {
             std::string::npos);
   EXPECT_NE(error_of("{{ 'x' * 1000000000000 }}").find("bytes"), std::string::npos);
   EXPECT_NE(error_of("{{ [1] * 1000000000000 }}").find("items"), std::string::npos);
+  // Found by fuzz/jinja.cpp: lists each within bounds, gigabytes together.
+  std::string many;
+  for (int i = 0; i < 40; ++i) many += "{% set v" + std::to_string(i) + " = [1] * 1000000 %}";
+  EXPECT_NE(error_of(many + "{{ v0 | length }}").find("list items in all"), std::string::npos);
   EXPECT_NE(
       error_of("{% set ns = namespace(x=[]) %}{% for i in range(10000) %}{% set ns.x = [ns.x] %}{% endfor %}")
           .find("nested"),

@@ -45,10 +45,11 @@ void check_text_size(size_t size) {
   if (size > kMaxText) raise("the template builds a string of more than {} bytes", kMaxText);
 }
 
-// Bytes of the string values this thread's render has made so far: many strings each under
-// kMaxText (a join of a join of a map over characters) could still take minutes and gigabytes.
-thread_local size_t built_bytes = 0;
-constexpr size_t kMaxBuilt = size_t(1) << 28;
+// Bytes of the string values and items of the lists this thread's render has made so far: many
+// values each under kMaxText or kMaxItems (a join of a join of a map over characters, or forty
+// `set v = [0] * 1000000`) could still take minutes and gigabytes.
+thread_local size_t built_bytes = 0, built_items = 0;
+constexpr size_t kMaxBuilt = size_t(1) << 28, kMaxBuiltItems = size_t(1) << 23;
 
 // ---------------------------------------------------------------------------------------------
 // Text as Python sees it: code points, and str.isspace() for whitespace.
@@ -243,6 +244,9 @@ Value string(std::string s) {
 }
 Value sequence(List items, bool tuple = false) {
   if (items.size() > kMaxItems) raise("the template builds a list of more than {} items", kMaxItems);
+  built_items += items.size();
+  if (built_items > kMaxBuiltItems)
+    raise("the template builds more than {} list items in all", kMaxBuiltItems);
   Value v;
   v.kind = tuple ? Value::kTuple : Value::kList;
   for (const Value& x : items) v.depth = std::max(v.depth, x.depth + 1);
@@ -3599,7 +3603,7 @@ bool uses_generation(const Template& tmpl) {
 }
 
 Rendered render(const Template& tmpl, const nlohmann::ordered_json& variables, const RenderOptions& options) {
-  built_bytes = 0;
+  built_bytes = built_items = 0;
   try {
     return Renderer(tmpl, options).run(variables);
   } catch (const Failure& f) {
