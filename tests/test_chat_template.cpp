@@ -12,6 +12,8 @@ namespace aligner {
 namespace {
 
 using test::ByteTokenizer;
+using test::loss_text;
+using test::prompt_of;
 
 ByteTokenizer llama3_tok() {
   return ByteTokenizer(
@@ -36,20 +38,6 @@ Conversation two_turns() {
                 {"user", "2+2?", ""},
                 {"assistant", "4", "helpfulness:2,verbosity:0"}};
   return c;
-}
-
-Conversation prompt_of(Conversation c) {
-  c.messages.pop_back();
-  return c;
-}
-
-// The text of the trained-on tokens, in order.
-std::string loss_text(const TokenizedText& t, const Tokenizer& tok) {
-  std::vector<int32_t> ids;
-  for (size_t i = 0; i < t.ids.size(); ++i) {
-    if (t.loss_mask[i]) ids.push_back(t.ids[i]);
-  }
-  return tok.decode(ids, false);
 }
 
 struct Case {

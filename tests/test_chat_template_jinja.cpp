@@ -20,6 +20,8 @@ namespace {
 
 namespace fs = std::filesystem;
 using test::ByteTokenizer;
+using test::loss_text;
+using test::prompt_of;
 using ojson = nlohmann::ordered_json;
 
 const fs::path kFixtures = fs::path(test::kRoot) / "tests" / "fixtures";
@@ -76,19 +78,6 @@ std::vector<Conversation> conversations(bool with_system) {
         "Sys", {{"user", "a", ""}, {"assistant", "b", ""}, {"user", "c", ""}, {"assistant", "d", ""}}));
   }
   return out;
-}
-
-Conversation prompt_of(Conversation c) {
-  c.messages.pop_back();
-  return c;
-}
-
-std::string loss_text(const TokenizedText& t, const Tokenizer& tok) {
-  std::vector<int32_t> ids;
-  for (size_t i = 0; i < t.ids.size(); ++i) {
-    if (t.loss_mask[i]) ids.push_back(t.ids[i]);
-  }
-  return tok.decode(ids, false);
 }
 
 TEST(ChatTemplateJinja, AutoUsesTheTokenizersOwnTemplate) {

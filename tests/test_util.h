@@ -18,6 +18,7 @@
 #include "io/hf_checkpoint.h"
 #include "model/config.h"
 #include "model/transformer.h"
+#include "text/chat_template.h"
 #include "text/tokenizer.h"
 
 namespace aligner::test {
@@ -128,6 +129,20 @@ inline const std::string& tiny_model(int64_t max_position_embeddings = 512) {
     dir = d.string();
   }
   return dir;
+}
+
+// The conversation without its last message: the prompt of its last reply.
+inline Conversation prompt_of(Conversation c) {
+  c.messages.pop_back();
+  return c;
+}
+
+// The text of the trained-on tokens, in order.
+inline std::string loss_text(const TokenizedText& t, const Tokenizer& tok) {
+  std::vector<int32_t> ids;
+  for (size_t i = 0; i < t.ids.size(); ++i)
+    if (t.loss_mask[i]) ids.push_back(t.ids[i]);
+  return tok.decode(ids, false);
 }
 
 struct Run {

@@ -178,8 +178,8 @@ std::optional<AttributeExample> attribute_example(AttributeDataset& ds, int64_t 
 }
 
 void check_dataset(AttributeDataset& ds, int threads) {
-  check_examples(
-      ds.file, ds.stats, dataset_size(ds), ds.opt.skip_bad_lines, threads,
+  check_dataset_examples(
+      ds, threads,
       [&](int64_t index, ExampleStatus& status) {
         std::string layout;
         make_example(ds, index, status, layout);

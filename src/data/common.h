@@ -110,4 +110,10 @@ void check_examples(const JsonlFile& file, DataStats& stats, int64_t n, bool ski
                     const std::function<std::string(int64_t, ExampleStatus&)>& build,
                     const std::function<std::string(int64_t)>& where);
 
+// check_examples over data set `ds` (its file, stats, size and options).
+template <class Dataset, class Build, class Where>
+void check_dataset_examples(Dataset& ds, int threads, Build&& build, Where&& where) {
+  check_examples(ds.file, ds.stats, dataset_size(ds), ds.opt.skip_bad_lines, threads, build, where);
+}
+
 }  // namespace aligner

@@ -205,8 +205,8 @@ std::optional<PreferenceExample> preference_example(PreferenceDataset& ds, int64
 }
 
 void check_dataset(PreferenceDataset& ds, int threads) {
-  check_examples(
-      ds.file, ds.stats, dataset_size(ds), ds.opt.skip_bad_lines, threads,
+  check_dataset_examples(
+      ds, threads,
       [&](int64_t index, ExampleStatus& status) {
         PreferenceFormat layout = PreferenceFormat::kAuto;
         make_pair(ds, index, status, layout);

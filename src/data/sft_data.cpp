@@ -114,8 +114,8 @@ std::optional<Sequence> sft_example(SftDataset& ds, int64_t index) {
 }
 
 void check_dataset(SftDataset& ds, int threads) {
-  check_examples(
-      ds.file, ds.stats, dataset_size(ds), ds.opt.skip_bad_lines, threads,
+  check_dataset_examples(
+      ds, threads,
       [&](int64_t index, ExampleStatus& status) {
         SftFormat layout = SftFormat::kAuto;
         build_example(ds, index, status, layout);
