@@ -198,6 +198,19 @@ TEST(Sft, DamagedCheckpointFallsBackToAnOlderOne) {
   auto chosen = aligner(sft_args(b, args + " resume=" + step4.string()));
   EXPECT_NE(chosen.status, 0);
   EXPECT_NE(chosen.output.find("bytes"), std::string::npos) << chosen.output;
+  // A data position edited by hand names the file and field.
+  {
+    auto state = nlohmann::json::parse(std::ifstream(step2 / "trainer_state.json"));
+    const auto edited = state;
+    state["data"][0]["position"] = "x";
+    std::ofstream(step2 / "trainer_state.json") << state.dump();
+    chosen = aligner(sft_args(b, args + " resume=" + step2.string()));
+    EXPECT_EQ(chosen.status, 1);
+    EXPECT_NE(chosen.output.find(step2.string() + "/trainer_state.json: field \"data\"[0]"),
+              std::string::npos)
+        << chosen.output;
+    std::ofstream(step2 / "trainer_state.json") << edited.dump(2) << "\n";
+  }
   chosen = aligner(sft_args(b, args + " resume=" + step2.string()));
   ASSERT_EQ(chosen.status, 0) << chosen.output;
   EXPECT_NE(chosen.output.find("resuming from " + step2.string()), std::string::npos) << chosen.output;

@@ -401,7 +401,13 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
   if (!ckpt.empty()) {
     for (auto& r : modules) r.optimizer->load_state(read_module_optimizer(ckpt, r.module.name));
     step = saved.step;
-    algo.load_state(saved.data.at(dist.rank()));
+    try {
+      algo.load_state(saved.data.at(dist.rank()));
+    } catch (const nlohmann::json::exception& e) {
+      // A hand-edited or foreign trainer_state.json: say where, not only what the library saw.
+      fail("{}/trainer_state.json: field \"data\"[{}] is not a data position of this run: {}", ckpt,
+           dist.rank(), e.what());
+    }
     log_info("resuming from {} (step {})", ckpt, step);
   }
 
