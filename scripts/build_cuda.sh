@@ -6,10 +6,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build-cuda}
 DEPS=$PWD/.deps/root
-if [ ! -d "$DEPS/usr/include/yaml-cpp" ]; then
-  for f in .deps/debs/*.deb; do dpkg-deb -x "$f" "$DEPS"; done
-fi
+# Each .deb once, so that one added to .deps/debs later is unpacked too.
+for f in .deps/debs/*.deb; do
+  done_mark="$DEPS/.unpacked/$(basename "$f")"
+  [ -e "$done_mark" ] && continue
+  dpkg-deb -x "$f" "$DEPS"
+  mkdir -p "$DEPS/.unpacked" && touch "$done_mark"
+done
 TORCH_PREFIX=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')
+# The unpacked libraries (fmt, yaml-cpp, cpp-httplib and its Brotli) for the build's own runs (test
+# discovery); scripts/gpu_env.sh puts them on the loader path for everything run afterwards.
 export LD_LIBRARY_PATH="$DEPS/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_PREFIX_PATH="$TORCH_PREFIX;$DEPS/usr" \

@@ -9,7 +9,7 @@ pkgs=(
   build-essential cmake ninja-build pkg-config clang-format python3
   libtorch-dev libopenblas0-pthread libgloo-dev
   libyaml-cpp-dev nlohmann-json3-dev libcli11-dev libfmt-dev libspdlog-dev
-  libpcre2-dev
+  libpcre2-dev libcpp-httplib-dev
   libgtest-dev libgmock-dev
   clang libclang-rt-14-dev llvm
 )

@@ -184,6 +184,40 @@ TEST(AdamW, Bf16ParamsKeepFp32MasterWeights) {
   EXPECT_GT(sub_ulp, 0.0) << "masters should hold updates that bf16 cannot";
 }
 
+// PPO moves the optimizer state to host memory while it generates: the state comes back to the
+// GPU whole, and the steps after it are those of an optimizer that never moved.
+TEST(AdamW, StateMovedToTheHostAndBackStepsTheSame) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "needs a GPU to move the state away from";
+  const at::Device cuda(at::kCUDA);
+  auto on_gpu = [&] {
+    auto p = make_params(at::kBFloat16, 4);
+    for (auto& [name, t] : p) t = t.detach().to(cuda).requires_grad_();
+    return p;
+  };
+  auto moved = on_gpu(), still = on_gpu();
+  AdamW a(moved, kConfig), b(still, kConfig);
+  const auto grads = make_grads(4, 3);
+  for (int s = 0; s < 3; ++s) {
+    if (s > 0) {
+      a.move_state(at::kCPU);
+      for (const auto& [name, t] : a.state())
+        if (name != "step") EXPECT_TRUE(t.device().is_cpu()) << name;
+      a.move_state(cuda);
+    }
+    for (auto* p : {&moved, &still})
+      for (size_t i = 0; i < p->size(); ++i)
+        (*p)[i].second.mutable_grad() = grads[s][i].to(cuda, at::kBFloat16);
+    a.step();
+    b.step();
+  }
+  for (size_t i = 0; i < moved.size(); ++i) EXPECT_TRUE(at::equal(moved[i].second, still[i].second)) << i;
+  const auto sa = a.state(), sb = b.state();
+  for (size_t i = 0; i < sa.size(); ++i) {
+    EXPECT_EQ(sa[i].second.device(), sb[i].second.device()) << sa[i].first;
+    EXPECT_TRUE(at::equal(sa[i].second, sb[i].second)) << sa[i].first;
+  }
+}
+
 TEST(AdamW, SaveLoadThroughSafetensorsResumesBitExactly) {
   auto mixed = [](uint64_t seed) {
     auto p = make_params(at::kBFloat16, seed);

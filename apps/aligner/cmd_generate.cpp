@@ -23,52 +23,11 @@
 #include "core/progress.h"
 #include "data/prompt_data.h"
 #include "gen/engine.h"
+#include "gen/generation_config.h"
 #include "io/hf_checkpoint.h"
 
 namespace aligner::cli {
 namespace {
-
-// An empty list default is a list of strings to the config schema, so the ids are parsed here.
-std::vector<int64_t> int_list(const Config& cfg, const std::string& key) {
-  std::vector<int64_t> out;
-  for (const auto& s : cfg.get_string_list(key)) {
-    size_t used = 0;
-    int64_t value = 0;
-    try {
-      value = std::stoll(s, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (used == 0 || used != s.size()) fail("config key '{}' expects a list of ints, got '{}'", key, s);
-    out.push_back(value);
-  }
-  return out;
-}
-
-GenerationOptions read_options(const Config& cfg) {
-  GenerationOptions o;
-  o.max_new_tokens = cfg.get_int("gen.max_new_tokens");
-  o.sampling.greedy = cfg.get_bool("gen.greedy");
-  o.sampling.temperature = cfg.get_float("gen.temperature");
-  o.sampling.top_k = cfg.get_int("gen.top_k");
-  o.sampling.top_p = cfg.get_float("gen.top_p");
-  o.num_samples = cfg.get_int("gen.num_samples");
-  o.stop_strings = cfg.get_string_list("gen.stop");
-  o.stop_ids = int_list(cfg, "gen.stop_ids");
-  o.stop_at_eos = !cfg.get_bool("gen.ignore_eos");
-  o.seed = uint64_t(cfg.get_int("gen.seed"));
-  o.batch_size = cfg.get_int("gen.batch_size");
-  o.prefill_tokens = cfg.get_int("gen.prefill_tokens");
-  for (const char* key : {"gen.max_new_tokens", "gen.num_samples", "gen.batch_size"})
-    if (cfg.get_int(key) < 1) fail("config key '{}' must be at least 1, got {}", key, cfg.get_int(key));
-  if (!(o.sampling.temperature >= 0))
-    fail("config key 'gen.temperature' must not be negative (0 is greedy), got {}", o.sampling.temperature);
-  if (o.sampling.top_k < 0)
-    fail("config key 'gen.top_k' must not be negative (0: off), got {}", o.sampling.top_k);
-  if (!(o.sampling.top_p > 0 && o.sampling.top_p <= 1))
-    fail("config key 'gen.top_p' must be in (0, 1], got {}", o.sampling.top_p);
-  return o;
-}
 
 struct Prompts {
   std::vector<std::vector<int32_t>> ids;
@@ -124,7 +83,7 @@ void run(const Config& cfg) {
   const std::string model_dir = cfg.get_string("model.path"), data = cfg.get_string("data.path"),
                     out_path = cfg.get_string("out");
   // Everything that can be checked without the weights is checked before loading them.
-  GenerationOptions opt = read_options(cfg);
+  GenerationOptions opt = read_generation_options(cfg, "gen.max_new_tokens", "gen.num_samples");
   const bool include_stop = cfg.get_bool("gen.include_stop_str");
   const auto tok = load_tokenizer(model_dir);
   opt.tokenizer = tok.get();

@@ -16,5 +16,7 @@ void add_rm(CLI::App& app);
 void add_rm_score(CLI::App& app);
 void add_dpo(CLI::App& app);
 void add_generate(CLI::App& app);
+void add_serve_reward(CLI::App& app);
+void add_ppo(CLI::App& app);
 
 }  // namespace aligner::cli

@@ -25,7 +25,7 @@ std::string unknown_command(const CLI::App& app, const std::string& word) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"aligner: align large language models (SFT, knowledge distillation, reward models, DPO)"};
+  CLI::App app{"aligner: align large language models (SFT, knowledge distillation, reward models, DPO, PPO)"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "aligner 0.1.0");
   aligner::cli::add_perplexity(app);
@@ -40,6 +40,8 @@ int main(int argc, char** argv) {
   aligner::cli::add_dpo(app);
   aligner::cli::add_launch(app);
   aligner::cli::add_generate(app);
+  aligner::cli::add_serve_reward(app);
+  aligner::cli::add_ppo(app);
   if (argc > 1 && argv[1][0] != '-') {
     if (const std::string error = unknown_command(app, argv[1]); !error.empty()) {
       std::fprintf(stderr, "error: %s\n", error.c_str());

@@ -2,6 +2,8 @@
 
 #include <atomic>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 
 namespace aligner {
@@ -33,6 +35,14 @@ bool log_enabled() {
   return g_rank == 0 || g_all_ranks;
 }
 
+bool log_debug_enabled() {
+  static const bool on = [] {
+    const char* level = std::getenv("ALIGNER_LOG_LEVEL");
+    return level && std::strcmp(level, "debug") == 0;
+  }();
+  return on;
+}
+
 LogSink set_log_sink(LogSink sink) {
   std::lock_guard<std::mutex> lock(g_sink_mutex);
   std::swap(g_sink, sink);
@@ -44,6 +54,7 @@ void log_line(LogLevel level, const std::string& message) {
   std::string line = "[" + format_timestamp(std::time(nullptr)) + "] ";
   if (g_all_ranks) line += fmt::format("[rank {}] ", g_rank.load());
   if (level == LogLevel::warn) line += "warning: ";
+  if (level == LogLevel::debug) line += "debug: ";
   line += message;
   std::lock_guard<std::mutex> lock(g_sink_mutex);
   if (g_sink) {

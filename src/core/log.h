@@ -24,8 +24,18 @@ bool log_enabled();
 using LogSink = std::function<void(const std::string& line)>;
 LogSink set_log_sink(LogSink sink);
 
-enum class LogLevel { info, warn };
+enum class LogLevel { debug, info, warn };
 void log_line(LogLevel level, const std::string& message);
+
+// Debug lines (what a server does with each batch) are too many for a normal run: they print only
+// when the environment sets ALIGNER_LOG_LEVEL=debug.
+bool log_debug_enabled();
+
+template <class... Args>
+void log_debug(fmt::format_string<Args...> format, Args&&... args) {
+  if (log_enabled() && log_debug_enabled())
+    log_line(LogLevel::debug, fmt::format(format, std::forward<Args>(args)...));
+}
 
 template <class... Args>
 void log_info(fmt::format_string<Args...> format, Args&&... args) {

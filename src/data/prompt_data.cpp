@@ -13,12 +13,22 @@ Conversation up_to_last_user(Conversation conv, const std::string& where) {
   return conv;
 }
 
-std::optional<PromptExample> make_prompt(const PromptDataset& ds, int64_t index, ExampleStatus& status) {
+// The record's layout: the field the prompt was read from.
+const char* prompt_layout(const nlohmann::json& r) {
+  for (const char* key : {"input_ids", "messages", "conversations", "prompt", "text", "input"})
+    if (r.contains(key)) return key;
+  return nullptr;
+}
+
+// `layout`, when given, is set to the field the prompt is read from.
+std::optional<PromptExample> make_prompt(const PromptDataset& ds, int64_t index, ExampleStatus& status,
+                                         const char** layout = nullptr) {
   std::string where = ds.file.where(index);
   Encoder enc{ds.tok, ds.tmpl, false};
   PromptExample ex;
   ex.record = ds.file.read(index);
   const nlohmann::json& r = ex.record;
+  if (layout) *layout = prompt_layout(r);
   auto from_chat = [&](const Conversation& conv, ChatFormat format) {
     ChatTemplate t = ds.tmpl;
     t.format = format;
@@ -36,10 +46,7 @@ std::optional<PromptExample> make_prompt(const PromptDataset& ds, int64_t index,
     Conversation conv = parse_nemo_conversation(r, where, format, false);
     from_chat(conv, format);
   } else {
-    const char* key = r.contains("prompt")  ? "prompt"
-                      : r.contains("text")  ? "text"
-                      : r.contains("input") ? "input"
-                                            : nullptr;
+    const char* key = prompt_layout(r);
     if (!key) {
       fail(
           "{}: not a prompt record: expected a field input_ids, messages, conversations, prompt, text, input",
@@ -77,6 +84,17 @@ std::optional<PromptExample> prompt_example(PromptDataset& ds, int64_t index) {
   std::string where = ds.file.where(index);
   return read_guarded<PromptExample>(ds.file, ds.stats, ds.opt.skip_bad_lines, index, where,
                                      [&](ExampleStatus& status) { return make_prompt(ds, index, status); });
+}
+
+void check_dataset(PromptDataset& ds, int threads) {
+  check_dataset_examples(
+      ds, threads,
+      [&](int64_t index, ExampleStatus& status) {
+        const char* layout = nullptr;
+        make_prompt(ds, index, status, &layout);
+        return std::string(layout ? layout : "");
+      },
+      [&](int64_t index) { return ds.file.where(index); });
 }
 
 }  // namespace aligner

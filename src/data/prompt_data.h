@@ -30,5 +30,7 @@ inline int64_t dataset_size(const PromptDataset& ds) {
   return ds.file.size();
 }
 std::optional<PromptExample> prompt_example(PromptDataset& ds, int64_t index);
+// Every prompt built once, bad lines reported together (data/common.h check_examples).
+void check_dataset(PromptDataset& ds, int threads);
 
 }  // namespace aligner

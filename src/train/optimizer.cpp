@@ -66,6 +66,23 @@ AdamW::AdamW(NamedParams params, AdamWConfig cfg) : cfg_(cfg) {
   }
 }
 
+void AdamW::move_state(at::Device device) {
+  c10::NoGradGuard no_grad;
+  // set_ swaps the storage under each tensor, so that every alias (decayed_, state()) follows.
+  auto move = [&](at::Tensor& t) {
+    if (t.device() == device) return;
+    const bool pin = device.is_cpu() && at::hasCUDA();
+    auto to = at::empty_strided(t.sizes(), t.strides(), t.options().device(device).pinned_memory(pin));
+    to.copy_(t, /*non_blocking=*/false);
+    t.set_(to);
+  };
+  for (size_t i = 0; i < params_.size(); ++i) {
+    move(exp_avg_[i]);
+    move(exp_avg_sq_[i]);
+    if (has_master_[i]) move(working_[i]);
+  }
+}
+
 void AdamW::step(double lr) {
   if (!(lr >= 0.0)) fail("AdamW: step {}: lr must be >= 0, got {}", step_ + 1, lr);
   c10::NoGradGuard no_grad;

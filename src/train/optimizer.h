@@ -40,6 +40,9 @@ class AdamW {
   // Drops the gradients (torch's set_to_none), freeing their memory until the next backward.
   void zero_grad();
   int64_t step_count() const { return step_; }
+  // Moves the moments and fp32 master weights (not the parameters) to `device`: host memory while
+  // something else needs the GPU's (an online algorithm's generation), back before the next step.
+  void move_state(at::Device device);
   const AdamWConfig& config() const { return cfg_; }
 
   // The optimizer's state as named tensors for safetensors: "step" (int64 scalar), then per

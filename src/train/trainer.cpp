@@ -70,7 +70,8 @@ double names_hash(const std::vector<std::string>& names) {
   return double(h);
 }
 
-// Means over the global batch of the given micro-batch results: "loss" per unit, then each metric
+// Means over the global batch of the given micro-batch results: "loss" per unit (when any part has
+// a loss), then each metric
 // `names` (every part carries them, in that order) as its sum over its count; a metric counted
 // nowhere is left out. A rank without parts still sends zeros for each name, so that all ranks
 // reduce vectors of one length.
@@ -78,19 +79,21 @@ std::vector<std::pair<std::string, double>> reduce_metrics(dist::Dist& dist,
                                                            const std::vector<std::string>& names,
                                                            const std::vector<LossSums>& parts,
                                                            double* tokens_out) {
-  // names hash, units, loss, tokens, then (sum, count) per metric
-  std::vector<double> sums(4 + 2 * names.size(), 0.0);
+  // names hash, units, loss, tokens, parts with a loss, then (sum, count) per metric
+  constexpr size_t kFirst = 5;
+  std::vector<double> sums(kFirst + 2 * names.size(), 0.0);
   sums[0] = names_hash(names);
   for (const auto& p : parts) {
     sums[1] += p.units;
     sums[2] += p.loss.defined() ? p.loss.item<double>() : 0.0;
     sums[3] += double(p.tokens);
+    sums[4] += p.loss.defined();
     bool same = p.metrics.size() == names.size();
     for (size_t k = 0; same && k < names.size(); ++k) same = p.metrics[k].name == names[k];
     if (!same) fail("a micro-batch reports metrics other than the [{}] declared", fmt::join(names, ", "));
     for (size_t k = 0; k < names.size(); ++k) {
-      sums[4 + 2 * k] += p.metrics[k].sum;
-      sums[5 + 2 * k] += p.metrics[k].count;
+      sums[kFirst + 2 * k] += p.metrics[k].sum;
+      sums[kFirst + 1 + 2 * k] += p.metrics[k].count;
     }
   }
   const double hash = sums[0];
@@ -99,9 +102,12 @@ std::vector<std::pair<std::string, double>> reduce_metrics(dist::Dist& dist,
     fail("the ranks report different metrics (this rank: [{}])", fmt::join(names, ", "));
   if (tokens_out) *tokens_out = sums[3];
   const double units = std::max(sums[1], 1e-12);
-  std::vector<std::pair<std::string, double>> out{{"loss", sums[2] / units}};
+  // Validation that only measures (PPO's held-out reward) has no loss to report.
+  std::vector<std::pair<std::string, double>> out;
+  if (sums[4] > 0) out.emplace_back("loss", sums[2] / units);
   for (size_t k = 0; k < names.size(); ++k)
-    if (sums[5 + 2 * k] > 0) out.emplace_back(names[k], sums[4 + 2 * k] / sums[5 + 2 * k]);
+    if (sums[kFirst + 1 + 2 * k] > 0)
+      out.emplace_back(names[k], sums[kFirst + 2 * k] / sums[kFirst + 1 + 2 * k]);
   return out;
 }
 
@@ -308,7 +314,8 @@ TrainerOptions read_trainer_options(const Config& cfg) {
   o.max_steps = cfg.get_int("trainer.max_steps");
   o.max_epochs = cfg.get_int("trainer.max_epochs");
   o.micro_batch_size = cfg.get_int("trainer.micro_batch_size");
-  o.global_batch_size = cfg.get_int("trainer.global_batch_size");
+  // An online algorithm sets the global batch from its rollout instead (PPO: one update's responses).
+  o.global_batch_size = cfg.has("trainer.global_batch_size") ? cfg.get_int("trainer.global_batch_size") : 1;
   o.val_interval = cfg.get_int("trainer.val_interval");
   o.save_interval = cfg.get_int("trainer.save_interval");
   o.keep_last = cfg.get_int("trainer.keep_last");
@@ -329,7 +336,8 @@ TrainerOptions read_trainer_options(const Config& cfg) {
                           "trainer.save_interval", "trainer.keep_last", "trainer.log_interval"})
     if (cfg.get_int(key) < 0) fail("config key '{}' must not be negative, got {}", key, cfg.get_int(key));
   for (const char* key : {"trainer.micro_batch_size", "trainer.global_batch_size"})
-    if (cfg.get_int(key) < 1) fail("config key '{}' must be at least 1, got {}", key, cfg.get_int(key));
+    if (cfg.has(key) && cfg.get_int(key) < 1)
+      fail("config key '{}' must be at least 1, got {}", key, cfg.get_int(key));
   if (o.max_steps == 0 && o.max_epochs == 0) fail("set trainer.max_steps or trainer.max_epochs");
   return o;
 }
@@ -342,15 +350,17 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
     fail("trainer.global_batch_size ({}) must be a multiple of micro_batch_size x ranks ({} x {})",
          opt.global_batch_size, opt.micro_batch_size, dist.world_size());
   const int64_t accumulation = opt.global_batch_size / per_step;
-  const int64_t examples = algo.train_examples();
-  if (examples < opt.global_batch_size)
-    fail("trainer.global_batch_size ({}) is larger than the training data ({} examples)",
-         opt.global_batch_size, examples);
+  const int64_t examples = algo.train_examples(), updates = algo.updates_per_step();
+  const auto per_step_examples = algo.examples_per_step(opt.global_batch_size);
+  const int64_t step_examples = per_step_examples.count;
+  if (updates < 1) fail("an algorithm must make at least one update per step, not {}", updates);
+  if (examples < step_examples)
+    fail("{} ({}) is larger than the training data ({} examples)", per_step_examples.key, step_examples,
+         examples);
   // With packing an epoch can take fewer steps than this (a row holds several examples): the run then
   // stops where the data ends, and the schedule follows this bound.
-  const int64_t total_steps =
-      opt.max_steps > 0 ? opt.max_steps : examples / opt.global_batch_size * opt.max_epochs;
-  auto modules = prepare_modules(std::move(trainable), total_steps);
+  const int64_t total_steps = opt.max_steps > 0 ? opt.max_steps : examples / step_examples * opt.max_epochs;
+  auto modules = prepare_modules(std::move(trainable), total_steps * updates);
   // With one module the metrics keep their plain names ("lr"); with several each is prefixed.
   auto module_key = [&](const Running& r, const std::string& what) {
     return modules.size() == 1 ? what : r.module.name + "/" + what;
@@ -448,8 +458,9 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
     const bool any = sum_over_ranks(dist, {double(val.parts.size())})[0] > 0;
     if (!any) return std::nullopt;
     auto values = reduce_metrics(dist, val.metric_names, val.parts, nullptr);
+    if (values.empty()) return std::nullopt;
     log_row("validation", at_step, values);
-    if (main_rank) log_info("step {}: validation loss {:.4f}", at_step, values[0].second);
+    if (main_rank) log_info("step {}: validation {} {:.4f}", at_step, values[0].first, values[0].second);
     return values[0].second;
   };
 
@@ -495,47 +506,67 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
            (fs::path(opt.output_dir) / "checkpoints" / fmt::format("step_{}", step)).string());
     }
     const auto t0 = Clock::now();
-    const bool loaded = algo.next_step(accumulation);
-    double units = 0;
-    for (int64_t i = 0; loaded && i < accumulation; ++i) units += algo.units(i);
+    const bool offload = algo.offload_optimizer_in_next_step();
+    if (offload)
+      for (auto& r : modules) r.optimizer->move_state(at::kCPU);
+    const bool loaded = algo.next_step(accumulation * updates);
+    if (offload)
+      for (auto& r : modules) r.optimizer->move_state(r.module.params.front().second.device());
     // One collective settles both whether every rank has data (uneven shards end together, rather
     // than one rank leaving for validation while the others wait in this step's reductions) and
-    // what the global batch's loss is divided by.
-    const auto agreed = sum_over_ranks(dist, {loaded ? 1.0 : 0.0, units});
+    // what each update's loss is divided by.
+    std::vector<double> counts(1 + updates, 0.0);
+    counts[0] = loaded ? 1.0 : 0.0;
+    for (int64_t i = 0; loaded && i < accumulation * updates; ++i)
+      counts[1 + i / accumulation] += algo.units(i);
+    const auto agreed = sum_over_ranks(dist, counts);
     if (agreed[0] < dist.world_size()) {
       if (main_rank && agreed[0] > 0)
         log_info("step {}: a rank's share of the data is done, so every rank stops here", step + 1);
       break;
     }
-    const double global_units = agreed[1];
-    if (global_units <= 0)
-      fail("step {}: the global batch has nothing to train on (every loss token masked)", step + 1);
 
+    const auto updates_start = Clock::now();
     std::vector<LossSums> parts;
-    for (int64_t i = 0; i < accumulation; ++i) {
-      if (ddp && i == accumulation - 1) ddp->begin_final_backward();
-      LossSums part = algo.loss(i);
-      (part.loss / global_units).backward();
-      part.loss = part.loss.detach();
-      parts.push_back(std::move(part));
-    }
-    if (ddp) ddp->sync_gradients();
     std::vector<std::pair<std::string, double>> shown;  // lr and grad_norm per module
-    bool finite = true;
-    for (auto& r : modules) {
-      const double clip = r.module.optim.grad_clip;
-      const double norm = clip_grad_norm(r.module.params, clip > 0 ? clip : INFINITY);
-      if (!std::isfinite(norm)) {
-        log_warn("step {}: the gradient norm of '{}' is {}; step skipped", step + 1, r.module.name, norm);
-        finite = false;
+    std::vector<double> norm_sums(modules.size(), 0.0);
+    for (int64_t u = 0; u < updates; ++u) {
+      const double global_units = agreed[1 + u];
+      if (global_units <= 0)
+        fail("step {}: the global batch has nothing to train on (every loss token masked)", step + 1);
+      for (int64_t i = u * accumulation; i < (u + 1) * accumulation; ++i) {
+        if (ddp && i == (u + 1) * accumulation - 1) ddp->begin_final_backward();
+        LossSums part = algo.loss(i);
+        (part.loss / global_units).backward();
+        part.loss = part.loss.detach();
+        parts.push_back(std::move(part));
       }
-      shown.emplace_back(module_key(r, "lr"), schedule_lr(r.schedule, step));
-      shown.emplace_back(module_key(r, "grad_norm"), norm);
+      if (ddp) ddp->sync_gradients();
+      const int64_t update = step * updates + u;
+      std::vector<double> lrs;
+      bool finite = true;
+      for (size_t k = 0; k < modules.size(); ++k) {
+        auto& r = modules[k];
+        const double clip = r.module.optim.grad_clip;
+        const double norm = clip_grad_norm(r.module.params, clip > 0 ? clip : INFINITY);
+        if (!std::isfinite(norm)) {
+          log_warn("step {}: the gradient norm of '{}' is {}; update skipped", step + 1, r.module.name, norm);
+          finite = false;
+        }
+        norm_sums[k] += norm;
+        lrs.push_back(schedule_lr(r.schedule, update));
+      }
+      for (size_t k = 0; k < modules.size(); ++k) {
+        if (finite) modules[k].optimizer->step(lrs[k]);
+        modules[k].optimizer->zero_grad();
+      }
+      if (u == 0)
+        for (size_t k = 0; k < modules.size(); ++k) shown.emplace_back(module_key(modules[k], "lr"), lrs[k]);
     }
-    for (size_t k = 0; k < modules.size(); ++k) {
-      if (finite) modules[k].optimizer->step(shown[2 * k].second);
-      modules[k].optimizer->zero_grad();
-    }
+    // With several updates a step reports the mean of their norms.
+    for (size_t k = 0; k < modules.size(); ++k)
+      shown.emplace_back(module_key(modules[k], "grad_norm"), norm_sums[k] / double(updates));
+    const double update_seconds = seconds_since(updates_start);
     ++step;
     algo.after_optimizer_step(step);
 
@@ -544,10 +575,12 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
     std::vector<std::string> names;
     for (const auto& m : parts.front().metrics) names.push_back(m.name);
     auto values = reduce_metrics(dist, names, parts, &tokens);
-    const double tokens_per_s = tokens / std::max(seconds_since(t0), 1e-9);
+    const double step_seconds = seconds_since(t0), tokens_per_s = tokens / std::max(step_seconds, 1e-9);
     values.insert(values.end(), shown.begin(), shown.end());
     if (main_rank) progress.update(step, values, tokens_per_s);
     values.emplace_back("tokens_per_s", tokens_per_s);
+    values.emplace_back("step_seconds", step_seconds);
+    values.emplace_back("update_seconds", update_seconds);
     if (step % opt.log_interval == 0 || step == total_steps) log_row("train", step, values);
     if (opt.val_interval > 0 && step % opt.val_interval == 0) validate(step);
     if (opt.save_interval > 0 && step % opt.save_interval == 0) save();

@@ -29,6 +29,12 @@ namespace aligner {
 //   after_optimizer_step(step)   once every module has stepped (adaptive KL, refreshing caches)
 // and validate() every trainer.val_interval steps and at the end.
 //
+// An online algorithm makes several optimizer updates of one rollout (PPO's epochs x minibatches):
+// with updates_per_step() = U, next_step loads U x n micro-batches and update u trains on
+// micro-batches [u n, (u + 1) n), each loss(i) computed after the updates before it, so that a
+// later minibatch sees the policy that the earlier ones moved. The schedule counts updates; a
+// step, its metrics and its checkpoints cover the whole rollout.
+//
 // What trains is a list of TrainableModule (below): each names a subset of one model's parameters
 // and its own optimizer settings. Parameters of a module's model that no module lists are frozen
 // (no gradient, no optimizer state), and models in no module (a reference, a teacher) are left
@@ -83,6 +89,20 @@ class Algorithm {
   // Training examples per epoch on all ranks together (prompts, for an online algorithm), to turn
   // max_epochs into steps and to refuse a global batch larger than the data.
   virtual int64_t train_examples() const = 0;
+  // Training examples that one step takes from the data, on all ranks together, and the config key
+  // that sets it: the global batch, or the prompts of one rollout.
+  struct StepExamples {
+    int64_t count = 0;
+    std::string key;
+  };
+  virtual StepExamples examples_per_step(int64_t global_batch_size) const {
+    return {global_batch_size, "trainer.global_batch_size"};
+  }
+  // Optimizer updates per step (see above).
+  virtual int64_t updates_per_step() const { return 1; }
+  // true: the optimizers' state waits in host memory while next_step runs (generation needs the
+  // room for its KV cache) and comes back for the updates.
+  virtual bool offload_optimizer_in_next_step() const { return false; }
   // Loads this rank's next `n` micro-batches; false once its data is done (data_epochs).
   virtual bool next_step(int64_t n) = 0;
   // Loss units in micro-batch i of the loaded step (known before any forward pass).

@@ -1,0 +1,17 @@
+// The gen.* keys that `aligner generate` and the online algorithms' rollouts share, read into
+// GenerationOptions and checked; errors name the key.
+#pragma once
+#include <string>
+
+#include "core/config.h"
+#include "gen/engine.h"
+
+namespace aligner {
+
+// gen.greedy, temperature, top_k, top_p, stop, stop_ids, ignore_eos, seed, batch_size and
+// prefill_tokens, with the response length and samples per prompt from the keys given (gen.* for
+// `aligner generate`, rollout.* for training).
+GenerationOptions read_generation_options(const Config& cfg, const std::string& max_new_tokens_key,
+                                          const std::string& num_samples_key);
+
+}  // namespace aligner
