@@ -252,6 +252,36 @@ def jinja_seeds():
         (out / f"{case['name']}.jinja").write_text(case["template"], encoding="utf-8")
 
 
+def reward_request_seeds():
+    out = target("reward_request")
+    lines = lambda path, n: [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n")[:n]]
+    # Token ids from the model fixture, and code-alpaca's instructions and answers as texts.
+    ids = [r["input_ids"] for r in lines(FIXTURES / "models" / "llama2" / "data.jsonl", 3)]
+    pairs = [(r["input"][:200], r["output"][:200]) for r in lines(ROOT / "examples" / "data" / "code-alpaca" / "code-alpaca-300.jsonl", 3)]
+    bodies = {
+        # What the README and the client send.
+        "input-ids": {"input_ids": ids},
+        "input-ids-edges": {"input_ids": [[0], [5999, 1.0], [4, 4]]},
+        "code-alpaca": {"prompts": [p for p, _ in pairs], "responses": [r for _, r in pairs]},
+        "texts": {"prompts": ["What is 2+2?", "Hi", ""], "responses": ["4", " Hello there!", "naïve café 東京 🙂"]},
+        "empty-lists": {"input_ids": []},
+        # Rejected: a field and index to name.
+        "id-outside": {"input_ids": [[1], [2, 6000]]},
+        "id-negative-float": {"input_ids": [[-1, 2.5]]},
+        "empty-sequence": {"input_ids": [[1], []]},
+        "both": {"input_ids": [[1]], "prompts": ["a"], "responses": ["b"]},
+        "unknown-field": {"prompts": ["a"], "responses": ["b"], "extra": 1},
+        "uneven": {"prompts": ["a", "b"], "responses": ["c"]},
+        "not-strings": {"prompts": [["a"]], "responses": [None]},
+        "too-many": {"input_ids": [[i] for i in range(9)]},
+    }
+    for name, body in bodies.items():
+        (out / f"{name}.json").write_text(json.dumps(body, ensure_ascii=False), encoding="utf-8")
+    for name, text in {"not-json": '{"input_ids": [[1, 2', "not-object": "[[1, 2, 3]]",
+                       "big-id": '{"input_ids": [[1e300, 9223372036854775807, 18446744073709551615]]}'}.items():
+        (out / f"{name}.json").write_text(text, encoding="utf-8")
+
+
 if __name__ == "__main__":
     safetensors_seeds()
     tokenizer_json_seeds()
@@ -261,3 +291,4 @@ if __name__ == "__main__":
     config_seeds()
     tokenizer_config_seeds()
     jinja_seeds()
+    reward_request_seeds()

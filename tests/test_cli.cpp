@@ -234,7 +234,11 @@ TEST(Cli, HelpListsEveryKeyWithItsDefault) {
                                                         {"sft", "sft"},
                                                         {"kd-prepare", "sft"},
                                                         {"rm", "rm"},
-                                                        {"dpo", "dpo"}}) {
+                                                        {"dpo", "dpo"},
+                                                        {"ppo", "ppo"},
+                                                        {"reinforce", "reinforce"},
+                                                        {"rs", "rs"},
+                                                        {"spin", "spin"}}) {
     const auto r = run_aligner(command + " --help");
     EXPECT_EQ(r.status, 0) << command;
     EXPECT_NE(r.output.find(read(kRoot + "/configs/" + config + ".yaml")), std::string::npos)

@@ -290,7 +290,7 @@ TEST(Ppo, BadConfigurationsAreOneLineErrors) {
     std::string args, message;
   };
   const std::vector<Case> cases = {
-      {"reward.url=http://127.0.0.1:1", "set one of the config keys 'reward.model'"},
+      {"reward.url=http://127.0.0.1:1", "config keys 'reward.model' and 'reward.url' are both set"},
       {"rollout.prompts_per_step=6", "must split into ppo.minibatches (2) of whole micro-batches"},
       {"ppo.clip_eps=0", "config key 'ppo.clip_eps' must be positive"},
       {"ppo.lambda=1.5", "config key 'ppo.lambda' must be in [0, 1]"},

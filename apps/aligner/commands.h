@@ -18,5 +18,8 @@ void add_dpo(CLI::App& app);
 void add_generate(CLI::App& app);
 void add_serve_reward(CLI::App& app);
 void add_ppo(CLI::App& app);
+void add_reinforce(CLI::App& app);
+void add_rs(CLI::App& app);
+void add_spin(CLI::App& app);
 
 }  // namespace aligner::cli

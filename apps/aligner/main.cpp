@@ -42,6 +42,9 @@ int main(int argc, char** argv) {
   aligner::cli::add_generate(app);
   aligner::cli::add_serve_reward(app);
   aligner::cli::add_ppo(app);
+  aligner::cli::add_reinforce(app);
+  aligner::cli::add_rs(app);
+  aligner::cli::add_spin(app);
   if (argc > 1 && argv[1][0] != '-') {
     if (const std::string error = unknown_command(app, argv[1]); !error.empty()) {
       std::fprintf(stderr, "error: %s\n", error.c_str());

@@ -83,25 +83,6 @@ double seconds_since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
 
-// Sums over ranks, in one collective.
-std::vector<double> sum_over_ranks(dist::Dist& dist, std::vector<double> values) {
-  if (dist.world_size() == 1) return values;
-  std::vector<at::Tensor> ts{at::tensor(values, at::TensorOptions().dtype(at::kDouble)).to(dist.device())};
-  dist.all_reduce_sum(ts);
-  const auto cpu = ts[0].cpu();
-  return std::vector<double>(cpu.data_ptr<double>(), cpu.data_ptr<double>() + cpu.numel());
-}
-
-// A seed for one rank's draws at one step: the same on a resumed run, different across steps.
-uint64_t mix_seed(uint64_t seed, int64_t step, int64_t rank, int64_t salt) {
-  uint64_t h = seed ^ 0x9e3779b97f4a7c15ULL;
-  for (uint64_t v : {uint64_t(step), uint64_t(rank), uint64_t(salt)}) {
-    h ^= v + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2);
-    h *= 0xff51afd7ed558ccdULL;
-  }
-  return h >> 1;  // a config int is signed
-}
-
 struct PpoOptions {
   int64_t prompts_per_step = 0, samples_per_prompt = 1, epochs = 1, minibatches = 1;
   double kl_coef = 0.01, target_kl = 0, kl_horizon = 10000, gamma = 1, lambda = 0.95;
@@ -174,30 +155,14 @@ class Ppo final : public Algorithm {
     micro_batch_size_ = cfg.get_int("trainer.micro_batch_size");
     checkpoint_layers_ = cfg.get_bool("model.activation_checkpointing");
     pad_id_ = pad_id_for(tok);
-    const int world = dist.world_size();
-    if (o_.prompts_per_step % world != 0)
-      fail("config key 'rollout.prompts_per_step' ({}) must be a multiple of the {} ranks",
-           o_.prompts_per_step, world);
-    const int64_t sequences = o_.prompts_per_step / world * o_.samples_per_prompt;
-    if (sequences % (o_.minibatches * micro_batch_size_) != 0)
-      fail(
-          "a rank's {} responses per step (rollout.prompts_per_step / ranks x rollout.samples_per_prompt) "
-          "must "
-          "split into ppo.minibatches ({}) of whole micro-batches (trainer.micro_batch_size {})",
-          sequences, o_.minibatches, micro_batch_size_);
-    train_ = std::make_unique<PromptDataset>(
-        open_rollout_prompts(cfg, "data.train", tok, actor.cfg, gen_.max_new_tokens));
-    if (!cfg.get_string("data.validation").empty())
-      val_ = std::make_unique<PromptDataset>(
-          open_rollout_prompts(cfg, "data.validation", tok, actor.cfg, gen_.max_new_tokens));
-    sampler_ = make_sampler(dataset_size(*train_), dist.rank(), world, cfg.get_bool("data.shuffle"), seed_);
-    max_epochs_ = data_epochs(cfg);
+    prompts_ = open_online_prompts(cfg, tok, actor.cfg, gen_.max_new_tokens, o_.minibatches,
+                                   "ppo.minibatches", dist);
   }
 
   // The trainer's global batch: one update's responses on all ranks.
   int64_t update_batch_size() const { return o_.prompts_per_step * o_.samples_per_prompt / o_.minibatches; }
 
-  int64_t train_examples() const override { return dataset_size(*train_); }
+  int64_t train_examples() const override { return dataset_size(*prompts_.train); }
   StepExamples examples_per_step(int64_t) const override {
     return {o_.prompts_per_step, "rollout.prompts_per_step"};
   }
@@ -205,45 +170,34 @@ class Ppo final : public Algorithm {
   bool offload_optimizer_in_next_step() const override { return o_.offload_optimizer; }
 
   bool next_step(int64_t n) override {
-    const auto prompts = next_examples(sampler_, max_epochs_, o_.prompts_per_step / dist_.world_size(),
-                                       [&](int64_t i) { return prompt_example(*train_, i); });
+    const auto prompts = prompts_.next();
     if (prompts.empty()) return false;
-    GenerationOptions g = gen_;
-    g.seed = mix_seed(gen_.seed, step_, dist_.rank(), 0);
-    rollout_ = make_rollout(actor_, examples_of(prompts), g, tok_, reward_, pad_id_);
+    GenerationOptions gen = gen_;
+    gen.seed = step_seed(gen_.seed, step_, dist_.rank(), 0);
+    rollout_ = make_rollout(actor_, prompts, gen, tok_, reward_, pad_id_);
     const auto& b = rollout_.batch;
     const int64_t N = b.input_ids.size(0);
     if (N * o_.epochs != n * micro_batch_size_)
       fail("PPO: the rollout has {} responses, the step expects {}", N, n * micro_batch_size_ / o_.epochs);
-    plan_updates(N);
+    micro_batches_ =
+        plan_micro_batches(N, o_.epochs, micro_batch_size_, step_seed(seed_, step_, dist_.rank(), 2));
 
-    // Old log-probs, values and the reference's log-probs, batched as the first epoch's micro-batches
-    // so that the first update's forward repeats these exactly (its ratio is 1 to the bit).
+    // Old log-probs, values and the reference's log-probs, batched as the first epoch's
+    // micro-batches, so that the first update's forward repeats these exactly (its ratio is 1).
     const auto t0 = Clock::now();
-    auto zeros = [&] { return at::zeros(b.labels.sizes(), b.response_mask.options()); };
-    auto old_logprobs = zeros(), ref_logprobs = zeros(), values = zeros();
-    const int64_t first_epoch = o_.minibatches * (int64_t(micro_rows_.size()) / updates_per_step());
+    const std::vector<at::Tensor> first_epoch(micro_batches_.begin(),
+                                              micro_batches_.begin() + N / micro_batch_size_);
+    at::Tensor old_logprobs, ref_logprobs, values = at::zeros(b.labels.sizes(), b.response_mask.options());
     {
       at::NoGradGuard no_grad;
-      for (int64_t i = 0; i < first_epoch; ++i) {
-        const auto rows = rows_tensor(i);
-        const auto in = gather_rows(rows);
-        const int64_t T = in.input_ids.size(1);
-        const auto labels = b.labels.index_select(0, rows).narrow(1, 0, T);
-        const auto lp = o_.sampler_logprobs ? b.logprobs.index_select(0, rows).narrow(1, 0, T)
-                                            : labelled_logprobs(actor_, in, labels, false).logprobs;
-        old_logprobs.narrow(1, 0, T).index_copy_(0, rows, lp.to(at::kFloat));
-        values.narrow(1, 0, T).index_copy_(0, rows, token_values(critic_, in).to(at::kFloat));
+      old_logprobs = o_.sampler_logprobs ? b.logprobs : rollout_logprobs(actor_, b, first_epoch);
+      for (const auto& rows : first_epoch) {
+        const auto in = gather_rows(b, rows);
+        values.narrow(1, 0, in.input_ids.size(1))
+            .index_copy_(0, rows.to(values.device()), token_values(critic_, in));
       }
-      reference_.with_model(actor_, [&](const Transformer& ref) {
-        for (int64_t i = 0; i < first_epoch; ++i) {
-          const auto rows = rows_tensor(i);
-          const auto in = gather_rows(rows);
-          const auto labels = b.labels.index_select(0, rows).narrow(1, 0, in.input_ids.size(1));
-          ref_logprobs.narrow(1, 0, in.input_ids.size(1))
-              .index_copy_(0, rows, labelled_logprobs(ref, in, labels, false).logprobs.to(at::kFloat));
-        }
-      });
+      reference_.with_model(
+          actor_, [&](const Transformer& ref) { ref_logprobs = rollout_logprobs(ref, b, first_epoch); });
     }
     const double inference_seconds = seconds_since(t0) + rollout_.reward_seconds;
 
@@ -256,26 +210,17 @@ class Ppo final : public Algorithm {
     const std::vector<float> ended(rollout_.ended.begin(), rollout_.ended.end());
     const auto ended_t = at::tensor(ended).to(mask.device());
     const auto residual = (returns - values) * mask;
-    double len_sum = 0;
-    for (auto l : rollout_.response_length) len_sum += double(l);
-    const double peak_gb = peak_memory_gb(actor_.embed.device());
-    // sequences, score, score^2, kl per sequence, length, ended, tokens, adv, adv^2, ret, ret^2,
-    // residual, residual^2, generated tokens
-    const auto g_sums =
-        sum_over_ranks(dist_, {double(N), scores.sum().item<double>(), scores.pow(2).sum().item<double>(),
-                               kl.sum().item<double>(), len_sum, ended_t.sum().item<double>(),
-                               mask.sum().item<double>(), advantages.sum().item<double>(),
-                               advantages.pow(2).sum().item<double>(), returns.sum().item<double>(),
-                               returns.pow(2).sum().item<double>(), residual.sum().item<double>(),
-                               residual.pow(2).sum().item<double>(), double(rollout_.generated_tokens)});
-    const double seqs = g_sums[0], tokens = std::max(g_sums[6], 1.0);
-    auto var = [&](double sum, double sq, double count) {
-      return std::max(sq / count - (sum / count) * (sum / count), 0.0);
+    // tokens, adv, adv^2, ret, ret^2, residual, residual^2
+    const auto g = dist_.sum({mask.sum().item<double>(), advantages.sum().item<double>(),
+                              advantages.pow(2).sum().item<double>(), returns.sum().item<double>(),
+                              returns.pow(2).sum().item<double>(), residual.sum().item<double>(),
+                              residual.pow(2).sum().item<double>()});
+    const double tokens = std::max(g[0], 1.0);
+    auto var = [&](double sum, double sq) {
+      return std::max(sq / tokens - (sum / tokens) * (sum / tokens), 0.0);
     };
-    const double adv_mean = g_sums[7] / tokens, adv_var = var(g_sums[7], g_sums[8], tokens);
-    const double ret_var = var(g_sums[9], g_sums[10], tokens), res_var = var(g_sums[11], g_sums[12], tokens);
-    rollout_kl_ = g_sums[3] / seqs;
-    rollout_sequences_ = int64_t(seqs);
+    const double adv_mean = g[1] / tokens, adv_var = var(g[1], g[2]);
+    const double ret_var = var(g[3], g[4]), res_var = var(g[5], g[6]);
 
     t_.old_logprobs = old_logprobs;
     t_.old_values = values;
@@ -284,52 +229,43 @@ class Ppo final : public Algorithm {
     t_.response_mask = mask;
     t_.actor_mask = o_.mask_unfinished ? mask * ended_t.unsqueeze(1) : mask;
 
-    // The step's metrics, the same on every rank: reported once per rank (count 1).
-    step_metrics_ = {
-        {"reward_mean", g_sums[1] / seqs},
-        {"reward_std", std::sqrt(var(g_sums[1], g_sums[2], seqs))},
-        {"kl", rollout_kl_},
-        {"kl_coef", kl_coef_},
-        {"response_length", g_sums[4] / seqs},
-        {"ended_fraction", g_sums[5] / seqs},
-        {"advantage_mean", adv_mean},
-        {"explained_variance", ret_var > 0 ? 1 - res_var / ret_var : 0.0},
-    };
-    // Per rank, averaged over the ranks.
-    rank_metrics_ = {
-        {"time_generation", rollout_.generation_seconds},
-        {"time_inference", inference_seconds},
-        {"time_reward", rollout_.reward_seconds},
-        {"gen_tokens_per_s", double(rollout_.generated_tokens) / std::max(rollout_.generation_seconds, 1e-9)},
-        {"peak_memory_gb", peak_gb}};
+    const auto kl_per_sequence = kl.sum(1);
+    step_metrics_ = rollout_metrics(dist_, rollout_, kl_per_sequence);
+    rollout_kl_ = dist_.sum({kl_per_sequence.sum().item<double>()})[0] / double(N * dist_.world_size());
+    rollout_sequences_ = N * dist_.world_size();
+    step_metrics_.push_back({"kl_coef", kl_coef_});
+    step_metrics_.push_back({"advantage_mean", adv_mean});
+    step_metrics_.push_back({"explained_variance", ret_var > 0 ? 1 - res_var / ret_var : 0.0});
+    const auto per_rank = rank_metrics(rollout_, inference_seconds, actor_.embed.device());
+    step_metrics_.insert(step_metrics_.end(), per_rank.begin(), per_rank.end());
 
     // Tokens the actor and the critic learn from in each update, over every rank, for the means.
+    const int64_t per_update = int64_t(micro_batches_.size()) / updates_per_step();
     std::vector<double> counts(2 * updates_per_step(), 0.0);
-    for (size_t i = 0; i < micro_rows_.size(); ++i) {
-      const int64_t u = int64_t(i) / (int64_t(micro_rows_.size()) / updates_per_step());
-      const auto rows = rows_tensor(int64_t(i));
-      counts[2 * u] += t_.actor_mask.index_select(0, rows).sum().item<double>();
-      counts[2 * u + 1] += t_.response_mask.index_select(0, rows).sum().item<double>();
+    for (size_t i = 0; i < micro_batches_.size(); ++i) {
+      const auto rows = micro_batches_[i].to(mask.device());
+      counts[2 * (int64_t(i) / per_update)] += t_.actor_mask.index_select(0, rows).sum().item<double>();
+      counts[2 * (int64_t(i) / per_update) + 1] += mask.index_select(0, rows).sum().item<double>();
     }
-    update_counts_ = sum_over_ranks(dist_, counts);
+    update_counts_ = dist_.sum(counts);
     return true;
   }
 
   double units(int64_t i) const override {
-    return t_.response_mask.index_select(0, rows_tensor(i)).sum().item<double>();
+    return t_.response_mask.index_select(0, micro_batches_.at(size_t(i)).to(t_.response_mask.device()))
+        .sum()
+        .item<double>();
   }
 
   LossSums loss(int64_t i) override {
-    const auto rows = rows_tensor(i);
-    auto in = gather_rows(rows);
+    const auto& rows = micro_batches_.at(size_t(i));
+    auto in = gather_rows(rollout_.batch, rows);
     in.checkpoint_layers = checkpoint_layers_;
-    const int64_t T = in.input_ids.size(1);
-    auto take = [&](const at::Tensor& t) { return t.index_select(0, rows).narrow(1, 0, T); };
-    const auto labels = take(rollout_.batch.labels);
+    auto take = [&](const at::Tensor& t) { return take_rows(t, rows, in); };
     const auto actor_mask = take(t_.actor_mask), mask = take(t_.response_mask);
     const auto old_logprobs = take(t_.old_logprobs), advantages = take(t_.advantages);
 
-    const auto lp = labelled_logprobs(actor_, in, labels, true);
+    const auto lp = labelled_logprobs(actor_, in, take(rollout_.batch.labels), true);
     const auto actor_tokens = ppo_actor_loss(lp.logprobs, old_logprobs, advantages, actor_mask, o_.clip_eps);
     auto actor_sum = actor_tokens.sum();
     if (o_.entropy_coef > 0) actor_sum = actor_sum - o_.entropy_coef * (lp.entropy * actor_mask).sum();
@@ -340,7 +276,7 @@ class Ppo final : public Algorithm {
     // The trainer divides by the update's response tokens (the critic's mean); the actor's sum is
     // rescaled so that it becomes a mean over the tokens it learns from. During the critic's warm-up
     // the actor's gradient is zero (and so is its AdamW update: no moments yet, no weight decay).
-    const int64_t u = i / (int64_t(micro_rows_.size()) / updates_per_step());
+    const int64_t u = i / (int64_t(micro_batches_.size()) / updates_per_step());
     const double actor_tokens_all = update_counts_[2 * u], critic_tokens_all = update_counts_[2 * u + 1];
     const bool warmup = step_ < o_.critic_warmup_steps;
     const double actor_scale = warmup || actor_tokens_all == 0 ? 0.0 : critic_tokens_all / actor_tokens_all;
@@ -362,14 +298,11 @@ class Ppo final : public Algorithm {
         {"entropy", (lp.entropy.detach() * mask).sum().item<double>(), out.units},
         {"clip_fraction", clipped.sum().item<double>(), n_actor},
         {"approx_kl", approx_kl.sum().item<double>(), n_actor},
-        {"ratio_max", i == 0 ? (ratio * actor_mask + (1 - actor_mask)).max().item<double>() : 0.0,
-         i == 0 ? 1.0 : 0.0},
     };
-    // The rollout's numbers, once per rank per step.
-    for (const auto& [name, value] : step_metrics_)
-      out.metrics.push_back({name, i == 0 ? value : 0.0, i == 0 ? 1.0 : 0.0});
-    for (const auto& [name, value] : rank_metrics_)
-      out.metrics.push_back({name, i == 0 ? value : 0.0, i == 0 ? 1.0 : 0.0});
+    // The first micro-batch's largest ratio: exactly 1 when the old log-probs are recomputed.
+    add_step_metrics(out.metrics,
+                     {{"ratio_max", (ratio * actor_mask + (1 - actor_mask)).max().item<double>()}}, i);
+    add_step_metrics(out.metrics, step_metrics_, i);
     return out;
   }
 
@@ -379,90 +312,21 @@ class Ppo final : public Algorithm {
       kl_coef_ = adapt_kl_coef(kl_coef_, rollout_kl_, o_.target_kl, o_.kl_horizon, rollout_sequences_);
   }
 
-  // The mean reward (and KL to the reference, response length, ended share) on this rank's share
-  // of the held-out prompts, greedy by default so that validations compare like with like.
   ValidationSums validate() override {
-    ValidationSums out;
-    out.metric_names = {"reward", "kl", "response_length", "ended_fraction"};
-    if (!val_) return out;
-    std::vector<PromptExample> prompts;
-    for (const auto& batch :
-         validation_batches(dataset_size(*val_), micro_batch_size_, dist_.rank(), dist_.world_size(),
-                            [&](int64_t i) { return prompt_example(*val_, i); }))
-      for (auto& p : batch) prompts.push_back(std::move(p.example));
-    if (prompts.empty()) return out;
-    GenerationOptions g = gen_;
-    g.num_samples = 1;
-    g.sampling.greedy = o_.val_greedy || g.sampling.greedy;
-    g.seed = mix_seed(gen_.seed, -1, dist_.rank(), 1);
-    const Rollout r = make_rollout(actor_, prompts, g, tok_, reward_, pad_id_);
-    const int64_t N = r.batch.input_ids.size(0);
-    std::vector<at::Tensor> policy_lp, ref_lp;
-    for (int64_t s = 0; s < N; s += micro_batch_size_) {
-      const int64_t n = std::min(micro_batch_size_, N - s);
-      policy_lp.push_back(labelled_logprobs(actor_, rollout_rows(r.batch, s, n),
-                                            rollout_slice(r.batch.labels, r.batch, s, n), false)
-                              .logprobs.sum(1));
-    }
-    reference_.with_model(actor_, [&](const Transformer& ref) {
-      for (int64_t s = 0; s < N; s += micro_batch_size_) {
-        const int64_t n = std::min(micro_batch_size_, N - s);
-        ref_lp.push_back(labelled_logprobs(ref, rollout_rows(r.batch, s, n),
-                                           rollout_slice(r.batch.labels, r.batch, s, n), false)
-                             .logprobs.sum(1));
-      }
-    });
-    const auto kl = (at::cat(policy_lp) - at::cat(ref_lp)).to(at::kDouble).cpu();
-    double reward = 0, length = 0, ended = 0;
-    for (int64_t k = 0; k < N; ++k) {
-      reward += r.scores[size_t(k)];
-      length += double(r.response_length[size_t(k)]);
-      ended += r.ended[size_t(k)];
-    }
-    LossSums part;
-    part.units = double(N);
-    part.metrics = {{"reward", reward, double(N)},
-                    {"kl", kl.sum().item<double>(), double(N)},
-                    {"response_length", length, double(N)},
-                    {"ended_fraction", ended, double(N)}};
-    out.parts.push_back(std::move(part));
-    return out;
+    return validate_policy({prompts_.val.get(), gen_, o_.val_greedy, micro_batch_size_, pad_id_}, actor_,
+                           &reference_, tok_, reward_, dist_);
   }
 
   nlohmann::json state() const override {
-    return {{"position", sampler_.position}, {"step", step_}, {"kl_coef", kl_coef_}};
+    return {{"position", prompts_.position()}, {"step", step_}, {"kl_coef", kl_coef_}};
   }
   void load_state(const nlohmann::json& s) override {
-    sampler_.position = s.at("position").get<int64_t>();
+    prompts_.sampler.position = s.at("position").get<int64_t>();
     step_ = s.at("step").get<int64_t>();
     kl_coef_ = s.at("kl_coef").get<double>();
   }
 
  private:
-  // Each epoch visits the rollout's responses in a new order, cut into minibatches (one update
-  // each) of whole micro-batches.
-  void plan_updates(int64_t N) {
-    micro_rows_.clear();
-    for (int64_t e = 0; e < o_.epochs; ++e) {
-      auto gen = make_generator(at::kCPU, mix_seed(seed_, step_, dist_.rank(), 2 + e));
-      const auto order = at::randperm(N, gen, at::TensorOptions().dtype(at::kLong));
-      for (int64_t s = 0; s < N; s += micro_batch_size_)
-        micro_rows_.push_back(order.narrow(0, s, micro_batch_size_));
-    }
-  }
-
-  at::Tensor rows_tensor(int64_t i) const {
-    return micro_rows_.at(size_t(i)).to(rollout_.batch.input_ids.device());
-  }
-
-  // The rows' sequences, cut to the longest of them.
-  ForwardInput gather_rows(const at::Tensor& rows) const {
-    const auto& b = rollout_.batch;
-    const int64_t T = b.attention_mask.index_select(0, rows).sum(1).max().item<int64_t>();
-    auto take = [&](const at::Tensor& t) { return t.index_select(0, rows).narrow(1, 0, T); };
-    return ForwardInput{take(b.input_ids), take(b.attention_mask), take(b.position_ids)};
-  }
-
   const Tokenizer& tok_;
   Transformer& actor_;
   Transformer& critic_;
@@ -473,36 +337,19 @@ class Ppo final : public Algorithm {
   GenerationOptions gen_;
   double kl_coef_ = 0.01;
   uint64_t seed_ = 0;
-  int64_t micro_batch_size_ = 1, max_epochs_ = 1, step_ = 0;
+  int64_t micro_batch_size_ = 1, step_ = 0;
   bool checkpoint_layers_ = false;
   int32_t pad_id_ = 0;
-  std::unique_ptr<PromptDataset> train_, val_;
-  Sampler sampler_;
+  OnlinePrompts prompts_;
 
   Rollout rollout_;
   RolloutTensors t_;
-  std::vector<at::Tensor> micro_rows_;  // per micro-batch of the step: its rows of the rollout (CPU)
-  std::vector<double> update_counts_;   // per update: actor tokens, response tokens (all ranks)
-  std::vector<std::pair<std::string, double>> step_metrics_, rank_metrics_;
+  std::vector<at::Tensor> micro_batches_;  // the step's micro-batches: rows of the rollout (CPU)
+  std::vector<double> update_counts_;      // per update: actor tokens, response tokens (all ranks)
+  NamedValues step_metrics_;
   double rollout_kl_ = 0;
   int64_t rollout_sequences_ = 0;
 };
-
-std::vector<double> float_list(const Config& cfg, const std::string& key) {
-  std::vector<double> out;
-  for (const auto& s : cfg.get_string_list(key)) {
-    size_t used = 0;
-    double v = 0;
-    try {
-      v = std::stod(s, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (used == 0 || used != s.size()) fail("config key '{}' expects a list of numbers, got '{}'", key, s);
-    out.push_back(v);
-  }
-  return out;
-}
 
 // The critic: a reward model's transformer with its score head as the value head (a regression
 // model's outputs combined with reward.attribute_weights), or a causal LM with a new value head.
@@ -530,21 +377,14 @@ void run_ppo(const Config& cfg) {
   auto opt = read_trainer_options(cfg);
   const auto actor_optim = read_optimizer_settings(cfg, "actor.optim", "trainer.grad_clip");
   const auto critic_optim = read_optimizer_settings(cfg, "critic.optim", "trainer.grad_clip");
-  const std::string actor_dir = cfg.get_string("actor.path"), reward_dir = cfg.get_string("reward.model"),
-                    reward_url = cfg.get_string("reward.url");
+  const std::string actor_dir = cfg.get_string("actor.path"), reward_dir = cfg.get_string("reward.model");
   if (actor_dir.empty()) fail("config key 'actor.path' must be set");
-  if (reward_dir.empty() == reward_url.empty())
-    fail(
-        "set one of the config keys 'reward.model' (a reward-model folder) and 'reward.url' (aligner "
-        "serve-reward)");
-  const std::string critic_dir =
-      cfg.get_string("critic.path").empty() ? reward_dir : cfg.get_string("critic.path");
+  check_reward_config(cfg);
+  const std::string critic_dir = cfg.get_string("critic.path").empty() ? reward_dir : cfg.get_string("critic.path");
   if (critic_dir.empty())
-    fail(
-        "config key 'critic.path' must be set when the reward is served (reward.url): the critic starts from "
-        "a "
-        "reward-model or causal LM folder");
-  const auto weights = float_list(cfg, "reward.attribute_weights");
+    fail("config key 'critic.path' must be set when there is no reward.model to start the critic from (a reward-model "
+         "or causal LM folder)");
+  const auto weights = reward_attribute_weights(cfg);
   // Every key is checked before the models load.
   const auto ppo = read_ppo_options(cfg);
   const auto gen = read_generation_options(cfg, "rollout.max_new_tokens", "rollout.samples_per_prompt");
@@ -567,18 +407,7 @@ void run_ppo(const Config& cfg) {
     fail("critic.path {}: its vocabulary ({}) is smaller than the actor's tokenizer ({})", critic_dir,
          critic.cfg.vocab_size, tok->vocab_size());
 
-  std::unique_ptr<Reward> reward;
-  if (!reward_dir.empty()) {
-    RewardModelOptions ro;
-    ro.path = reward_dir;
-    ro.device = ctx.device;
-    ro.dtype = dtype;
-    ro.attribute_weights = weights;
-    ro.batch_size = cfg.get_int("reward.batch_size");
-    reward = load_model_reward(ro, *tok);
-  } else {
-    reward = connect_reward_server(reward_url, *tok, cfg.get_float("reward.timeout"));
-  }
+  auto reward = make_reward(cfg, *tok, ctx.device, dtype);
   Reference reference(actor, offload == "true" || (offload == "auto" && ctx.device.is_cuda()));
 
   Ppo algo(cfg, ppo, gen, *tok, actor, critic, reference, *reward, ctx.dist);

@@ -54,44 +54,156 @@ PromptDataset open_rollout_prompts(const Config& cfg, const std::string& key, co
   return ds;
 }
 
-Rollout make_rollout(const Transformer& policy, const std::vector<PromptExample>& prompts,
-                     const GenerationOptions& opt, const Tokenizer& tok, Reward& reward, int32_t pad_id) {
-  std::vector<std::vector<int32_t>> ids;
-  ids.reserve(prompts.size());
-  for (const auto& p : prompts) ids.push_back(p.input_ids);
-  Rollout r;
-  auto t0 = std::chrono::steady_clock::now();
-  const GenerationResult result = generate(policy, ids, opt);
-  r.generation_seconds = seconds_since(t0);
-  r.generated_tokens = result.generated_tokens;
-  r.batch = collate_generations(ids, result, pad_id, policy.embed.device());
+std::vector<PromptExample> OnlinePrompts::next() {
+  return examples_of(
+      next_examples(sampler, max_epochs, per_rank, [&](int64_t i) { return prompt_example(*train, i); }));
+}
 
-  t0 = std::chrono::steady_clock::now();
-  std::vector<RewardQuery> queries;
-  queries.reserve(result.sequences.size());
-  for (const auto& s : result.sequences) {
-    const auto& p = prompts[size_t(s.prompt_index)];
-    queries.push_back({p.input_ids, s.tokens, p.text, response_text(s, tok, opt.stop_strings, false).text});
-    r.ended.push_back(s.finish == FinishReason::kStop);
-    r.response_length.push_back(int64_t(s.tokens.size()));
-    r.prompt_index.push_back(s.prompt_index);
+OnlinePrompts open_online_prompts(const Config& cfg, const Tokenizer& tok, const ModelConfig& model,
+                                  int64_t max_new_tokens, int64_t updates, const std::string& updates_key,
+                                  const dist::Dist& dist) {
+  const int64_t prompts = cfg.get_int("rollout.prompts_per_step"),
+                samples = cfg.get_int("rollout.samples_per_prompt");
+  const int64_t micro = cfg.get_int("trainer.micro_batch_size");
+  const int world = dist.world_size();
+  if (prompts % world != 0)
+    fail("config key 'rollout.prompts_per_step' ({}) must be a multiple of the {} ranks", prompts, world);
+  const int64_t sequences = prompts / world * samples;
+  if (sequences % (updates * micro) != 0)
+    fail(
+        "a rank's {} responses per step (rollout.prompts_per_step / ranks x rollout.samples_per_prompt) must "
+        "split "
+        "into {} ({}) of whole micro-batches (trainer.micro_batch_size {})",
+        sequences, updates_key, updates, micro);
+  OnlinePrompts p;
+  p.train =
+      std::make_unique<PromptDataset>(open_rollout_prompts(cfg, "data.train", tok, model, max_new_tokens));
+  if (!cfg.get_string("data.validation").empty())
+    p.val = std::make_unique<PromptDataset>(
+        open_rollout_prompts(cfg, "data.validation", tok, model, max_new_tokens));
+  p.sampler = make_sampler(dataset_size(*p.train), dist.rank(), world, cfg.get_bool("data.shuffle"),
+                           uint64_t(cfg.get_int("trainer.seed")));
+  p.max_epochs = data_epochs(cfg);
+  p.per_rank = prompts / world;
+  return p;
+}
+
+Rollout make_rollout(const Transformer& policy, const std::vector<PromptExample>& prompts,
+                     const GenerationOptions& opt, const Tokenizer& tok, Reward& reward, int32_t pad_id,
+                     const GroupFilter* filter) {
+  const size_t want = prompts.size();
+  const int64_t S = opt.num_samples;
+  Rollout r;
+  // The groups kept, and the dropped ones that may fill in.
+  struct Group {
+    const PromptExample* prompt;
+    std::vector<GeneratedSequence> seqs;
+    std::vector<double> scores;
+  };
+  std::vector<Group> kept, spare;
+  std::vector<std::vector<PromptExample>> rounds{prompts};  // owns every round's prompts
+  for (int64_t round = 0;; ++round) {
+    const auto& cur = rounds.back();
+    std::vector<std::vector<int32_t>> ids;
+    for (const auto& p : cur) ids.push_back(p.input_ids);
+    GenerationOptions o = opt;
+    if (round > 0) o.seed = step_seed(opt.seed, round, 0, 3);
+    auto t0 = std::chrono::steady_clock::now();
+    GenerationResult result = generate(policy, ids, o);
+    r.generation_seconds += seconds_since(t0);
+    r.generated_tokens += result.generated_tokens;
+
+    t0 = std::chrono::steady_clock::now();
+    std::vector<RewardQuery> queries;
+    queries.reserve(result.sequences.size());
+    for (const auto& s : result.sequences) {
+      const auto& p = cur[size_t(s.prompt_index)];
+      queries.push_back({p.input_ids, s.tokens, p.text, response_text(s, tok, opt.stop_strings, false).text,
+                         s.finish == FinishReason::kStop, p.record});
+    }
+    const auto scores = reward.score(queries);
+    if (scores.size() != queries.size())
+      fail("the reward gave {} scores for {} responses", scores.size(), queries.size());
+    r.reward_seconds += seconds_since(t0);
+
+    for (size_t k = 0; k < cur.size(); ++k) {
+      Group g{&cur[k], {}, {}};
+      for (int64_t j = 0; j < S; ++j) {
+        g.seqs.push_back(std::move(result.sequences[k * S + j]));
+        g.scores.push_back(scores[k * S + j]);
+      }
+      const bool keep = !filter || filter->keep(g.scores);
+      if (keep && kept.size() < want)
+        kept.push_back(std::move(g));
+      else
+        spare.push_back(std::move(g));
+    }
+    if (kept.size() == want || !filter || round + 1 >= filter->max_rounds) break;
+    auto more = filter->more();
+    if (more.empty()) break;
+    rounds.push_back(std::move(more));
   }
-  r.scores = reward.score(queries);
-  if (r.scores.size() != queries.size())
-    fail("the reward gave {} scores for {} responses", r.scores.size(), queries.size());
-  r.reward_seconds = seconds_since(t0);
+  r.dropped_groups = int64_t(spare.size());
+  for (size_t k = 0; kept.size() < want && k < spare.size(); ++k) kept.push_back(std::move(spare[k]));
+
+  std::vector<std::vector<int32_t>> ids;
+  GenerationResult all;
+  for (size_t k = 0; k < kept.size(); ++k) {
+    ids.push_back(kept[k].prompt->input_ids);
+    for (int64_t j = 0; j < S; ++j) {
+      auto& s = kept[k].seqs[size_t(j)];
+      s.prompt_index = int64_t(k);
+      r.scores.push_back(kept[k].scores[size_t(j)]);
+      r.ended.push_back(s.finish == FinishReason::kStop);
+      r.response_length.push_back(int64_t(s.tokens.size()));
+      r.prompt_index.push_back(int64_t(k));
+      all.sequences.push_back(std::move(s));
+    }
+  }
+  r.batch = collate_generations(ids, all, pad_id, policy.embed.device());
   return r;
 }
 
-ForwardInput rollout_rows(const GenerationBatch& b, int64_t begin, int64_t n) {
-  const int64_t T = b.attention_mask.narrow(0, begin, n).sum(1).max().item<int64_t>();
-  auto cut = [&](const at::Tensor& t) { return t.narrow(0, begin, n).narrow(1, 0, T); };
-  return ForwardInput{cut(b.input_ids), cut(b.attention_mask), cut(b.position_ids)};
+uint64_t step_seed(uint64_t seed, int64_t step, int64_t rank, int64_t salt) {
+  uint64_t h = seed ^ 0x9e3779b97f4a7c15ULL;
+  for (uint64_t v : {uint64_t(step), uint64_t(rank), uint64_t(salt)}) {
+    h ^= v + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2);
+    h *= 0xff51afd7ed558ccdULL;
+  }
+  return h >> 1;  // a config int is signed
 }
 
-at::Tensor rollout_slice(const at::Tensor& t, const GenerationBatch& b, int64_t begin, int64_t n) {
-  const int64_t T = b.attention_mask.narrow(0, begin, n).sum(1).max().item<int64_t>();
-  return t.narrow(0, begin, n).narrow(1, 0, T);
+std::vector<at::Tensor> plan_micro_batches(int64_t N, int64_t epochs, int64_t micro, uint64_t seed) {
+  std::vector<at::Tensor> out;
+  for (int64_t e = 0; e < epochs; ++e) {
+    auto gen = make_generator(at::kCPU, step_seed(seed, e, 0, 0));
+    const auto order = at::randperm(N, gen, at::TensorOptions().dtype(at::kLong));
+    for (int64_t s = 0; s + micro <= N; s += micro) out.push_back(order.narrow(0, s, micro));
+  }
+  return out;
+}
+
+ForwardInput gather_rows(const GenerationBatch& b, const at::Tensor& rows) {
+  const auto r = rows.to(b.input_ids.device());
+  const int64_t T = b.attention_mask.index_select(0, r).sum(1).max().item<int64_t>();
+  auto take = [&](const at::Tensor& t) { return t.index_select(0, r).narrow(1, 0, T); };
+  return ForwardInput{take(b.input_ids), take(b.attention_mask), take(b.position_ids)};
+}
+
+at::Tensor take_rows(const at::Tensor& t, const at::Tensor& rows, const ForwardInput& in) {
+  return t.index_select(0, rows.to(t.device())).narrow(1, 0, in.input_ids.size(1));
+}
+
+at::Tensor rollout_logprobs(const Transformer& m, const GenerationBatch& b,
+                            const std::vector<at::Tensor>& micro_batches) {
+  at::NoGradGuard no_grad;
+  auto out = at::zeros(b.labels.sizes(), b.response_mask.options());
+  for (const auto& rows : micro_batches) {
+    const auto in = gather_rows(b, rows);
+    const auto lp = labelled_logprobs(m, in, take_rows(b.labels, rows, in), false).logprobs;
+    out.narrow(1, 0, in.input_ids.size(1)).index_copy_(0, rows.to(out.device()), lp.to(at::kFloat));
+  }
+  return out;
 }
 
 TokenLogprobs labelled_logprobs(const Transformer& m, const ForwardInput& in, const at::Tensor& labels,
@@ -146,6 +258,21 @@ Reference::Reference(const Transformer& policy, bool offload) : offload_(offload
   }
 }
 
+void Reference::assign(const std::vector<std::pair<std::string, at::Tensor>>& weights) {
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> to = host_;
+  if (copy_)
+    for (const auto& [name, t] : named_parameters(*copy_)) to.push_back(t);
+  if (weights.size() != to.size())
+    fail("the reference has {} tensors, the weights given {}", to.size(), weights.size());
+  for (size_t i = 0; i < to.size(); ++i) {
+    // copy_ would broadcast a smaller tensor into a larger one.
+    if (!weights[i].second.sizes().equals(to[i].sizes()))
+      fail("the weights given for reference tensor '{}' have another shape", weights[i].first);
+    to[i].copy_(weights[i].second);
+  }
+}
+
 void Reference::swap_in(Transformer& policy) {
   at::NoGradGuard no_grad;
   const auto params = named_parameters(policy);
@@ -159,6 +286,78 @@ void Reference::swap_out(Transformer& policy) {
   at::NoGradGuard no_grad;
   const auto params = named_parameters(policy);
   for (size_t i = 0; i < params.size(); ++i) params[i].second.copy_(stash_[i]);
+}
+
+NamedValues rollout_metrics(dist::Dist& dist, const Rollout& r, const at::Tensor& kl_per_sequence) {
+  double score = 0, score_sq = 0, length = 0, ended = 0;
+  for (size_t k = 0; k < r.scores.size(); ++k) {
+    score += r.scores[k];
+    score_sq += r.scores[k] * r.scores[k];
+    length += double(r.response_length[k]);
+    ended += r.ended[k];
+  }
+  const double kl = kl_per_sequence.defined() ? kl_per_sequence.sum().item<double>() : 0.0;
+  const auto g = dist.sum({double(r.scores.size()), score, score_sq, kl, length, ended});
+  const double n = std::max(g[0], 1.0), mean = g[1] / n;
+  NamedValues out = {{"reward_mean", mean}, {"reward_std", std::sqrt(std::max(g[2] / n - mean * mean, 0.0))}};
+  if (kl_per_sequence.defined()) out.push_back({"kl", g[3] / n});
+  out.push_back({"response_length", g[4] / n});
+  out.push_back({"ended_fraction", g[5] / n});
+  return out;
+}
+
+NamedValues rank_metrics(const Rollout& r, double inference_seconds, at::Device device) {
+  return {{"time_generation", r.generation_seconds},
+          {"time_inference", inference_seconds},
+          {"time_reward", r.reward_seconds},
+          {"gen_tokens_per_s", double(r.generated_tokens) / std::max(r.generation_seconds, 1e-9)},
+          {"peak_memory_gb", peak_memory_gb(device)}};
+}
+
+void add_step_metrics(std::vector<Metric>& out, const NamedValues& values, int64_t i) {
+  for (const auto& [name, value] : values) out.push_back({name, i == 0 ? value : 0.0, i == 0 ? 1.0 : 0.0});
+}
+
+ValidationSums validate_policy(const PolicyValidation& v, Transformer& policy, Reference* reference,
+                               const Tokenizer& tok, Reward& reward, dist::Dist& dist) {
+  ValidationSums out;
+  out.metric_names = {"reward", "kl", "response_length", "ended_fraction"};
+  if (!v.prompts) return out;
+  std::vector<PromptExample> prompts;
+  for (const auto& batch :
+       validation_batches(dataset_size(*v.prompts), v.micro_batch_size, dist.rank(), dist.world_size(),
+                          [&](int64_t i) { return prompt_example(*v.prompts, i); }))
+    for (auto& p : batch) prompts.push_back(std::move(p.example));
+  if (prompts.empty()) return out;
+  GenerationOptions g = v.gen;
+  g.num_samples = 1;
+  g.sampling.greedy = v.greedy || g.sampling.greedy;
+  g.seed = step_seed(v.gen.seed, -1, dist.rank(), 1);  // the same draws at every validation
+  const Rollout r = make_rollout(policy, prompts, g, tok, reward, v.pad_id);
+  const int64_t N = r.batch.input_ids.size(0);
+  std::vector<at::Tensor> micro_batches;
+  for (int64_t s = 0; s < N; s += v.micro_batch_size)
+    micro_batches.push_back(
+        at::arange(s, std::min(N, s + v.micro_batch_size), at::TensorOptions().dtype(at::kLong)));
+  auto kl = rollout_logprobs(policy, r.batch, micro_batches).sum(1);
+  if (reference)
+    reference->with_model(policy, [&](const Transformer& ref) {
+      kl = kl - rollout_logprobs(ref, r.batch, micro_batches).sum(1);
+    });
+  double reward_sum = 0, length = 0, ended = 0;
+  for (int64_t k = 0; k < N; ++k) {
+    reward_sum += r.scores[size_t(k)];
+    length += double(r.response_length[size_t(k)]);
+    ended += r.ended[size_t(k)];
+  }
+  LossSums part;
+  part.units = double(N);
+  part.metrics = {{"reward", reward_sum, double(N)},
+                  {"kl", reference ? kl.sum().item<double>() : 0.0, reference ? double(N) : 0.0},
+                  {"response_length", length, double(N)},
+                  {"ended_fraction", ended, double(N)}};
+  out.parts.push_back(std::move(part));
+  return out;
 }
 
 }  // namespace aligner

@@ -4,6 +4,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -11,9 +12,11 @@
 #include "core/config.h"
 #include "data/prompt_data.h"
 #include "data/sampler.h"
+#include "dist/process_group.h"
 #include "gen/engine.h"
 #include "model/transformer.h"
 #include "reward/reward.h"
+#include "train/trainer.h"
 
 namespace aligner {
 
@@ -32,17 +35,58 @@ struct Rollout {
   std::vector<int64_t> prompt_index;  // into the prompts the rollout was made from
   int64_t generated_tokens = 0;
   double generation_seconds = 0, reward_seconds = 0;
+  int64_t dropped_groups = 0;  // dynamic sampling: groups generated and left out
 };
 
-// Generates opt.num_samples responses to each prompt with `policy` as it is now, and scores them.
-Rollout make_rollout(const Transformer& policy, const std::vector<PromptExample>& prompts,
-                     const GenerationOptions& opt, const Tokenizer& tok, Reward& reward, int32_t pad_id);
+// Dynamic sampling (DAPO): a prompt's group of samples that `keep` refuses (e.g. all rewards equal:
+// nothing to learn) is dropped and more() prompts are sampled in its place, for at most max_rounds
+// rounds of generation; dropped groups then fill whatever is still missing.
+struct GroupFilter {
+  std::function<bool(const std::vector<double>& group_scores)> keep;
+  std::function<std::vector<PromptExample>()> more;  // empty once the data is done
+  int64_t max_rounds = 1;
+};
 
-// Rows [begin, begin + n) of a rollout's batch, as a training forward takes them, cut to the
-// longest of those rows.
-ForwardInput rollout_rows(const GenerationBatch& b, int64_t begin, int64_t n);
-// The same rows of any [N, T] tensor of the rollout, cut as rollout_rows cuts them.
-at::Tensor rollout_slice(const at::Tensor& t, const GenerationBatch& b, int64_t begin, int64_t n);
+// An online algorithm's prompts: data.train (and data.validation) read as rollouts read them, and
+// this rank's order over data.train, `per_rank` prompts a step.
+struct OnlinePrompts {
+  std::unique_ptr<PromptDataset> train, val;
+  Sampler sampler;
+  int64_t max_epochs = 1;  // data_epochs
+  int64_t per_rank = 0;
+
+  // This rank's next prompts; empty once the data is done.
+  std::vector<PromptExample> next();
+  // Where this rank's order stands, for checkpoints.
+  int64_t position() const { return sampler.position; }
+};
+// Checks that rollout.prompts_per_step shares out over the ranks and that each rank's responses
+// (x samples_per_prompt) cut into `updates` groups of whole micro-batches; errors name the keys
+// (`updates_key`: what sets the number of updates).
+OnlinePrompts open_online_prompts(const Config& cfg, const Tokenizer& tok, const ModelConfig& model,
+                                  int64_t max_new_tokens, int64_t updates, const std::string& updates_key,
+                                  const dist::Dist& dist);
+
+// Generates opt.num_samples responses to each prompt with `policy` as it is now, and scores them.
+// With `filter`, the rollout holds as many groups as there are prompts, each kept or filling in.
+// Sequences are prompt-major (prompt * num_samples + sample); prompt_index numbers the groups.
+Rollout make_rollout(const Transformer& policy, const std::vector<PromptExample>& prompts,
+                     const GenerationOptions& opt, const Tokenizer& tok, Reward& reward, int32_t pad_id,
+                     const GroupFilter* filter = nullptr);
+
+// A seed for one rank's draws at one step: the same when the run resumes, different across steps,
+// ranks and uses (salt).
+uint64_t step_seed(uint64_t seed, int64_t step, int64_t rank, int64_t salt);
+
+// The micro-batches of one step's updates over a rollout of N sequences: each of `epochs` passes
+// visits the rows in a fresh order drawn from `seed`, cut into micro-batches of `micro` rows (N a
+// multiple of micro). Row indices, int64 on the CPU.
+std::vector<at::Tensor> plan_micro_batches(int64_t N, int64_t epochs, int64_t micro, uint64_t seed);
+
+// The rows' sequences of a rollout's batch, cut to the longest of them.
+ForwardInput gather_rows(const GenerationBatch& b, const at::Tensor& rows);
+// The same rows of any [N, T] tensor of the rollout, cut to in's length.
+at::Tensor take_rows(const at::Tensor& t, const at::Tensor& rows, const ForwardInput& in);
 
 // log p(labels) of `m` at every position of `in` ([B, T] float32, 0 where labels < 0). Only the
 // labelled positions go through the vocabulary projection. With `entropy`, the distribution's
@@ -55,6 +99,12 @@ TokenLogprobs labelled_logprobs(const Transformer& m, const ForwardInput& in, co
 
 // The most memory the run has had allocated on `device`'s GPU so far, in GB (0 on the CPU).
 double peak_memory_gb(at::Device device);
+
+// log p(labels) of `m` at every position of the rollout ([N, T] float32, 0 off the responses),
+// without gradients, one pass per micro-batch (rows) given: batched as the first update will batch
+// them, its forward repeats these numbers exactly.
+at::Tensor rollout_logprobs(const Transformer& m, const GenerationBatch& b,
+                            const std::vector<at::Tensor>& micro_batches);
 
 // A critic's value at every position: its score head (one output) read on every hidden state,
 // [B, T] float32.
@@ -81,6 +131,9 @@ class Reference {
     }
     swap_out(policy);
   }
+  // Replaces the reference with `weights`, named_parameters(policy)'s tensors in its order, from any
+  // device: SPIN's reference becomes the policy as it is at the end of each iteration.
+  void assign(const std::vector<std::pair<std::string, at::Tensor>>& weights);
 
  private:
   void swap_in(Transformer& policy);
@@ -90,5 +143,32 @@ class Reference {
   std::unique_ptr<Transformer> copy_;     // offload = false
   std::vector<at::Tensor> host_, stash_;  // offload = true: the reference, and the policy meanwhile
 };
+
+using NamedValues = std::vector<std::pair<std::string, double>>;
+
+// The rollout's metrics over every rank, the same on each: reward_mean, reward_std, kl (the summed
+// per-token log-ratio to the reference, per response; left out when kl_per_sequence is undefined),
+// response_length, ended_fraction.
+NamedValues rollout_metrics(dist::Dist& dist, const Rollout& r, const at::Tensor& kl_per_sequence);
+// This rank's side of the step: time_generation, time_inference (everything between generation and
+// the updates: reward, reference and old log-probs, critic), time_reward, gen_tokens_per_s,
+// peak_memory_gb.
+NamedValues rank_metrics(const Rollout& r, double inference_seconds, at::Device device);
+// Adds step-level values to micro-batch i's metrics: counted once per rank (in micro-batch 0), so
+// that the trainer's mean over the global batch is their mean over the ranks.
+void add_step_metrics(std::vector<Metric>& out, const NamedValues& values, int64_t i);
+
+// What an online algorithm reports on its held-out prompts: this rank's share generated (greedy
+// with `greedy`) from the policy as it is, scored, and compared with the reference: the mean
+// reward, kl (summed log-ratio per response), response_length and ended_fraction.
+struct PolicyValidation {
+  PromptDataset* prompts = nullptr;  // none: nothing to report
+  GenerationOptions gen;
+  bool greedy = true;
+  int64_t micro_batch_size = 1;
+  int32_t pad_id = 0;
+};
+ValidationSums validate_policy(const PolicyValidation& v, Transformer& policy, Reference* reference,
+                               const Tokenizer& tok, Reward& reward, dist::Dist& dist);
 
 }  // namespace aligner

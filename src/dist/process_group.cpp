@@ -315,6 +315,14 @@ std::vector<double> Dist::mean(const std::vector<double>& values) {
   return out;
 }
 
+std::vector<double> Dist::sum(const std::vector<double>& values) {
+  if (!group_) return values;
+  at::Tensor t = at::tensor(values, at::kDouble).to(device_);
+  all_reduce_sum_async(t).wait();
+  t = t.cpu().contiguous();
+  return std::vector<double>(t.data_ptr<double>(), t.data_ptr<double>() + t.numel());
+}
+
 std::map<std::string, double> Dist::mean(const std::map<std::string, double>& values) {
   if (!group_) return values;
   // FNV-1a over the names, so that ranks reporting different metrics fail instead of mixing them.

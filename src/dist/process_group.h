@@ -78,6 +78,9 @@ class Dist {
   // Means over all ranks of per-rank numbers (losses, accuracies). Every rank must pass the same
   // keys (the same number of values): otherwise an aligner::Error on every rank, not a hang.
   std::vector<double> mean(const std::vector<double>& values);
+  // Sums over all ranks in one collective, for the hot path: unlike mean() it does not check that
+  // the ranks pass as many values, so every rank must.
+  std::vector<double> sum(const std::vector<double>& values);
   std::map<std::string, double> mean(const std::map<std::string, double>& values);
 
   // The building blocks for bucketed gradient reduction: one contiguous tensor on device(),

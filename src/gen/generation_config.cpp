@@ -32,7 +32,7 @@ GenerationOptions read_generation_options(const Config& cfg, const std::string& 
   o.sampling.temperature = cfg.get_float("gen.temperature");
   o.sampling.top_k = cfg.get_int("gen.top_k");
   o.sampling.top_p = cfg.get_float("gen.top_p");
-  o.num_samples = cfg.get_int(num_samples_key);
+  o.num_samples = num_samples_key.empty() ? 1 : cfg.get_int(num_samples_key);
   o.stop_strings = cfg.get_string_list("gen.stop");
   o.stop_ids = int_list(cfg, "gen.stop_ids");
   o.stop_at_eos = !cfg.get_bool("gen.ignore_eos");
@@ -40,7 +40,7 @@ GenerationOptions read_generation_options(const Config& cfg, const std::string& 
   o.batch_size = cfg.get_int("gen.batch_size");
   o.prefill_tokens = cfg.get_int("gen.prefill_tokens");
   for (const std::string& key : {max_new_tokens_key, num_samples_key, std::string("gen.batch_size")})
-    if (cfg.get_int(key) < 1) fail("config key '{}' must be at least 1, got {}", key, cfg.get_int(key));
+    if (!key.empty() && cfg.get_int(key) < 1) fail("config key '{}' must be at least 1, got {}", key, cfg.get_int(key));
   if (!(o.sampling.temperature >= 0))
     fail("config key 'gen.temperature' must not be negative (0 is greedy), got {}", o.sampling.temperature);
   if (o.sampling.top_k < 0)

@@ -10,8 +10,8 @@ namespace aligner {
 
 // gen.greedy, temperature, top_k, top_p, stop, stop_ids, ignore_eos, seed, batch_size and
 // prefill_tokens, with the response length and samples per prompt from the keys given (gen.* for
-// `aligner generate`, rollout.* for training).
+// `aligner generate`, rollout.* for training; no samples key: one sample).
 GenerationOptions read_generation_options(const Config& cfg, const std::string& max_new_tokens_key,
-                                          const std::string& num_samples_key);
+                                          const std::string& num_samples_key = "");
 
 }  // namespace aligner

@@ -33,16 +33,6 @@ double seconds_since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
 
-// Sums over ranks, in one collective.
-std::vector<double> sum_over_ranks(dist::Dist& dist, std::vector<double> values) {
-  if (dist.world_size() == 1) return values;
-  auto t = at::tensor(values, at::TensorOptions().dtype(at::kDouble)).to(dist.device());
-  std::vector<at::Tensor> ts{t};
-  dist.all_reduce_sum(ts);
-  auto cpu = ts[0].cpu();
-  return std::vector<double>(cpu.data_ptr<double>(), cpu.data_ptr<double>() + cpu.numel());
-}
-
 // Every rank's string, on every rank, in rank order: a gather made of two sums (the lengths, then
 // the bytes, each rank filling its own slot), for the few hundred bytes of a data position.
 std::vector<std::string> gather_strings(dist::Dist& dist, const std::string& mine) {
@@ -50,11 +40,11 @@ std::vector<std::string> gather_strings(dist::Dist& dist, const std::string& min
   if (world == 1) return {mine};
   std::vector<double> lengths(world, 0.0);
   lengths[rank] = double(mine.size());
-  lengths = sum_over_ranks(dist, lengths);
+  lengths = dist.sum(lengths);
   const size_t longest = size_t(*std::max_element(lengths.begin(), lengths.end()));
   std::vector<double> bytes(world * longest, 0.0);
   for (size_t i = 0; i < mine.size(); ++i) bytes[rank * longest + i] = double(uint8_t(mine[i]));
-  bytes = sum_over_ranks(dist, bytes);
+  bytes = dist.sum(bytes);
   std::vector<std::string> out(world);
   for (int r = 0; r < world; ++r)
     for (size_t i = 0; i < size_t(lengths[r]); ++i) out[r].push_back(char(uint8_t(bytes[r * longest + i])));
@@ -97,7 +87,7 @@ std::vector<std::pair<std::string, double>> reduce_metrics(dist::Dist& dist,
     }
   }
   const double hash = sums[0];
-  sums = sum_over_ranks(dist, sums);
+  sums = dist.sum(sums);
   if (sums[0] != hash * dist.world_size())
     fail("the ranks report different metrics (this rank: [{}])", fmt::join(names, ", "));
   if (tokens_out) *tokens_out = sums[3];
@@ -455,7 +445,7 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
     at::NoGradGuard no_grad;
     const auto val = algo.validate();
     // Every rank must join the reduction, even one whose share of the validation set is empty.
-    const bool any = sum_over_ranks(dist, {double(val.parts.size())})[0] > 0;
+    const bool any = dist.sum({double(val.parts.size())})[0] > 0;
     if (!any) return std::nullopt;
     auto values = reduce_metrics(dist, val.metric_names, val.parts, nullptr);
     if (values.empty()) return std::nullopt;
@@ -497,7 +487,7 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
   if (step == 0 && opt.val_interval > 0) validate(0);
   while (step < total_steps) {
     // Before the next step's data is read, so that the checkpoint continues with it.
-    const double stopping = sum_over_ranks(dist, {double(stop_signal != 0)})[0];
+    const double stopping = dist.sum({double(stop_signal != 0)})[0];
     if (stopping > 0) {
       progress.finish();
       if (saved_step != step) save();
@@ -519,7 +509,7 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
     counts[0] = loaded ? 1.0 : 0.0;
     for (int64_t i = 0; loaded && i < accumulation * updates; ++i)
       counts[1 + i / accumulation] += algo.units(i);
-    const auto agreed = sum_over_ranks(dist, counts);
+    const auto agreed = dist.sum(counts);
     if (agreed[0] < dist.world_size()) {
       if (main_rank && agreed[0] > 0)
         log_info("step {}: a rank's share of the data is done, so every rank stops here", step + 1);
