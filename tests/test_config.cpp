@@ -267,6 +267,13 @@ TEST_F(CoreConfigTest, GettersCheckKeyAndType) {
 TEST(CoreConfigSchemaTest, BadDefaultsAreErrors) {
   EXPECT_TRUE(contains(error_of([] { Config::load("a: [[1]]\n", "", {}); }), "'a'"));
   EXPECT_TRUE(contains(error_of([] { Config::load("a: [1, x]\n", "", {}); }), "'a' expects a list of ints"));
+  // An empty default says its elements' type with a tag.
+  const auto typed = Config::load("ids: !ints []\nw: !floats []\n", "", {"ids=[3, 4]", "w=[0.5, 2]"});
+  EXPECT_EQ(typed.get_int_list("ids"), (std::vector<int64_t>{3, 4}));
+  EXPECT_EQ(typed.get_float_list("w"), (std::vector<double>{0.5, 2.0}));
+  EXPECT_TRUE(contains(error_of([] { Config::load("ids: !ints []\n", "", {"ids=[1, x]"}); }),
+                       "'ids' expects a list of ints"));
+  EXPECT_TRUE(Config::load("w: !floats []\n", "", {}).get_float_list("w").empty());
   EXPECT_TRUE(contains(error_of([] { Config::load("a: [1\n", "", {}); }), "the built-in defaults"));
 }
 

@@ -22,23 +22,6 @@ void on_stop_signal(int sig) {
   stop_signal = sig;
 }
 
-// An empty list default is a list of strings to the config schema, so the numbers are parsed here.
-std::vector<double> float_list(const Config& cfg, const std::string& key) {
-  std::vector<double> out;
-  for (const auto& s : cfg.get_string_list(key)) {
-    size_t used = 0;
-    double value = 0;
-    try {
-      value = std::stod(s, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (used == 0 || used != s.size()) fail("config key '{}' expects a list of numbers, got '{}'", key, s);
-    out.push_back(value);
-  }
-  return out;
-}
-
 int64_t positive(const Config& cfg, const std::string& key) {
   const int64_t v = cfg.get_int(key);
   if (v < 1) fail("config key '{}' must be at least 1, got {}", key, v);
@@ -50,7 +33,7 @@ void run(const Config& cfg) {
   model.path = cfg.get_string("model.path");
   model.device = parse_device_name(cfg.get_string("model.device"), "model.device");
   model.dtype = parse_compute_dtype(cfg.get_string("model.dtype"), model.device, "model.dtype");
-  model.attribute_weights = float_list(cfg, "reward.attribute_weights");
+  model.attribute_weights = cfg.get_float_list("reward.attribute_weights");
   model.batch_size = positive(cfg, "server.batch_size");
   RewardServerOptions opt;
   opt.max_tokens_per_batch = positive(cfg, "server.max_tokens_per_batch");

@@ -155,8 +155,9 @@ class Ppo final : public Algorithm {
     micro_batch_size_ = cfg.get_int("trainer.micro_batch_size");
     checkpoint_layers_ = cfg.get_bool("model.activation_checkpointing");
     pad_id_ = pad_id_for(tok);
-    prompts_ = open_online_prompts(cfg, tok, actor.cfg, gen_.max_new_tokens, o_.minibatches,
-                                   "ppo.minibatches", dist);
+    prompts_ = open_online_prompts(
+        cfg, tok, actor.cfg, gen_.max_new_tokens,
+        {o_.samples_per_prompt, "rollout.samples_per_prompt", o_.minibatches, "ppo.minibatches"}, dist);
   }
 
   // The trainer's global batch: one update's responses on all ranks.
@@ -380,10 +381,13 @@ void run_ppo(const Config& cfg) {
   const std::string actor_dir = cfg.get_string("actor.path"), reward_dir = cfg.get_string("reward.model");
   if (actor_dir.empty()) fail("config key 'actor.path' must be set");
   check_reward_config(cfg);
-  const std::string critic_dir = cfg.get_string("critic.path").empty() ? reward_dir : cfg.get_string("critic.path");
+  const std::string critic_dir =
+      cfg.get_string("critic.path").empty() ? reward_dir : cfg.get_string("critic.path");
   if (critic_dir.empty())
-    fail("config key 'critic.path' must be set when there is no reward.model to start the critic from (a reward-model "
-         "or causal LM folder)");
+    fail(
+        "config key 'critic.path' must be set when there is no reward.model to start the critic from (a "
+        "reward-model "
+        "or causal LM folder)");
   const auto weights = reward_attribute_weights(cfg);
   // Every key is checked before the models load.
   const auto ppo = read_ppo_options(cfg);

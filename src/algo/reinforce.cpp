@@ -149,8 +149,9 @@ class Reinforce final : public Algorithm {
     micro_batch_size_ = cfg.get_int("trainer.micro_batch_size");
     checkpoint_layers_ = cfg.get_bool("model.activation_checkpointing");
     pad_id_ = pad_id_for(tok);
-    prompts_ = open_online_prompts(cfg, tok, policy.cfg, gen_.max_new_tokens, o_.minibatches,
-                                   "reinforce.minibatches", dist);
+    prompts_ = open_online_prompts(
+        cfg, tok, policy.cfg, gen_.max_new_tokens,
+        {o_.samples_per_prompt, "rollout.samples_per_prompt", o_.minibatches, "reinforce.minibatches"}, dist);
   }
 
   int64_t update_batch_size() const { return o_.prompts_per_step * o_.samples_per_prompt / o_.minibatches; }

@@ -60,21 +60,21 @@ std::vector<PromptExample> OnlinePrompts::next() {
 }
 
 OnlinePrompts open_online_prompts(const Config& cfg, const Tokenizer& tok, const ModelConfig& model,
-                                  int64_t max_new_tokens, int64_t updates, const std::string& updates_key,
-                                  const dist::Dist& dist) {
+                                  int64_t max_new_tokens, const StepShape& shape, const dist::Dist& dist) {
   const int64_t prompts = cfg.get_int("rollout.prompts_per_step"),
-                samples = cfg.get_int("rollout.samples_per_prompt");
-  const int64_t micro = cfg.get_int("trainer.micro_batch_size");
+                micro = cfg.get_int("trainer.micro_batch_size");
   const int world = dist.world_size();
   if (prompts % world != 0)
     fail("config key 'rollout.prompts_per_step' ({}) must be a multiple of the {} ranks", prompts, world);
-  const int64_t sequences = prompts / world * samples;
-  if (sequences % (updates * micro) != 0)
+  const int64_t sequences = prompts / world * shape.per_prompt;
+  if (sequences % (shape.updates * micro) != 0) {
+    const std::string groups =
+        shape.updates_key.empty() ? "" : fmt::format(" {} ({}) of", shape.updates_key, shape.updates);
     fail(
-        "a rank's {} responses per step (rollout.prompts_per_step / ranks x rollout.samples_per_prompt) must "
-        "split "
-        "into {} ({}) of whole micro-batches (trainer.micro_batch_size {})",
-        sequences, updates_key, updates, micro);
+        "a rank's {} responses per step (rollout.prompts_per_step / ranks x {}) must split into{} whole "
+        "micro-batches (trainer.micro_batch_size {})",
+        sequences, shape.per_prompt_key, groups, micro);
+  }
   OnlinePrompts p;
   p.train =
       std::make_unique<PromptDataset>(open_rollout_prompts(cfg, "data.train", tok, model, max_new_tokens));
@@ -339,11 +339,13 @@ ValidationSums validate_policy(const PolicyValidation& v, Transformer& policy, R
   for (int64_t s = 0; s < N; s += v.micro_batch_size)
     micro_batches.push_back(
         at::arange(s, std::min(N, s + v.micro_batch_size), at::TensorOptions().dtype(at::kLong)));
-  auto kl = rollout_logprobs(policy, r.batch, micro_batches).sum(1);
-  if (reference)
+  at::Tensor kl;  // only with a reference to compare with
+  if (reference) {
+    kl = rollout_logprobs(policy, r.batch, micro_batches).sum(1);
     reference->with_model(policy, [&](const Transformer& ref) {
       kl = kl - rollout_logprobs(ref, r.batch, micro_batches).sum(1);
     });
+  }
   double reward_sum = 0, length = 0, ended = 0;
   for (int64_t k = 0; k < N; ++k) {
     reward_sum += r.scores[size_t(k)];

@@ -60,12 +60,18 @@ struct OnlinePrompts {
   // Where this rank's order stands, for checkpoints.
   int64_t position() const { return sampler.position; }
 };
-// Checks that rollout.prompts_per_step shares out over the ranks and that each rank's responses
-// (x samples_per_prompt) cut into `updates` groups of whole micro-batches; errors name the keys
-// (`updates_key`: what sets the number of updates).
+// How a step's responses are trained on: `per_prompt` of each prompt's responses (the key that
+// sets it named in errors), in `updates` optimizer updates (`updates_key`).
+struct StepShape {
+  int64_t per_prompt = 1;
+  std::string per_prompt_key = "rollout.samples_per_prompt";
+  int64_t updates = 1;
+  std::string updates_key;
+};
+// Checks that rollout.prompts_per_step shares out over the ranks and that each rank's trained
+// responses cut into the updates' whole micro-batches; errors name the keys.
 OnlinePrompts open_online_prompts(const Config& cfg, const Tokenizer& tok, const ModelConfig& model,
-                                  int64_t max_new_tokens, int64_t updates, const std::string& updates_key,
-                                  const dist::Dist& dist);
+                                  int64_t max_new_tokens, const StepShape& shape, const dist::Dist& dist);
 
 // Generates opt.num_samples responses to each prompt with `policy` as it is now, and scores them.
 // With `filter`, the rollout holds as many groups as there are prompts, each kept or filling in.

@@ -103,41 +103,24 @@ class Rs final : public Algorithm {
     micro_batch_size_ = cfg.get_int("trainer.micro_batch_size");
     checkpoint_layers_ = cfg.get_bool("model.activation_checkpointing");
     pad_id_ = pad_id_for(tok);
-    const int world = dist.world_size();
-    if (o_.prompts_per_step % world != 0)
-      fail("config key 'rollout.prompts_per_step' ({}) must be a multiple of the {} ranks",
-           o_.prompts_per_step, world);
-    const int64_t kept = o_.prompts_per_step / world * o_.top_n;
-    if (kept % micro_batch_size_ != 0)
-      fail(
-          "a rank's {} kept responses per step (rollout.prompts_per_step / ranks x rs.top_n) must split into "
-          "whole micro-batches (trainer.micro_batch_size {})",
-          kept, micro_batch_size_);
-    train_ = std::make_unique<PromptDataset>(
-        open_rollout_prompts(cfg, "data.train", tok, policy.cfg, gen_.max_new_tokens));
-    if (!cfg.get_string("data.validation").empty())
-      val_ = std::make_unique<PromptDataset>(
-          open_rollout_prompts(cfg, "data.validation", tok, policy.cfg, gen_.max_new_tokens));
-    sampler_ = make_sampler(dataset_size(*train_), dist.rank(), world, cfg.get_bool("data.shuffle"),
-                            uint64_t(cfg.get_int("trainer.seed")));
-    max_epochs_ = data_epochs(cfg);
+    prompts_ =
+        open_online_prompts(cfg, tok, policy.cfg, gen_.max_new_tokens, {o_.top_n, "rs.top_n", 1, ""}, dist);
   }
 
   // The trainer's global batch: the kept responses of one step on all ranks.
   int64_t global_batch_size() const { return o_.prompts_per_step * o_.top_n; }
 
-  int64_t train_examples() const override { return dataset_size(*train_); }
+  int64_t train_examples() const override { return dataset_size(*prompts_.train); }
   StepExamples examples_per_step(int64_t) const override {
     return {o_.prompts_per_step, "rollout.prompts_per_step"};
   }
 
   bool next_step(int64_t n) override {
-    const auto prompts = next_examples(sampler_, max_epochs_, o_.prompts_per_step / dist_.world_size(),
-                                       [&](int64_t i) { return prompt_example(*train_, i); });
+    const auto prompts = prompts_.next();
     if (prompts.empty()) return false;
     GenerationOptions g = gen_;
     g.seed = step_seed(gen_.seed, step_, dist_.rank(), 0);
-    rollout_ = make_rollout(policy_, examples_of(prompts), g, tok_, reward_, pad_id_);
+    rollout_ = make_rollout(policy_, prompts, g, tok_, reward_, pad_id_);
     const auto& scores = rollout_.scores;
     const int64_t N = int64_t(scores.size());
     const auto kept = select_top_n(scores, o_.samples_per_prompt, o_.top_n);
@@ -222,13 +205,13 @@ class Rs final : public Algorithm {
   // The held-out prompts' mean reward, response length and ended share, greedy by default so that
   // validations compare like with like.
   ValidationSums validate() override {
-    return validate_policy({val_.get(), gen_, o_.val_greedy, micro_batch_size_, pad_id_}, policy_, nullptr,
-                           tok_, reward_, dist_);
+    return validate_policy({prompts_.val.get(), gen_, o_.val_greedy, micro_batch_size_, pad_id_}, policy_,
+                           nullptr, tok_, reward_, dist_);
   }
 
-  nlohmann::json state() const override { return {{"position", sampler_.position}, {"step", step_}}; }
+  nlohmann::json state() const override { return {{"position", prompts_.position()}, {"step", step_}}; }
   void load_state(const nlohmann::json& s) override {
-    sampler_.position = s.at("position").get<int64_t>();
+    prompts_.sampler.position = s.at("position").get<int64_t>();
     step_ = s.at("step").get<int64_t>();
   }
 
@@ -239,11 +222,10 @@ class Rs final : public Algorithm {
   dist::Dist& dist_;
   RsOptions o_;
   GenerationOptions gen_;
-  int64_t micro_batch_size_ = 1, max_epochs_ = 1, step_ = 0;
+  int64_t micro_batch_size_ = 1, step_ = 0;
   bool checkpoint_layers_ = false;
   int32_t pad_id_ = 0;
-  std::unique_ptr<PromptDataset> train_, val_;
-  Sampler sampler_;
+  OnlinePrompts prompts_;
 
   Rollout rollout_;
   at::Tensor weight_;                   // [N]: 1 for the responses that train, else 0

@@ -141,7 +141,12 @@ Scalar infer(const YAML::Node& value) {
 std::optional<Kind> kind_of(const YAML::Node& value) {
   if (value.IsNull()) return Kind{Scalar::StringOrNull, false};
   if (value.IsScalar()) return Kind{infer(value), false};
-  if (value.size() == 0) return Kind{Scalar::String, true};
+  // An empty list says nothing of its elements: `!ints []` and `!floats []` do.
+  if (value.size() == 0) {
+    if (value.Tag() == "!ints") return Kind{Scalar::Int, true};
+    if (value.Tag() == "!floats") return Kind{Scalar::Float, true};
+    return Kind{Scalar::String, true};
+  }
   if (!value[0].IsScalar()) return std::nullopt;
   return Kind{infer(value[0]), true};
 }

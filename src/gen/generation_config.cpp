@@ -3,26 +3,6 @@
 #include "core/error.h"
 
 namespace aligner {
-namespace {
-
-// An empty list default is a list of strings to the config schema, so the ids are parsed here.
-std::vector<int64_t> int_list(const Config& cfg, const std::string& key) {
-  std::vector<int64_t> out;
-  for (const auto& s : cfg.get_string_list(key)) {
-    size_t used = 0;
-    int64_t value = 0;
-    try {
-      value = std::stoll(s, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (used == 0 || used != s.size()) fail("config key '{}' expects a list of ints, got '{}'", key, s);
-    out.push_back(value);
-  }
-  return out;
-}
-
-}  // namespace
 
 GenerationOptions read_generation_options(const Config& cfg, const std::string& max_new_tokens_key,
                                           const std::string& num_samples_key) {
@@ -34,7 +14,7 @@ GenerationOptions read_generation_options(const Config& cfg, const std::string& 
   o.sampling.top_p = cfg.get_float("gen.top_p");
   o.num_samples = num_samples_key.empty() ? 1 : cfg.get_int(num_samples_key);
   o.stop_strings = cfg.get_string_list("gen.stop");
-  o.stop_ids = int_list(cfg, "gen.stop_ids");
+  o.stop_ids = cfg.get_int_list("gen.stop_ids");
   o.stop_at_eos = !cfg.get_bool("gen.ignore_eos");
   o.seed = uint64_t(cfg.get_int("gen.seed"));
   o.batch_size = cfg.get_int("gen.batch_size");

@@ -114,21 +114,7 @@ void check_reward_config(const Config& cfg) {
 }
 
 std::vector<double> reward_attribute_weights(const Config& cfg) {
-  // An empty list's default makes the schema a list of strings, so the numbers are parsed here.
-  const std::string key = "reward.attribute_weights";
-  std::vector<double> out;
-  for (const auto& s : cfg.get_string_list(key)) {
-    size_t used = 0;
-    double v = 0;
-    try {
-      v = std::stod(s, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (used == 0 || used != s.size()) fail("config key '{}' expects a list of numbers, got '{}'", key, s);
-    out.push_back(v);
-  }
-  return out;
+  return cfg.get_float_list("reward.attribute_weights");
 }
 
 std::unique_ptr<Reward> make_reward(const Config& cfg, const Tokenizer& tok, at::Device device,
