@@ -37,8 +37,6 @@ import json
 import os
 import random
 import re
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +45,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tokenizer comes from the mod
 
 import torch
 from dpo_bench import label_logprobs
-from tinyllama import CONFIG, add_tokenizer, make_model
+from tinyllama import run_online, CONFIG, add_tokenizer, make_model
 
 N, G, P, NEW = 64, 8, 128, 256  # prompts, samples per prompt, prompt tokens, new tokens each
 B = N * G  # responses per iteration
@@ -56,8 +54,6 @@ BETA, CLIP, TEMPERATURE, LR = 0.04, 0.2, 1.0, 1e-6
 PATTERN, ANSWER = "([a-z])", "e"  # the rule: the last match's group 1, trimmed, equals the answer
 WARMUP, ITERS = 1, 2  # transformers: untimed and timed iterations
 ALIGNER_STEPS = 4  # aligner's step 1 is its warm-up (CUDA graph capture, allocator growth): 2..4 timed
-ALIGNER_KEYS = ["step_seconds", "time_generation", "time_inference", "update_seconds", "gen_tokens_per_s",
-                "peak_memory_gb"]
 
 
 def rule_reward(text):
@@ -240,30 +236,7 @@ def run_aligner(build, model_dir, prompts_path, extra=()):
            "reinforce.mask_unfinished=false", f"optim.lr={LR}", f"trainer.micro_batch_size={MICRO}",
            f"trainer.max_steps={ALIGNER_STEPS}", "trainer.val_interval=0", "trainer.save_interval=0",
            "trainer.log_interval=1", f"data.max_length={P}", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(" ".join(cmd))
-        print("\n".join((proc.stdout + proc.stderr).strip().splitlines()[-30:]))
-        sys.exit(f"aligner reinforce exited with status {proc.returncode}")
-    metrics = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.exists(metrics):
-        sys.exit(f"aligner reinforce wrote no {metrics}; its output ends:\n{proc.stderr[-3000:]}")
-    with open(metrics) as f:
-        train = {r["step"]: r for r in map(json.loads, filter(str.strip, f)) if r.get("split") == "train"}
-    shutil.rmtree(out_dir, ignore_errors=True)  # final/ holds the trained weights: gigabytes
-    timed = [train.get(s) for s in range(2, ALIGNER_STEPS + 1)]
-    if None in timed:
-        sys.exit(f"aligner's metrics.jsonl lacks training rows for steps 2..{ALIGNER_STEPS}; it has steps "
-                 f"{sorted(train)}")
-    for row in timed:
-        missing = [k for k in ALIGNER_KEYS if k not in row]
-        if missing:
-            sys.exit(f"aligner's metrics row lacks {', '.join(missing)}: {json.dumps(row)}")
-    ours = {k: sum(r[k] for r in timed) / len(timed) for k in ALIGNER_KEYS}
-    ours["peak_memory_gb"] = max(r["peak_memory_gb"] for r in timed)
-    for k in ["reward_mean", "kl", "time_reward"]:  # for a look at whether both did the same thing; not timed
-        ours[k] = sum(r[k] for r in timed) / len(timed) if all(k in r for r in timed) else None
-    return ours
+    return run_online(cmd, out_dir, ALIGNER_STEPS, ["reward_mean", "kl", "time_reward"])
 
 
 def main():

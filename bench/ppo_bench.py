@@ -26,23 +26,19 @@ import copy
 import gc
 import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
 import torch
 from dpo_bench import label_logprobs
-from tinyllama import CONFIG, add_tokenizer, make_model, make_reward_model
+from tinyllama import run_online, CONFIG, add_tokenizer, make_model, make_reward_model
 
 N, P, NEW = 256, 128, 256  # prompts, prompt tokens, new tokens each
 MINI, MICRO, FORWARD = 64, 16, 64  # PPO minibatch, micro-batch, rollout forward batch (sequences)
 KL_COEF, GAMMA, LAM, CLIP, VALUE_CLIP, VF_COEF, TEMPERATURE = 0.01, 1.0, 0.95, 0.2, 0.2, 0.1, 1.0
 WARMUP, ITERS = 1, 2  # transformers: untimed and timed iterations
 ALIGNER_STEPS = 4  # aligner's step 1 is its warm-up (CUDA graph capture, allocator growth): 2..4 timed
-ALIGNER_KEYS = ["step_seconds", "time_generation", "time_inference", "update_seconds", "gen_tokens_per_s",
-                "peak_memory_gb"]
 
 
 def response_logprobs(model, seqs):
@@ -140,30 +136,7 @@ def run_aligner(build, actor_dir, rm_dir, prompts_path, extra=()):
            f"ppo.minibatches={N // MINI}", f"trainer.micro_batch_size={MICRO}", f"trainer.max_steps={ALIGNER_STEPS}",
            "trainer.val_interval=0", "trainer.save_interval=0", "trainer.log_interval=1", f"data.max_length={P}",
            *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(" ".join(cmd))
-        print("\n".join((proc.stdout + proc.stderr).strip().splitlines()[-30:]))
-        sys.exit(f"aligner ppo exited with status {proc.returncode}")
-    metrics = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.exists(metrics):
-        sys.exit(f"aligner ppo wrote no {metrics}; its output ends:\n{proc.stderr[-3000:]}")
-    with open(metrics) as f:
-        train = {r["step"]: r for r in map(json.loads, filter(str.strip, f)) if r.get("split") == "train"}
-    shutil.rmtree(out_dir, ignore_errors=True)  # final/ holds the trained weights: gigabytes
-    timed = [train.get(s) for s in range(2, ALIGNER_STEPS + 1)]
-    if None in timed:
-        sys.exit(f"aligner's metrics.jsonl lacks training rows for steps 2..{ALIGNER_STEPS}; it has steps "
-                 f"{sorted(train)}")
-    for row in timed:
-        missing = [k for k in ALIGNER_KEYS if k not in row]
-        if missing:
-            sys.exit(f"aligner's metrics row lacks {', '.join(missing)}: {json.dumps(row)}")
-    ours = {k: sum(r[k] for r in timed) / len(timed) for k in ALIGNER_KEYS}
-    ours["peak_memory_gb"] = max(r["peak_memory_gb"] for r in timed)
-    for k in ["reward_mean", "kl"]:  # for a look at whether both did the same thing; not timed
-        ours[k] = sum(r[k] for r in timed) / len(timed) if all(k in r for r in timed) else None
-    return ours
+    return run_online(cmd, out_dir, ALIGNER_STEPS, ["reward_mean", "kl"])
 
 
 def main():

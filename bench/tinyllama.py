@@ -1,8 +1,11 @@
 """The model every benchmark uses: a random-weight Llama of TinyLlama-1.1B's shape, made by
 transformers on the GPU and saved where aligner can load the same weights."""
 import copy
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -61,3 +64,37 @@ def time_steps(step, warmup, iters):
         step()
     torch.cuda.synchronize()
     return (time.perf_counter() - t0) / iters, torch.cuda.max_memory_allocated() / 1e9
+
+
+# What every online-RL step reports in metrics.jsonl, averaged over the timed steps.
+ONLINE_KEYS = ["step_seconds", "time_generation", "time_inference", "update_seconds", "gen_tokens_per_s",
+               "peak_memory_gb"]
+
+
+def run_online(cmd, out_dir, steps, extra_keys=()):
+    """Runs an `aligner ppo|reinforce` command writing to out_dir and returns its ONLINE_KEYS as means
+    over steps 2..steps (step 1 is the warm-up: CUDA graph capture, allocator growth), peak memory as
+    their max, and extra_keys' means where every row has them (else None)."""
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(" ".join(cmd))
+        print("\n".join((proc.stdout + proc.stderr).strip().splitlines()[-30:]))
+        sys.exit(f"{cmd[1]} exited with status {proc.returncode}")
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(metrics):
+        sys.exit(f"aligner wrote no {metrics}; its output ends:\n{proc.stderr[-3000:]}")
+    with open(metrics) as f:
+        train = {r["step"]: r for r in map(json.loads, filter(str.strip, f)) if r.get("split") == "train"}
+    shutil.rmtree(out_dir, ignore_errors=True)  # final/ holds the trained weights: gigabytes
+    timed = [train.get(s) for s in range(2, steps + 1)]
+    if None in timed:
+        sys.exit(f"aligner's metrics.jsonl lacks training rows for steps 2..{steps}; it has steps {sorted(train)}")
+    for row in timed:
+        missing = [k for k in ONLINE_KEYS if k not in row]
+        if missing:
+            sys.exit(f"aligner's metrics row lacks {', '.join(missing)}: {json.dumps(row)}")
+    ours = {k: sum(r[k] for r in timed) / len(timed) for k in ONLINE_KEYS}
+    ours["peak_memory_gb"] = max(r["peak_memory_gb"] for r in timed)
+    for k in extra_keys:  # for a look at whether both did the same thing; not timed
+        ours[k] = sum(r[k] for r in timed) / len(timed) if all(k in r for r in timed) else None
+    return ours

@@ -1,6 +1,11 @@
 // Reading what an end-to-end training run wrote, and cutting data files into the splits it reads.
 #pragma once
+#include <gtest/gtest.h>
+
 #include <nlohmann/json.hpp>
+
+#include "io/hf_checkpoint.h"
+#include "model/transformer.h"
 
 #include <filesystem>
 #include <fstream>
@@ -38,6 +43,21 @@ inline std::vector<nlohmann::json> json_lines(const std::string& output) {
   for (std::string line; std::getline(in, line);)
     if (!line.empty() && line[0] == '{') rows.push_back(nlohmann::json::parse(line));
   return rows;
+}
+
+// The tensors of two model folders, each compared: equal to the bit (tolerance 0) or within it.
+inline void expect_same_weights(const std::filesystem::path& a, const std::filesystem::path& b,
+                                double tolerance = 0) {
+  auto wa = load_transformer(a.string(), at::kCPU), wb = load_transformer(b.string(), at::kCPU);
+  const auto pa = named_parameters(wa), pb = named_parameters(wb);
+  ASSERT_EQ(pa.size(), pb.size()) << a << " " << b;
+  for (size_t i = 0; i < pa.size(); ++i) {
+    if (tolerance == 0)
+      EXPECT_TRUE(pa[i].second.equal(pb[i].second)) << a << ": " << pa[i].first;
+    else
+      EXPECT_LE((pa[i].second - pb[i].second).abs().max().item<double>(), tolerance)
+          << a << ": " << pa[i].first;
+  }
 }
 
 }  // namespace aligner::test

@@ -196,10 +196,7 @@ TEST(Dpo, KilledRunResumesToTheSameWeights) {
   const auto resumed = run_aligner(dpo_args(b, args));
   ASSERT_EQ(resumed.status, 0) << resumed.output;
   EXPECT_NE(resumed.output.find("resuming from"), std::string::npos) << resumed.output;
-  auto wa = load_transformer((a / "final").string(), at::kCPU),
-       wb = load_transformer((b / "final").string(), at::kCPU);
-  auto pa = named_parameters(wa), pb = named_parameters(wb);
-  for (size_t i = 0; i < pa.size(); ++i) EXPECT_TRUE(pa[i].second.equal(pb[i].second)) << pa[i].first;
+  expect_same_weights(a / "final", b / "final");
   const auto ma = metrics(a), mb = metrics(b);
   ASSERT_EQ(mb.size(), 4u);
   for (size_t i = 0; i < 4; ++i) EXPECT_EQ(ma[i]["loss"].get<double>(), mb[i]["loss"].get<double>()) << i;

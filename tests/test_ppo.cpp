@@ -10,6 +10,7 @@
 #include "algo/ppo.h"
 #include "data/packing.h"
 #include "io/hf_checkpoint.h"
+#include "online_fixtures.h"
 #include "reward/reward_model.h"
 #include "reward/reward_server.h"
 #include "run_outputs.h"
@@ -111,46 +112,12 @@ TEST(PpoMath, AdaptiveKlMovesTowardTheTarget) {
 
 // ---- aligner ppo end to end ----
 
-// A reward model made from the tiny model with a random score head: a fixed function of the text
-// that the policy can learn to please.
-const std::string& tiny_reward_model() {
-  static std::string dir;
-  if (dir.empty()) {
-    const auto d = temp_dir("ppo_reward_model") / "rm";
-    const auto tok = load_tokenizer(tiny_model());
-    auto m = load_reward_model(tiny_model(), at::kCPU, at::kFloat, {"reward"}, pad_id_for(*tok), 7);
-    save_transformer(m, d.string(), std::nullopt, 0, tiny_model());
-    dir = d.string();
-  }
-  return dir;
-}
-
-// NeMo's PPO layout ("text") to train on, chat-style "prompt" strings held out.
-const fs::path& prompt_files() {
-  static fs::path dir;
-  if (dir.empty()) {
-    dir = temp_dir("ppo_prompts");
-    const char* topics[] = {"the sea", "a cat", "rain", "music", "bread", "the moon", "a garden", "winter"};
-    std::ofstream train(dir / "train.jsonl"), val(dir / "val.jsonl");
-    for (int i = 0; i < 32; ++i)
-      train << nlohmann::json{{"text", fmt::format("Tell me about {} ({})", topics[i % 8], i)}}.dump()
-            << "\n";
-    for (int i = 0; i < 8; ++i)
-      val << nlohmann::json{{"prompt", fmt::format("Write a line on {}", topics[(i * 3) % 8])}}.dump()
-          << "\n";
-  }
-  return dir;
-}
-
 std::string ppo_args(const fs::path& out, const std::string& extra) {
-  return "ppo actor.path=" + tiny_model() + " reward.model=" + tiny_reward_model() +
-         " data.train=" + (prompt_files() / "train.jsonl").string() +
-         " data.validation=" + (prompt_files() / "val.jsonl").string() +
-         " model.device=cpu rollout.prompts_per_step=8 rollout.samples_per_prompt=2 rollout.max_new_tokens=6"
-         " gen.top_k=20 trainer.micro_batch_size=4 ppo.minibatches=2 ppo.mask_unfinished=false "
-         "actor.optim.lr=2e-3"
-         " critic.optim.lr=2e-3 trainer.seed=3 output_dir=" +
-         out.string() + " " + extra;
+  return online_args("ppo actor.path=" + tiny_model(), out) +
+         " rollout.prompts_per_step=8 rollout.samples_per_prompt=2 trainer.micro_batch_size=4 "
+         "ppo.minibatches=2"
+         " ppo.mask_unfinished=false actor.optim.lr=2e-3 critic.optim.lr=2e-3 " +
+         extra;
 }
 
 TEST(Ppo, HeldOutRewardRisesAndTheFirstUpdateHasRatioOne) {
@@ -201,13 +168,7 @@ TEST(Ppo, KilledRunResumesToTheSameWeights) {
   const auto resumed = run_aligner(ppo_args(b, args));
   ASSERT_EQ(resumed.status, 0) << resumed.output;
   EXPECT_NE(resumed.output.find("resuming from"), std::string::npos) << resumed.output;
-  for (const char* m : {"actor", "critic"}) {
-    auto wa = load_transformer((a / "final" / m).string(), at::kCPU),
-         wb = load_transformer((b / "final" / m).string(), at::kCPU);
-    auto pa = named_parameters(wa), pb = named_parameters(wb);
-    for (size_t i = 0; i < pa.size(); ++i)
-      EXPECT_TRUE(pa[i].second.equal(pb[i].second)) << m << " " << pa[i].first;
-  }
+  for (const char* m : {"actor", "critic"}) expect_same_weights(a / "final" / m, b / "final" / m);
   const auto ma = metrics(a), mb = metrics(b);
   ASSERT_EQ(mb.size(), 4u);
   for (size_t i = 0; i < 4; ++i)
@@ -244,14 +205,9 @@ TEST(Ppo, TwoRanksMatchOneRank) {
       EXPECT_NEAR(a[i][key].get<double>(), b[i][key].get<double>(),
                   1e-4 * (1 + std::abs(a[i][key].get<double>())))
           << i << " " << key;
-  for (const char* m : {"actor", "critic"}) {
-    auto wa = load_transformer((out / "one/final" / m).string(), at::kCPU),
-         wb = load_transformer((out / "two/final" / m).string(), at::kCPU);
-    auto pa = named_parameters(wa), pb = named_parameters(wb);
-    // Two Adam steps of lr 1e-5 move a weight by at most 2e-5; the runs agree far inside that.
-    for (size_t i = 0; i < pa.size(); ++i)
-      EXPECT_LT((pa[i].second - pb[i].second).abs().max().item<double>(), 5e-6) << m << " " << pa[i].first;
-  }
+  // Two Adam steps of lr 1e-5 move a weight by at most 2e-5; the runs agree far inside that.
+  for (const char* m : {"actor", "critic"})
+    expect_same_weights(out / "one/final" / m, out / "two/final" / m, 5e-6);
   fs::remove_all(out);
 }
 

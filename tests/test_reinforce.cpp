@@ -10,6 +10,7 @@
 #include "algo/reinforce.h"
 #include "data/packing.h"
 #include "io/hf_checkpoint.h"
+#include "online_fixtures.h"
 #include "run_outputs.h"
 #include "test_util.h"
 #include "text/tokenizer.h"
@@ -92,46 +93,11 @@ TEST(ReinforceMath, TokenLossesAndK3MatchDirectComputation) {
 
 // ---- aligner reinforce end to end ----
 
-// The tiny model with a random score head: a fixed function of the text to please.
-const std::string& tiny_reward_model() {
-  static std::string dir;
-  if (dir.empty()) {
-    const auto d = temp_dir("reinforce_reward_model") / "rm";
-    const auto tok = load_tokenizer(tiny_model());
-    auto m = load_reward_model(tiny_model(), at::kCPU, at::kFloat, {"reward"}, pad_id_for(*tok), 7);
-    save_transformer(m, d.string(), std::nullopt, 0, tiny_model());
-    dir = d.string();
-  }
-  return dir;
-}
-
-const fs::path& prompt_files() {
-  static fs::path dir;
-  if (dir.empty()) {
-    dir = temp_dir("reinforce_prompts");
-    const char* topics[] = {"the sea", "a cat", "rain", "music", "bread", "the moon", "a garden", "winter"};
-    std::ofstream train(dir / "train.jsonl"), val(dir / "val.jsonl");
-    for (int i = 0; i < 32; ++i)
-      train << nlohmann::json{{"text", fmt::format("Tell me about {} ({})", topics[i % 8], i)},
-                              {"answer", "x"}}
-                   .dump()
-            << "\n";
-    for (int i = 0; i < 8; ++i)
-      val << nlohmann::json{{"prompt", fmt::format("Write a line on {}", topics[(i * 3) % 8])}}.dump()
-          << "\n";
-  }
-  return dir;
-}
-
 std::string reinforce_args(const fs::path& out, const std::string& extra) {
-  return "reinforce model.path=" + tiny_model() + " reward.model=" + tiny_reward_model() +
-         " data.train=" + (prompt_files() / "train.jsonl").string() +
-         " data.validation=" + (prompt_files() / "val.jsonl").string() +
-         " model.device=cpu rollout.prompts_per_step=4 rollout.samples_per_prompt=4 rollout.max_new_tokens=6"
-         " gen.top_k=20 trainer.micro_batch_size=4 reinforce.mask_unfinished=false optim.lr=2e-3 "
-         "trainer.seed=3"
-         " output_dir=" +
-         out.string() + " " + extra;
+  return online_args("reinforce model.path=" + tiny_model(), out) +
+         " rollout.prompts_per_step=4 rollout.samples_per_prompt=4 trainer.micro_batch_size=4"
+         " reinforce.mask_unfinished=false optim.lr=2e-3 " +
+         extra;
 }
 
 // Seen at the time of writing (validation reward, greedy): 1.35 -> 4.62 for each estimator.
@@ -184,10 +150,7 @@ TEST(Reinforce, KilledRunResumesToTheSameWeights) {
   ASSERT_EQ(killed.status, 128 + SIGKILL) << killed.output;
   const auto resumed = run_aligner(reinforce_args(b, args));
   ASSERT_EQ(resumed.status, 0) << resumed.output;
-  auto wa = load_transformer((a / "final").string(), at::kCPU),
-       wb = load_transformer((b / "final").string(), at::kCPU);
-  auto pa = named_parameters(wa), pb = named_parameters(wb);
-  for (size_t i = 0; i < pa.size(); ++i) EXPECT_TRUE(pa[i].second.equal(pb[i].second)) << pa[i].first;
+  expect_same_weights(a / "final", b / "final");
   const auto ma = metrics(a), mb = metrics(b);
   ASSERT_EQ(mb.size(), 4u);
   for (size_t i = 0; i < 4; ++i)

@@ -16,6 +16,7 @@
 #include "data/prompt_data.h"
 #include "data/sft_data.h"
 #include "io/hf_checkpoint.h"
+#include "online_fixtures.h"
 #include "reward/reward_model.h"
 #include "run_outputs.h"
 #include "test_util.h"
@@ -61,20 +62,6 @@ TEST(RsSelect, TopNMatchesADirectComputation) {
 }
 
 // ---- aligner rs end to end ----
-
-// A reward model made from the tiny model with a random score head: a fixed function of the text
-// that the policy can learn to please.
-const std::string& tiny_reward_model() {
-  static std::string dir;
-  if (dir.empty()) {
-    const auto d = temp_dir("rs_reward_model") / "rm";
-    const auto tok = load_tokenizer(tiny_model());
-    auto m = load_reward_model(tiny_model(), at::kCPU, at::kFloat, {"reward"}, pad_id_for(*tok), 7);
-    save_transformer(m, d.string(), std::nullopt, 0, tiny_model());
-    dir = d.string();
-  }
-  return dir;
-}
 
 // NeMo's PPO layout ("text") to train on, chat-style "prompt" strings held out; for
 // --generate-only, every prompt layout that aligner sft can read back.
@@ -169,10 +156,7 @@ TEST(Rs, MinRewardWeighsOutResponsesBelowIt) {
     EXPECT_EQ(row["loss"].get<double>(), 0.0) << row.dump();
     EXPECT_FALSE(row.contains("reward_kept_mean")) << row.dump();
   }
-  auto start = load_transformer(tiny_model(), at::kCPU),
-       end = load_transformer((out / "none/final").string(), at::kCPU);
-  auto ps = named_parameters(start), pe = named_parameters(end);
-  for (size_t i = 0; i < ps.size(); ++i) EXPECT_TRUE(ps[i].second.equal(pe[i].second)) << ps[i].first;
+  expect_same_weights(tiny_model(), out / "none/final");
 
   const auto some = run_aligner(rs_args(out / "some", "trainer.max_steps=4 rs.top_n=2 rs.min_reward=1.5"));
   ASSERT_EQ(some.status, 0) << some.output;
@@ -196,10 +180,7 @@ TEST(Rs, KilledRunResumesToTheSameWeights) {
   const auto resumed = run_aligner(rs_args(b, args));
   ASSERT_EQ(resumed.status, 0) << resumed.output;
   EXPECT_NE(resumed.output.find("resuming from"), std::string::npos) << resumed.output;
-  auto wa = load_transformer((a / "final").string(), at::kCPU),
-       wb = load_transformer((b / "final").string(), at::kCPU);
-  auto pa = named_parameters(wa), pb = named_parameters(wb);
-  for (size_t i = 0; i < pa.size(); ++i) EXPECT_TRUE(pa[i].second.equal(pb[i].second)) << pa[i].first;
+  expect_same_weights(a / "final", b / "final");
   const auto ma = metrics(a), mb = metrics(b);
   ASSERT_EQ(ma.size(), 4u);
   ASSERT_EQ(mb.size(), 4u);
@@ -340,12 +321,8 @@ TEST(Rs, TwoRanksMatchOneRank) {
       EXPECT_NEAR(a[i][key].get<double>(), b[i][key].get<double>(),
                   1e-4 * (1 + std::abs(a[i][key].get<double>())))
           << i << " " << key;
-  auto wa = load_transformer((out / "one/final").string(), at::kCPU),
-       wb = load_transformer((out / "two/final").string(), at::kCPU);
-  auto pa = named_parameters(wa), pb = named_parameters(wb);
   // Two Adam steps of lr 1e-5 move a weight by at most 2e-5; the runs agree far inside that.
-  for (size_t i = 0; i < pa.size(); ++i)
-    EXPECT_LT((pa[i].second - pb[i].second).abs().max().item<double>(), 5e-6) << pa[i].first;
+  expect_same_weights(out / "one/final", out / "two/final", 5e-6);
   fs::remove_all(out);
 }
 

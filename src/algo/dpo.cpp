@@ -293,13 +293,9 @@ void run_dpo(const Config& cfg) {
   if (model_dir.empty()) fail("config key 'model.path' must be set");
   auto ctx = init_run(cfg);
   const auto dtype = parse_compute_dtype(cfg.get_string("model.dtype"), ctx.device, "model.dtype");
-  Transformer policy = load_transformer(model_dir, ctx.device, dtype);
-  if (policy.cfg.num_labels > 0)
-    fail("{} is a reward model (a sequence classifier), not a causal LM", model_dir);
-  auto tok = load_tokenizer(model_dir);
-  if (tok->vocab_size() > policy.cfg.vocab_size)
-    fail("{}: the tokenizer has {} tokens but the model's vocabulary is {}", model_dir, tok->vocab_size(),
-         policy.cfg.vocab_size);
+  Policy loaded = load_policy(model_dir, "model.path", ctx.device, dtype);
+  Transformer& policy = loaded.model;
+  auto& tok = loaded.tok;
   const std::string reference_dir = cfg.get_string("dpo.reference");
   auto load_reference = [&] {
     Transformer ref = load_transformer(reference_dir, ctx.device, dtype);

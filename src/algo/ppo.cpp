@@ -398,13 +398,9 @@ void run_ppo(const Config& cfg) {
 
   auto ctx = init_run(cfg);
   const auto dtype = parse_compute_dtype(cfg.get_string("model.dtype"), ctx.device, "model.dtype");
-  Transformer actor = load_transformer(actor_dir, ctx.device, dtype);
-  if (actor.cfg.num_labels > 0)
-    fail("actor.path {} is a reward model (a sequence classifier), not a causal LM", actor_dir);
-  auto tok = load_tokenizer(actor_dir);
-  if (tok->vocab_size() > actor.cfg.vocab_size)
-    fail("{}: the tokenizer has {} tokens but the model's vocabulary is {}", actor_dir, tok->vocab_size(),
-         actor.cfg.vocab_size);
+  Policy loaded = load_policy(actor_dir, "actor.path", ctx.device, dtype);
+  Transformer& actor = loaded.model;
+  auto& tok = loaded.tok;
   Transformer critic = load_critic(critic_dir, ctx.device, dtype, pad_id_for(*tok), weights,
                                    uint64_t(cfg.get_int("trainer.seed")));
   if (critic.cfg.vocab_size < tok->vocab_size())

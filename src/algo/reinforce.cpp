@@ -392,13 +392,9 @@ void run_reinforce(const Config& cfg) {
 
   auto ctx = init_run(cfg);
   const auto dtype = parse_compute_dtype(cfg.get_string("model.dtype"), ctx.device, "model.dtype");
-  Transformer policy = load_transformer(model_dir, ctx.device, dtype);
-  if (policy.cfg.num_labels > 0)
-    fail("model.path {} is a reward model (a sequence classifier), not a causal LM", model_dir);
-  auto tok = load_tokenizer(model_dir);
-  if (tok->vocab_size() > policy.cfg.vocab_size)
-    fail("{}: the tokenizer has {} tokens but the model's vocabulary is {}", model_dir, tok->vocab_size(),
-         policy.cfg.vocab_size);
+  Policy loaded = load_policy(model_dir, "model.path", ctx.device, dtype);
+  Transformer& policy = loaded.model;
+  auto& tok = loaded.tok;
   auto reward = make_reward(cfg, *tok, ctx.device, dtype);
   // No KL, no reference (DAPO drops it): no copy of the weights at all.
   std::unique_ptr<Reference> reference;

@@ -77,22 +77,6 @@ RsOptions read_rs_options(const Config& cfg) {
   return o;
 }
 
-struct Policy {
-  Transformer model;
-  std::unique_ptr<Tokenizer> tok;
-};
-
-Policy load_policy(const Config& cfg, at::Device device, at::ScalarType dtype) {
-  const std::string dir = cfg.get_string("model.path");
-  Policy p{load_transformer(dir, device, dtype), load_tokenizer(dir)};
-  if (p.model.cfg.num_labels > 0)
-    fail("model.path {} is a reward model (a sequence classifier), not a causal LM", dir);
-  if (p.tok->vocab_size() > p.model.cfg.vocab_size)
-    fail("{}: the tokenizer has {} tokens but the model's vocabulary is {}", dir, p.tok->vocab_size(),
-         p.model.cfg.vocab_size);
-  return p;
-}
-
 class Rs final : public Algorithm {
  public:
   Rs(const Config& cfg, const RsOptions& o, const GenerationOptions& gen, const Tokenizer& tok,
@@ -306,7 +290,7 @@ void generate_selected(const Config& cfg) {
         "srun",
         ctx.dist.world_size());
   const auto dtype = parse_compute_dtype(cfg.get_string("model.dtype"), ctx.device, "model.dtype");
-  const Policy policy = load_policy(cfg, ctx.device, dtype);
+  const Policy policy = load_policy(cfg.get_string("model.path"), "model.path", ctx.device, dtype);
   gen.tokenizer = policy.tok.get();
   check_generation_options(gen);
   PromptDataset ds =
@@ -409,7 +393,7 @@ void run_rs(const Config& cfg) {
 
   auto ctx = init_run(cfg);
   const auto dtype = parse_compute_dtype(cfg.get_string("model.dtype"), ctx.device, "model.dtype");
-  Policy policy = load_policy(cfg, ctx.device, dtype);
+  Policy policy = load_policy(cfg.get_string("model.path"), "model.path", ctx.device, dtype);
   auto reward = make_reward(cfg, *policy.tok, ctx.device, dtype);
   Rs algo(cfg, o, gen, *policy.tok, policy.model, *reward, ctx.dist);
   opt.global_batch_size = algo.global_batch_size();

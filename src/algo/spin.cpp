@@ -333,13 +333,9 @@ void run_spin(const Config& cfg) {
     fail("config key 'reference.offload' expects auto, true or false, got '{}'", offload);
   auto ctx = init_run(cfg);
   const auto dtype = parse_compute_dtype(cfg.get_string("model.dtype"), ctx.device, "model.dtype");
-  Transformer policy = load_transformer(model_dir, ctx.device, dtype);
-  if (policy.cfg.num_labels > 0)
-    fail("{} is a reward model (a sequence classifier), not a causal LM", model_dir);
-  auto tok = load_tokenizer(model_dir);
-  if (tok->vocab_size() > policy.cfg.vocab_size)
-    fail("{}: the tokenizer has {} tokens but the model's vocabulary is {}", model_dir, tok->vocab_size(),
-         policy.cfg.vocab_size);
+  Policy loaded = load_policy(model_dir, "model.path", ctx.device, dtype);
+  Transformer& policy = loaded.model;
+  auto& tok = loaded.tok;
   Reference reference(policy, offload == "true" || (offload == "auto" && ctx.device.is_cuda()));
   Spin algo(cfg, *tok, policy, reference, model_dir, ctx.dist);
   opt.max_steps = algo.run_steps(opt.max_steps);

@@ -3,6 +3,8 @@
 #pragma once
 #include "core/config.h"
 #include "dist/process_group.h"
+#include "model/transformer.h"
+#include "text/tokenizer.h"
 
 namespace aligner {
 
@@ -13,5 +15,14 @@ struct RunContext {
 
 // model.device: auto (CUDA when present) | cpu | cuda; each rank takes GPU LOCAL_RANK.
 RunContext init_run(const Config& cfg);
+
+// A causal LM folder that training starts from, and its tokenizer: a sequence classifier, or a
+// tokenizer with more tokens than the model's vocabulary, is an error naming `key` (the config key
+// that gave `dir`).
+struct Policy {
+  Transformer model;
+  std::unique_ptr<Tokenizer> tok;
+};
+Policy load_policy(const std::string& dir, const std::string& key, at::Device device, at::ScalarType dtype);
 
 }  // namespace aligner
