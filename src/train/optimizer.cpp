@@ -58,7 +58,8 @@ AdamW::AdamW(NamedParams params, AdamWConfig cfg) : cfg_(cfg) {
     // that the multi-tensor kernels see matching layouts.
     exp_avg_.push_back(at::zeros_like(w));
     exp_avg_sq_.push_back(at::zeros_like(w));
-    if (decays(name, p)) decayed_.push_back(w);
+    decays_.push_back(decays(name, p));
+    if (decays_.back()) decayed_.push_back(w);
     names_.push_back(name);
     params_.push_back(p);
     working_.push_back(std::move(w));
@@ -68,18 +69,20 @@ AdamW::AdamW(NamedParams params, AdamWConfig cfg) : cfg_(cfg) {
 
 void AdamW::move_state(at::Device device) {
   c10::NoGradGuard no_grad;
-  // set_ swaps the storage under each tensor, so that every alias (decayed_, state()) follows.
-  auto move = [&](at::Tensor& t) {
-    if (t.device() == device) return;
+  // New tensors, not set_() on the old ones: torch refuses storage from another device.
+  auto moved = [&](const at::Tensor& t) {
+    if (t.device() == device) return t;
     const bool pin = device.is_cpu() && at::hasCUDA();
     auto to = at::empty_strided(t.sizes(), t.strides(), t.options().device(device).pinned_memory(pin));
-    to.copy_(t, /*non_blocking=*/false);
-    t.set_(to);
+    to.copy_(t);
+    return to;
   };
+  decayed_.clear();
   for (size_t i = 0; i < params_.size(); ++i) {
-    move(exp_avg_[i]);
-    move(exp_avg_sq_[i]);
-    if (has_master_[i]) move(working_[i]);
+    exp_avg_[i] = moved(exp_avg_[i]);
+    exp_avg_sq_[i] = moved(exp_avg_sq_[i]);
+    if (has_master_[i]) working_[i] = moved(working_[i]);
+    if (decays_[i]) decayed_.push_back(working_[i]);
   }
 }
 

@@ -61,6 +61,7 @@ class AdamW {
   // What the update writes: the fp32 master for bf16/fp16 parameters, else the parameter itself.
   std::vector<at::Tensor> working_;
   std::vector<bool> has_master_;
+  std::vector<bool> decays_;         // per parameter: weight decay applies
   std::vector<at::Tensor> decayed_;  // the subset of working_ that weight decay applies to
   std::vector<at::Tensor> exp_avg_, exp_avg_sq_;
   int64_t step_ = 0;
