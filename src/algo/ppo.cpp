@@ -88,7 +88,7 @@ struct PpoOptions {
   double kl_coef = 0.01, target_kl = 0, kl_horizon = 10000, gamma = 1, lambda = 0.95;
   double clip_eps = 0.2, value_clip = 0.2, entropy_coef = 0;
   bool absolute_kl = true, whiten = true, mask_unfinished = true, sampler_logprobs = false;
-  bool offload_optimizer = false, val_greedy = true;
+  bool offload_optimizer = false;
   int64_t critic_warmup_steps = 0;
 };
 
@@ -97,7 +97,6 @@ PpoOptions read_ppo_options(const Config& cfg) {
   o.prompts_per_step = cfg.get_int("rollout.prompts_per_step");
   o.samples_per_prompt = cfg.get_int("rollout.samples_per_prompt");
   o.sampler_logprobs = cfg.get_bool("rollout.sampler_logprobs");
-  o.val_greedy = cfg.get_bool("rollout.val_greedy");
   o.epochs = cfg.get_int("ppo.epochs");
   o.minibatches = cfg.get_int("ppo.minibatches");
   o.kl_coef = cfg.get_float("ppo.kl_coef");
@@ -136,46 +135,25 @@ struct RolloutTensors {
   at::Tensor response_mask, actor_mask;  // actor_mask: response tokens of responses the actor learns from
 };
 
-class Ppo final : public Algorithm {
+class Ppo final : public OnlineAlgorithm {
  public:
   Ppo(const Config& cfg, const PpoOptions& o, const GenerationOptions& gen, const Tokenizer& tok,
       Transformer& actor, Transformer& critic, Reference& reference, Reward& reward, dist::Dist& dist)
-      : tok_(tok),
-        actor_(actor),
+      : OnlineAlgorithm(
+            cfg, gen, {o.samples_per_prompt, "rollout.samples_per_prompt", o.minibatches, "ppo.minibatches"},
+            tok, actor, reward, &reference, dist),
         critic_(critic),
-        reference_(reference),
-        reward_(reward),
-        dist_(dist),
         o_(o),
-        gen_(gen) {
-    kl_coef_ = o_.kl_coef;
-    gen_.tokenizer = &tok;
-    check_generation_options(gen_);
-    seed_ = uint64_t(cfg.get_int("trainer.seed"));
-    micro_batch_size_ = cfg.get_int("trainer.micro_batch_size");
-    checkpoint_layers_ = cfg.get_bool("model.activation_checkpointing");
-    pad_id_ = pad_id_for(tok);
-    prompts_ = open_online_prompts(
-        cfg, tok, actor.cfg, gen_.max_new_tokens,
-        {o_.samples_per_prompt, "rollout.samples_per_prompt", o_.minibatches, "ppo.minibatches"}, dist);
-  }
+        kl_coef_(o.kl_coef) {}
 
   // The trainer's global batch: one update's responses on all ranks.
   int64_t update_batch_size() const { return o_.prompts_per_step * o_.samples_per_prompt / o_.minibatches; }
 
-  int64_t train_examples() const override { return dataset_size(*prompts_.train); }
-  StepExamples examples_per_step(int64_t) const override {
-    return {o_.prompts_per_step, "rollout.prompts_per_step"};
-  }
   int64_t updates_per_step() const override { return o_.epochs * o_.minibatches; }
   bool offload_optimizer_in_next_step() const override { return o_.offload_optimizer; }
 
   bool next_step(int64_t n) override {
-    const auto prompts = prompts_.next();
-    if (prompts.empty()) return false;
-    GenerationOptions gen = gen_;
-    gen.seed = step_seed(gen_.seed, step_, dist_.rank(), 0);
-    rollout_ = make_rollout(actor_, prompts, gen, tok_, reward_, pad_id_);
+    if (!next_rollout()) return false;
     const auto& b = rollout_.batch;
     const int64_t N = b.input_ids.size(0);
     if (N * o_.epochs != n * micro_batch_size_)
@@ -191,14 +169,14 @@ class Ppo final : public Algorithm {
     at::Tensor old_logprobs, ref_logprobs, values = at::zeros(b.labels.sizes(), b.response_mask.options());
     {
       at::NoGradGuard no_grad;
-      old_logprobs = o_.sampler_logprobs ? b.logprobs : rollout_logprobs(actor_, b, first_epoch);
+      old_logprobs = o_.sampler_logprobs ? b.logprobs : rollout_logprobs(policy_, b, first_epoch);
       for (const auto& rows : first_epoch) {
         const auto in = gather_rows(b, rows);
         values.narrow(1, 0, in.input_ids.size(1))
             .index_copy_(0, rows.to(values.device()), token_values(critic_, in));
       }
-      reference_.with_model(
-          actor_, [&](const Transformer& ref) { ref_logprobs = rollout_logprobs(ref, b, first_epoch); });
+      reference_->with_model(
+          policy_, [&](const Transformer& ref) { ref_logprobs = rollout_logprobs(ref, b, first_epoch); });
     }
     const double inference_seconds = seconds_since(t0) + rollout_.reward_seconds;
 
@@ -237,7 +215,7 @@ class Ppo final : public Algorithm {
     step_metrics_.push_back({"kl_coef", kl_coef_});
     step_metrics_.push_back({"advantage_mean", adv_mean});
     step_metrics_.push_back({"explained_variance", ret_var > 0 ? 1 - res_var / ret_var : 0.0});
-    const auto per_rank = rank_metrics(rollout_, inference_seconds, actor_.embed.device());
+    const auto per_rank = rank_metrics(rollout_, inference_seconds, policy_.embed.device());
     step_metrics_.insert(step_metrics_.end(), per_rank.begin(), per_rank.end());
 
     // Tokens the actor and the critic learn from in each update, over every rank, for the means.
@@ -266,7 +244,7 @@ class Ppo final : public Algorithm {
     const auto actor_mask = take(t_.actor_mask), mask = take(t_.response_mask);
     const auto old_logprobs = take(t_.old_logprobs), advantages = take(t_.advantages);
 
-    const auto lp = labelled_logprobs(actor_, in, take(rollout_.batch.labels), true);
+    const auto lp = labelled_logprobs(policy_, in, take(rollout_.batch.labels), true);
     const auto actor_tokens = ppo_actor_loss(lp.logprobs, old_logprobs, advantages, actor_mask, o_.clip_eps);
     auto actor_sum = actor_tokens.sum();
     if (o_.entropy_coef > 0) actor_sum = actor_sum - o_.entropy_coef * (lp.entropy * actor_mask).sum();
@@ -313,37 +291,21 @@ class Ppo final : public Algorithm {
       kl_coef_ = adapt_kl_coef(kl_coef_, rollout_kl_, o_.target_kl, o_.kl_horizon, rollout_sequences_);
   }
 
-  ValidationSums validate() override {
-    return validate_policy({prompts_.val.get(), gen_, o_.val_greedy, micro_batch_size_, pad_id_}, actor_,
-                           &reference_, tok_, reward_, dist_);
-  }
-
   nlohmann::json state() const override {
-    return {{"position", prompts_.position()}, {"step", step_}, {"kl_coef", kl_coef_}};
+    auto s = OnlineAlgorithm::state();
+    s["kl_coef"] = kl_coef_;
+    return s;
   }
   void load_state(const nlohmann::json& s) override {
-    prompts_.sampler.position = s.at("position").get<int64_t>();
-    step_ = s.at("step").get<int64_t>();
+    OnlineAlgorithm::load_state(s);
     kl_coef_ = s.at("kl_coef").get<double>();
   }
 
  private:
-  const Tokenizer& tok_;
-  Transformer& actor_;
   Transformer& critic_;
-  Reference& reference_;
-  Reward& reward_;
-  dist::Dist& dist_;
   PpoOptions o_;
-  GenerationOptions gen_;
   double kl_coef_ = 0.01;
-  uint64_t seed_ = 0;
-  int64_t micro_batch_size_ = 1, step_ = 0;
-  bool checkpoint_layers_ = false;
-  int32_t pad_id_ = 0;
-  OnlinePrompts prompts_;
 
-  Rollout rollout_;
   RolloutTensors t_;
   std::vector<at::Tensor> micro_batches_;  // the step's micro-batches: rows of the rollout (CPU)
   std::vector<double> update_counts_;      // per update: actor tokens, response tokens (all ranks)

@@ -67,7 +67,7 @@ struct Options {
   Aggregation aggregation = Aggregation::kToken;
   int64_t prompts_per_step = 0, samples_per_prompt = 4, epochs = 1, minibatches = 1;
   double kl_coef = 0.01, clip_eps = 0.2, clip_eps_high = 0.2;
-  bool absolute_kl = true, mask_unfinished = true, sampler_logprobs = false, val_greedy = true;
+  bool absolute_kl = true, mask_unfinished = true, sampler_logprobs = false;
   bool dynamic_sampling = false;
   int64_t max_sampling_rounds = 4, overlong_buffer = 0;
   double overlong_factor = 1.0;
@@ -101,7 +101,6 @@ Options read_options(const Config& cfg) {
   o.prompts_per_step = cfg.get_int("rollout.prompts_per_step");
   o.samples_per_prompt = cfg.get_int("rollout.samples_per_prompt");
   o.sampler_logprobs = cfg.get_bool("rollout.sampler_logprobs");
-  o.val_greedy = cfg.get_bool("rollout.val_greedy");
   o.epochs = cfg.get_int("reinforce.epochs");
   o.minibatches = cfg.get_int("reinforce.minibatches");
   o.kl_coef = cfg.get_float("reinforce.kl_coef");
@@ -138,35 +137,21 @@ Options read_options(const Config& cfg) {
   return o;
 }
 
-class Reinforce final : public Algorithm {
+class Reinforce final : public OnlineAlgorithm {
  public:
   Reinforce(const Config& cfg, const Options& o, const GenerationOptions& gen, const Tokenizer& tok,
             Transformer& policy, Reference* reference, Reward& reward, dist::Dist& dist)
-      : tok_(tok), policy_(policy), reference_(reference), reward_(reward), dist_(dist), o_(o), gen_(gen) {
-    gen_.tokenizer = &tok;
-    check_generation_options(gen_);
-    seed_ = uint64_t(cfg.get_int("trainer.seed"));
-    micro_batch_size_ = cfg.get_int("trainer.micro_batch_size");
-    checkpoint_layers_ = cfg.get_bool("model.activation_checkpointing");
-    pad_id_ = pad_id_for(tok);
-    prompts_ = open_online_prompts(
-        cfg, tok, policy.cfg, gen_.max_new_tokens,
-        {o_.samples_per_prompt, "rollout.samples_per_prompt", o_.minibatches, "reinforce.minibatches"}, dist);
-  }
+      : OnlineAlgorithm(
+            cfg, gen,
+            {o.samples_per_prompt, "rollout.samples_per_prompt", o.minibatches, "reinforce.minibatches"}, tok,
+            policy, reward, reference, dist),
+        o_(o) {}
 
   int64_t update_batch_size() const { return o_.prompts_per_step * o_.samples_per_prompt / o_.minibatches; }
 
-  int64_t train_examples() const override { return dataset_size(*prompts_.train); }
-  StepExamples examples_per_step(int64_t) const override {
-    return {o_.prompts_per_step, "rollout.prompts_per_step"};
-  }
   int64_t updates_per_step() const override { return o_.epochs * o_.minibatches; }
 
   bool next_step(int64_t n) override {
-    const auto prompts = prompts_.next();
-    if (prompts.empty()) return false;
-    GenerationOptions gen = gen_;
-    gen.seed = step_seed(gen_.seed, step_, dist_.rank(), 0);
     GroupFilter filter;
     if (o_.dynamic_sampling) {
       // All rewards equal: every advantage is 0 and the group teaches nothing.
@@ -176,12 +161,12 @@ class Reinforce final : public Algorithm {
       filter.more = [this] { return prompts_.next(); };
       filter.max_rounds = o_.max_sampling_rounds;
     }
-    rollout_ =
-        make_rollout(policy_, prompts, gen, tok_, reward_, pad_id_, o_.dynamic_sampling ? &filter : nullptr);
+    if (!next_rollout(o_.dynamic_sampling ? &filter : nullptr)) return false;
     const auto& b = rollout_.batch;
     const int64_t N = b.input_ids.size(0), S = o_.samples_per_prompt;
-    // Dynamic sampling that ran out of prompts: the data is done.
-    if (N * o_.epochs != n * micro_batch_size_) return false;
+    if (N * o_.epochs != n * micro_batch_size_)
+      fail("reinforce: the rollout has {} responses, the step expects {}", N,
+           n * micro_batch_size_ / o_.epochs);
     micro_batches_ =
         plan_micro_batches(N, o_.epochs, micro_batch_size_, step_seed(seed_, step_, dist_.rank(), 2));
     const std::vector<at::Tensor> first_epoch(micro_batches_.begin(),
@@ -342,34 +327,10 @@ class Reinforce final : public Algorithm {
     return out;
   }
 
-  void after_optimizer_step(int64_t step) override { step_ = step; }
-
-  ValidationSums validate() override {
-    return validate_policy({prompts_.val.get(), gen_, o_.val_greedy, micro_batch_size_, pad_id_}, policy_,
-                           reference_, tok_, reward_, dist_);
-  }
-
-  nlohmann::json state() const override { return {{"position", prompts_.position()}, {"step", step_}}; }
-  void load_state(const nlohmann::json& s) override {
-    prompts_.sampler.position = s.at("position").get<int64_t>();
-    step_ = s.at("step").get<int64_t>();
-  }
-
  private:
-  const Tokenizer& tok_;
-  Transformer& policy_;
-  Reference* reference_;
-  Reward& reward_;
-  dist::Dist& dist_;
   Options o_;
-  GenerationOptions gen_;
-  uint64_t seed_ = 0;
-  int64_t micro_batch_size_ = 1, step_ = 0;
-  bool checkpoint_layers_ = false, old_from_first_update_ = false;
-  int32_t pad_id_ = 0;
-  OnlinePrompts prompts_;
+  bool old_from_first_update_ = false;
 
-  Rollout rollout_;
   at::Tensor old_logprobs_, ref_logprobs_, advantages_, actor_mask_;  // [N, T]
   std::vector<at::Tensor> micro_batches_;
   std::vector<double> update_counts_;  // per update: masked tokens, tokens, masked responses, responses

@@ -5,6 +5,7 @@
 #include "algo/data_stream.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "data/packing.h"
 #include "text/chat_template.h"
 
 #ifdef ALIGNER_WITH_CUDA
@@ -360,6 +361,46 @@ ValidationSums validate_policy(const PolicyValidation& v, Transformer& policy, R
                   {"ended_fraction", ended, double(N)}};
   out.parts.push_back(std::move(part));
   return out;
+}
+
+OnlineAlgorithm::OnlineAlgorithm(const Config& cfg, const GenerationOptions& gen, const StepShape& shape,
+                                 const Tokenizer& tok, Transformer& policy, Reward& reward,
+                                 Reference* reference, dist::Dist& dist)
+    : tok_(tok), policy_(policy), reward_(reward), reference_(reference), dist_(dist), gen_(gen) {
+  gen_.tokenizer = &tok;
+  check_generation_options(gen_);
+  seed_ = uint64_t(cfg.get_int("trainer.seed"));
+  prompts_per_step_ = cfg.get_int("rollout.prompts_per_step");
+  micro_batch_size_ = cfg.get_int("trainer.micro_batch_size");
+  checkpoint_layers_ = cfg.get_bool("model.activation_checkpointing");
+  val_greedy_ = cfg.get_bool("rollout.val_greedy");
+  pad_id_ = pad_id_for(tok);
+  prompts_ = open_online_prompts(cfg, tok, policy.cfg, gen_.max_new_tokens, shape, dist);
+}
+
+bool OnlineAlgorithm::next_rollout(const GroupFilter* filter) {
+  const auto prompts = prompts_.next();
+  if (prompts.empty()) return false;
+  GenerationOptions gen = gen_;
+  gen.seed = step_seed(gen_.seed, step_, dist_.rank(), 0);
+  rollout_ = make_rollout(policy_, prompts, gen, tok_, reward_, pad_id_, filter);
+  // Dynamic sampling that ran out of prompts before the step was full: the data is done.
+  return int64_t(rollout_.prompt_index.empty() ? 0 : rollout_.prompt_index.back() + 1) ==
+         int64_t(prompts.size());
+}
+
+ValidationSums OnlineAlgorithm::validate() {
+  return validate_policy({prompts_.val.get(), gen_, val_greedy_, micro_batch_size_, pad_id_}, policy_,
+                         reference_, tok_, reward_, dist_);
+}
+
+nlohmann::json OnlineAlgorithm::state() const {
+  return {{"position", prompts_.position()}, {"step", step_}};
+}
+
+void OnlineAlgorithm::load_state(const nlohmann::json& s) {
+  prompts_.sampler.position = s.at("position").get<int64_t>();
+  step_ = s.at("step").get<int64_t>();
 }
 
 }  // namespace aligner

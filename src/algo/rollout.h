@@ -177,4 +177,42 @@ struct PolicyValidation {
 ValidationSums validate_policy(const PolicyValidation& v, Transformer& policy, Reference* reference,
                                const Tokenizer& tok, Reward& reward, dist::Dist& dist);
 
+// What the online algorithms (ppo, reinforce, rs) have in common, on top of which each adds its
+// losses: the policy that generates and trains, its prompts (prompts_per_step a step over the ranks),
+// the generation options, the reward, the step count, held-out validation and the data position
+// in checkpoints.
+class OnlineAlgorithm : public Algorithm {
+ public:
+  // `reference`, when given, is what validation measures the KL to.
+  OnlineAlgorithm(const Config& cfg, const GenerationOptions& gen, const StepShape& shape,
+                  const Tokenizer& tok, Transformer& policy, Reward& reward, Reference* reference,
+                  dist::Dist& dist);
+
+  int64_t train_examples() const override { return dataset_size(*prompts_.train); }
+  StepExamples examples_per_step(int64_t) const override {
+    return {prompts_per_step_, "rollout.prompts_per_step"};
+  }
+  void after_optimizer_step(int64_t step) override { step_ = step; }
+  ValidationSums validate() override;
+  nlohmann::json state() const override;
+  void load_state(const nlohmann::json& s) override;
+
+ protected:
+  // This rank's next rollout into rollout_, drawn from a seed of the step; false once the data is done.
+  bool next_rollout(const GroupFilter* filter = nullptr);
+
+  const Tokenizer& tok_;
+  Transformer& policy_;
+  Reward& reward_;
+  Reference* reference_;
+  dist::Dist& dist_;
+  GenerationOptions gen_;
+  uint64_t seed_ = 0;  // trainer.seed
+  int64_t prompts_per_step_ = 0, micro_batch_size_ = 1, step_ = 0;
+  bool checkpoint_layers_ = false, val_greedy_ = true;
+  int32_t pad_id_ = 0;
+  OnlinePrompts prompts_;
+  Rollout rollout_;
+};
+
 }  // namespace aligner

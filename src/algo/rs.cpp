@@ -46,7 +46,6 @@ using Clock = std::chrono::steady_clock;
 struct RsOptions {
   int64_t prompts_per_step = 0, samples_per_prompt = 4, top_n = 1;
   std::optional<double> min_reward;
-  bool val_greedy = true;
 };
 
 RsOptions read_rs_options(const Config& cfg) {
@@ -54,7 +53,6 @@ RsOptions read_rs_options(const Config& cfg) {
   o.prompts_per_step = cfg.get_int("rollout.prompts_per_step");
   o.samples_per_prompt = cfg.get_int("rollout.samples_per_prompt");
   o.top_n = cfg.get_int("rs.top_n");
-  o.val_greedy = cfg.get_bool("rollout.val_greedy");
   for (const char* key : {"rollout.prompts_per_step", "rollout.samples_per_prompt", "rs.top_n"})
     if (cfg.get_int(key) < 1) fail("config key '{}' must be at least 1, got {}", key, cfg.get_int(key));
   if (o.top_n > o.samples_per_prompt)
@@ -77,34 +75,17 @@ RsOptions read_rs_options(const Config& cfg) {
   return o;
 }
 
-class Rs final : public Algorithm {
+class Rs final : public OnlineAlgorithm {
  public:
   Rs(const Config& cfg, const RsOptions& o, const GenerationOptions& gen, const Tokenizer& tok,
      Transformer& policy, Reward& reward, dist::Dist& dist)
-      : tok_(tok), policy_(policy), reward_(reward), dist_(dist), o_(o), gen_(gen) {
-    gen_.tokenizer = &tok;
-    check_generation_options(gen_);
-    micro_batch_size_ = cfg.get_int("trainer.micro_batch_size");
-    checkpoint_layers_ = cfg.get_bool("model.activation_checkpointing");
-    pad_id_ = pad_id_for(tok);
-    prompts_ =
-        open_online_prompts(cfg, tok, policy.cfg, gen_.max_new_tokens, {o_.top_n, "rs.top_n", 1, ""}, dist);
-  }
+      : OnlineAlgorithm(cfg, gen, {o.top_n, "rs.top_n", 1, ""}, tok, policy, reward, nullptr, dist), o_(o) {}
 
   // The trainer's global batch: the kept responses of one step on all ranks.
   int64_t global_batch_size() const { return o_.prompts_per_step * o_.top_n; }
 
-  int64_t train_examples() const override { return dataset_size(*prompts_.train); }
-  StepExamples examples_per_step(int64_t) const override {
-    return {o_.prompts_per_step, "rollout.prompts_per_step"};
-  }
-
   bool next_step(int64_t n) override {
-    const auto prompts = prompts_.next();
-    if (prompts.empty()) return false;
-    GenerationOptions g = gen_;
-    g.seed = step_seed(gen_.seed, step_, dist_.rank(), 0);
-    rollout_ = make_rollout(policy_, prompts, g, tok_, reward_, pad_id_);
+    if (!next_rollout()) return false;
     const auto& scores = rollout_.scores;
     const int64_t N = int64_t(scores.size());
     const auto kept = select_top_n(scores, o_.samples_per_prompt, o_.top_n);
@@ -184,34 +165,8 @@ class Rs final : public Algorithm {
     return out;
   }
 
-  void after_optimizer_step(int64_t step) override { step_ = step; }
-
-  // The held-out prompts' mean reward, response length and ended share, greedy by default so that
-  // validations compare like with like.
-  ValidationSums validate() override {
-    return validate_policy({prompts_.val.get(), gen_, o_.val_greedy, micro_batch_size_, pad_id_}, policy_,
-                           nullptr, tok_, reward_, dist_);
-  }
-
-  nlohmann::json state() const override { return {{"position", prompts_.position()}, {"step", step_}}; }
-  void load_state(const nlohmann::json& s) override {
-    prompts_.sampler.position = s.at("position").get<int64_t>();
-    step_ = s.at("step").get<int64_t>();
-  }
-
  private:
-  const Tokenizer& tok_;
-  Transformer& policy_;
-  Reward& reward_;
-  dist::Dist& dist_;
   RsOptions o_;
-  GenerationOptions gen_;
-  int64_t micro_batch_size_ = 1, step_ = 0;
-  bool checkpoint_layers_ = false;
-  int32_t pad_id_ = 0;
-  OnlinePrompts prompts_;
-
-  Rollout rollout_;
   at::Tensor weight_;                   // [N]: 1 for the responses that train, else 0
   std::vector<at::Tensor> micro_rows_;  // per micro-batch: its rows of the rollout (CPU)
   std::vector<double> units_;           // per micro-batch: its loss tokens
