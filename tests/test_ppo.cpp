@@ -191,9 +191,7 @@ TEST(Ppo, TwoRanksMatchOneRank) {
   std::string two_args = args;
   two_args.replace(two_args.find((out / "one").string()), (out / "one").string().size(),
                    (out / "two").string());
-  const auto two =
-      run_aligner("launch --nproc-per-node 2 --master-port " + std::to_string(29750 + ::getpid() % 100) +
-                  " -- " + ALIGNER_BINARY + " " + two_args);
+  const auto two = run_aligner_on_two_ranks(two_args, 29750);
   if (two.output.find("needs Gloo") != std::string::npos)
     GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
   ASSERT_EQ(two.status, 0) << two.output;

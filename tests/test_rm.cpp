@@ -162,9 +162,7 @@ TEST(Rm, TwoRanksWithAValidationSetSmallerThanOneBatchPerRankMatchOne) {
                            " optim.scheduler=constant output_dir=";
   const auto one = run_aligner(args + (out / "one").string());
   ASSERT_EQ(one.status, 0) << one.output;
-  const auto two =
-      run_aligner("launch --nproc-per-node 2 --master-port " + std::to_string(29850 + ::getpid() % 100) +
-                  " -- " + ALIGNER_BINARY + " " + args + (out / "two").string());
+  const auto two = run_aligner_on_two_ranks(args + (out / "two").string(), 29850);
   if (two.output.find("needs Gloo") != std::string::npos)
     GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
   ASSERT_EQ(two.status, 0) << two.output;

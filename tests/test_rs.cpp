@@ -307,9 +307,7 @@ TEST(Rs, TwoRanksMatchOneRank) {
   std::string two_args = args;
   two_args.replace(two_args.find((out / "one").string()), (out / "one").string().size(),
                    (out / "two").string());
-  const auto two =
-      run_aligner("launch --nproc-per-node 2 --master-port " + std::to_string(29700 + ::getpid() % 50) +
-                  " -- " + ALIGNER_BINARY + " " + two_args);
+  const auto two = run_aligner_on_two_ranks(two_args, 29700);
   if (two.output.find("needs Gloo") != std::string::npos)
     GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
   ASSERT_EQ(two.status, 0) << two.output;
@@ -359,9 +357,7 @@ TEST(Rs, BadConfigurationsAreOneLineErrors) {
 // --generate-only writes one file from one process; ranks are refused rather than racing on it.
 TEST(Rs, GenerateOnlyRefusesSeveralRanks) {
   const auto out = temp_dir("rs_generate_ranks");
-  const auto r =
-      run_aligner("launch --nproc-per-node 2 --master-port " + std::to_string(29650 + ::getpid() % 100) +
-                  " -- " + ALIGNER_BINARY + " " + rs_args(out, "--generate-only"));
+  const auto r = run_aligner_on_two_ranks(rs_args(out, "--generate-only"), 29650);
   if (r.output.find("needs Gloo") != std::string::npos)
     GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
   EXPECT_NE(r.status, 0);

@@ -169,4 +169,12 @@ inline Run run_aligner(const std::string& args, const std::string& env = "") {
   return run_shell("OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 " + env + " " + ALIGNER_BINARY + " " + args);
 }
 
+// `aligner ARGS` on two local data-parallel ranks (aligner launch), their rendezvous on a port of
+// this process's own (port_base plus a number from its pid), so that test binaries running at
+// once do not meet.
+inline Run run_aligner_on_two_ranks(const std::string& args, int port_base) {
+  return run_aligner("launch --nproc-per-node 2 --master-port " +
+                     std::to_string(port_base + ::getpid() % 50) + " -- " + ALIGNER_BINARY + " " + args);
+}
+
 }  // namespace aligner::test

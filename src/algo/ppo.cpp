@@ -354,9 +354,7 @@ void run_ppo(const Config& cfg) {
   // Every key is checked before the models load.
   const auto ppo = read_ppo_options(cfg);
   const auto gen = read_generation_options(cfg, "rollout.max_new_tokens", "rollout.samples_per_prompt");
-  const std::string offload = cfg.get_string("reference.offload");
-  if (offload != "auto" && offload != "true" && offload != "false")
-    fail("config key 'reference.offload' expects auto, true or false, got '{}'", offload);
+  const auto offload = read_reference_offload(cfg);
 
   auto ctx = init_run(cfg);
   const auto dtype = parse_compute_dtype(cfg.get_string("model.dtype"), ctx.device, "model.dtype");
@@ -370,7 +368,7 @@ void run_ppo(const Config& cfg) {
          critic.cfg.vocab_size, tok->vocab_size());
 
   auto reward = make_reward(cfg, *tok, ctx.device, dtype);
-  Reference reference(actor, offload == "true" || (offload == "auto" && ctx.device.is_cuda()));
+  Reference reference(actor, offload.value_or(ctx.device.is_cuda()));
 
   Ppo algo(cfg, ppo, gen, *tok, actor, critic, reference, *reward, ctx.dist);
   opt.global_batch_size = algo.update_batch_size();

@@ -347,9 +347,7 @@ void run_reinforce(const Config& cfg) {
   const auto o = read_options(cfg);
   check_reward_config(cfg);
   const auto gen = read_generation_options(cfg, "rollout.max_new_tokens", "rollout.samples_per_prompt");
-  const std::string offload = cfg.get_string("reference.offload");
-  if (offload != "auto" && offload != "true" && offload != "false")
-    fail("config key 'reference.offload' expects auto, true or false, got '{}'", offload);
+  const auto offload = read_reference_offload(cfg);
 
   auto ctx = init_run(cfg);
   const auto dtype = parse_compute_dtype(cfg.get_string("model.dtype"), ctx.device, "model.dtype");
@@ -359,9 +357,7 @@ void run_reinforce(const Config& cfg) {
   auto reward = make_reward(cfg, *tok, ctx.device, dtype);
   // No KL, no reference (DAPO drops it): no copy of the weights at all.
   std::unique_ptr<Reference> reference;
-  if (o.kl_coef > 0)
-    reference =
-        std::make_unique<Reference>(policy, offload == "true" || (offload == "auto" && ctx.device.is_cuda()));
+  if (o.kl_coef > 0) reference = std::make_unique<Reference>(policy, offload.value_or(ctx.device.is_cuda()));
 
   Reinforce algo(cfg, o, gen, *tok, policy, reference.get(), *reward, ctx.dist);
   opt.global_batch_size = algo.update_batch_size();

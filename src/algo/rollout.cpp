@@ -242,6 +242,14 @@ double peak_memory_gb(at::Device device) {
   return 0;
 }
 
+std::optional<bool> read_reference_offload(const Config& cfg) {
+  const std::string offload = cfg.get_string("reference.offload");
+  if (offload == "auto") return std::nullopt;
+  if (offload != "true" && offload != "false")
+    fail("config key 'reference.offload' expects auto, true or false, got '{}'", offload);
+  return offload == "true";
+}
+
 Reference::Reference(const Transformer& policy, bool offload) : offload_(offload) {
   at::NoGradGuard no_grad;
   if (!offload) {

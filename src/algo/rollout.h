@@ -6,6 +6,7 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -115,6 +116,9 @@ at::Tensor rollout_logprobs(const Transformer& m, const GenerationBatch& b,
 // A critic's value at every position: its score head (one output) read on every hidden state,
 // [B, T] float32.
 at::Tensor token_values(const Transformer& critic, const ForwardInput& in);
+
+// reference.offload: true, false, or nullopt for auto (offload on CUDA); other values are errors.
+std::optional<bool> read_reference_offload(const Config& cfg);
 
 // The policy's starting weights, frozen. offload=true keeps them in (pinned) host memory and swaps
 // them into the policy's own tensors for each pass, as NeMo-Aligner does, so that the GPU never

@@ -328,15 +328,13 @@ void run_spin(const Config& cfg) {
   const auto optim = read_optimizer_settings(cfg, "optim", "trainer.grad_clip");
   const std::string model_dir = cfg.get_string("model.path");
   if (model_dir.empty()) fail("config key 'model.path' must be set");
-  const std::string offload = cfg.get_string("reference.offload");
-  if (offload != "auto" && offload != "true" && offload != "false")
-    fail("config key 'reference.offload' expects auto, true or false, got '{}'", offload);
+  const auto offload = read_reference_offload(cfg);
   auto ctx = init_run(cfg);
   const auto dtype = parse_compute_dtype(cfg.get_string("model.dtype"), ctx.device, "model.dtype");
   Policy loaded = load_policy(model_dir, "model.path", ctx.device, dtype);
   Transformer& policy = loaded.model;
   auto& tok = loaded.tok;
-  Reference reference(policy, offload == "true" || (offload == "auto" && ctx.device.is_cuda()));
+  Reference reference(policy, offload.value_or(ctx.device.is_cuda()));
   Spin algo(cfg, *tok, policy, reference, model_dir, ctx.dist);
   opt.max_steps = algo.run_steps(opt.max_steps);
   train(cfg, opt, {whole_model(policy, optim, model_dir)}, algo, ctx.dist);
