@@ -215,6 +215,36 @@ TEST(Generate, SeedReproducesSamplesAndAnotherSeedDiffers) {
   EXPECT_NE(a[0], a[1]);
 }
 
+// A session keeps the KV cache (and on CUDA the captured decoding graphs) from one call to the
+// next; the draws are those of calls without one, also after the weights change in place as
+// training changes them, and after a call of another shape.
+TEST(Generate, ASessionKeptAcrossCallsGivesWhatFreshCallsGive) {
+  const Transformer& original = fixture("llama3");
+  Transformer m = allocate_transformer(original.cfg, original.embed.options());
+  auto theirs = named_parameters(original), ours = named_parameters(m);
+  for (size_t i = 0; i < ours.size(); ++i) ours[i].second.copy_(theirs[i].second);
+  const auto prompts = random_prompts({4, 7, 2}, m.cfg.vocab_size, 4);
+  auto tokens = [&](const std::vector<std::vector<int32_t>>& p, uint64_t seed,
+                    std::shared_ptr<DecodeSession> s) {
+    auto opt = sampling_options(seed);
+    opt.session = std::move(s);
+    std::vector<std::vector<int32_t>> out;
+    for (const auto& seq : generate(m, p, opt).sequences) out.push_back(seq.tokens);
+    return out;
+  };
+  const auto session = make_decode_session();
+  EXPECT_EQ(tokens(prompts, 5, session), tokens(prompts, 5, nullptr));
+  EXPECT_EQ(tokens(prompts, 6, session), tokens(prompts, 6, nullptr));
+  {
+    at::NoGradGuard no_grad;
+    for (auto& [name, t] : ours) t.mul_(1.5);  // in place, as an optimizer step
+  }
+  EXPECT_EQ(tokens(prompts, 5, session), tokens(prompts, 5, nullptr));
+  const auto shorter = random_prompts({3}, m.cfg.vocab_size, 9);
+  EXPECT_EQ(tokens(shorter, 7, session), tokens(shorter, 7, nullptr));
+  EXPECT_EQ(tokens(prompts, 8, session), tokens(prompts, 8, nullptr));
+}
+
 // ---------------------------------------------------------------- sampling distribution
 
 // The filtered distribution computed directly, in double: temperature, then top-k (ties with the

@@ -377,6 +377,10 @@ OnlineAlgorithm::OnlineAlgorithm(const Config& cfg, const GenerationOptions& gen
     : tok_(tok), policy_(policy), reward_(reward), reference_(reference), dist_(dist), gen_(gen) {
   gen_.tokenizer = &tok;
   check_generation_options(gen_);
+  // Rollouts of one shape reuse their KV cache and captured decoding graphs step after step;
+  // validation (greedy, other prompts) keeps its own.
+  gen_.session = make_decode_session();
+  val_session_ = make_decode_session();
   seed_ = uint64_t(cfg.get_int("trainer.seed"));
   prompts_per_step_ = cfg.get_int("rollout.prompts_per_step");
   micro_batch_size_ = cfg.get_int("trainer.micro_batch_size");
@@ -398,7 +402,9 @@ bool OnlineAlgorithm::next_rollout(const GroupFilter* filter) {
 }
 
 ValidationSums OnlineAlgorithm::validate() {
-  return validate_policy({prompts_.val.get(), gen_, val_greedy_, micro_batch_size_, pad_id_}, policy_,
+  GenerationOptions gen = gen_;
+  gen.session = val_session_;
+  return validate_policy({prompts_.val.get(), gen, val_greedy_, micro_batch_size_, pad_id_}, policy_,
                          reference_, tok_, reward_, dist_);
 }
 

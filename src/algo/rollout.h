@@ -1,6 +1,6 @@
-// The rollout path that the online algorithms share (PPO now; REINFORCE, rejection sampling and
-// SPIN next): prompts from a JSONL file in sampler order, responses generated on the live policy
-// weights in this process, rewards, and the frozen reference's log-probs on them.
+// The rollout path that the online algorithms share (ppo, reinforce, rs; spin uses its reference
+// and step seeds): prompts from a JSONL file in sampler order, responses generated on the live
+// policy weights in this process, rewards, and the frozen reference's log-probs on them.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -61,6 +61,7 @@ struct OnlinePrompts {
   // Where this rank's order stands, for checkpoints.
   int64_t position() const { return sampler.position; }
 };
+
 // How a step's responses are trained on: `per_prompt` of each prompt's responses (the key that
 // sets it named in errors), in `updates` optimizer updates (`updates_key`).
 struct StepShape {
@@ -69,6 +70,7 @@ struct StepShape {
   int64_t updates = 1;
   std::string updates_key;
 };
+
 // Checks that rollout.prompts_per_step shares out over the ranks and that each rank's trained
 // responses cut into the updates' whole micro-batches; errors name the keys.
 OnlinePrompts open_online_prompts(const Config& cfg, const Tokenizer& tok, const ModelConfig& model,
@@ -217,6 +219,7 @@ class OnlineAlgorithm : public Algorithm {
   int32_t pad_id_ = 0;
   OnlinePrompts prompts_;
   Rollout rollout_;
+  std::shared_ptr<DecodeSession> val_session_;
 };
 
 }  // namespace aligner

@@ -235,6 +235,17 @@ void check_prompts(const ModelConfig& c, const std::vector<std::vector<int32_t>>
 
 }  // namespace
 
+struct DecodeSession {
+  const Transformer* model = nullptr;
+  SamplingParams sampling;
+  std::unique_ptr<KvCache> cache;
+  std::unique_ptr<CudaDecoder> fast;  // declared after the cache it refers to: destroyed first
+};
+
+std::shared_ptr<DecodeSession> make_decode_session() {
+  return std::make_shared<DecodeSession>();
+}
+
 GenerationResult generate(const Transformer& m, const std::vector<std::vector<int32_t>>& prompts,
                           const GenerationOptions& opt) {
   check_generation_options(opt);
@@ -248,14 +259,29 @@ GenerationResult generate(const Transformer& m, const std::vector<std::vector<in
   for (const auto& p : prompts) longest = std::max<int64_t>(longest, int64_t(p.size()));
   const int64_t slots = opt.batch_size > 0 ? std::min(opt.batch_size, total) : total;
   const auto device = m.embed.device();
-  KvCache cache =
-      allocate_kv_cache(m.cfg, slots, std::min(context, longest + opt.max_new_tokens), m.embed.options());
-  auto gen = make_generator(device, opt.seed);
+  const int64_t max_tokens = std::min(context, longest + opt.max_new_tokens);
   // On CUDA the decoding step is a replayed graph with fused attention and sampling kernels; the
   // ATen step below is the reference it is tested against and the path everywhere else.
-  std::unique_ptr<CudaDecoder> fast;
-  if (opt.cuda_kernels && cuda_decoding_supported(m))
-    fast = std::make_unique<CudaDecoder>(m, cache, opt.sampling);
+  const bool use_fast = opt.cuda_kernels && cuda_decoding_supported(m);
+  DecodeSession local;
+  DecodeSession& session = opt.session ? *opt.session : local;
+  const SamplingParams &now = opt.sampling, &was = session.sampling;
+  const bool same = session.cache && session.model == &m && kv_slots(*session.cache) == slots &&
+                    kv_max_tokens(*session.cache) == max_tokens && bool(session.fast) == use_fast &&
+                    now.greedy == was.greedy && now.temperature == was.temperature &&
+                    now.top_k == was.top_k && now.top_p == was.top_p;
+  if (same) {
+    session.cache->lengths.zero_();
+  } else {
+    session.fast.reset();  // it refers to the cache
+    session.cache = std::make_unique<KvCache>(allocate_kv_cache(m.cfg, slots, max_tokens, m.embed.options()));
+    if (use_fast) session.fast = std::make_unique<CudaDecoder>(m, *session.cache, opt.sampling);
+    session.model = &m;
+    session.sampling = opt.sampling;
+  }
+  KvCache& cache = *session.cache;
+  CudaDecoder* fast = session.fast.get();
+  auto gen = make_generator(device, opt.seed);
 
   std::unordered_set<int64_t> stop_ids(opt.stop_ids.begin(), opt.stop_ids.end());
   if (opt.stop_at_eos) {

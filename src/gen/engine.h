@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -46,6 +47,14 @@ enum class FinishReason {
 };
 std::string finish_reason_name(FinishReason r);  // "stop" | "length"
 
+// What generate() keeps between calls when the caller passes one (online training generates every
+// step with the same shapes): the KV cache and, on CUDA, the decoder with its captured graphs,
+// reused while the model object, the slots, the cache length and the sampling settings stay the
+// same. The graphs read the weights where they are, so training them in place between calls is
+// fine. Not for calls from several threads at once.
+struct DecodeSession;
+std::shared_ptr<DecodeSession> make_decode_session();
+
 struct GenerationOptions {
   int64_t max_new_tokens = 256;
   SamplingParams sampling;
@@ -65,6 +74,8 @@ struct GenerationOptions {
   // On CUDA, decode with the captured graph and fused kernels of gen/cuda_decoder.h where the
   // model allows; false: the ATen step everywhere (the reference that tests compare them with).
   bool cuda_kernels = true;
+  // Kept from one call to the next (see DecodeSession); nullptr: made for this call only.
+  std::shared_ptr<DecodeSession> session;
   // Called after every step with the sequences finished and the tokens generated so far.
   std::function<void(int64_t finished, int64_t generated_tokens)> on_step;
 };
