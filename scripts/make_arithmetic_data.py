@@ -26,7 +26,7 @@ import json
 import os
 import random
 
-SIZES = (("heldout", 500), ("rl", 2000), ("sft", 4000))  # drawn in this order
+HELDOUT, RL = 300, 1000  # the rest of the problems is the SFT split
 
 TOKENIZER = "examples/models/tiny-llama/tokenizer.json"
 
@@ -56,27 +56,20 @@ def main():
         s = str(n)
         return all(s[i:i + 2] not in merges for i in range(len(s) - 1))
 
-    def operand(rng):
-        digits = rng.choice((2, 3))
-        return rng.randint(10 ** (digits - 1), 10 ** digits - 1)
-
-    rng = random.Random(args.seed)
-    seen = set()
+    problems = [(a, b) for a in range(100, 1000) for b in range(1, 10)
+                if all(map(single_digit_tokens, (a, b, a + b)))]
+    random.Random(args.seed).shuffle(problems)
+    splits = (("heldout", problems[:HELDOUT]), ("rl", problems[HELDOUT:HELDOUT + RL]),
+              ("sft", problems[HELDOUT + RL:]))
     os.makedirs(args.out, exist_ok=True)
-    for split, count in SIZES:
+    for split, pairs in splits:
         path = os.path.join(args.out, f"{split}.jsonl")
         with open(path, "w", newline="\n") as f:
-            written = 0
-            while written < count:
-                a, b = operand(rng), operand(rng)
-                if (a, b) in seen or not all(map(single_digit_tokens, (a, b, a + b))):
-                    continue
-                seen.add((a, b))
+            for a, b in pairs:
                 prompt, answer = f"{a}+{b}=", str(a + b)
                 row = {"input": prompt, "output": answer} if split == "sft" else {"text": prompt, "answer": answer}
                 f.write(json.dumps(row) + "\n")
-                written += 1
-        print(f"{path}: {count} lines, {os.path.getsize(path)} bytes")
+        print(f"{path}: {len(pairs)} lines, {os.path.getsize(path)} bytes")
 
 
 if __name__ == "__main__":
