@@ -3,23 +3,26 @@ learning is visible (examples/demo_arithmetic.sh, tests/test_arithmetic.cpp).
 
     python3 scripts/make_arithmetic_data.py [--seed 13] [--out examples/data/arithmetic]
 
-Each problem is a prompt "A+B=" whose answer is the sum, no spaces: "472+85=" -> "557". The same
-prompt text is the SFT example's "input" and the RL line's "text", so with data.template=plain the
-model sees the same tokens in SFT, in RL and at evaluation. Files:
+Each problem is a prompt "A+B=" whose answer is the sum, no spaces: "669+7=" -> "676", A of three
+digits, B of one (1-9). The same prompt text is the SFT example's "input" and the RL line's
+"text", so with data.template=plain the model sees the same tokens in SFT, in RL and at
+evaluation. Files:
 
-  sft.jsonl       {"input": "472+85=", "output": "557"}   supervised fine-tuning
-  rl.jsonl        {"text": "472+85=", "answer": "557"}    RL prompts (reward.rule=numeric)
-  heldout.jsonl   as rl.jsonl                             held-out prompts, for validation
+  heldout.jsonl   {"text": "765+2=", "answer": "767"}    300 held-out prompts, for validation
+  rl.jsonl        as heldout.jsonl                       1000 RL prompts (reward.rule=numeric)
+  sft.jsonl       {"input": "669+7=", "output": "676"}   the other 1342, supervised fine-tuning
 
-Operands have 2 or 3 digits (each drawn independently). Every number written (both operands and
-the sum) is one whose digits are separate tokens for the demo model's tokenizer
-(examples/models/tiny-llama/tokenizer.json, a 6k byte-level BPE): that BPE has merges for 30 pairs
-of digits ("12", "47", "00", ...), so "47" would be one token while "46" is two, and the tiny model
-then barely learns to add at all (0.5% held-out after the SFT that gives 70% on numbers of single
-digit tokens). Numbers holding any of those pairs are skipped.
+Every number written (both operands and the sum) has its digits as separate tokens of the demo
+model's tokenizer (examples/models/tiny-llama/tokenizer.json, a 6k byte-level BPE). That BPE merges
+30 pairs of digits ("12", "47", "00", ...), so "47" is one token while "46" is two, and the 4.4M
+model then barely learns to add: on three-digit plus two-digit problems, 1000 SFT steps gave 0.5%
+held-out with all numbers and 71% with only numbers of single-digit tokens. Numbers holding any of
+those pairs are left out. A of three digits and B of one, always in that order: a mixed order or
+more digits took the tiny model 500-800 SFT steps to start adding at all, which leaves no CPU time
+for RL in a demo; this set goes from 20% to 42% between SFT steps 150 and 200.
 
-No problem (ordered pair A, B) is in two files. Deterministic: the same seed writes the same bytes.
-Standard library only.
+All such problems are enumerated, shuffled with the seed and split, so none is in two files, and
+the same seed writes the same bytes. Standard library only.
 """
 import argparse
 import json
