@@ -27,7 +27,7 @@ echo "== SFT: $M on $(wc -l <$D/sft.jsonl) additions of $D/sft.jsonl (200 steps 
 t=$(now)
 $A sft model.path=$M data.train=$D/sft.jsonl data.max_length=32 trainer.max_steps=200 \
   trainer.micro_batch_size=16 trainer.global_batch_size=16 trainer.log_interval=50 optim.lr=1e-3 \
-  optim.warmup_steps=10 optim.min_lr=1e-4 output_dir=$OUT/sft $COMMON 2>&1 | shown "step [0-9]+/" | sed -E 's/ lr=.*//' 
+  optim.warmup_steps=10 optim.min_lr=1e-4 output_dir=$OUT/sft $COMMON 2>&1 | shown "step [0-9]+/" | sed -E 's/ lr=.*//'
 T_SFT=$(took $t)
 
 echo "== reinforce: GRPO from the SFT model, the reward a numeric check of the answer"
