@@ -6,7 +6,9 @@
 
 #include "io/hf_checkpoint.h"
 #include "model/transformer.h"
+#include "test_util.h"
 
+#include <csignal>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -43,6 +45,21 @@ inline std::vector<nlohmann::json> json_lines(const std::string& output) {
   for (std::string line; std::getline(in, line);)
     if (!line.empty() && line[0] == '{') rows.push_back(nlohmann::json::parse(line));
   return rows;
+}
+
+// A training command run whole into `whole`, and into `killed` stopped by SIGKILL after step
+// `kill_at` (ALIGNER_KILL_AT_STEP) and run again, which must resume from a checkpoint: the caller
+// then compares the two outputs.
+template <class Args>
+void run_whole_and_killed(Args&& args, const std::filesystem::path& whole,
+                          const std::filesystem::path& killed, int kill_at) {
+  const auto w = run_aligner(args(whole));
+  ASSERT_EQ(w.status, 0) << w.output;
+  const auto k = run_aligner(args(killed), "ALIGNER_KILL_AT_STEP=" + std::to_string(kill_at));
+  ASSERT_EQ(k.status, 128 + SIGKILL) << k.output;
+  const auto r = run_aligner(args(killed));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("resuming from"), std::string::npos) << r.output;
 }
 
 // The tensors of two model folders, each compared: equal to the bit (tolerance 0) or within it.

@@ -161,13 +161,8 @@ TEST(Ppo, HeldOutRewardRisesAndTheFirstUpdateHasRatioOne) {
 TEST(Ppo, KilledRunResumesToTheSameWeights) {
   const auto a = temp_dir("ppo_resume_a"), b = temp_dir("ppo_resume_b");
   const std::string args = "trainer.max_steps=4 trainer.save_interval=1 ppo.target_kl=0.01";
-  const auto ra = run_aligner(ppo_args(a, args));
-  ASSERT_EQ(ra.status, 0) << ra.output;
-  const auto killed = run_aligner(ppo_args(b, args), "ALIGNER_KILL_AT_STEP=2");
-  ASSERT_EQ(killed.status, 128 + SIGKILL) << killed.output;
-  const auto resumed = run_aligner(ppo_args(b, args));
-  ASSERT_EQ(resumed.status, 0) << resumed.output;
-  EXPECT_NE(resumed.output.find("resuming from"), std::string::npos) << resumed.output;
+  run_whole_and_killed([&](const fs::path& out) { return ppo_args(out, args); }, a, b, 2);
+  if (HasFatalFailure()) return;
   for (const char* m : {"actor", "critic"}) expect_same_weights(a / "final" / m, b / "final" / m);
   const auto ma = metrics(a), mb = metrics(b);
   ASSERT_EQ(mb.size(), 4u);

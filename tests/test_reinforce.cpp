@@ -144,12 +144,8 @@ TEST(Reinforce, KilledRunResumesToTheSameWeights) {
   const auto a = temp_dir("reinforce_resume_a"), b = temp_dir("reinforce_resume_b");
   const std::string args =
       "reinforce.advantage=grpo reinforce.minibatches=2 trainer.max_steps=4 trainer.save_interval=1";
-  const auto ra = run_aligner(reinforce_args(a, args));
-  ASSERT_EQ(ra.status, 0) << ra.output;
-  const auto killed = run_aligner(reinforce_args(b, args), "ALIGNER_KILL_AT_STEP=2");
-  ASSERT_EQ(killed.status, 128 + SIGKILL) << killed.output;
-  const auto resumed = run_aligner(reinforce_args(b, args));
-  ASSERT_EQ(resumed.status, 0) << resumed.output;
+  run_whole_and_killed([&](const fs::path& out) { return reinforce_args(out, args); }, a, b, 2);
+  if (HasFatalFailure()) return;
   expect_same_weights(a / "final", b / "final");
   const auto ma = metrics(a), mb = metrics(b);
   ASSERT_EQ(mb.size(), 4u);

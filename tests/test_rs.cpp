@@ -173,13 +173,8 @@ TEST(Rs, MinRewardWeighsOutResponsesBelowIt) {
 TEST(Rs, KilledRunResumesToTheSameWeights) {
   const auto a = temp_dir("rs_resume_a"), b = temp_dir("rs_resume_b");
   const std::string args = "trainer.max_steps=4 trainer.save_interval=1";
-  const auto ra = run_aligner(rs_args(a, args));
-  ASSERT_EQ(ra.status, 0) << ra.output;
-  const auto killed = run_aligner(rs_args(b, args), "ALIGNER_KILL_AT_STEP=2");
-  ASSERT_EQ(killed.status, 128 + SIGKILL) << killed.output;
-  const auto resumed = run_aligner(rs_args(b, args));
-  ASSERT_EQ(resumed.status, 0) << resumed.output;
-  EXPECT_NE(resumed.output.find("resuming from"), std::string::npos) << resumed.output;
+  run_whole_and_killed([&](const fs::path& out) { return rs_args(out, args); }, a, b, 2);
+  if (HasFatalFailure()) return;
   expect_same_weights(a / "final", b / "final");
   const auto ma = metrics(a), mb = metrics(b);
   ASSERT_EQ(ma.size(), 4u);
