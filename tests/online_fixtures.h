@@ -1,6 +1,11 @@
 // What the online algorithms' tests (ppo, reinforce, rs) run on: the tiny model as the policy, the
 // same model with a random score head as the reward model, and a few prompts.
 #pragma once
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -53,6 +58,15 @@ inline std::string online_args(const std::string& command, const std::filesystem
          " data.train=" + (online_prompts() / "train.jsonl").string() +
          " data.validation=" + (online_prompts() / "val.jsonl").string() +
          " model.device=cpu rollout.max_new_tokens=6 gen.top_k=20 trainer.seed=3 output_dir=" + out.string();
+}
+
+// The train rows of a run whose reference is the base with the adapters (LoRA) off: no KL at the
+// first step, where the adapters still have no effect, and some at the last, once they have moved
+// the policy (a reference that kept them would show none).
+inline void expect_kl_to_the_base(const std::vector<nlohmann::json>& train, size_t steps) {
+  ASSERT_EQ(train.size(), steps);
+  EXPECT_EQ(train.front()["kl"].get<double>(), 0.0);
+  EXPECT_GT(std::abs(train.back()["kl"].get<double>()), 1e-6);
 }
 
 }  // namespace aligner::test

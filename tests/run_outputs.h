@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "io/hf_checkpoint.h"
+#include "io/safetensors.h"
 #include "model/transformer.h"
 #include "test_util.h"
 
@@ -75,6 +76,14 @@ inline void expect_same_weights(const std::filesystem::path& a, const std::files
       EXPECT_LE((pa[i].second - pb[i].second).abs().max().item<double>(), tolerance)
           << a << ": " << pa[i].first;
   }
+}
+
+// The tensors of two PEFT adapter folders, equal to the bit.
+inline void expect_same_adapters(const std::filesystem::path& a, const std::filesystem::path& b) {
+  const auto fa = safetensors::File::open((a / "adapter_model.safetensors").string()),
+             fb = safetensors::File::open((b / "adapter_model.safetensors").string());
+  ASSERT_EQ(fa.tensors().size(), fb.tensors().size());
+  for (const auto& t : fa.tensors()) EXPECT_TRUE(fa.get(t.name).equal(fb.get(t.name))) << a << ": " << t.name;
 }
 
 }  // namespace aligner::test

@@ -10,6 +10,7 @@
 #include "algo/ppo.h"
 #include "data/packing.h"
 #include "io/hf_checkpoint.h"
+#include "io/safetensors.h"
 #include "online_fixtures.h"
 #include "reward/reward_model.h"
 #include "reward/reward_server.h"
@@ -256,6 +257,24 @@ TEST(Ppo, BadConfigurationsAreOneLineErrors) {
   const auto r = run_aligner(ppo_args(out, "trainer.max_steps=1 actor.path=" + tiny_reward_model()));
   EXPECT_NE(r.status, 0);
   EXPECT_NE(r.output.find("is a reward model"), std::string::npos) << r.output;
+  fs::remove_all(out);
+}
+
+// Adapters on the actor and the critic (lora.critic): no KL at the first step (the reference is the
+// base with the adapters off), and each final folder is a PEFT adapter, the critic's with its value head.
+TEST(Ppo, LoraOnActorAndCritic) {
+  const auto out = temp_dir("ppo_lora");
+  const auto r = run_aligner(ppo_args(
+      out, "trainer.max_steps=3 lora.rank=4 lora.critic=true actor.optim.lr=5e-2 data.validation=null"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  expect_kl_to_the_base(metrics(out), 3);
+  if (HasFatalFailure()) return;
+  const auto critic = nlohmann::json::parse(std::ifstream(out / "final" / "critic" / "adapter_config.json"));
+  EXPECT_EQ(critic["task_type"], "SEQ_CLS");
+  const auto file =
+      safetensors::File::open((out / "final" / "critic" / "adapter_model.safetensors").string());
+  EXPECT_TRUE(file.contains("base_model.model.score.weight"));
+  EXPECT_TRUE(fs::exists(out / "final" / "actor" / "adapter_model.safetensors"));
   fs::remove_all(out);
 }
 

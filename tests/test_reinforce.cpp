@@ -174,5 +174,18 @@ TEST(Reinforce, BadConfigurationsAreOneLineErrors) {
   fs::remove_all(out);
 }
 
+// With adapters the reference is the base with them off: no KL at the first step, some once the
+// adapters have moved the policy; final/ is a PEFT adapter.
+TEST(Reinforce, LoraKlIsToTheBaseWithTheAdaptersOff) {
+  const auto out = temp_dir("reinforce_lora");
+  const auto r = run_aligner(reinforce_args(
+      out, "reinforce.advantage=grpo trainer.max_steps=4 lora.rank=4 optim.lr=5e-2 data.validation=null"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  expect_kl_to_the_base(metrics(out), 4);
+  if (HasFatalFailure()) return;
+  EXPECT_TRUE(fs::exists(out / "final" / "adapter_config.json"));
+  fs::remove_all(out);
+}
+
 }  // namespace
 }  // namespace aligner::test

@@ -361,5 +361,14 @@ TEST(Rs, GenerateOnlyRefusesSeveralRanks) {
   fs::remove_all(out);
 }
 
+TEST(Rs, LoraTrainsAdapters) {
+  const auto out = temp_dir("rs_lora");
+  const auto r = run_aligner(rs_args(out, "trainer.max_steps=2 lora.rank=4 data.validation=null"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(metrics(out).size(), 2u);
+  EXPECT_TRUE(fs::exists(out / "final" / "adapter_config.json"));
+  fs::remove_all(out);
+}
+
 }  // namespace
 }  // namespace aligner::test

@@ -213,5 +213,21 @@ TEST(Spin, BadConfigurationsAreOneLineErrors) {
   fs::remove(text);
 }
 
+// With adapters each iteration's reference is a PEFT adapter snapshot, which a run resumed partway
+// through an iteration reads back: it ends with the adapters of an uninterrupted run.
+TEST(Spin, LoraSnapshotsAdaptersAndResumes) {
+  const auto data = data_files(8);
+  const auto a = temp_dir("spin_lora_a"), b = temp_dir("spin_lora_b");
+  const std::string args =
+      "spin.iterations=2 spin.beta=[0.1,0.1] lora.rank=4 optim.lr=1e-2 trainer.save_interval=1 "
+      "data.validation=null";
+  run_whole_and_killed([&](const fs::path& out) { return spin_args(data, out, args); }, a, b, 3);
+  if (HasFatalFailure()) return;
+  EXPECT_TRUE(fs::exists(a / "reference" / "step_2" / "adapter_config.json"));
+  expect_same_adapters(a / "final", b / "final");
+  fs::remove_all(a);
+  fs::remove_all(b);
+}
+
 }  // namespace
 }  // namespace aligner::test

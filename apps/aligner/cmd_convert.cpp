@@ -6,6 +6,7 @@
 #include "commands.h"
 #include "core/error.h"
 #include "io/hf_checkpoint.h"
+#include "io/peft_adapter.h"
 
 namespace aligner::cli {
 namespace {
@@ -40,8 +41,10 @@ void run(const Config& cfg) {
   const int64_t shard_bytes = parse_size(cfg.get_string("shard_size"));
   const Replace replace = cfg.get_bool("overwrite") ? Replace::anything : Replace::ours;
   check_model_folder_target(out, replace, model);
-  auto m = load_transformer(model, at::kCPU, dt);
-  save_transformer(m, out, dt, shard_bytes, model, replace);
+  const std::string adapter = cfg.get_string("model.adapter");
+  if (!adapter.empty()) check_model_folder_target(out, replace, adapter);
+  auto m = load_adapted_model(model, adapter, at::kCPU, dt);
+  save_transformer(has_adapters(m) ? merged_copy(m) : m, out, dt, shard_bytes, model, replace);
   fmt::print("wrote {}\n", out);
 }
 
@@ -52,6 +55,19 @@ void add_convert(CLI::App& app) {
       app.add_subcommand("convert", "Rewrite a Hugging Face model folder in another dtype or shard size");
   add_config_options(*cmd, "convert",
                      {{"--model", "model.path", true},
+                      {"--out", "out", true},
+                      {"--dtype", "model.dtype"},
+                      {"--shard-size", "shard_size"},
+                      {"--overwrite", "overwrite", false, "true"}},
+                     run);
+}
+
+void add_merge_lora(CLI::App& app) {
+  auto* cmd = app.add_subcommand(
+      "merge-lora", "Fold a PEFT LoRA adapter into its base model: a Hugging Face folder of merged weights");
+  add_config_options(*cmd, "convert",
+                     {{"--base", "model.path", true},
+                      {"--adapter", "model.adapter", true},
                       {"--out", "out", true},
                       {"--dtype", "model.dtype"},
                       {"--shard-size", "shard_size"},

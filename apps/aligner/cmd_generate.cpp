@@ -25,6 +25,7 @@
 #include "gen/engine.h"
 #include "gen/generation_config.h"
 #include "io/hf_checkpoint.h"
+#include "io/peft_adapter.h"
 
 namespace aligner::cli {
 namespace {
@@ -90,7 +91,7 @@ void run(const Config& cfg) {
   check_generation_options(opt);
   const at::Device device = parse_device_name(cfg.get_string("model.device"), "model.device");
   const auto dtype = parse_compute_dtype(cfg.get_string("model.dtype"), device, "model.dtype");
-  const Transformer m = load_transformer(model_dir, device, dtype);
+  const Transformer m = load_adapted_model(model_dir, cfg.get_string("model.adapter"), device, dtype);
   if (tok->vocab_size() > m.cfg.vocab_size)
     fail("{}: the tokenizer has {} tokens but the model's vocabulary is {}", model_dir, tok->vocab_size(),
          m.cfg.vocab_size);
@@ -137,8 +138,10 @@ void run(const Config& cfg) {
 void add_generate(CLI::App& app) {
   auto* cmd = app.add_subcommand("generate", "Complete the prompts of a JSONL file with a model");
   auto aliases = model_aliases(true);
-  aliases.insert(aliases.end(),
-                 {{"--data", "data.path", true}, {"--out", "out", true}, {"--batch-size", "gen.batch_size"}});
+  aliases.insert(aliases.end(), {{"--data", "data.path", true},
+                                 {"--out", "out", true},
+                                 {"--batch-size", "gen.batch_size"},
+                                 {"--adapter", "model.adapter"}});
   add_config_options(*cmd, "generate", aliases, run);
 }
 

@@ -12,6 +12,7 @@
 #include "data/sequence_data.h"
 #include "io/hf_checkpoint.h"
 #include "io/jsonl.h"
+#include "io/peft_adapter.h"
 #include "text/tokenizer.h"
 
 namespace aligner::cli {
@@ -56,8 +57,9 @@ void run(const Config& cfg) {
   if (batch_size < 1) fail("config key 'batch_size' must be at least 1, got {}", batch_size);
   if (stride < 0) fail("config key 'stride' must be 0 (no windows) or positive, got {}", stride);
   const at::Device device = parse_device_name(cfg.get_string("model.device"), "model.device");
-  const Transformer m = load_transformer(
-      model_dir, device, parse_compute_dtype(cfg.get_string("model.dtype"), device, "model.dtype"));
+  const Transformer m =
+      load_adapted_model(model_dir, cfg.get_string("model.adapter"), device,
+                         parse_compute_dtype(cfg.get_string("model.dtype"), device, "model.dtype"));
   const int64_t context = m.cfg.max_position_embeddings;
   if (stride >= context)
     fail("config key 'stride' must be less than the model's max_position_embeddings ({}), got {}", context,
@@ -135,8 +137,10 @@ void add_perplexity(CLI::App& app) {
   auto* cmd =
       app.add_subcommand("perplexity", "Log-likelihood of each sequence in a JSONL file under a model");
   auto aliases = model_aliases(true);
-  aliases.insert(aliases.end(),
-                 {{"--data", "data.path", true}, {"--batch-size", "batch_size"}, {"--stride", "stride"}});
+  aliases.insert(aliases.end(), {{"--data", "data.path", true},
+                                 {"--batch-size", "batch_size"},
+                                 {"--stride", "stride"},
+                                 {"--adapter", "model.adapter"}});
   add_config_options(*cmd, "perplexity", aliases, run);
 }
 

@@ -6,6 +6,7 @@ namespace aligner::cli {
 
 void add_perplexity(CLI::App& app);
 void add_convert(CLI::App& app);
+void add_merge_lora(CLI::App& app);
 void add_tokenize(CLI::App& app);
 void add_chat_template(CLI::App& app);
 void add_sft(CLI::App& app);

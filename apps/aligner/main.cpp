@@ -30,6 +30,7 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", "aligner 0.1.0");
   aligner::cli::add_perplexity(app);
   aligner::cli::add_convert(app);
+  aligner::cli::add_merge_lora(app);
   aligner::cli::add_tokenize(app);
   aligner::cli::add_chat_template(app);
   aligner::cli::add_init(app);

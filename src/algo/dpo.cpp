@@ -304,6 +304,9 @@ void run_dpo(const Config& cfg) {
            policy.cfg.vocab_size);
     return ref;
   };
+  auto module = trainable_model(policy, cfg, optim, model_dir);
+  // With adapters the reference is the base with them off: no second model, and no cache needed.
+  const bool adapters = module.lora.rank > 0;
   Dpo algo(cfg, *tok, policy, ctx.dist.rank(), ctx.dist.world_size());
   std::optional<Transformer> reference;
   if (cfg.get_bool("dpo.cache_reference")) {
@@ -314,14 +317,17 @@ void run_dpo(const Config& cfg) {
     // Until training starts the policy is the reference when both come from one folder, so the
     // cache takes no second model at all; a separate reference is freed once it has run.
     if (reference_dir.empty())
-      algo.cache_reference(policy, micro_batches);
+      algo.cache_reference(without_adapters(policy), micro_batches);
     else
       algo.cache_reference(load_reference(), micro_batches);
   } else {
-    reference = reference_dir.empty() ? load_transformer(model_dir, ctx.device, dtype) : load_reference();
+    if (!reference_dir.empty())
+      reference = load_reference();
+    else
+      reference = adapters ? without_adapters(policy) : load_transformer(model_dir, ctx.device, dtype);
     algo.use_reference(&*reference);
   }
-  train(cfg, opt, {whole_model(policy, optim, model_dir)}, algo, ctx.dist);
+  train(cfg, opt, {module}, algo, ctx.dist);
 }
 
 }  // namespace aligner

@@ -367,13 +367,21 @@ void run_ppo(const Config& cfg) {
     fail("critic.path {}: its vocabulary ({}) is smaller than the actor's tokenizer ({})", critic_dir,
          critic.cfg.vocab_size, tok->vocab_size());
 
+  auto actor_module = trainable_model(actor, cfg, actor_optim, actor_dir, "actor");
+  auto critic_module = whole_model(critic, critic_optim, critic_dir, "critic");
+  if (cfg.get_bool("lora.critic")) {
+    // The critic's own adapters, of the actor's settings (not lora.from's weights), and its value head.
+    const auto lora = actor_module.lora;
+    if (lora.rank == 0) fail("config key 'lora.critic' is true, but LoRA is off (lora.rank is 0)");
+    add_adapters(critic, lora, uint64_t(cfg.get_int("trainer.seed")) + 1);
+    critic_module =
+        adapter_module(critic, lora, critic_optim, critic_dir, "critic", cfg.get_bool("lora.merge_on_save"));
+  }
   auto reward = make_reward(cfg, *tok, ctx.device, dtype);
   Reference reference(actor, offload.value_or(ctx.device.is_cuda()));
 
   Ppo algo(cfg, ppo, gen, *tok, actor, critic, reference, *reward, ctx.dist);
   opt.global_batch_size = algo.update_batch_size();
-  auto actor_module = whole_model(actor, actor_optim, actor_dir, "actor");
-  auto critic_module = whole_model(critic, critic_optim, critic_dir, "critic");
   train(cfg, opt, {actor_module, critic_module}, algo, ctx.dist);
 }
 

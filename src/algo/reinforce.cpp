@@ -354,6 +354,7 @@ void run_reinforce(const Config& cfg) {
   Policy loaded = load_policy(model_dir, "model.path", ctx.device, dtype);
   Transformer& policy = loaded.model;
   auto& tok = loaded.tok;
+  auto module = trainable_model(policy, cfg, optim, model_dir);
   auto reward = make_reward(cfg, *tok, ctx.device, dtype);
   // No KL, no reference (DAPO drops it): no copy of the weights at all.
   std::unique_ptr<Reference> reference;
@@ -361,7 +362,7 @@ void run_reinforce(const Config& cfg) {
 
   Reinforce algo(cfg, o, gen, *tok, policy, reference.get(), *reward, ctx.dist);
   opt.global_batch_size = algo.update_batch_size();
-  train(cfg, opt, {whole_model(policy, optim, model_dir)}, algo, ctx.dist);
+  train(cfg, opt, {module}, algo, ctx.dist);
 }
 
 }  // namespace aligner

@@ -246,13 +246,14 @@ void run_rm(const Config& cfg) {
   if (tok->vocab_size() > model.cfg.vocab_size)
     fail("{}: the tokenizer has {} tokens but the model's vocabulary is {}", model_dir, tok->vocab_size(),
          model.cfg.vocab_size);
+  auto module = trainable_model(model, cfg, optim, model_dir);
   std::unique_ptr<Algorithm> algo;
   if (type == "pairwise")
     algo = std::make_unique<PairwiseRewardModel>(cfg, *tok, model, ctx.dist.rank(), ctx.dist.world_size());
   else
     algo = std::make_unique<RegressionRewardModel>(cfg, *tok, model, ctx.dist.rank(), ctx.dist.world_size(),
                                                    labels);
-  train(cfg, opt, {whole_model(model, optim, model_dir)}, *algo, ctx.dist);
+  train(cfg, opt, {module}, *algo, ctx.dist);
 }
 
 }  // namespace aligner

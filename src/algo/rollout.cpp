@@ -1,6 +1,7 @@
 #include "algo/rollout.h"
 
 #include <chrono>
+#include <map>
 
 #include "algo/data_stream.h"
 #include "core/error.h"
@@ -250,8 +251,10 @@ std::optional<bool> read_reference_offload(const Config& cfg) {
   return offload == "true";
 }
 
-Reference::Reference(const Transformer& policy, bool offload) : offload_(offload) {
+Reference::Reference(const Transformer& policy, bool offload)
+    : adapters_(has_adapters(policy)), offload_(offload) {
   at::NoGradGuard no_grad;
+  if (adapters_) return;
   if (!offload) {
     copy_ = std::make_unique<Transformer>(allocate_transformer(policy.cfg, policy.embed.options()));
     const auto from = named_parameters(policy), to = named_parameters(*copy_);
@@ -267,8 +270,27 @@ Reference::Reference(const Transformer& policy, bool offload) : offload_(offload
   }
 }
 
+Transformer Reference::adapted_reference(const Transformer& policy) const {
+  if (assigned_adapters_.empty()) return without_adapters(policy);
+  Transformer ref = policy;
+  const std::map<std::string, at::Tensor> by_name(assigned_adapters_.begin(), assigned_adapters_.end());
+  for (auto& [module, l] : layer_linears(ref)) {
+    if (!l->lora.a.defined()) continue;
+    const auto a = by_name.find(module + ".lora_A.weight"), b = by_name.find(module + ".lora_B.weight");
+    if (a == by_name.end() || b == by_name.end()) fail("the reference has no adapter for {}", module);
+    l->lora.a = a->second;
+    l->lora.b = b->second;
+  }
+  return ref;
+}
+
 void Reference::assign(const std::vector<std::pair<std::string, at::Tensor>>& weights) {
   at::NoGradGuard no_grad;
+  if (adapters_) {
+    assigned_adapters_.clear();
+    for (const auto& [name, t] : weights) assigned_adapters_.emplace_back(name, t.detach().clone());
+    return;
+  }
   std::vector<at::Tensor> to = host_;
   if (copy_)
     for (const auto& [name, t] : named_parameters(*copy_)) to.push_back(t);

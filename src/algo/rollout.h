@@ -127,12 +127,14 @@ std::optional<bool> read_reference_offload(const Config& cfg);
 // holds a second copy of the policy; offload=false keeps a copy on the policy's device.
 class Reference {
  public:
+  // A policy with adapters (LoRA) needs no copy: its reference is the base with the adapters off.
   Reference(const Transformer& policy, bool offload);
   // Runs f(the reference model), without gradients. With offload the policy's tensors hold the
   // reference weights during `f` (one swap in and out for all its passes) and their own afterwards.
   template <class F>
   void with_model(Transformer& policy, F&& f) {
     at::NoGradGuard no_grad;
+    if (adapters_) return f(static_cast<const Transformer&>(adapted_reference(policy)));
     if (!offload_) return f(static_cast<const Transformer&>(*copy_));
     swap_in(policy);
     try {
@@ -143,14 +145,19 @@ class Reference {
     }
     swap_out(policy);
   }
-  // Replaces the reference with `weights`, named_parameters(policy)'s tensors in its order, from any
-  // device: SPIN's reference becomes the policy as it is at the end of each iteration.
+  // Replaces the reference with `weights`, named_parameters(policy)'s tensors in its order (with
+  // adapters: adapter_parameters(policy)'s), from any device: SPIN's reference becomes the policy as
+  // it is at the end of each iteration.
   void assign(const std::vector<std::pair<std::string, at::Tensor>>& weights);
 
  private:
   void swap_in(Transformer& policy);
   void swap_out(Transformer& policy);
+  // The policy's base with the assigned adapters, or none.
+  Transformer adapted_reference(const Transformer& policy) const;
 
+  bool adapters_ = false;
+  std::vector<std::pair<std::string, at::Tensor>> assigned_adapters_;
   bool offload_ = false;
   std::unique_ptr<Transformer> copy_;     // offload = false
   std::vector<at::Tensor> host_, stash_;  // offload = true: the reference, and the policy meanwhile

@@ -349,10 +349,11 @@ void run_rs(const Config& cfg) {
   auto ctx = init_run(cfg);
   const auto dtype = parse_compute_dtype(cfg.get_string("model.dtype"), ctx.device, "model.dtype");
   Policy policy = load_policy(cfg.get_string("model.path"), "model.path", ctx.device, dtype);
+  auto module = trainable_model(policy.model, cfg, optim, cfg.get_string("model.path"));
   auto reward = make_reward(cfg, *policy.tok, ctx.device, dtype);
   Rs algo(cfg, o, gen, *policy.tok, policy.model, *reward, ctx.dist);
   opt.global_batch_size = algo.global_batch_size();
-  train(cfg, opt, {whole_model(policy.model, optim, cfg.get_string("model.path"))}, algo, ctx.dist);
+  train(cfg, opt, {module}, algo, ctx.dist);
 }
 
 }  // namespace aligner

@@ -297,9 +297,10 @@ void run_sft(const Config& cfg) {
       fail("kd.teacher {} has a vocabulary of {}, the student {}", cfg.get_string("kd.teacher"),
            teacher->cfg.vocab_size, model.cfg.vocab_size);
   }
+  auto module = trainable_model(model, cfg, optim, model_dir);
   Sft algo(cfg, *tok, model, teacher ? &*teacher : nullptr, ctx.device, ctx.dist.rank(),
            ctx.dist.world_size());
-  train(cfg, opt, {whole_model(model, optim, model_dir)}, algo, ctx.dist);
+  train(cfg, opt, {module}, algo, ctx.dist);
 }
 
 }  // namespace aligner

@@ -17,6 +17,7 @@
 #include "data/sft_data.h"
 #include "gen/generation_config.h"
 #include "io/hf_checkpoint.h"
+#include "io/peft_adapter.h"
 #include "text/chat_template.h"
 #include "train/run_setup.h"
 #include "train/trainer.h"
@@ -267,23 +268,36 @@ class Spin final : public Algorithm {
   void begin_iteration() {
     const int64_t start = iteration() * steps_per_iteration_;
     if (start == reference_step_) return;
+    // With adapters (LoRA) the reference is the base with the iteration's adapters, and its
+    // snapshot a PEFT adapter folder.
+    const bool adapters = has_adapters(policy_);
     if (start == step_) {
-      reference_.assign(named_parameters(policy_));
+      reference_.assign(adapters ? adapter_parameters(policy_) : named_parameters(policy_));
       if (dist_.is_main()) {
-        save_transformer(policy_, snapshot_dir(start).string(), std::nullopt, 0, model_dir_);
+        if (adapters)
+          save_peft_adapter(policy_, adapter_config(policy_), snapshot_dir(start).string(), model_dir_,
+                            model_dir_, Replace::ours);
+        else
+          save_transformer(policy_, snapshot_dir(start).string(), std::nullopt, 0, model_dir_);
         prune_snapshots(start);
       }
       log_info("SPIN iteration {} of {}: the reference is now the policy after step {}", iteration() + 1,
                iterations_, start);
     } else {
       const fs::path dir = snapshot_dir(start);
-      if (!fs::exists(dir / "config.json"))
+      if (!fs::exists(dir / (adapters ? "adapter_config.json" : "config.json")))
         fail(
             "resuming partway through SPIN iteration {} needs its reference, the policy after step {}, which "
             "{} should hold (was the checkpoint copied without its output_dir?)",
             iteration() + 1, start, dir.string());
-      const Transformer snapshot = load_transformer(dir.string(), at::kCPU, policy_.embed.scalar_type());
-      reference_.assign(named_parameters(snapshot));
+      if (adapters) {
+        Transformer snapshot = without_adapters(policy_);
+        load_peft_adapter(snapshot, dir.string());
+        reference_.assign(adapter_parameters(snapshot));
+      } else {
+        const Transformer snapshot = load_transformer(dir.string(), at::kCPU, policy_.embed.scalar_type());
+        reference_.assign(named_parameters(snapshot));
+      }
       log_info("SPIN iteration {} of {}: the reference (the policy after step {}) read from {}",
                iteration() + 1, iterations_, start, dir.string());
     }
@@ -334,10 +348,11 @@ void run_spin(const Config& cfg) {
   Policy loaded = load_policy(model_dir, "model.path", ctx.device, dtype);
   Transformer& policy = loaded.model;
   auto& tok = loaded.tok;
+  auto module = trainable_model(policy, cfg, optim, model_dir);
   Reference reference(policy, offload.value_or(ctx.device.is_cuda()));
   Spin algo(cfg, *tok, policy, reference, model_dir, ctx.dist);
   opt.max_steps = algo.run_steps(opt.max_steps);
-  train(cfg, opt, {whole_model(policy, optim, model_dir)}, algo, ctx.dist);
+  train(cfg, opt, {module}, algo, ctx.dist);
 }
 
 }  // namespace aligner

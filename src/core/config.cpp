@@ -448,6 +448,7 @@ Config Config::load(const std::string& defaults_yaml, const std::string& file,
   config.schema_ = parse_yaml(defaults_yaml, defaults_name);
   if (!config.schema_.IsMap()) fail("{} must be a map of keys", defaults_name);
   config.root_ = build(config.schema_, "", Source{defaults_name}, YAML::Mark::null_mark());
+  config.defaults_ = YAML::Clone(config.root_);
 
   if (!file.empty()) {
     // A directory opens and reads as empty, which would silently mean "no changes".
@@ -488,7 +489,7 @@ bool Config::is_null(const std::string& key) const {
 
 bool Config::is_default(const std::string& key) const {
   leaf_kind(schema_, key);  // throws for an unknown key or a section
-  return YAML::Dump(*find(root_, key)) == YAML::Dump(*find(schema_, key));
+  return YAML::Dump(*find(root_, key)) == YAML::Dump(*find(defaults_, key));
 }
 
 int64_t Config::get_int(const std::string& key) const {

@@ -38,8 +38,9 @@ class Config {
   const YAML::Node& root() const { return root_; }
 
  private:
-  YAML::Node root_;    // resolved values, as canonical scalars in the defaults' key order
-  YAML::Node schema_;  // the parsed defaults: each key's type is its default's
+  YAML::Node root_;      // resolved values, as canonical scalars in the defaults' key order
+  YAML::Node schema_;    // the parsed defaults: each key's type is its default's
+  YAML::Node defaults_;  // the defaults in canonical form, as root_ holds values
 };
 
 }  // namespace aligner

@@ -153,7 +153,8 @@ void write_text(const fs::path& path, const std::string& text) {
 // Whether save_transformer writes files of this name.
 bool written_by_save(const std::string& name) {
   if (name == kMarker || name == "config.json" || name == "model.safetensors" ||
-      name == "model.safetensors.index.json")
+      name == "model.safetensors.index.json" || name == "adapter_config.json" ||
+      name == "adapter_model.safetensors")
     return true;
   if (name.rfind("model-", 0) == 0 && name.size() > 18 &&
       name.compare(name.size() - 12, 12, ".safetensors") == 0)
@@ -247,7 +248,7 @@ void move_into_place(const fs::path& tmp, const fs::path& target, const std::str
 }
 
 void write_folder(const Transformer& m, const fs::path& tmp, at::ScalarType out_dtype,
-                  int64_t max_shard_bytes, const std::string& tokenizer_from) {
+                  int64_t max_shard_bytes) {
   safetensors::NamedTensors tensors;
   for (auto& [name, t] : named_parameters(m)) tensors.emplace_back(name, t.detach().to(at::kCPU, out_dtype));
   safetensors::save_dir(tmp.string(), tensors, max_shard_bytes);
@@ -257,8 +258,10 @@ void write_folder(const Transformer& m, const fs::path& tmp, at::ScalarType out_
   const char* key = cfg.contains("dtype") && !cfg.contains("torch_dtype") ? "dtype" : "torch_dtype";
   cfg[key] = dtype_name(out_dtype);
   write_text(tmp / "config.json", cfg.dump(2) + "\n");
-  write_text(tmp / kMarker, "aligner wrote this model folder; a later save may replace it\n");
+}
 
+void finish_folder(const fs::path& tmp, const std::string& tokenizer_from) {
+  write_text(tmp / kMarker, "aligner wrote this model folder; a later save may replace it\n");
   if (!tokenizer_from.empty()) {
     for (const char* f : kTokenizerFiles) {
       const fs::path src = fs::path(tokenizer_from) / f;
@@ -277,6 +280,13 @@ void check_model_folder_target(const std::string& dir, Replace replace, const st
 
 void save_transformer(const Transformer& m, const std::string& dir, std::optional<at::ScalarType> dtype,
                       int64_t max_shard_bytes, const std::string& tokenizer_from, Replace replace) {
+  save_folder(dir, replace, tokenizer_from, [&](const std::string& tmp) {
+    write_folder(m, tmp, dtype.value_or(m.cfg.dtype), max_shard_bytes);
+  });
+}
+
+void save_folder(const std::string& dir, Replace replace, const std::string& tokenizer_from,
+                 const std::function<void(const std::string& tmp)>& write) {
   const fs::path target = target_path(dir);
   check_target(target, dir, replace, tokenizer_from);
   std::error_code ec;
@@ -284,7 +294,8 @@ void save_transformer(const Transformer& m, const std::string& dir, std::optiona
   if (ec) fail("{}: cannot create the folder: {}", target.parent_path().string(), ec.message());
   const fs::path tmp = scratch_folder(target, "tmp");
   try {
-    write_folder(m, tmp, dtype.value_or(m.cfg.dtype), max_shard_bytes, tokenizer_from);
+    write(tmp.string());
+    finish_folder(tmp, tokenizer_from);
     // Again: writing takes long enough for something to have appeared there.
     check_target(target, dir, replace, tokenizer_from);
     move_into_place(tmp, target, dir);

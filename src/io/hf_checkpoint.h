@@ -2,6 +2,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -43,6 +44,13 @@ enum class Replace {
 void save_transformer(const Transformer& m, const std::string& dir,
                       std::optional<at::ScalarType> dtype = std::nullopt, int64_t max_shard_bytes = 0,
                       const std::string& tokenizer_from = "", Replace replace = Replace::ours);
+
+// How save_transformer writes its folder, for other folders of model files (PEFT adapters):
+// `write(tmp)` fills a new folder, which gets the marker file and the tokenizer files and then
+// replaces `dir`, with save_transformer's checks and guarantees. Files other than a model's or an
+// adapter's make a folder one that only Replace::anything replaces.
+void save_folder(const std::string& dir, Replace replace, const std::string& tokenizer_from,
+                 const std::function<void(const std::string& tmp)>& write);
 
 // The error save_transformer(m, dir, ..., tokenizer_from = source, replace) would give for what is
 // at `dir` now, so that a command can refuse before it loads or builds a model.

@@ -7,21 +7,51 @@
 
 namespace aligner {
 
+// A low-rank adapter (LoRA) beside a frozen weight: y = W x + scale * B (A dropout(x)). A and B are
+// float32 master weights; they run in the activations' dtype.
+struct Lora {
+  at::Tensor a;  // [rank, in]
+  at::Tensor b;  // [out, rank]
+  double scale = 1;
+  double dropout = 0;  // applied while gradients are recorded (training), as PEFT in train mode
+};
+
+// Adapter dropout applies in the training forward: while gradients are recorded, and in the first
+// run of a checkpointed layer, which records none but must draw the masks its recomputation draws.
+inline thread_local bool adapter_dropout_forced = false;
+struct ForceAdapterDropout {
+  bool before = adapter_dropout_forced;
+  ForceAdapterDropout() { adapter_dropout_forced = true; }
+  ~ForceAdapterDropout() { adapter_dropout_forced = before; }
+};
+
 struct Linear {
   at::Tensor weight;  // [out, in], as nn.Linear stores it
   at::Tensor bias;    // [out] or undefined
+  Lora lora;          // undefined tensors: no adapter
 };
 
 inline at::Tensor apply(const Linear& l, const at::Tensor& x) {
-  return at::linear(x, l.weight, l.bias.defined() ? c10::optional<at::Tensor>(l.bias) : c10::nullopt);
+  auto y = at::linear(x, l.weight, l.bias.defined() ? c10::optional<at::Tensor>(l.bias) : c10::nullopt);
+  if (!l.lora.a.defined()) return y;
+  const bool train = l.lora.dropout > 0 && (at::GradMode::is_enabled() || adapter_dropout_forced);
+  const auto xd = train ? at::dropout(x, l.lora.dropout, true) : x;
+  const auto t = x.scalar_type();
+  // The scale rides on the small A, and B's product adds into y inside one GEMM (addmm): no extra
+  // passes over the [tokens, out] activations.
+  const auto xa = at::linear(xd, (l.lora.a * l.lora.scale).to(t));
+  const int64_t out = y.size(-1);
+  return at::addmm(y.reshape({-1, out}), xa.reshape({-1, xa.size(-1)}), l.lora.b.to(t).t()).view(y.sizes());
 }
 
 // Projections of one input as a single Linear whose output rows are theirs in order, when their
 // weights (and biases) lie back to back in memory, as allocate_transformer lays them out; nullopt
-// otherwise (weights replaced or loaded elsewhere). A view, not a copy: for inference only, as
-// gradients through it would not reach the parts.
+// otherwise (weights replaced or loaded elsewhere, or a part has an adapter, which the joined weight
+// would leave out). A view, not a copy: for inference only, as gradients through it would not reach
+// the parts.
 inline c10::optional<Linear> joined_linear(std::initializer_list<const Linear*> parts) {
   const Linear& first = **parts.begin();
+  if (first.lora.a.defined()) return c10::nullopt;
   const bool bias = first.bias.defined();
   const auto next_to = [](const at::Tensor& a, const at::Tensor& b) {
     return a.is_contiguous() && b.is_contiguous() && a.scalar_type() == b.scalar_type() &&
@@ -31,6 +61,7 @@ inline c10::optional<Linear> joined_linear(std::initializer_list<const Linear*> 
   const Linear* prev = &first;
   for (auto it = parts.begin() + 1; it != parts.end(); ++it) {
     const Linear& p = **it;
+    if (p.lora.a.defined()) return c10::nullopt;
     if (p.weight.dim() != 2 || p.weight.size(1) != first.weight.size(1) || p.bias.defined() != bias ||
         !next_to(prev->weight, p.weight) || (bias && !next_to(prev->bias, p.bias)))
       return c10::nullopt;

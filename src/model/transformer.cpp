@@ -112,10 +112,18 @@ at::Tensor block_forward(const ModelConfig& c, const Block& b, const at::Tensor&
   return h + mlp(b, compat::rms_norm(h, b.post_attention_norm, c.rms_norm_eps));
 }
 
-// The layer to recompute, carried through the autograd graph in a capsule.
+// The layer to recompute, carried through the autograd graph in a capsule. A layer that draws
+// random numbers (adapter dropout) keeps the generator's state from its first run, so that the
+// recomputation draws the same masks.
 struct Recompute : torch::CustomClassHolder {
   std::function<at::Tensor(const at::Tensor&)> fn;
+  bool random = false;
+  at::Tensor rng_state;
 };
+
+at::Generator default_generator(const at::Tensor& like) {
+  return at::globalContext().defaultGenerator(like.device());
+}
 
 // Runs the layer without recording its graph; in the backward pass runs it again with the graph
 // and backpropagates through that, which accumulates the layer's weight gradients directly.
@@ -123,17 +131,33 @@ struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                             c10::intrusive_ptr<Recompute> layer) {
     ctx->save_for_backward({x});
+    if (layer->random) {
+      auto gen = default_generator(x);
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      layer->rng_state = gen.get_state();
+    }
     ctx->saved_data["layer"] = c10::IValue::make_capsule(layer);
+    const ForceAdapterDropout training;
     return layer->fn(x);
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     auto x = ctx->get_saved_variables()[0].detach().requires_grad_(true);
     auto layer = c10::static_intrusive_pointer_cast<Recompute>(ctx->saved_data["layer"].toCapsule());
-    at::Tensor out;
+    at::Tensor out, rng_now;
+    auto gen = default_generator(x);
+    if (layer->random) {
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      rng_now = gen.get_state();
+      gen.set_state(layer->rng_state);
+    }
     {
       at::AutoGradMode grad_mode(true);
       out = layer->fn(x);
+    }
+    if (layer->random) {
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      gen.set_state(rng_now);
     }
     torch::autograd::backward({out}, {grads[0]});
     return {x.grad(), at::Tensor()};
@@ -142,8 +166,16 @@ struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
 
 bool block_trains(const Block& b) {
   for (const Linear* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down})
-    if (l->weight.requires_grad() || (l->bias.defined() && l->bias.requires_grad())) return true;
+    if (l->weight.requires_grad() || (l->bias.defined() && l->bias.requires_grad()) ||
+        (l->lora.a.defined() && (l->lora.a.requires_grad() || l->lora.b.requires_grad())))
+      return true;
   return b.input_norm.requires_grad() || b.post_attention_norm.requires_grad();
+}
+
+bool block_draws(const Block& b) {
+  for (const Linear* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down})
+    if (l->lora.a.defined() && l->lora.dropout > 0) return true;
+  return false;
 }
 
 }  // namespace
@@ -182,6 +214,7 @@ at::Tensor forward_hidden(const Transformer& m, const ForwardInput& in) {
       // needs none, so it becomes a leaf that asks for one.
       if (!x.requires_grad() && block_trains(b)) x = x.detach().requires_grad_(true);
       auto layer = c10::make_intrusive<Recompute>();
+      layer->random = block_draws(b);
       layer->fn = [&c, &b, cos = cos, sin = sin, mask](const at::Tensor& h) {
         return block_forward(c, b, h, cos, sin, mask);
       };

@@ -1,8 +1,11 @@
 #include "train/run_setup.h"
 
+#include <algorithm>
+
 #include "core/error.h"
 #include "core/log.h"
 #include "io/hf_checkpoint.h"
+#include "io/peft_adapter.h"
 
 namespace aligner {
 
@@ -25,6 +28,81 @@ Policy load_policy(const std::string& dir, const std::string& key, at::Device de
     fail("{}: the tokenizer has {} tokens but the model's vocabulary is {}", dir, p.tok->vocab_size(),
          p.model.cfg.vocab_size);
   return p;
+}
+
+LoraConfig read_lora_config(const Config& cfg) {
+  LoraConfig c;
+  c.rank = cfg.get_int("lora.rank");
+  c.alpha = cfg.get_float("lora.alpha");
+  c.dropout = cfg.get_float("lora.dropout");
+  const std::string init = cfg.get_string("lora.init");
+  if (init != "default" && init != "gaussian")
+    fail("config key 'lora.init' expects default or gaussian, got '{}'", init);
+  c.gaussian_init = init == "gaussian";
+  for (const auto& t : cfg.get_string_list("lora.target_modules")) {
+    if (t == "all-linear") {
+      for (const auto& all : kLoraTargets)
+        if (std::find(c.targets.begin(), c.targets.end(), all) == c.targets.end()) c.targets.push_back(all);
+      continue;
+    }
+    if (std::find(kLoraTargets.begin(), kLoraTargets.end(), t) == kLoraTargets.end())
+      fail("config key 'lora.target_modules': unknown module '{}' (expected {} or all-linear)", t,
+           fmt::join(kLoraTargets, ", "));
+    if (std::find(c.targets.begin(), c.targets.end(), t) == c.targets.end()) c.targets.push_back(t);
+  }
+  if (c.rank < 0) fail("config key 'lora.rank' must be >= 0 (0: LoRA off), got {}", c.rank);
+  if (c.rank == 0 && cfg.get_string("lora.from").empty()) {
+    for (const char* key :
+         {"lora.alpha", "lora.dropout", "lora.target_modules", "lora.init", "lora.merge_on_save"})
+      if (!cfg.is_default(key))
+        fail("config key '{}' is set, but LoRA is off (lora.rank is 0): set lora.rank or lora.from", key);
+    return c;
+  }
+  if (!(c.alpha > 0)) fail("config key 'lora.alpha' must be > 0, got {}", c.alpha);
+  if (!(c.dropout >= 0 && c.dropout < 1))
+    fail("config key 'lora.dropout' must be in [0, 1), got {}", c.dropout);
+  if (c.targets.empty()) fail("config key 'lora.target_modules' is empty");
+  return c;
+}
+
+TrainableModule trainable_model(Transformer& model, const Config& cfg, OptimizerSettings optim,
+                                const std::string& model_dir, std::string name) {
+  LoraConfig lora = read_lora_config(cfg);
+  const std::string from = cfg.get_string("lora.from");
+  if (lora.rank == 0 && from.empty()) return whole_model(model, std::move(optim), model_dir, std::move(name));
+  if (!from.empty()) {
+    // The folder's adapter decides what is adapted; the run's keys may only repeat it.
+    const LoraConfig loaded = load_peft_adapter(model, from);
+    if (lora.rank > 0)
+      fail("config key 'lora.rank' is set, but lora.from {} decides the adapter's shape: leave it out", from);
+    for (const char* key : {"lora.alpha", "lora.target_modules", "lora.init"})
+      if (!cfg.is_default(key))
+        fail("config key '{}' is set, but lora.from {} decides the adapter's shape: leave it out", key, from);
+    const double dropout = lora.dropout;
+    lora = loaded;
+    if (!cfg.is_default("lora.dropout")) lora.dropout = dropout;
+    for (auto& [module, l] : layer_linears(model))
+      if (l->lora.a.defined()) l->lora.dropout = lora.dropout;
+  } else {
+    add_adapters(model, lora, uint64_t(cfg.get_int("trainer.seed")));
+  }
+  return adapter_module(model, lora, std::move(optim), model_dir, std::move(name),
+                        cfg.get_bool("lora.merge_on_save"));
+}
+
+TrainableModule adapter_module(Transformer& model, const LoraConfig& lora, OptimizerSettings optim,
+                               const std::string& model_dir, std::string name, bool merge_on_save) {
+  TrainableModule m;
+  m.name = std::move(name);
+  m.model = &model;
+  m.params = adapter_parameters(model);
+  if (m.params.empty()) fail("module '{}' trains adapters, but its model has none", m.name);
+  if (model.score.weight.defined()) m.params.emplace_back("score.weight", model.score.weight);
+  m.optim = std::move(optim);
+  m.tokenizer_dir = model_dir;
+  m.lora = lora;
+  m.merge_on_save = merge_on_save;
+  return m;
 }
 
 }  // namespace aligner

@@ -3,8 +3,10 @@
 #pragma once
 #include "core/config.h"
 #include "dist/process_group.h"
+#include "model/lora.h"
 #include "model/transformer.h"
 #include "text/tokenizer.h"
+#include "train/trainer.h"
 
 namespace aligner {
 
@@ -24,5 +26,19 @@ struct Policy {
   std::unique_ptr<Tokenizer> tok;
 };
 Policy load_policy(const std::string& dir, const std::string& key, at::Device device, at::ScalarType dtype);
+
+// lora.* checked (errors name the key): rank, alpha, dropout, target_modules (all-linear for every
+// projection), init. Keys set while lora.rank is 0 and lora.from unset are an error: LoRA is off.
+LoraConfig read_lora_config(const Config& cfg);
+
+// The module that trains `model` (loaded from model_dir): every weight, or with lora.rank > 0 or
+// lora.from the adapters, which this adds to the model (new ones seeded with trainer.seed, or
+// lora.from's), plus a sequence classifier's score head. Add them before anything reads the model
+// (a reference, a generation session): those then see the adapters.
+TrainableModule trainable_model(Transformer& model, const Config& cfg, OptimizerSettings optim,
+                                const std::string& model_dir, std::string name = "model");
+// The module that trains the adapters already added to `model` (and a classifier's score head).
+TrainableModule adapter_module(Transformer& model, const LoraConfig& lora, OptimizerSettings optim,
+                               const std::string& model_dir, std::string name, bool merge_on_save);
 
 }  // namespace aligner

@@ -19,6 +19,7 @@
 #include "core/tensorboard.h"
 #include "dist/ddp.h"
 #include "io/hf_checkpoint.h"
+#include "io/peft_adapter.h"
 #include "train/checkpoint.h"
 #include "train/optimizer.h"
 #include "train/schedule.h"
@@ -185,6 +186,13 @@ struct Running {
   std::unique_ptr<AdamW> optimizer;
 };
 
+// The model's weights and its adapters.
+NamedParams model_parameters(const Transformer& m) {
+  auto all = named_parameters(m);
+  for (auto& p : adapter_parameters(m)) all.push_back(std::move(p));
+  return all;
+}
+
 // Checks the modules, freezes what they do not train, and says which train a whole model.
 std::vector<Running> prepare_modules(std::vector<TrainableModule> modules, int64_t total_steps) {
   if (modules.empty()) fail("an algorithm must train at least one module");
@@ -196,7 +204,7 @@ std::vector<Running> prepare_modules(std::vector<TrainableModule> modules, int64
     if (!m.model) fail("trainable module '{}' has no model", m.name);
     if (m.params.empty()) fail("trainable module '{}' has no parameters", m.name);
     std::map<std::string, const void*> known;
-    for (const auto& [name, t] : named_parameters(*m.model)) known.emplace(name, t.unsafeGetTensorImpl());
+    for (const auto& [name, t] : model_parameters(*m.model)) known.emplace(name, t.unsafeGetTensorImpl());
     for (const auto& [name, t] : m.params) {
       auto it = known.find(name);
       if (it == known.end() || it->second != t.unsafeGetTensorImpl())
@@ -207,12 +215,12 @@ std::vector<Running> prepare_modules(std::vector<TrainableModule> modules, int64
     models.insert(m.model);
   }
   for (Transformer* model : models)
-    for (auto& [name, t] : named_parameters(*model)) t.requires_grad_(false);
+    for (auto& [name, t] : model_parameters(*model)) t.requires_grad_(false);
   std::vector<Running> out;
   for (auto& m : modules) {
     for (auto& [name, t] : m.params) t.requires_grad_(true);
     Running r;
-    r.whole_model = m.params.size() == named_parameters(*m.model).size();
+    r.whole_model = m.lora.rank == 0 && m.params.size() == named_parameters(*m.model).size();
     const auto& o = m.optim;
     r.schedule = Schedule{o.schedule, o.adam.lr, o.min_lr, o.warmup_steps, total_steps};
     if (o.schedule != ScheduleKind::kConstant && o.warmup_steps > total_steps)
@@ -516,6 +524,10 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
       break;
     }
 
+    // Random draws of the updates (adapter dropout) depend on the seed, step and rank alone, so a
+    // resumed run draws what an uninterrupted one does.
+    at::manual_seed(opt.seed + 0x9E3779B97F4A7C15ull * uint64_t(step + 1) +
+                    0xBF58476D1CE4E5B9ull * uint64_t(dist.rank()));
     const auto updates_start = Clock::now();
     std::vector<LossSums> parts;
     std::vector<std::pair<std::string, double>> shown;  // lr and grad_norm per module
@@ -592,8 +604,13 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
       fs::path dir = fs::path(opt.output_dir) / "final";
       if (exported > 1) dir /= r.module.name;
       // The run owns output_dir (it holds the lock): final/ is replaced whatever it holds.
-      save_transformer(*r.module.model, dir.string(), std::nullopt, 0, r.module.tokenizer_dir,
-                       Replace::anything);
+      const auto& mod = r.module;
+      if (mod.lora.rank > 0 && !mod.merge_on_save)
+        save_peft_adapter(*mod.model, mod.lora, dir.string(), mod.tokenizer_dir, mod.tokenizer_dir,
+                          Replace::anything);
+      else
+        save_transformer(mod.lora.rank > 0 ? merged_copy(*mod.model) : *mod.model, dir.string(), std::nullopt,
+                         0, mod.tokenizer_dir, Replace::anything);
       log_info("wrote {} after {} steps", dir.string(), step);
     }
   }

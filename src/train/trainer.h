@@ -11,6 +11,7 @@
 
 #include "core/config.h"
 #include "dist/process_group.h"
+#include "model/lora.h"
 #include "model/transformer.h"
 #include "train/optimizer.h"
 #include "train/schedule.h"
@@ -147,6 +148,10 @@ struct TrainableModule {
   // folder with the tokenizer files of tokenizer_dir.
   bool export_final = true;
   std::string tokenizer_dir;
+  // rank > 0: params are adapters (model/lora.h) of the base model in tokenizer_dir's folder, and
+  // final/ is a PEFT adapter folder, or with merge_on_save the model with the adapters merged.
+  LoraConfig lora;
+  bool merge_on_save = false;
 };
 
 // Every parameter of `model` trains: what SFT, RM, DPO and KD use (module "model").
