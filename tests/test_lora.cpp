@@ -311,6 +311,28 @@ TEST(LoraSft, ContinuesFromAnAdapterMergesOnSaveAndResumesExactly) {
   fs::remove_all(c);
 }
 
+// Data parallel: the adapters' gradients are averaged over the ranks like any module's.
+TEST(LoraSft, TwoRanksMatchOne) {
+  const auto a = temp_dir("lora_rank1"), b = temp_dir("lora_rank2");
+  const std::string args = "trainer.max_steps=3 trainer.micro_batch_size=2 trainer.global_batch_size=4";
+  const auto ra = run_aligner(lora_sft_args(a, args));
+  ASSERT_EQ(ra.status, 0) << ra.output;
+  const auto rb = run_aligner_on_two_ranks(lora_sft_args(b, args), 29900);
+  if (rb.output.find("needs Gloo") != std::string::npos)
+    GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
+  ASSERT_EQ(rb.status, 0) << rb.output;
+  const auto ma = metrics(a), mb = metrics(b);
+  ASSERT_EQ(mb.size(), 3u);
+  for (size_t i = 0; i < 3; ++i)
+    EXPECT_NEAR(ma[i]["loss"].get<double>(), mb[i]["loss"].get<double>(), 1e-5) << i;
+  const auto fa = safetensors::File::open((a / "final" / "adapter_model.safetensors").string()),
+             fb = safetensors::File::open((b / "final" / "adapter_model.safetensors").string());
+  for (const auto& t : fa.tensors())  // Adam's steps: within two learning rates where gradients are tiny
+    EXPECT_LT(max_abs(fa.get(t.name), fb.get(t.name)), 6e-3) << t.name;
+  fs::remove_all(a);
+  fs::remove_all(b);
+}
+
 TEST(LoraSft, BadSettingsAreOneLineErrors) {
   const auto out = temp_dir("lora_errors");
   const std::vector<std::pair<std::string, std::string>> cases = {
