@@ -3,20 +3,21 @@ aligner's generation engine against.
 
 Run on a machine with transformers 5.x (the GPU machine), from the repo root, after
 scripts/make_model_fixtures.py has made the model folders:
-    python3 scripts/make_generation_fixtures.py
+    python3 scripts/make_generation_fixtures.py [NAME ...]   # no names: all of them
 Writes tests/fixtures/models/<name>/greedy.json: seeded random prompts and the ids that
 model.generate(do_sample=False) appends to each, one prompt at a time, in float32 on the CPU, stopping
 at the model's EOS ids as generate does by default.
 """
 import json
 import os
+import sys
 
 import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
 OUT = "tests/fixtures/models"
-MODELS = ["llama2", "llama3", "mistral", "qwen2", "llama_bias", "llama_linear", "llama_dynamic"]
+MODELS = ["llama2", "llama3", "mistral", "qwen2", "llama_bias", "llama_linear", "llama_dynamic", "qwen3", "nemotron"]
 LENGTHS = [1, 3, 8, 13, 21]  # mistral's window is 8: the longer ones decode past it
 MAX_NEW = 12
 
@@ -38,6 +39,7 @@ def context(cfg):
 
 def main():
     torch.set_grad_enabled(False)
+    only = set(sys.argv[1:])
     g = torch.Generator().manual_seed(4321)
     for name in MODELS:
         d = os.path.join(OUT, name)
@@ -45,6 +47,8 @@ def main():
         cases = []
         for n in LENGTHS:
             prompt = torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist()
+            if only and name not in only:
+                continue  # the prompts are still drawn, so that the other models' stay as they were
             # A fresh model per prompt: dynamic rope keeps state from one call to the next.
             model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
             new = min(MAX_NEW, context(cfg) - n)
@@ -52,6 +56,8 @@ def main():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                  max_new_tokens=new, pad_token_id=0)
             cases.append({"prompt": prompt, "output": out[0, n:].tolist()})
+        if only and name not in only:
+            continue
         with open(os.path.join(d, "greedy.json"), "w") as f:
             json.dump({"transformers": transformers.__version__, "torch": torch.__version__,
                        "max_new_tokens": MAX_NEW, "eos_token_id": model.generation_config.eos_token_id,

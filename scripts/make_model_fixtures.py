@@ -1,7 +1,7 @@
 """Makes the small random-weight reference models that the CPU tests compare against.
 
 Run on a machine with transformers (the GPU machine), from the repo root:
-    python3 scripts/make_model_fixtures.py
+    python3 scripts/make_model_fixtures.py [NAME ...]   # no names: all of them
 Writes tests/fixtures/models/<name>/ with a Hugging Face model folder (config.json + safetensors)
 and reference.json / reference.safetensors: token ids, per-sequence log-probs and per-token
 logits computed by transformers in float32 on the CPU.
@@ -9,12 +9,13 @@ logits computed by transformers in float32 on the CPU.
 import json
 import os
 import shutil
+import sys
 
 import torch
 import transformers
 from safetensors.torch import save_file
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM)
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, NemotronConfig,
+                          NemotronForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 OUT = "tests/fixtures/models"
 VOCAB = 256
@@ -64,6 +65,12 @@ MODELS = {
         MistralConfig, theta=1000000.0, **base(num_key_value_heads=2, head_dim=32, sliding_window=8))),
     "qwen2": (Qwen2ForCausalLM, make_config(
         Qwen2Config, theta=1000000.0, **base(num_key_value_heads=2, tie_word_embeddings=True))),
+    # Added later: new entries go last, so that the models above keep their seeds.
+    "qwen3": (Qwen3ForCausalLM, make_config(
+        Qwen3Config, theta=1000000.0, **base(num_key_value_heads=2, head_dim=32, tie_word_embeddings=True))),
+    "nemotron": (NemotronForCausalLM, make_config(
+        NemotronConfig, **{k: v for k, v in base(num_key_value_heads=2, partial_rotary_factor=0.5,
+                                                  norm_eps=1e-5).items() if k != "rms_norm_eps"})),
 }
 # Variants of the same weights in other on-disk layouts.
 SHARDED = {"llama2_sharded": "llama2"}
@@ -119,17 +126,21 @@ def main():
     os.makedirs(OUT, exist_ok=True)
     g = torch.Generator().manual_seed(1234)
     seqs = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in LENGTHS]
+    only = set(sys.argv[1:])
     built = {}
     for i, (name, (cls, cfg)) in enumerate(MODELS.items()):
         torch.manual_seed(i)
         model = cls(cfg).eval()
         randomize(model, seed=100 + i)
         built[name] = model
-        write(name, model, seqs)
+        if not only or name in only:
+            write(name, model, seqs)
     for name, src in SHARDED.items():
-        write(name, built[src], seqs, max_shard_size="100KB")
+        if not only or name in only:
+            write(name, built[src], seqs, max_shard_size="100KB")
     for name, src in BF16.items():
-        write(name, built[src], seqs, dtype=torch.bfloat16)
+        if not only or name in only:
+            write(name, built[src], seqs, dtype=torch.bfloat16)
     print("transformers", transformers.__version__, "torch", torch.__version__)
 
 

@@ -36,14 +36,10 @@ std::pair<at::Tensor, at::Tensor> cos_sin(const at::Tensor& inv_freq, const at::
   return {emb.cos().to(dtype), emb.sin().to(dtype)};
 }
 
-struct Qkv {
-  at::Tensor q, k, v;  // [B, heads, T, head_dim]; q and k rotated
-};
-
 Qkv project(const ModelConfig& c, const Block& b, const at::Tensor& x, const at::Tensor& cos,
             const at::Tensor& sin) {
-  const int64_t B = x.size(0), T = x.size(1), D = c.head_dim;
-  const auto h = compat::rms_norm(x, b.input_norm, c.rms_norm_eps);
+  const int64_t D = c.head_dim;
+  const auto h = norm(c, x, b.input_norm, b.input_norm_bias);
   at::Tensor q, k, v;
   if (const auto qkv = joined_linear({&b.q, &b.k, &b.v})) {
     const auto y = apply(*qkv, h);
@@ -52,22 +48,19 @@ Qkv project(const ModelConfig& c, const Block& b, const at::Tensor& x, const at:
   } else {
     q = apply(b.q, h), k = apply(b.k, h), v = apply(b.v, h);
   }
-  q = q.view({B, T, c.num_heads, D}).transpose(1, 2);
-  k = k.view({B, T, c.num_kv_heads, D}).transpose(1, 2);
-  v = v.view({B, T, c.num_kv_heads, D}).transpose(1, 2);
-  return {apply_rope(q, cos, sin), apply_rope(k, cos, sin), v};
+  return attention_heads(c, b, q, k, v, cos, sin);
 }
 
 // The rest of the block after attention: output projection, residual, feed-forward.
 at::Tensor finish_block(const ModelConfig& c, const Block& b, const at::Tensor& x, const at::Tensor& attn) {
   auto h = x + apply(b.o, attn);
-  const auto n = compat::rms_norm(h, b.post_attention_norm, c.rms_norm_eps);
-  if (const auto gate_up = joined_linear({&b.gate, &b.up})) {
+  const auto n = norm(c, h, b.post_attention_norm, b.post_attention_norm_bias);
+  if (const auto gate_up = c.gated_mlp ? joined_linear({&b.gate, &b.up}) : c10::nullopt) {
     const auto y = apply(*gate_up, n);
     const int64_t I = b.gate.weight.size(0);
     return h + apply(b.down, at::silu(y.narrow(-1, 0, I)) * y.narrow(-1, I, I));
   }
-  return h + mlp(b, n);
+  return h + mlp(c, b, n);
 }
 
 double attention_scale(const ModelConfig& c) {
@@ -138,7 +131,7 @@ at::Tensor prefill(const Transformer& m, KvCache& cache, const std::vector<std::
   }
   // Only each prompt's last position predicts anything.
   const auto h = x.reshape({n * T, c.hidden_size}).index_select(0, last);
-  const auto logits = lm_logits(m, compat::rms_norm(h, m.norm, c.rms_norm_eps));
+  const auto logits = lm_logits(m, norm(c, h, m.norm, m.norm_bias));
   cache.lengths.index_copy_(0, slot_index, lengths);
   return logits.index_select(0, rows);
 }
@@ -177,7 +170,7 @@ at::Tensor decode_step(const Transformer& m, KvCache& cache, const at::Tensor& t
     x = finish_block(c, b, x, out.reshape({n, 1, c.num_heads * c.head_dim}));
   }
   cache.lengths.narrow(0, 0, n).add_(1).clamp_max_(kv_max_tokens(cache) - 1);
-  return lm_logits(m, compat::rms_norm(x, m.norm, c.rms_norm_eps)).view({n, -1});
+  return lm_logits(m, norm(c, x, m.norm, m.norm_bias)).view({n, -1});
 }
 
 std::string finish_reason_name(FinishReason r) {

@@ -139,10 +139,17 @@ ModelConfig parse_model_config(const json& j, const std::string& where) {
   ModelConfig c;
   c.raw = j;
   c.model_type = req<std::string>(j, "model_type", where);
-  if (c.model_type != "llama" && c.model_type != "mistral" && c.model_type != "qwen2")
-    fail("{}: unsupported model_type '{}' (supported: llama, mistral, qwen2)", where, c.model_type);
-  if (auto act = opt<std::string>(j, "hidden_act", where); act && *act != "silu")
-    fail("{}: unsupported hidden_act '{}' (supported: silu)", where, *act);
+  const bool nemotron = c.model_type == "nemotron";
+  if (c.model_type != "llama" && c.model_type != "mistral" && c.model_type != "qwen2" &&
+      c.model_type != "qwen3" && !nemotron)
+    fail("{}: unsupported model_type '{}' (supported: llama, mistral, qwen2, qwen3, nemotron)", where,
+         c.model_type);
+  const std::string want_act = nemotron ? "relu2" : "silu";
+  if (auto act = opt<std::string>(j, "hidden_act", where); act && *act != want_act)
+    fail("{}: unsupported hidden_act '{}' for {} (supported: {})", where, *act, c.model_type, want_act);
+  c.layernorm1p = nemotron;
+  c.gated_mlp = !nemotron;
+  c.qk_norm = c.model_type == "qwen3";
 
   c.vocab_size = size_field(j, "vocab_size", where);
   c.hidden_size = size_field(j, "hidden_size", where);
@@ -152,7 +159,8 @@ ModelConfig parse_model_config(const json& j, const std::string& where) {
   c.num_kv_heads = size_field(j, "num_key_value_heads", where, c.num_heads);
   c.head_dim = size_field(j, "head_dim", where, c.hidden_size / c.num_heads);
   c.max_position_embeddings = size_field(j, "max_position_embeddings", where, 4096);
-  c.rms_norm_eps = opt<double>(j, "rms_norm_eps", where).value_or(1e-6);
+  c.rms_norm_eps =
+      opt<double>(j, nemotron ? "norm_eps" : "rms_norm_eps", where).value_or(nemotron ? 1e-5 : 1e-6);
   c.tie_word_embeddings = opt<bool>(j, "tie_word_embeddings", where).value_or(false);
   if (c.num_heads % c.num_kv_heads != 0)
     fail("{}: num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})", where,
@@ -160,6 +168,14 @@ ModelConfig parse_model_config(const json& j, const std::string& where) {
   c.rope = parse_rope(j, where);
   if (c.rope.original_max_position_embeddings <= 0)
     c.rope.original_max_position_embeddings = c.max_position_embeddings;
+  // transformers 5.x may keep partial_rotary_factor in rope_parameters, 4.x at the top level.
+  double partial = opt<double>(j, "partial_rotary_factor", where).value_or(1.0);
+  if (auto it = j.find("rope_parameters"); it != j.end() && it->is_object())
+    partial = opt<double>(*it, "partial_rotary_factor", where).value_or(partial);
+  c.rotary_dim = int64_t(double(c.head_dim) * partial);
+  if (!(partial > 0 && partial <= 1) || c.rotary_dim < 2 || c.rotary_dim % 2 != 0)
+    fail("{}: partial_rotary_factor ({}) must leave an even number of rotated dims in (0, head_dim]", where,
+         partial);
 
   if (c.model_type == "qwen2") {
     c.qkv_bias = true;  // Qwen2 always has q/k/v biases and none on o_proj or the MLP
@@ -186,7 +202,8 @@ ModelConfig parse_model_config(const json& j, const std::string& where) {
     }
   } else if (c.model_type == "mistral") {
     c.window.assign(c.num_layers, window);
-  } else if (c.model_type == "qwen2" && opt<bool>(j, "use_sliding_window", where).value_or(false)) {
+  } else if ((c.model_type == "qwen2" || c.model_type == "qwen3") &&
+             opt<bool>(j, "use_sliding_window", where).value_or(false)) {
     // As transformers reads it: layer i slides when i >= max_window_layers, so a negative value
     // means every layer.
     auto first = std::max<int64_t>(opt<int64_t>(j, "max_window_layers", where).value_or(c.num_layers), 0);
@@ -219,8 +236,11 @@ ModelConfig sequence_classifier_config(const ModelConfig& lm, const std::vector<
   ModelConfig c = lm;
   c.num_labels = int64_t(labels.size());
   c.labels = labels;
-  static const std::map<std::string, std::string> classes = {
-      {"llama", "Llama"}, {"mistral", "Mistral"}, {"qwen2", "Qwen2"}};
+  static const std::map<std::string, std::string> classes = {{"llama", "Llama"},
+                                                             {"mistral", "Mistral"},
+                                                             {"qwen2", "Qwen2"},
+                                                             {"qwen3", "Qwen3"},
+                                                             {"nemotron", "Nemotron"}};
   c.raw["architectures"] = {classes.at(c.model_type) + "ForSequenceClassification"};
   c.raw["num_labels"] = c.num_labels;
   json id2label = json::object(), label2id = json::object();

@@ -21,7 +21,7 @@ struct RopeConfig {
 };
 
 struct ModelConfig {
-  std::string model_type;  // llama | mistral | qwen2
+  std::string model_type;  // llama | mistral | qwen2 | qwen3 | nemotron
   int64_t vocab_size = 0;
   int64_t hidden_size = 0;
   int64_t intermediate_size = 0;
@@ -30,7 +30,15 @@ struct ModelConfig {
   int64_t num_kv_heads = 0;
   int64_t head_dim = 0;
   int64_t max_position_embeddings = 0;
-  double rms_norm_eps = 1e-6;
+  double rms_norm_eps = 1e-6;  // the eps of every norm, RMSNorm or LayerNorm
+  // Nemotron's norms are LayerNorms with a bias whose scale is 1 + weight ("layernorm1p"); the
+  // others are RMSNorms without bias.
+  bool layernorm1p = false;
+  // The feed-forward: gate_proj, up_proj, down_proj with SiLU (llama and friends), or up_proj and
+  // down_proj with squared ReLU (Nemotron, relu2): no gate.
+  bool gated_mlp = true;
+  bool qk_norm = false;    // Qwen3: an RMSNorm over each head of q and of k, before RoPE
+  int64_t rotary_dim = 0;  // leading dims of each head that RoPE rotates (partial_rotary_factor)
   RopeConfig rope;
   bool tie_word_embeddings = false;
   bool qkv_bias = false;  // llama attention_bias, qwen2 always

@@ -14,9 +14,20 @@ namespace aligner {
 at::Tensor rope_inv_freq(const ModelConfig& c, int64_t max_position, at::Device device);
 std::pair<at::Tensor, at::Tensor> rope_cos_sin(const ModelConfig& c, const at::Tensor& positions,
                                                at::ScalarType dtype);
-// x [B, H, T, D] rotated by cos/sin [B, 1, T, D].
+// x [B, H, T, D] rotated by cos/sin [B, 1, T, R]: its first R dims (all of them but with partial
+// rotary embeddings), the rest passed through.
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
-// The gated SiLU feed-forward of a block.
-at::Tensor mlp(const Block& b, const at::Tensor& h);
+// The config's norm of x with a norm weight (and bias): RMSNorm, or Nemotron's LayerNorm with scale
+// 1 + weight.
+at::Tensor norm(const ModelConfig& c, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);
+// q, k, v projections [B, T, heads x head_dim] as attention reads them: [B, heads, T, head_dim],
+// q and k normed per head (qk_norm) and rotated.
+struct Qkv {
+  at::Tensor q, k, v;
+};
+Qkv attention_heads(const ModelConfig& c, const Block& b, const at::Tensor& q, const at::Tensor& k,
+                    const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin);
+// The feed-forward of a block: gated SiLU, or squared ReLU without a gate.
+at::Tensor mlp(const ModelConfig& c, const Block& b, const at::Tensor& h);
 
 }  // namespace aligner

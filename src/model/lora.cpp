@@ -54,7 +54,9 @@ void add_adapters(Transformer& m, const LoraConfig& c, uint64_t seed) {
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   at::NoGradGuard no_grad;
   for (auto& [name, l] : layer_linears(m)) {
-    if (std::find(c.targets.begin(), c.targets.end(), projection(name)) == c.targets.end()) continue;
+    if (!l->weight.defined() ||  // Nemotron has no gate_proj
+        std::find(c.targets.begin(), c.targets.end(), projection(name)) == c.targets.end())
+      continue;
     const int64_t out = l->weight.size(0), in = l->weight.size(1);
     // Kaiming-uniform with a = sqrt(5), nn.Linear's init that PEFT keeps: bound 1 / sqrt(in).
     auto a = c.gaussian_init ? at::normal(0.0, 1.0 / double(c.rank), {c.rank, in}, gen, f32)

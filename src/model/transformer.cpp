@@ -16,7 +16,7 @@ namespace aligner {
 // rope_init_functions. max_position is the longest position in this batch (dynamic scaling).
 at::Tensor rope_inv_freq(const ModelConfig& c, int64_t max_position, at::Device device) {
   const auto& r = c.rope;
-  const int64_t dim = c.head_dim;
+  const int64_t dim = c.rotary_dim;
   double base = r.theta;
   if (r.type == "dynamic") {
     const double orig = (double)r.original_max_position_embeddings;
@@ -60,7 +60,27 @@ at::Tensor rotate_half(const at::Tensor& x) {
 }  // namespace
 
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  return x * cos + rotate_half(x) * sin;
+  const int64_t r = cos.size(-1);
+  if (r == x.size(-1)) return x * cos + rotate_half(x) * sin;
+  const auto rot = x.narrow(-1, 0, r);
+  return at::cat({rot * cos + rotate_half(rot) * sin, x.narrow(-1, r, x.size(-1) - r)}, -1);
+}
+
+at::Tensor norm(const ModelConfig& c, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  if (!c.layernorm1p) return compat::rms_norm(x, weight, c.rms_norm_eps);
+  return at::layer_norm(x, {x.size(-1)}, weight + 1, bias, c.rms_norm_eps);
+}
+
+Qkv attention_heads(const ModelConfig& c, const Block& b, const at::Tensor& q, const at::Tensor& k,
+                    const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin) {
+  const int64_t B = q.size(0), T = q.size(1), D = c.head_dim;
+  auto qh = q.view({B, T, c.num_heads, D}), kh = k.view({B, T, c.num_kv_heads, D});
+  if (c.qk_norm) {
+    qh = compat::rms_norm(qh, b.q_norm, c.rms_norm_eps);
+    kh = compat::rms_norm(kh, b.k_norm, c.rms_norm_eps);
+  }
+  return {apply_rope(qh.transpose(1, 2), cos, sin), apply_rope(kh.transpose(1, 2), cos, sin),
+          v.view({B, T, c.num_kv_heads, D}).transpose(1, 2)};
 }
 
 namespace {
@@ -89,18 +109,15 @@ std::optional<at::Tensor> attention_mask(const ForwardInput& in, int64_t window,
 at::Tensor attention(const ModelConfig& c, const Block& b, const at::Tensor& h, const at::Tensor& cos,
                      const at::Tensor& sin, const std::optional<at::Tensor>& mask) {
   const int64_t B = h.size(0), T = h.size(1), D = c.head_dim;
-  auto q = apply(b.q, h).view({B, T, c.num_heads, D}).transpose(1, 2);
-  auto k = apply(b.k, h).view({B, T, c.num_kv_heads, D}).transpose(1, 2);
-  auto v = apply(b.v, h).view({B, T, c.num_kv_heads, D}).transpose(1, 2);
-  q = apply_rope(q, cos, sin);
-  k = apply_rope(k, cos, sin);
+  const auto [q, k, v] = attention_heads(c, b, apply(b.q, h), apply(b.k, h), apply(b.v, h), cos, sin);
   auto out = compat::sdpa(q, k, v, mask, /*is_causal=*/!mask, 1.0 / std::sqrt((double)D));
   return apply(b.o, out.transpose(1, 2).reshape({B, T, c.num_heads * D}));
 }
 
 }  // namespace
 
-at::Tensor mlp(const Block& b, const at::Tensor& h) {
+at::Tensor mlp(const ModelConfig& c, const Block& b, const at::Tensor& h) {
+  if (!c.gated_mlp) return apply(b.down, at::relu(apply(b.up, h)).square());
   return apply(b.down, at::silu(apply(b.gate, h)) * apply(b.up, h));
 }
 
@@ -108,8 +125,8 @@ namespace {
 
 at::Tensor block_forward(const ModelConfig& c, const Block& b, const at::Tensor& x, const at::Tensor& cos,
                          const at::Tensor& sin, const std::optional<at::Tensor>& mask) {
-  auto h = x + attention(c, b, compat::rms_norm(x, b.input_norm, c.rms_norm_eps), cos, sin, mask);
-  return h + mlp(b, compat::rms_norm(h, b.post_attention_norm, c.rms_norm_eps));
+  auto h = x + attention(c, b, norm(c, x, b.input_norm, b.input_norm_bias), cos, sin, mask);
+  return h + mlp(c, b, norm(c, h, b.post_attention_norm, b.post_attention_norm_bias));
 }
 
 // The layer to recompute, carried through the autograd graph in a capsule. A layer that draws
@@ -165,11 +182,13 @@ struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
 };
 
 bool block_trains(const Block& b) {
+  const auto trains = [](const at::Tensor& t) { return t.defined() && t.requires_grad(); };
   for (const Linear* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down})
-    if (l->weight.requires_grad() || (l->bias.defined() && l->bias.requires_grad()) ||
-        (l->lora.a.defined() && (l->lora.a.requires_grad() || l->lora.b.requires_grad())))
-      return true;
-  return b.input_norm.requires_grad() || b.post_attention_norm.requires_grad();
+    if (trains(l->weight) || trains(l->bias) || trains(l->lora.a) || trains(l->lora.b)) return true;
+  for (const at::Tensor* t : {&b.input_norm, &b.post_attention_norm, &b.input_norm_bias,
+                              &b.post_attention_norm_bias, &b.q_norm, &b.k_norm})
+    if (trains(*t)) return true;
+  return false;
 }
 
 bool block_draws(const Block& b) {
@@ -228,7 +247,7 @@ at::Tensor forward_hidden(const Transformer& m, const ForwardInput& in) {
       x = block_forward(c, b, x, cos, sin, mask);
     }
   }
-  return compat::rms_norm(x, m.norm, c.rms_norm_eps);
+  return norm(c, x, m.norm, m.norm_bias);
 }
 
 at::Tensor lm_logits(const Transformer& m, const at::Tensor& hidden) {
@@ -304,15 +323,28 @@ Transformer allocate_transformer(const ModelConfig& cfg, const at::TensorOptions
     Block b;
     b.input_norm = empty({H});
     b.post_attention_norm = empty({H});
+    if (cfg.layernorm1p) {
+      b.input_norm_bias = empty({H});
+      b.post_attention_norm_bias = empty({H});
+    }
+    if (cfg.qk_norm) {
+      b.q_norm = empty({D});
+      b.k_norm = empty({D});
+    }
     auto qkv = linears({cfg.num_heads * D, cfg.num_kv_heads * D, cfg.num_kv_heads * D}, H, cfg.qkv_bias);
     b.q = qkv[0], b.k = qkv[1], b.v = qkv[2];
     b.o = linear(H, cfg.num_heads * D, cfg.o_bias);
-    auto gate_up = linears({I, I}, H, cfg.mlp_bias);
-    b.gate = gate_up[0], b.up = gate_up[1];
+    if (cfg.gated_mlp) {
+      auto gate_up = linears({I, I}, H, cfg.mlp_bias);
+      b.gate = gate_up[0], b.up = gate_up[1];
+    } else {
+      b.up = linear(I, H, cfg.mlp_bias);
+    }
     b.down = linear(H, I, cfg.mlp_bias);
     m.layers.push_back(std::move(b));
   }
   m.norm = empty({H});
+  if (cfg.layernorm1p) m.norm_bias = empty({H});
   if (cfg.num_labels > 0)
     m.score = linear(cfg.num_labels, H, false);
   else
@@ -329,10 +361,11 @@ Transformer init_transformer(const ModelConfig& cfg, at::Device device, uint64_t
   for (auto& [name, t] : named_parameters(m)) {
     const bool is_norm = name.find("norm") != std::string::npos;
     const bool is_bias = name.size() > 5 && name.compare(name.size() - 5, 5, ".bias") == 0;
-    if (is_norm)
-      t.fill_(1.0);
-    else if (is_bias)
+    // A layernorm1p weight of 0 scales by 1.
+    if (is_bias || (is_norm && m.cfg.layernorm1p))
       t.zero_();
+    else if (is_norm)
+      t.fill_(1.0);
     else
       t.copy_(at::normal(0.0, 0.02, t.sizes(), gen, at::TensorOptions().dtype(at::kFloat)));
   }
@@ -349,17 +382,21 @@ std::vector<std::pair<std::string, at::Tensor>> named_parameters(const Transform
   for (size_t i = 0; i < m.layers.size(); ++i) {
     const Block& b = m.layers[i];
     const std::string p = fmt::format("model.layers.{}.", i);
-    out.emplace_back(p + "input_layernorm.weight", b.input_norm);
+    add_linear(p + "input_layernorm", Linear{b.input_norm, b.input_norm_bias});
     add_linear(p + "self_attn.q_proj", b.q);
     add_linear(p + "self_attn.k_proj", b.k);
     add_linear(p + "self_attn.v_proj", b.v);
     add_linear(p + "self_attn.o_proj", b.o);
-    out.emplace_back(p + "post_attention_layernorm.weight", b.post_attention_norm);
-    add_linear(p + "mlp.gate_proj", b.gate);
+    if (b.q_norm.defined()) {
+      out.emplace_back(p + "self_attn.q_norm.weight", b.q_norm);
+      out.emplace_back(p + "self_attn.k_norm.weight", b.k_norm);
+    }
+    add_linear(p + "post_attention_layernorm", Linear{b.post_attention_norm, b.post_attention_norm_bias});
+    if (b.gate.weight.defined()) add_linear(p + "mlp.gate_proj", b.gate);
     add_linear(p + "mlp.up_proj", b.up);
     add_linear(p + "mlp.down_proj", b.down);
   }
-  out.emplace_back("model.norm.weight", m.norm);
+  add_linear("model.norm", Linear{m.norm, m.norm_bias});
   if (m.cfg.num_labels > 0)
     add_linear("score", m.score);
   else if (!m.cfg.tie_word_embeddings)

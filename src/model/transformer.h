@@ -1,5 +1,5 @@
-// A decoder-only transformer covering Llama 2/3/3.1, Mistral and Qwen2, written as plain structs
-// of tensors and free functions. Weights are ordinary tensors (requires_grad for training), so
+// A decoder-only transformer covering Llama 2/3/3.1, Mistral, Qwen2, Qwen3 and Nemotron, written as plain
+// structs of tensors and free functions. Weights are ordinary tensors (requires_grad for training), so
 // autograd, checkpointing and adapters work on the same code.
 #pragma once
 #include <ATen/ATen.h>
@@ -14,18 +14,21 @@
 namespace aligner {
 
 struct Block {
-  at::Tensor input_norm, post_attention_norm;  // RMSNorm weights [hidden]
+  at::Tensor input_norm, post_attention_norm;            // norm weights [hidden]
+  at::Tensor input_norm_bias, post_attention_norm_bias;  // layernorm1p only
+  at::Tensor q_norm, k_norm;                             // qk_norm only: [head_dim]
   Linear q, k, v, o;
-  Linear gate, up, down;
+  Linear gate, up, down;  // no gate without gated_mlp
 };
 
 struct Transformer {
   ModelConfig cfg;
   at::Tensor embed;  // [vocab, hidden]
   std::vector<Block> layers;
-  at::Tensor norm;  // final RMSNorm
-  Linear lm_head;   // weight is `embed` itself when tie_word_embeddings; none in a classifier
-  Linear score;     // sequence classifiers only: [num_labels, hidden], no bias
+  at::Tensor norm;       // final norm
+  at::Tensor norm_bias;  // layernorm1p only
+  Linear lm_head;        // weight is `embed` itself when tie_word_embeddings; none in a classifier
+  Linear score;          // sequence classifiers only: [num_labels, hidden], no bias
 };
 
 // What one forward pass reads. Only input_ids is required.

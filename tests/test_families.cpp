@@ -1,0 +1,94 @@
+// The newer families (Qwen3's per-head q/k norms; Nemotron's LayerNorm1P, squared-ReLU MLP without
+// a gate and partial rotary embeddings) through the training commands: an SFT run whose loss falls,
+// a DPO step at log 2, LoRA on every projection they have. Parity with transformers is in
+// test_model.cpp and test_generate.cpp (fixtures qwen3 and nemotron).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <map>
+
+#include "io/hf_checkpoint.h"
+#include "io/peft_adapter.h"
+#include "model/lora.h"
+#include "run_outputs.h"
+#include "test_util.h"
+
+namespace aligner::test {
+namespace {
+
+namespace fs = std::filesystem;
+
+// A random model of the family with the 6k BPE tokenizer, made once per test binary.
+const std::string& family_model(const std::string& type) {
+  static std::map<std::string, std::string> made;
+  auto& dir = made[type];
+  if (dir.empty()) {
+    nlohmann::json j = {{"model_type", type},
+                        {"vocab_size", 6000},
+                        {"hidden_size", 64},
+                        {"intermediate_size", 128},
+                        {"num_hidden_layers", 2},
+                        {"num_attention_heads", 4},
+                        {"num_key_value_heads", 2},
+                        {"max_position_embeddings", 512},
+                        {"tie_word_embeddings", false},
+                        {"torch_dtype", "float32"}};
+    if (type == "nemotron") j.update({{"hidden_act", "relu2"}, {"partial_rotary_factor", 0.5}});
+    if (type == "qwen3") j["head_dim"] = 32;
+    const auto d = temp_dir("family_" + type) / "m";
+    auto m = init_transformer(parse_model_config(j, type), at::kCPU, 9);
+    save_transformer(m, d.string(), std::nullopt, 0, kRoot + "/tests/fixtures/tokenizers/llama3-style-bpe6k");
+    dir = d.string();
+  }
+  return dir;
+}
+
+class Family : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(Family, ConfigAndWeightsAreTheFamilys) {
+  const auto m = load_transformer(family_model(GetParam()), at::kCPU);
+  const bool nemotron = GetParam() == "nemotron";
+  EXPECT_EQ(m.cfg.layernorm1p, nemotron);
+  EXPECT_EQ(m.cfg.gated_mlp, !nemotron);
+  EXPECT_EQ(m.cfg.qk_norm, GetParam() == "qwen3");
+  EXPECT_EQ(m.cfg.rotary_dim, nemotron ? 8 : 32);
+  EXPECT_EQ(m.layers[0].gate.weight.defined(), !nemotron);
+  EXPECT_EQ(m.layers[0].q_norm.defined(), GetParam() == "qwen3");
+  // Nemotron's LayerNorm1P starts as the identity scale: weight 0, bias 0.
+  if (nemotron) EXPECT_EQ(m.layers[1].post_attention_norm.abs().max().item<double>(), 0.0);
+}
+
+TEST_P(Family, SftLossFallsAndDpoStartsAtLog2) {
+  const std::string model = family_model(GetParam());
+  const auto out = temp_dir("family_sft_" + GetParam());
+  auto r =
+      run_aligner("sft model.path=" + model + " data.train=" + kRoot +
+                  "/examples/data/code-alpaca/code-alpaca-300.jsonl data.max_length=128 optim.lr=3e-3 "
+                  "optim.scheduler=constant model.device=cpu trainer.max_steps=8 trainer.micro_batch_size=4 "
+                  "trainer.global_batch_size=4 model.activation_checkpointing=true output_dir=" +
+                  out.string());
+  ASSERT_EQ(r.status, 0) << r.output;
+  const auto rows = metrics(out);
+  ASSERT_EQ(rows.size(), 8u);
+  EXPECT_LT(rows.back()["loss"].get<double>(), rows.front()["loss"].get<double>() - 0.3);
+  EXPECT_EQ(load_transformer((out / "final").string(), at::kCPU).cfg.model_type, GetParam());
+
+  const auto dpo = temp_dir("family_dpo_" + GetParam());
+  r = run_aligner("dpo model.path=" + model + " data.train=" + kRoot +
+                  "/examples/data/nemo-aligner/dummy-dpo.jsonl model.device=cpu trainer.max_steps=1 "
+                  "trainer.micro_batch_size=2 trainer.global_batch_size=2 lora.rank=4 output_dir=" +
+                  dpo.string());
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NEAR(metrics(dpo)[0]["loss"].get<double>(), std::log(2.0), 1e-6);
+  // LoRA on all-linear adapts every projection the family has (Nemotron: no gate_proj).
+  const auto adapted = load_adapted_model(model, (dpo / "final").string(), at::kCPU, std::nullopt);
+  EXPECT_EQ(adapter_parameters(adapted).size(), 2u * 2 * (GetParam() == "nemotron" ? 6 : 7));
+  fs::remove_all(out);
+  fs::remove_all(dpo);
+}
+
+INSTANTIATE_TEST_SUITE_P(Families, Family, ::testing::Values("qwen3", "nemotron"));
+
+}  // namespace
+}  // namespace aligner::test
