@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM
 
 FIX = "tests/fixtures/models"
 BUILD = sys.argv[1] if len(sys.argv) > 1 else "build-cuda"
-NAMES = ["llama2", "llama3", "llama_linear", "llama_bias", "mistral", "qwen2", "qwen3", "nemotron", "llama2_sharded"]
+NAMES = ["llama2", "llama3", "llama_linear", "llama_bias", "mistral", "mixtral", "qwen2", "qwen3", "nemotron",
+         "llama2_sharded"]
 
 
 def ours(model_dir, dtype):

@@ -17,7 +17,8 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
 OUT = "tests/fixtures/models"
-MODELS = ["llama2", "llama3", "mistral", "qwen2", "llama_bias", "llama_linear", "llama_dynamic", "qwen3", "nemotron"]
+MODELS = ["llama2", "llama3", "mistral", "qwen2", "llama_bias", "llama_linear", "llama_dynamic", "qwen3", "nemotron",
+          "mixtral"]
 LENGTHS = [1, 3, 8, 13, 21]  # mistral's window is 8: the longer ones decode past it
 MAX_NEW = 12
 

@@ -14,8 +14,9 @@ import sys
 import torch
 import transformers
 from safetensors.torch import save_file
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, NemotronConfig,
-                          NemotronForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig,
+                          MixtralForCausalLM, NemotronConfig, NemotronForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM)
 
 OUT = "tests/fixtures/models"
 VOCAB = 256
@@ -71,6 +72,10 @@ MODELS = {
     "nemotron": (NemotronForCausalLM, make_config(
         NemotronConfig, **{k: v for k, v in base(num_key_value_heads=2, partial_rotary_factor=0.5,
                                                   norm_eps=1e-5).items() if k != "rms_norm_eps"})),
+    # Four experts, two per token: the short sequences leave some experts without tokens.
+    "mixtral": (MixtralForCausalLM, make_config(
+        MixtralConfig, theta=1000000.0, **base(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                                               sliding_window=None))),
 }
 # Variants of the same weights in other on-disk layouts.
 SHARDED = {"llama2_sharded": "llama2"}

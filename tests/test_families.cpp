@@ -1,7 +1,7 @@
 // The newer families (Qwen3's per-head q/k norms; Nemotron's LayerNorm1P, squared-ReLU MLP without
-// a gate and partial rotary embeddings) through the training commands: an SFT run whose loss falls,
-// a DPO step at log 2, LoRA on every projection they have. Parity with transformers is in
-// test_model.cpp and test_generate.cpp (fixtures qwen3 and nemotron).
+// a gate and partial rotary embeddings; Mixtral's sparse experts) through the training commands: an
+// SFT run whose loss falls, a DPO step at log 2, LoRA on every projection they have. Parity with
+// transformers is in test_model.cpp and test_generate.cpp (fixtures qwen3, nemotron, mixtral).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -36,6 +36,7 @@ const std::string& family_model(const std::string& type) {
                         {"torch_dtype", "float32"}};
     if (type == "nemotron") j.update({{"hidden_act", "relu2"}, {"partial_rotary_factor", 0.5}});
     if (type == "qwen3") j["head_dim"] = 32;
+    if (type == "mixtral") j.update({{"num_local_experts", 4}, {"num_experts_per_tok", 2}});
     const auto d = temp_dir("family_" + type) / "m";
     auto m = init_transformer(parse_model_config(j, type), at::kCPU, 9);
     save_transformer(m, d.string(), std::nullopt, 0, kRoot + "/tests/fixtures/tokenizers/llama3-style-bpe6k");
@@ -52,8 +53,9 @@ TEST_P(Family, ConfigAndWeightsAreTheFamilys) {
   EXPECT_EQ(m.cfg.layernorm1p, nemotron);
   EXPECT_EQ(m.cfg.gated_mlp, !nemotron);
   EXPECT_EQ(m.cfg.qk_norm, GetParam() == "qwen3");
-  EXPECT_EQ(m.cfg.rotary_dim, nemotron ? 8 : 32);
-  EXPECT_EQ(m.layers[0].gate.weight.defined(), !nemotron);
+  EXPECT_EQ(m.cfg.rotary_dim, nemotron ? 8 : GetParam() == "qwen3" ? 32 : 16);
+  EXPECT_EQ(m.cfg.num_experts, GetParam() == "mixtral" ? 4 : 0);
+  EXPECT_EQ(m.layers[0].gate.weight.defined(), GetParam() == "qwen3");
   EXPECT_EQ(m.layers[0].q_norm.defined(), GetParam() == "qwen3");
   // Nemotron's LayerNorm1P starts as the identity scale: weight 0, bias 0.
   if (nemotron) EXPECT_EQ(m.layers[1].post_attention_norm.abs().max().item<double>(), 0.0);
@@ -83,12 +85,14 @@ TEST_P(Family, SftLossFallsAndDpoStartsAtLog2) {
   EXPECT_NEAR(metrics(dpo)[0]["loss"].get<double>(), std::log(2.0), 1e-6);
   // LoRA on all-linear adapts every projection the family has (Nemotron: no gate_proj).
   const auto adapted = load_adapted_model(model, (dpo / "final").string(), at::kCPU, std::nullopt);
-  EXPECT_EQ(adapter_parameters(adapted).size(), 2u * 2 * (GetParam() == "nemotron" ? 6 : 7));
+  // (Nemotron has no gate_proj; Mixtral's experts are not adapted.)
+  const size_t projections = GetParam() == "nemotron" ? 6 : GetParam() == "mixtral" ? 4 : 7;
+  EXPECT_EQ(adapter_parameters(adapted).size(), 2u * 2 * projections);
   fs::remove_all(out);
   fs::remove_all(dpo);
 }
 
-INSTANTIATE_TEST_SUITE_P(Families, Family, ::testing::Values("qwen3", "nemotron"));
+INSTANTIATE_TEST_SUITE_P(Families, Family, ::testing::Values("qwen3", "nemotron", "mixtral"));
 
 }  // namespace
 }  // namespace aligner::test

@@ -131,7 +131,7 @@ TEST_P(GenerateCache, DecodeLogitsEqualTheFullForward) {
 
 INSTANTIATE_TEST_SUITE_P(Generate, GenerateCache,
                          ::testing::Values("llama2", "llama3", "mistral", "qwen2", "llama_bias",
-                                           "llama_linear", "qwen3", "nemotron"));
+                                           "llama_linear", "qwen3", "nemotron", "mixtral"));
 
 // ---------------------------------------------------------------- greedy parity with transformers
 
@@ -163,7 +163,7 @@ TEST_P(GenerateParity, GreedyMatchesTransformers) {
 
 INSTANTIATE_TEST_SUITE_P(Generate, GenerateParity,
                          ::testing::Values("llama2", "llama3", "mistral", "qwen2", "llama_bias",
-                                           "llama_linear", "llama_dynamic", "qwen3", "nemotron"));
+                                           "llama_linear", "llama_dynamic", "qwen3", "nemotron", "mixtral"));
 
 // ---------------------------------------------------------------- log-probs, seeds
 

@@ -60,8 +60,8 @@ TEST_P(Parity, LogprobsAndLogitsMatchTransformers) {
 
 INSTANTIATE_TEST_SUITE_P(Families, Parity,
                          ::testing::Values("llama2", "llama3", "llama_linear", "llama_dynamic", "llama_bias",
-                                           "mistral", "qwen2", "qwen3", "nemotron", "llama2_sharded",
-                                           "llama3_bf16"));
+                                           "mistral", "mixtral", "qwen2", "qwen3", "nemotron",
+                                           "llama2_sharded", "llama3_bf16"));
 
 ModelConfig tiny_config(const std::string& type = "llama") {
   nlohmann::json j = {{"model_type", type},       {"vocab_size", 64},
@@ -179,7 +179,7 @@ TEST(ModelConfig, UnsupportedOptionsAreClearErrors) {
   };
   auto bad = j;
   bad["model_type"] = "gpt_neox";
-  expect_error(bad, "supported: llama, mistral, qwen2, qwen3, nemotron");
+  expect_error(bad, "supported: llama, mistral, mixtral, qwen2, qwen3, nemotron");
   bad = j;
   bad["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 4.0}};
   expect_error(bad, "unsupported rope type 'yarn'");

@@ -81,9 +81,11 @@ std::pair<at::Tensor, at::Tensor> cuda_sample(const at::Tensor& logits, const Sa
 
 bool cuda_decoding_supported(const Transformer& m) {
   const auto t = m.embed.scalar_type();
-  // Its fused kernels are RMSNorm, gated SiLU and full rotary embeddings, without per-head norms.
+  // Its fused kernels are RMSNorm, a dense gated SiLU and full rotary embeddings, without per-head
+  // norms.
   const auto& c = m.cfg;
-  if (c.layernorm1p || !c.gated_mlp || c.qk_norm || c.rotary_dim != c.head_dim) return false;
+  if (c.layernorm1p || !c.gated_mlp || c.qk_norm || c.rotary_dim != c.head_dim || c.num_experts > 0)
+    return false;
   return m.embed.is_cuda() && m.lm_head.weight.defined() &&
          (t == at::kFloat || t == at::kBFloat16 || t == at::kHalf) &&
          kernels::decode_attention_supported(int(m.cfg.head_dim)) &&

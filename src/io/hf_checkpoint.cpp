@@ -64,7 +64,7 @@ void read_weights(Transformer& m, const safetensors::Checkpoint& ckpt, const std
                   const std::set<std::string>& skip, const std::set<std::string>& ignore) {
   at::NoGradGuard no_grad;
   std::set<std::string> used;
-  for (auto& [name, t] : named_parameters(m)) {
+  for (auto& [name, t] : checkpoint_tensors(m)) {
     if (skip.count(name)) continue;
     if (!ckpt.contains(name)) fail("{}: missing tensor '{}'", dir, name);
     const auto& info = ckpt.info(name);
@@ -250,7 +250,8 @@ void move_into_place(const fs::path& tmp, const fs::path& target, const std::str
 void write_folder(const Transformer& m, const fs::path& tmp, at::ScalarType out_dtype,
                   int64_t max_shard_bytes) {
   safetensors::NamedTensors tensors;
-  for (auto& [name, t] : named_parameters(m)) tensors.emplace_back(name, t.detach().to(at::kCPU, out_dtype));
+  for (auto& [name, t] : checkpoint_tensors(m))
+    tensors.emplace_back(name, t.detach().to(at::kCPU, out_dtype));
   safetensors::save_dir(tmp.string(), tensors, max_shard_bytes);
 
   nlohmann::json cfg = m.cfg.raw;

@@ -140,14 +140,23 @@ ModelConfig parse_model_config(const json& j, const std::string& where) {
   c.raw = j;
   c.model_type = req<std::string>(j, "model_type", where);
   const bool nemotron = c.model_type == "nemotron";
-  if (c.model_type != "llama" && c.model_type != "mistral" && c.model_type != "qwen2" &&
-      c.model_type != "qwen3" && !nemotron)
-    fail("{}: unsupported model_type '{}' (supported: llama, mistral, qwen2, qwen3, nemotron)", where,
-         c.model_type);
+  if (c.model_type != "llama" && c.model_type != "mistral" && c.model_type != "mixtral" &&
+      c.model_type != "qwen2" && c.model_type != "qwen3" && !nemotron)
+    fail("{}: unsupported model_type '{}' (supported: llama, mistral, mixtral, qwen2, qwen3, nemotron)",
+         where, c.model_type);
   const std::string want_act = nemotron ? "relu2" : "silu";
   if (auto act = opt<std::string>(j, "hidden_act", where); act && *act != want_act)
     fail("{}: unsupported hidden_act '{}' for {} (supported: {})", where, *act, c.model_type, want_act);
   c.layernorm1p = nemotron;
+  if (c.model_type == "mixtral") {
+    c.num_experts = size_field(j, "num_local_experts", where, 8);
+    c.experts_per_token = size_field(j, "num_experts_per_tok", where, 2);
+    if (c.experts_per_token > c.num_experts)
+      fail("{}: num_experts_per_tok ({}) is more than num_local_experts ({})", where, c.experts_per_token,
+           c.num_experts);
+    if (opt<double>(j, "router_jitter_noise", where).value_or(0.0) != 0.0)
+      fail("{}: router_jitter_noise is set; aligner's router has no jitter", where);
+  }
   c.gated_mlp = !nemotron;
   c.qk_norm = c.model_type == "qwen3";
 
@@ -200,7 +209,7 @@ ModelConfig parse_model_config(const json& j, const std::string& where) {
       else if (t != "full_attention")
         fail("{}: unsupported layer type '{}' (supported: full_attention, sliding_attention)", where, t);
     }
-  } else if (c.model_type == "mistral") {
+  } else if (c.model_type == "mistral" || c.model_type == "mixtral") {
     c.window.assign(c.num_layers, window);
   } else if ((c.model_type == "qwen2" || c.model_type == "qwen3") &&
              opt<bool>(j, "use_sliding_window", where).value_or(false)) {
@@ -236,11 +245,9 @@ ModelConfig sequence_classifier_config(const ModelConfig& lm, const std::vector<
   ModelConfig c = lm;
   c.num_labels = int64_t(labels.size());
   c.labels = labels;
-  static const std::map<std::string, std::string> classes = {{"llama", "Llama"},
-                                                             {"mistral", "Mistral"},
-                                                             {"qwen2", "Qwen2"},
-                                                             {"qwen3", "Qwen3"},
-                                                             {"nemotron", "Nemotron"}};
+  static const std::map<std::string, std::string> classes = {
+      {"llama", "Llama"}, {"mistral", "Mistral"}, {"mixtral", "Mixtral"},
+      {"qwen2", "Qwen2"}, {"qwen3", "Qwen3"},     {"nemotron", "Nemotron"}};
   c.raw["architectures"] = {classes.at(c.model_type) + "ForSequenceClassification"};
   c.raw["num_labels"] = c.num_labels;
   json id2label = json::object(), label2id = json::object();

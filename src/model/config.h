@@ -21,7 +21,7 @@ struct RopeConfig {
 };
 
 struct ModelConfig {
-  std::string model_type;  // llama | mistral | qwen2 | qwen3 | nemotron
+  std::string model_type;  // llama | mistral | mixtral | qwen2 | qwen3 | nemotron
   int64_t vocab_size = 0;
   int64_t hidden_size = 0;
   int64_t intermediate_size = 0;
@@ -37,7 +37,11 @@ struct ModelConfig {
   // The feed-forward: gate_proj, up_proj, down_proj with SiLU (llama and friends), or up_proj and
   // down_proj with squared ReLU (Nemotron, relu2): no gate.
   bool gated_mlp = true;
-  bool qk_norm = false;    // Qwen3: an RMSNorm over each head of q and of k, before RoPE
+  bool qk_norm = false;  // Qwen3: an RMSNorm over each head of q and of k, before RoPE
+  // Mixtral's sparse mixture of experts in place of the feed-forward: each token goes to the
+  // experts_per_token experts its router ranks highest, weighted by their renormalised softmax.
+  int64_t num_experts = 0;  // 0: a dense feed-forward
+  int64_t experts_per_token = 0;
   int64_t rotary_dim = 0;  // leading dims of each head that RoPE rotates (partial_rotary_factor)
   RopeConfig rope;
   bool tie_word_embeddings = false;

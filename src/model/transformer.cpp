@@ -116,7 +116,40 @@ at::Tensor attention(const ModelConfig& c, const Block& b, const at::Tensor& h, 
 
 }  // namespace
 
+namespace {
+
+// Mixtral's sparse MoE, routed as transformers routes it (softmax in float32, top k, renormalised,
+// cast to the activations' dtype). The token copies are sorted by expert, so that each expert runs
+// as one GEMM over all of its tokens; experts without tokens are skipped.
+at::Tensor moe_mlp(const ModelConfig& c, const Moe& moe, const at::Tensor& h) {
+  const int64_t H = h.size(-1), k = c.experts_per_token;
+  const auto x = h.reshape({-1, H});
+  const auto probs = at::softmax(apply(moe.router, x).to(at::kFloat), -1);
+  auto [weights, experts] = probs.topk(k, -1);
+  weights = (weights / weights.sum(-1, true)).to(x.scalar_type());
+  const auto flat = experts.reshape({-1});
+  const auto order = flat.argsort();
+  const auto token = order.div(k, "floor");
+  const auto counts = at::bincount(flat, {}, c.num_experts).cpu();
+  const auto xs = x.index_select(0, token);
+  std::vector<at::Tensor> ys;
+  int64_t start = 0;
+  for (int64_t e = 0; e < c.num_experts; ++e) {
+    const int64_t n = counts[e].item<int64_t>();
+    if (n == 0) continue;
+    const auto xe = xs.narrow(0, start, n);
+    ys.push_back(at::matmul(at::silu(at::matmul(xe, moe.gate[e].t())) * at::matmul(xe, moe.up[e].t()),
+                            moe.down[e].t()));
+    start += n;
+  }
+  const auto y = at::cat(ys) * weights.reshape({-1}).index_select(0, order).unsqueeze(1);
+  return at::zeros_like(x).index_add(0, token, y).view(h.sizes());
+}
+
+}  // namespace
+
 at::Tensor mlp(const ModelConfig& c, const Block& b, const at::Tensor& h) {
+  if (c.num_experts > 0) return moe_mlp(c, b.moe, h);
   if (!c.gated_mlp) return apply(b.down, at::relu(apply(b.up, h)).square());
   return apply(b.down, at::silu(apply(b.gate, h)) * apply(b.up, h));
 }
@@ -185,8 +218,9 @@ bool block_trains(const Block& b) {
   const auto trains = [](const at::Tensor& t) { return t.defined() && t.requires_grad(); };
   for (const Linear* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down})
     if (trains(l->weight) || trains(l->bias) || trains(l->lora.a) || trains(l->lora.b)) return true;
-  for (const at::Tensor* t : {&b.input_norm, &b.post_attention_norm, &b.input_norm_bias,
-                              &b.post_attention_norm_bias, &b.q_norm, &b.k_norm})
+  for (const at::Tensor* t :
+       {&b.input_norm, &b.post_attention_norm, &b.input_norm_bias, &b.post_attention_norm_bias, &b.q_norm,
+        &b.k_norm, &b.moe.router.weight, &b.moe.gate, &b.moe.up, &b.moe.down})
     if (trains(*t)) return true;
   return false;
 }
@@ -334,13 +368,16 @@ Transformer allocate_transformer(const ModelConfig& cfg, const at::TensorOptions
     auto qkv = linears({cfg.num_heads * D, cfg.num_kv_heads * D, cfg.num_kv_heads * D}, H, cfg.qkv_bias);
     b.q = qkv[0], b.k = qkv[1], b.v = qkv[2];
     b.o = linear(H, cfg.num_heads * D, cfg.o_bias);
-    if (cfg.gated_mlp) {
+    if (cfg.num_experts > 0) {
+      const int64_t E = cfg.num_experts;
+      b.moe = Moe{linear(E, H, false), empty({E, I, H}), empty({E, I, H}), empty({E, H, I})};
+    } else if (cfg.gated_mlp) {
       auto gate_up = linears({I, I}, H, cfg.mlp_bias);
       b.gate = gate_up[0], b.up = gate_up[1];
     } else {
       b.up = linear(I, H, cfg.mlp_bias);
     }
-    b.down = linear(H, I, cfg.mlp_bias);
+    if (cfg.num_experts == 0) b.down = linear(H, I, cfg.mlp_bias);
     m.layers.push_back(std::move(b));
   }
   m.norm = empty({H});
@@ -392,6 +429,13 @@ std::vector<std::pair<std::string, at::Tensor>> named_parameters(const Transform
       out.emplace_back(p + "self_attn.k_norm.weight", b.k_norm);
     }
     add_linear(p + "post_attention_layernorm", Linear{b.post_attention_norm, b.post_attention_norm_bias});
+    if (b.moe.router.weight.defined()) {
+      add_linear(p + "block_sparse_moe.gate", b.moe.router);
+      out.emplace_back(p + "block_sparse_moe.experts.w1", b.moe.gate);
+      out.emplace_back(p + "block_sparse_moe.experts.w2", b.moe.down);
+      out.emplace_back(p + "block_sparse_moe.experts.w3", b.moe.up);
+      continue;
+    }
     if (b.gate.weight.defined()) add_linear(p + "mlp.gate_proj", b.gate);
     add_linear(p + "mlp.up_proj", b.up);
     add_linear(p + "mlp.down_proj", b.down);
@@ -401,6 +445,22 @@ std::vector<std::pair<std::string, at::Tensor>> named_parameters(const Transform
     add_linear("score", m.score);
   else if (!m.cfg.tie_word_embeddings)
     add_linear("lm_head", m.lm_head);
+  return out;
+}
+
+std::vector<std::pair<std::string, at::Tensor>> checkpoint_tensors(const Transformer& m) {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  const std::string stack = ".experts.w";
+  for (auto& [name, t] : named_parameters(m)) {
+    const size_t at = name.rfind(stack);
+    if (at == std::string::npos || at + stack.size() + 1 != name.size()) {
+      out.emplace_back(name, t);
+      continue;
+    }
+    const std::string prefix = name.substr(0, at + 9), w = name.substr(at + 9);  // "...experts.", "w1"
+    for (int64_t e = 0; e < t.size(0); ++e)
+      out.emplace_back(fmt::format("{}{}.{}.weight", prefix, e, w), t[e]);
+  }
   return out;
 }
 

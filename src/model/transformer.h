@@ -1,5 +1,5 @@
-// A decoder-only transformer covering Llama 2/3/3.1, Mistral, Qwen2, Qwen3 and Nemotron, written as plain
-// structs of tensors and free functions. Weights are ordinary tensors (requires_grad for training), so
+// A decoder-only transformer covering Llama 2/3/3.1, Mistral, Mixtral, Qwen2, Qwen3 and Nemotron, written as
+// plain structs of tensors and free functions. Weights are ordinary tensors (requires_grad for training), so
 // autograd, checkpointing and adapters work on the same code.
 #pragma once
 #include <ATen/ATen.h>
@@ -13,12 +13,21 @@
 
 namespace aligner {
 
+// A sparse mixture of experts: the router and each expert's gated SiLU feed-forward, stacked along a
+// leading expert dimension (where expert or tensor parallelism will split them).
+struct Moe {
+  Linear router;        // [experts, hidden]
+  at::Tensor gate, up;  // [experts, intermediate, hidden]: Mixtral's w1, w3
+  at::Tensor down;      // [experts, hidden, intermediate]: w2
+};
+
 struct Block {
   at::Tensor input_norm, post_attention_norm;            // norm weights [hidden]
   at::Tensor input_norm_bias, post_attention_norm_bias;  // layernorm1p only
   at::Tensor q_norm, k_norm;                             // qk_norm only: [head_dim]
   Linear q, k, v, o;
-  Linear gate, up, down;  // no gate without gated_mlp
+  Linear gate, up, down;  // no gate without gated_mlp; none with experts
+  Moe moe;                // num_experts > 0 only
 };
 
 struct Transformer {
@@ -63,6 +72,11 @@ at::Tensor sequence_scores(const Transformer& m, const at::Tensor& hidden, const
 // Hugging Face parameter names ("model.layers.0.self_attn.q_proj.weight", ...) and the tensors
 // behind them. A tied lm_head is not listed, as transformers does not save it; a classifier lists
 // "score.weight" instead of lm_head.
+// A mixture of experts lists each stacked expert weight once, as "...block_sparse_moe.experts.w1"
+// [experts, ...]: a tensor that trains as a whole.
 std::vector<std::pair<std::string, at::Tensor>> named_parameters(const Transformer& m);
+// The tensors of a Hugging Face checkpoint: named_parameters with each expert stack split into
+// per-expert views named as Mixtral's checkpoints name them ("...experts.3.w1.weight").
+std::vector<std::pair<std::string, at::Tensor>> checkpoint_tensors(const Transformer& m);
 
 }  // namespace aligner

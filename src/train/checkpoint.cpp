@@ -142,10 +142,8 @@ CheckpointState read_checkpoint_state(const std::string& dir) {
 safetensors::NamedTensors read_module_params(const std::string& dir, const std::string& module) {
   const fs::path folder = fs::path(dir) / module;
   if (fs::exists(folder / "trainable.safetensors")) return read_file(folder / "trainable.safetensors");
-  const auto ckpt = safetensors::Checkpoint::open_dir(folder.string());
-  safetensors::NamedTensors out;
-  for (const auto& name : ckpt.names()) out.emplace_back(name, ckpt.get(name));
-  return out;
+  // A Hugging Face folder: its tensors as the model names its parameters (experts stacked).
+  return named_parameters(load_transformer(folder.string(), at::kCPU));
 }
 
 safetensors::NamedTensors read_module_optimizer(const std::string& dir, const std::string& module) {
