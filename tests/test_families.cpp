@@ -6,10 +6,12 @@
 
 #include <cmath>
 #include <filesystem>
+#include <fstream>
 #include <map>
 
 #include "io/hf_checkpoint.h"
 #include "io/peft_adapter.h"
+#include "io/safetensors.h"
 #include "model/lora.h"
 #include "run_outputs.h"
 #include "test_util.h"
@@ -58,7 +60,9 @@ TEST_P(Family, ConfigAndWeightsAreTheFamilys) {
   EXPECT_EQ(m.layers[0].gate.weight.defined(), GetParam() == "qwen3");
   EXPECT_EQ(m.layers[0].q_norm.defined(), GetParam() == "qwen3");
   // Nemotron's LayerNorm1P starts as the identity scale: weight 0, bias 0.
-  if (nemotron) EXPECT_EQ(m.layers[1].post_attention_norm.abs().max().item<double>(), 0.0);
+  if (nemotron) {
+    EXPECT_EQ(m.layers[1].post_attention_norm.abs().max().item<double>(), 0.0);
+  }
 }
 
 TEST_P(Family, SftLossFallsAndDpoStartsAtLog2) {
@@ -90,6 +94,69 @@ TEST_P(Family, SftLossFallsAndDpoStartsAtLog2) {
   EXPECT_EQ(adapter_parameters(adapted).size(), 2u * 2 * projections);
   fs::remove_all(out);
   fs::remove_all(dpo);
+}
+
+// Mixtral's load-balancing loss against transformers' (scripts/make_router_aux_fixture.py): its
+// value, and the gradient it gives each layer's router, for a sequence and for a padded batch, with
+// and without activation checkpointing (whose recomputed layers must not count their tokens again).
+TEST(Mixtral, LoadBalancingLossMatchesTransformers) {
+  const std::string dir = kRoot + "/tests/fixtures/models/mixtral";
+  const auto ref = nlohmann::json::parse(std::ifstream(dir + "/router_aux.json"));
+  const auto grads = safetensors::File::open(dir + "/router_aux.safetensors");
+  auto m = load_transformer(dir, at::kCPU, at::kFloat);
+  for (const auto& c : ref["cases"]) {
+    for (bool checkpoint : {false, true}) {
+      for (auto& b : m.layers) b.moe.router.weight.requires_grad_(true).mutable_grad() = at::Tensor();
+      ForwardInput in{at::tensor(c["input_ids"].get<std::vector<std::vector<int64_t>>>()[0]).unsqueeze(0)};
+      const auto rows = c["input_ids"].get<std::vector<std::vector<int64_t>>>();
+      const auto masks = c["attention_mask"].get<std::vector<std::vector<int64_t>>>();
+      std::vector<at::Tensor> id_rows, mask_rows;
+      for (size_t r = 0; r < rows.size(); ++r) {
+        id_rows.push_back(at::tensor(rows[r]));
+        mask_rows.push_back(at::tensor(masks[r]));
+      }
+      in.input_ids = at::stack(id_rows);
+      in.attention_mask = at::stack(mask_rows);
+      in.checkpoint_layers = checkpoint;
+      router_aux_loss() = {1.0, 0, 0};
+      // A loss with no gradient of its own: what reaches the routers is the load-balancing loss's.
+      (forward_hidden(m, in).sum() * 0).backward();
+      const auto seen = router_aux_loss();
+      router_aux_loss() = {};
+      const std::string name = c["name"];
+      ASSERT_EQ(seen.count, 1) << name;
+      EXPECT_NEAR(seen.sum, c["aux_loss"].get<double>(), 1e-5) << name << " checkpoint " << checkpoint;
+      for (size_t l = 0; l < m.layers.size(); ++l) {
+        const auto want = grads.get(fmt::format("{}.layer{}", name, l));
+        EXPECT_LT((m.layers[l].moe.router.weight.grad() - want).abs().max().item<double>(), 1e-5)
+            << name << " layer " << l << " checkpoint " << checkpoint;
+      }
+    }
+  }
+  // Without a weight, or without gradients, nothing is counted.
+  at::NoGradGuard no_grad;
+  router_aux_loss() = {1.0, 0, 0};
+  forward_hidden(m, ForwardInput{at::tensor(std::vector<int64_t>{5, 6, 7}).unsqueeze(0)});
+  EXPECT_EQ(router_aux_loss().count, 0);
+  router_aux_loss() = {};
+}
+
+// model.router_aux_loss_coef trains with the loss and reports it.
+TEST(Mixtral, SftReportsTheLoadBalancingLoss) {
+  const auto out = temp_dir("mixtral_aux");
+  const auto r =
+      run_aligner("sft model.path=" + family_model("mixtral") + " data.train=" + kRoot +
+                  "/examples/data/code-alpaca/code-alpaca-300.jsonl data.max_length=64 model.device=cpu "
+                  "trainer.max_steps=2 trainer.micro_batch_size=2 trainer.global_batch_size=4 "
+                  "model.router_aux_loss_coef=0.02 output_dir=" +
+                  out.string());
+  ASSERT_EQ(r.status, 0) << r.output;
+  const auto rows = metrics(out);
+  ASSERT_EQ(rows.size(), 2u);
+  // E x sum F P: 1 when routing is perfectly balanced, up to E/k... at most E.
+  EXPECT_GE(rows[0]["router_aux_loss"].get<double>(), 1.0 - 1e-6);
+  EXPECT_LE(rows[0]["router_aux_loss"].get<double>(), 4.0);
+  fs::remove_all(out);
 }
 
 INSTANTIATE_TEST_SUITE_P(Families, Family, ::testing::Values("qwen3", "nemotron", "mixtral"));

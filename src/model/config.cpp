@@ -154,6 +154,8 @@ ModelConfig parse_model_config(const json& j, const std::string& where) {
     if (c.experts_per_token > c.num_experts)
       fail("{}: num_experts_per_tok ({}) is more than num_local_experts ({})", where, c.experts_per_token,
            c.num_experts);
+    if (opt<bool>(j, "output_router_logits", where).value_or(false))
+      c.router_aux_loss_coef = opt<double>(j, "router_aux_loss_coef", where).value_or(0.001);
     if (opt<double>(j, "router_jitter_noise", where).value_or(0.0) != 0.0)
       fail("{}: router_jitter_noise is set; aligner's router has no jitter", where);
   }

@@ -42,6 +42,9 @@ struct ModelConfig {
   // experts_per_token experts its router ranks highest, weighted by their renormalised softmax.
   int64_t num_experts = 0;  // 0: a dense feed-forward
   int64_t experts_per_token = 0;
+  // The load-balancing loss's weight that config.json asks for in training: router_aux_loss_coef
+  // when output_router_logits is true (as transformers adds it), else 0.
+  double router_aux_loss_coef = 0;
   int64_t rotary_dim = 0;  // leading dims of each head that RoPE rotates (partial_rotary_factor)
   RopeConfig rope;
   bool tie_word_embeddings = false;

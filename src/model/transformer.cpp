@@ -116,12 +116,54 @@ at::Tensor attention(const ModelConfig& c, const Block& b, const at::Tensor& h, 
 
 }  // namespace
 
+RouterAuxLoss& router_aux_loss() {
+  static thread_local RouterAuxLoss r;
+  return r;
+}
+
 namespace {
+
+// What the load-balancing loss needs from one training forward, over its layers: token choices
+// and summed router probabilities per expert, over real tokens (`mask`, or all).
+struct RouterStats : torch::CustomClassHolder {
+  at::Tensor choices, probs;  // [experts] float32; probs detached
+  at::Tensor mask;            // [tokens] float32, or undefined
+  double tokens = 0;          // real tokens per layer
+  int64_t layers = 0;
+  bool complete = false;  // every layer counted: a recomputed (checkpointed) layer adds nothing
+  double weight = 0;
+
+  double value(int64_t experts) const {  // E x sum_e F_e P_e
+    const double n = double(layers) * tokens;
+    return double(experts) * (choices / n * (probs / n)).sum().item<double>();
+  }
+};
+
+// The identity on a MoE layer's output, whose backward gives the layer's summed router
+// probabilities the gradient of weight x the load-balancing loss: weight x E x F / (layers x
+// tokens), F the choice fractions of the whole forward, complete by the time backward runs.
+struct RouterAuxGrad : torch::autograd::Function<RouterAuxGrad> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& out,
+                            const at::Tensor& prob_sum, c10::intrusive_ptr<RouterStats> stats) {
+    ctx->saved_data["stats"] = c10::IValue::make_capsule(stats);
+    return out;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto s = c10::static_intrusive_pointer_cast<RouterStats>(ctx->saved_data["stats"].toCapsule());
+    const double n = double(s->layers) * s->tokens;
+    const auto grad_probs = s->choices * (s->weight * double(s->choices.size(0)) / (n * n));
+    return {grads[0], grad_probs, at::Tensor()};
+  }
+};
 
 // Mixtral's sparse MoE, routed as transformers routes it (softmax in float32, top k, renormalised,
 // cast to the activations' dtype). The token copies are sorted by expert, so that each expert runs
-// as one GEMM over all of its tokens; experts without tokens are skipped.
-at::Tensor moe_mlp(const ModelConfig& c, const Moe& moe, const at::Tensor& h) {
+// as one GEMM over all of its tokens; experts without tokens are skipped. With `stats` (a training
+// forward with a load-balancing loss) the layer's routing is counted and its output carries the
+// loss's gradient.
+at::Tensor moe_mlp(const ModelConfig& c, const Moe& moe, const at::Tensor& h,
+                   const c10::intrusive_ptr<RouterStats>& stats) {
   const int64_t H = h.size(-1), k = c.experts_per_token;
   const auto x = h.reshape({-1, H});
   const auto probs = at::softmax(apply(moe.router, x).to(at::kFloat), -1);
@@ -143,13 +185,31 @@ at::Tensor moe_mlp(const ModelConfig& c, const Moe& moe, const at::Tensor& h) {
     start += n;
   }
   const auto y = at::cat(ys) * weights.reshape({-1}).index_select(0, order).unsqueeze(1);
-  return at::zeros_like(x).index_add(0, token, y).view(h.sizes());
+  auto out = at::zeros_like(x).index_add(0, token, y).view(h.sizes());
+  if (!stats) return out;
+  const auto& m = stats->mask;
+  const auto prob_sum = (m.defined() ? probs * m.unsqueeze(1) : probs).sum(0);
+  if (!stats->complete) {
+    const auto chosen =
+        at::bincount(flat, m.defined() ? m.repeat_interleave(k) : at::Tensor(), c.num_experts);
+    stats->choices =
+        stats->choices.defined() ? stats->choices + chosen.to(at::kFloat) : chosen.to(at::kFloat);
+    stats->probs = stats->probs.defined() ? stats->probs + prob_sum.detach() : prob_sum.detach();
+    stats->layers += 1;
+  }
+  return RouterAuxGrad::apply(out, prob_sum, stats);
+}
+
+at::Tensor feed_forward(const ModelConfig& c, const Block& b, const at::Tensor& h,
+                        const c10::intrusive_ptr<RouterStats>& stats) {
+  if (c.num_experts > 0) return moe_mlp(c, b.moe, h, stats);
+  return mlp(c, b, h);
 }
 
 }  // namespace
 
 at::Tensor mlp(const ModelConfig& c, const Block& b, const at::Tensor& h) {
-  if (c.num_experts > 0) return moe_mlp(c, b.moe, h);
+  if (c.num_experts > 0) return moe_mlp(c, b.moe, h, {});
   if (!c.gated_mlp) return apply(b.down, at::relu(apply(b.up, h)).square());
   return apply(b.down, at::silu(apply(b.gate, h)) * apply(b.up, h));
 }
@@ -157,9 +217,10 @@ at::Tensor mlp(const ModelConfig& c, const Block& b, const at::Tensor& h) {
 namespace {
 
 at::Tensor block_forward(const ModelConfig& c, const Block& b, const at::Tensor& x, const at::Tensor& cos,
-                         const at::Tensor& sin, const std::optional<at::Tensor>& mask) {
+                         const at::Tensor& sin, const std::optional<at::Tensor>& mask,
+                         const c10::intrusive_ptr<RouterStats>& stats) {
   auto h = x + attention(c, b, norm(c, x, b.input_norm, b.input_norm_bias), cos, sin, mask);
-  return h + mlp(c, b, norm(c, h, b.post_attention_norm, b.post_attention_norm_bias));
+  return h + feed_forward(c, b, norm(c, h, b.post_attention_norm, b.post_attention_norm_bias), stats);
 }
 
 // The layer to recompute, carried through the autograd graph in a capsule. A layer that draws
@@ -258,6 +319,13 @@ at::Tensor forward_hidden(const Transformer& m, const ForwardInput& in) {
     if (!masks.count(w)) masks[w] = attention_mask(in, w, T);
 
   const bool checkpoint = in.checkpoint_layers && at::GradMode::is_enabled();
+  c10::intrusive_ptr<RouterStats> stats;
+  if (c.num_experts > 0 && at::GradMode::is_enabled() && router_aux_loss().weight > 0) {
+    stats = c10::make_intrusive<RouterStats>();
+    stats->weight = router_aux_loss().weight;
+    if (in.attention_mask.defined()) stats->mask = in.attention_mask.reshape({-1}).to(at::kFloat);
+    stats->tokens = stats->mask.defined() ? stats->mask.sum().item<double>() : double(B * T);
+  }
   for (int64_t i = 0; i < c.num_layers; ++i) {
     const Block& b = m.layers[i];
     const auto& mask = masks[c.window[i]];
@@ -268,8 +336,8 @@ at::Tensor forward_hidden(const Transformer& m, const ForwardInput& in) {
       if (!x.requires_grad() && block_trains(b)) x = x.detach().requires_grad_(true);
       auto layer = c10::make_intrusive<Recompute>();
       layer->random = block_draws(b);
-      layer->fn = [&c, &b, cos = cos, sin = sin, mask](const at::Tensor& h) {
-        return block_forward(c, b, h, cos, sin, mask);
+      layer->fn = [&c, &b, cos = cos, sin = sin, mask, stats](const at::Tensor& h) {
+        return block_forward(c, b, h, cos, sin, mask, stats);
       };
       // GCC 13 sees an out-of-bounds memmove in libtorch's Function::apply (a false positive in
       // torch's header, not in this code).
@@ -278,8 +346,13 @@ at::Tensor forward_hidden(const Transformer& m, const ForwardInput& in) {
       x = CheckpointedLayer::apply(x, layer);
 #pragma GCC diagnostic pop
     } else {
-      x = block_forward(c, b, x, cos, sin, mask);
+      x = block_forward(c, b, x, cos, sin, mask, stats);
     }
+  }
+  if (stats && stats->tokens > 0) {
+    stats->complete = true;
+    router_aux_loss().sum += stats->value(c.num_experts);
+    router_aux_loss().count += 1;
   }
   return norm(c, x, m.norm, m.norm_bias);
 }

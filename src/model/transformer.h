@@ -51,6 +51,19 @@ struct ForwardInput {
   bool checkpoint_layers = false;
 };
 
+// Mixtral's load-balancing loss, as transformers computes it (load_balancing_loss_func over every
+// layer's router, padding left out): E x sum_e F_e P_e, F_e the fraction of token choices that went
+// to expert e and P_e its mean router probability. While `weight` > 0, each forward_hidden that
+// records gradients (a training forward) gives the backward pass weight x the loss's gradient, the
+// algorithm's loss unchanged, and adds the loss's value to `sum` (`count` forwards). The trainer
+// sets it per update from model.router_aux_loss_coef and reports the mean.
+struct RouterAuxLoss {
+  double weight = 0;
+  double sum = 0;
+  int64_t count = 0;
+};
+RouterAuxLoss& router_aux_loss();  // this thread's
+
 // Uninitialised weights of the config's shapes with the given dtype and device (for loading).
 Transformer allocate_transformer(const ModelConfig& cfg, const at::TensorOptions& options);
 // Random init (normal, std 0.02; norms 1; biases 0) in the config's dtype, on `device`.

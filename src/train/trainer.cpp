@@ -359,6 +359,22 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
   // stops where the data ends, and the schedule follows this bound.
   const int64_t total_steps = opt.max_steps > 0 ? opt.max_steps : examples / step_examples * opt.max_epochs;
   auto modules = prepare_modules(std::move(trainable), total_steps * updates);
+  // Mixtral's load-balancing loss: model.router_aux_loss_coef, or (null) what the model's config.json
+  // asks for. Each micro-batch's training forward adds coef / (micro-batches x ranks) of it, as a
+  // mean loss per micro-batch averaged over accumulation and ranks would.
+  double router_coef = 0;
+  for (const auto& r : modules)
+    if (r.module.model->cfg.num_experts > 0) {
+      const char* key = "model.router_aux_loss_coef";  // null (a string key): config.json's
+      const std::string text = cfg.has(key) ? cfg.get_string(key) : "";
+      router_coef = r.module.model->cfg.router_aux_loss_coef;
+      if (!text.empty()) {
+        char* end = nullptr;
+        router_coef = std::strtod(text.c_str(), &end);
+        if (end != text.c_str() + text.size() || !(router_coef >= 0))
+          fail("config key '{}' expects a number >= 0 or null, got '{}'", key, text);
+      }
+    }
   // With one module the metrics keep their plain names ("lr"); with several each is prefixed.
   auto module_key = [&](const Running& r, const std::string& what) {
     return modules.size() == 1 ? what : r.module.name + "/" + what;
@@ -529,6 +545,7 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
     at::manual_seed(opt.seed + 0x9E3779B97F4A7C15ull * uint64_t(step + 1) +
                     0xBF58476D1CE4E5B9ull * uint64_t(dist.rank()));
     const auto updates_start = Clock::now();
+    router_aux_loss() = {router_coef / double(accumulation * dist.world_size()), 0, 0};
     std::vector<LossSums> parts;
     std::vector<std::pair<std::string, double>> shown;  // lr and grad_norm per module
     std::vector<double> norm_sums(modules.size(), 0.0);
@@ -565,6 +582,11 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
       if (u == 0)
         for (size_t k = 0; k < modules.size(); ++k) shown.emplace_back(module_key(modules[k], "lr"), lrs[k]);
     }
+    if (router_coef > 0) {
+      const auto aux = dist.sum({router_aux_loss().sum, double(router_aux_loss().count)});
+      if (aux[1] > 0) shown.emplace_back("router_aux_loss", aux[0] / aux[1]);
+    }
+    router_aux_loss() = {};
     // With several updates a step reports the mean of their norms.
     for (size_t k = 0; k < modules.size(); ++k)
       shown.emplace_back(module_key(modules[k], "grad_norm"), norm_sums[k] / double(updates));
