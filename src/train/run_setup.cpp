@@ -71,13 +71,13 @@ TrainableModule trainable_model(Transformer& model, const Config& cfg, Optimizer
   const std::string from = cfg.get_string("lora.from");
   if (lora.rank == 0 && from.empty()) return whole_model(model, std::move(optim), model_dir, std::move(name));
   if (!from.empty()) {
-    // The folder's adapter decides what is adapted; the run's keys may only repeat it.
-    const LoraConfig loaded = load_peft_adapter(model, from);
+    // The folder's adapter decides what is adapted: the run may not say otherwise.
     if (lora.rank > 0)
       fail("config key 'lora.rank' is set, but lora.from {} decides the adapter's shape: leave it out", from);
     for (const char* key : {"lora.alpha", "lora.target_modules", "lora.init"})
       if (!cfg.is_default(key))
         fail("config key '{}' is set, but lora.from {} decides the adapter's shape: leave it out", key, from);
+    const LoraConfig loaded = load_peft_adapter(model, from);
     const double dropout = lora.dropout;
     lora = loaded;
     if (!cfg.is_default("lora.dropout")) lora.dropout = dropout;
