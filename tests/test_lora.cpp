@@ -341,7 +341,7 @@ TEST(LoraSft, BadSettingsAreOneLineErrors) {
       {"lora.rank=-1", "'lora.rank' must be >= 0"},
       {"lora.dropout=1.5", "'lora.dropout' must be in [0, 1)"},
       {"lora.init=xavier", "'lora.init' expects default or gaussian"},
-      {"lora.from=/nonexistent", "not a PEFT adapter folder"},
+      {"lora.rank=0 lora.from=/nonexistent", "not a PEFT adapter folder"},
   };
   for (const auto& [extra, needle] : cases) {
     const auto r = run_aligner(lora_sft_args(out, "trainer.max_steps=1 " + extra));
