@@ -47,6 +47,14 @@ const std::string& family_model(const std::string& type) {
   return dir;
 }
 
+// `aligner sft` of `model` on code-alpaca on the CPU, into `out`.
+std::string sft_args(const std::string& model, const fs::path& out, const std::string& extra) {
+  return "sft model.path=" + model + " data.train=" + kRoot +
+         "/examples/data/code-alpaca/code-alpaca-300.jsonl model.device=cpu trainer.micro_batch_size=2 "
+         "trainer.global_batch_size=4 output_dir=" +
+         out.string() + " " + extra;
+}
+
 class Family : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(Family, ConfigAndWeightsAreTheFamilys) {
@@ -69,11 +77,9 @@ TEST_P(Family, SftLossFallsAndDpoStartsAtLog2) {
   const std::string model = family_model(GetParam());
   const auto out = temp_dir("family_sft_" + GetParam());
   auto r =
-      run_aligner("sft model.path=" + model + " data.train=" + kRoot +
-                  "/examples/data/code-alpaca/code-alpaca-300.jsonl data.max_length=128 optim.lr=3e-3 "
-                  "optim.scheduler=constant model.device=cpu trainer.max_steps=8 trainer.micro_batch_size=4 "
-                  "trainer.global_batch_size=4 model.activation_checkpointing=true output_dir=" +
-                  out.string());
+      run_aligner(sft_args(model, out,
+                           "data.max_length=128 optim.lr=3e-3 optim.scheduler=constant trainer.max_steps=8 "
+                           "model.activation_checkpointing=true"));
   ASSERT_EQ(r.status, 0) << r.output;
   const auto rows = metrics(out);
   ASSERT_EQ(rows.size(), 8u);
@@ -145,17 +151,14 @@ TEST(Mixtral, LoadBalancingLossMatchesTransformers) {
 TEST(Mixtral, SftReportsTheLoadBalancingLoss) {
   const auto out = temp_dir("mixtral_aux");
   const auto r =
-      run_aligner("sft model.path=" + family_model("mixtral") + " data.train=" + kRoot +
-                  "/examples/data/code-alpaca/code-alpaca-300.jsonl data.max_length=64 model.device=cpu "
-                  "trainer.max_steps=2 trainer.micro_batch_size=2 trainer.global_batch_size=4 "
-                  "model.router_aux_loss_coef=0.02 output_dir=" +
-                  out.string());
+      run_aligner(sft_args(family_model("mixtral"), out,
+                           "data.max_length=64 trainer.max_steps=2 model.router_aux_loss_coef=0.02"));
   ASSERT_EQ(r.status, 0) << r.output;
   const auto rows = metrics(out);
   ASSERT_EQ(rows.size(), 2u);
-  // E x sum F P: 1 when routing is perfectly balanced, up to E/k... at most E.
-  EXPECT_GE(rows[0]["router_aux_loss"].get<double>(), 1.0 - 1e-6);
-  EXPECT_LE(rows[0]["router_aux_loss"].get<double>(), 4.0);
+  // E x sum_e F_e P_e with sum_e F_e = k (each token picks k experts): a router as nearly uniform as
+  // a fresh one (P_e ~ 1/E) gives about k = 2 (seen: 2.004 and 2.017).
+  for (const auto& row : rows) EXPECT_NEAR(row["router_aux_loss"].get<double>(), 2.0, 0.1);
   fs::remove_all(out);
 }
 

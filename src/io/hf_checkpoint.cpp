@@ -143,12 +143,16 @@ constexpr const char* kTokenizerFiles[] = {"tokenizer.json",         "tokenizer_
                                            "tokenizer.model",        "special_tokens_map.json",
                                            "generation_config.json", "chat_template.jinja"};
 
-void write_text(const fs::path& path, const std::string& text) {
+}  // namespace
+
+void write_text(const std::filesystem::path& path, const std::string& text) {
   std::ofstream f(path, std::ios::binary);
   f << text;
   f.close();
   if (!f) fail("{}: write failed: {}", path.string(), std::strerror(errno));
 }
+
+namespace {
 
 // Whether save_transformer writes files of this name.
 bool written_by_save(const std::string& name) {

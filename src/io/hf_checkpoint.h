@@ -2,6 +2,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <filesystem>
 #include <functional>
 #include <optional>
 #include <string>
@@ -44,6 +45,9 @@ enum class Replace {
 void save_transformer(const Transformer& m, const std::string& dir,
                       std::optional<at::ScalarType> dtype = std::nullopt, int64_t max_shard_bytes = 0,
                       const std::string& tokenizer_from = "", Replace replace = Replace::ours);
+
+// Writes `text` to `path`; a failed write is an error naming the file.
+void write_text(const std::filesystem::path& path, const std::string& text);
 
 // How save_transformer writes its folder, for other folders of model files (PEFT adapters):
 // `write(tmp)` fills a new folder, which gets the marker file and the tokenizer files and then

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <filesystem>
-#include <fstream>
 #include <map>
 
 #include "core/error.h"
@@ -164,10 +163,7 @@ void save_peft_adapter(const Transformer& m, const LoraConfig& c, const std::str
   };
   save_folder(dir, replace, tokenizer_from, [&](const std::string& tmp) {
     safetensors::save((fs::path(tmp) / "adapter_model.safetensors").string(), tensors);
-    std::ofstream f(fs::path(tmp) / "adapter_config.json");
-    f << j.dump(2) << "\n";
-    f.close();
-    if (!f) fail("{}: cannot write adapter_config.json", tmp);
+    write_text(fs::path(tmp) / "adapter_config.json", j.dump(2) + "\n");
   });
 }
 
