@@ -4,8 +4,11 @@ sampling generation, aligner vs transformers in the same run.
 Run on the GPU machine after scripts/build_cuda.sh:  python3 bench/moe_bench.py [BUILD_DIR]
 Forward: batch 8 x 2048 random tokens, logits for every token. Generation: 64 prompts of 128 random
 tokens, 128 new tokens each at temperature 1, EOS ignored; transformers generates all 64 at once.
-aligner runs the same folder through bench/forward_bench and bench/generate_bench (its MoE decodes
-with the ATen step: the CUDA decoder's fused kernels are dense-only).
+Training: SFT steps of 4 x 2048 tokens (forward, loss, backward, clipping, AdamW), transformers as its
+Trainer runs with bf16=True (float32 weights under autocast), aligner with bf16 weights and float32
+master weights and moments (bench/sft_bench).
+aligner runs the same folder through bench/forward_bench, bench/generate_bench and bench/sft_bench;
+its experts run as grouped GEMMs (torch._grouped_mm), in the captured CUDA decoder as well.
 """
 import json
 import subprocess
@@ -21,6 +24,7 @@ CONFIG = MixtralConfig(hidden_size=2048, intermediate_size=5632, num_hidden_laye
                        num_key_value_heads=8, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2,
                        max_position_embeddings=4096, sliding_window=None, tie_word_embeddings=False)
 B, T, N, P, NEW = 8, 2048, 64, 128, 128
+TRAIN_B = 4
 
 
 def timed(fn, warmup, iters):
@@ -52,11 +56,28 @@ def main():
                                              max_new_tokens=NEW, pad_token_id=0), 0, 1)
     del model
     torch.cuda.empty_cache()
+    model = MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cuda").train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
+    train_ids = ids[:TRAIN_B]
+
+    def train_step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=train_ids, labels=train_ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    train_s = timed(train_step, 2, 4)
+    del model, opt
+    torch.cuda.empty_cache()
     run = lambda *a: json.loads(subprocess.run([str(x) for x in a], check=True, capture_output=True,
                                                text=True).stdout.strip().splitlines()[-1])
     fwd = run(f"{build}/forward_bench", folder, B, T, 2, 5)
     gen = run(f"{build}/generate_bench", folder, N, P, NEW, N)
-    hf_fwd, hf_gen = B * T / fwd_s, N * NEW / gen_s
+    train = run(f"{build}/sft_bench", folder, TRAIN_B, T, 2, 4, 0)
+    hf_fwd, hf_gen, hf_train = B * T / fwd_s, N * NEW / gen_s, TRAIN_B * T / train_s
     print(f"\nMixtral shape ({params:.1f}B parameters: 8 experts, 2 per token, hidden 2048, 16 layers), bf16, "
           f"{torch.cuda.get_device_name()}, transformers {transformers.__version__}")
     print("| what | transformers | aligner | ratio |")
@@ -65,6 +86,8 @@ def main():
           f"{fwd['tokens_per_s'] / hf_fwd:.2f}x |")
     print(f"| generation, {N} prompts x {P} + {NEW} new, sampling | {hf_gen:,.0f} tok/s | "
           f"{gen['tokens_per_s']:,.0f} tok/s | {gen['tokens_per_s'] / hf_gen:.2f}x |")
+    print(f"| SFT step, {TRAIN_B} x {T} tokens | {hf_train:,.0f} tok/s | {train['tokens_per_s']:,.0f} tok/s | "
+          f"{train['tokens_per_s'] / hf_train:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -393,42 +393,82 @@ Transformer cuda_model(int64_t heads, int64_t kv_heads, int64_t head_dim, int64_
   return load_transformer(dir.string(), at::kCUDA, dtype);
 }
 
-// The captured, fused decoding step against the ATen step on attention shapes the fixtures do not
-// have: 8 query heads per KV head, none shared, 12 (two passes of the kernel), 3, and a sliding
-// window shorter than the sequences; slots refilled as sequences of different lengths end.
+// The largest gap between the log-probs that `gen_model` reports for what it samples (with or
+// without the CUDA kernels) and the teacher-forced ones of the float32 model m.
+double teacher_error(const Transformer& m, const Transformer& gen_model,
+                     const std::vector<std::vector<int32_t>>& prompts, GenerationOptions opt, bool kernels) {
+  opt.cuda_kernels = kernels;
+  const auto r = generate(gen_model, prompts, opt);
+  const auto b = collate_generations(prompts, r, 0, at::kCUDA);
+  at::NoGradGuard g;
+  const auto teacher =
+      token_logprobs(m, forward_hidden(m, {b.input_ids, b.attention_mask, b.position_ids}), b.labels);
+  return ((teacher - b.logprobs) * b.response_mask).abs().max().item<double>();
+}
+
+// Greedy generation with the captured, fused decoding step equals the ATen step's, slots refilled
+// as sequences of different lengths end.
+void expect_fused_step_equals_aten(const Transformer& m, const std::string& where, double tolerance = 1e-4) {
+  ASSERT_TRUE(cuda_decoding_supported(m)) << where;
+  const auto prompts = random_prompts({5, 17, 1, 30, 9, 2, 12}, m.cfg.vocab_size, 9);
+  auto opt = greedy_options(20);
+  opt.stop_at_eos = false;
+  opt.batch_size = 3;
+  opt.stop_ids = {7, 11, 13};  // ends some sequences early, so that slots are refilled
+  const auto fused = generate(m, prompts, opt);
+  opt.cuda_kernels = false;
+  const auto aten = generate(m, prompts, opt);
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    EXPECT_EQ(fused.sequences[i].tokens, aten.sequences[i].tokens) << where << ", prompt " << i;
+    ASSERT_EQ(fused.sequences[i].logprobs.size(), aten.sequences[i].logprobs.size());
+    for (size_t j = 0; j < fused.sequences[i].logprobs.size(); ++j)
+      EXPECT_NEAR(fused.sequences[i].logprobs[j], aten.sequences[i].logprobs[j], tolerance) << where;
+  }
+}
+
+// The fused step against the ATen step on attention shapes the fixtures do not have: 8 query heads
+// per KV head, none shared, 12 (two passes of the kernel), 3, and a sliding window shorter than
+// the sequences.
 TEST(CudaDecoder, GreedyOutputsAndLogprobsEqualTheAtenStep) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   struct Shape {
     int64_t heads, kv_heads, head_dim, window;
   };
-  auto check = [](const Transformer& m, const std::string& where) {
-    ASSERT_TRUE(cuda_decoding_supported(m));
-    const auto prompts = random_prompts({5, 17, 1, 30, 9, 2, 12}, m.cfg.vocab_size, 9);
-    auto opt = greedy_options(20);
-    opt.stop_at_eos = false;
-    opt.batch_size = 3;
-    opt.stop_ids = {7, 11, 13};  // ends some sequences early, so that slots are refilled
-    const auto fused = generate(m, prompts, opt);
-    opt.cuda_kernels = false;
-    const auto aten = generate(m, prompts, opt);
-    for (size_t i = 0; i < prompts.size(); ++i) {
-      EXPECT_EQ(fused.sequences[i].tokens, aten.sequences[i].tokens) << where << ", prompt " << i;
-      ASSERT_EQ(fused.sequences[i].logprobs.size(), aten.sequences[i].logprobs.size());
-      for (size_t j = 0; j < fused.sequences[i].logprobs.size(); ++j)
-        EXPECT_NEAR(fused.sequences[i].logprobs[j], aten.sequences[i].logprobs[j], 1e-4) << where;
-    }
-  };
   for (const Shape& sh : {Shape{16, 2, 64, 0}, Shape{4, 4, 128, 0}, Shape{12, 1, 32, 0}, Shape{6, 2, 64, 0},
                           Shape{8, 2, 16, 6}})
-    check(cuda_model(sh.heads, sh.kv_heads, sh.head_dim, sh.window, at::kFloat),
-          std::to_string(sh.heads) + "/" + std::to_string(sh.kv_heads) + " heads of " +
-              std::to_string(sh.head_dim) + ", window " + std::to_string(sh.window));
+    expect_fused_step_equals_aten(cuda_model(sh.heads, sh.kv_heads, sh.head_dim, sh.window, at::kFloat),
+                                  std::to_string(sh.heads) + "/" + std::to_string(sh.kv_heads) +
+                                      " heads of " + std::to_string(sh.head_dim) + ", window " +
+                                      std::to_string(sh.window));
   // Weights that no longer lie back to back (replaced after loading) take one GEMM each.
   auto m = cuda_model(16, 2, 64, 0, at::kFloat);
   for (auto& b : m.layers) b.k.weight = b.k.weight.clone(), b.up.weight = b.up.weight.clone();
   ASSERT_FALSE(joined_linear({&m.layers[0].q, &m.layers[0].k, &m.layers[0].v}));
   ASSERT_FALSE(joined_linear({&m.layers[0].gate, &m.layers[0].up}));
-  check(m, "separate projections");
+  expect_fused_step_equals_aten(m, "separate projections");
+}
+
+// The newer families through the fused step: Qwen3's per-head norms, Nemotron's LayerNorm1P,
+// squared ReLU and partial rotary embeddings (half of each head rotates), and in bfloat16 Mixtral's
+// experts as grouped GEMMs inside the captured graph (its fixture routes unevenly; float32 experts
+// have no fused grouped GEMM, so they decode with the ATen step).
+TEST(CudaDecoder, NewFamiliesEqualTheAtenStep) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  for (const std::string name : {"qwen3", "nemotron", "mixtral"}) {
+    const auto m = load_transformer(kFixtures + name, at::kCUDA, at::kFloat);
+    if (name == "mixtral")
+      EXPECT_FALSE(cuda_decoding_supported(m));
+    else
+      expect_fused_step_equals_aten(m, name);
+    const auto low = load_transformer(kFixtures + name, at::kCUDA, at::kBFloat16);
+    ASSERT_TRUE(cuda_decoding_supported(low)) << name;
+    const auto prompts = random_prompts({5, 17, 1, 30, 40}, m.cfg.vocab_size, 10);
+    auto opt = sampling_options(3);
+    opt.max_new_tokens = 40;
+    const double fused = teacher_error(m, low, prompts, opt, true),
+                 aten = teacher_error(m, low, prompts, opt, false);
+    EXPECT_LT(fused, 2 * aten + 0.02) << name << " bf16: fused " << fused << ", ATen " << aten;
+  }
 }
 
 // Sampled with filters on the fused path, the log-probs are the teacher-forced ones (fp32); in
@@ -445,21 +485,13 @@ TEST(CudaDecoder, SampledLogprobsEqualTeacherForcedAnd16BitStaysClose) {
     const auto prompts = random_prompts({5, 17, 1, 30, 40}, m.cfg.vocab_size, 10);
     auto opt = sampling_options(3);
     opt.max_new_tokens = 40;
-    auto teacher_error = [&](const Transformer& gen_model, bool kernels) {
-      opt.cuda_kernels = kernels;
-      const auto r = generate(gen_model, prompts, opt);
-      const auto b = collate_generations(prompts, r, 0, at::kCUDA);
-      at::NoGradGuard g;
-      const auto teacher =
-          token_logprobs(m, forward_hidden(m, {b.input_ids, b.attention_mask, b.position_ids}), b.labels);
-      return ((teacher - b.logprobs) * b.response_mask).abs().max().item<double>();
-    };
     const std::string where = std::to_string(sh.heads) + "/" + std::to_string(sh.kv_heads) + " heads of " +
                               std::to_string(sh.head_dim) + ", window " + std::to_string(sh.window);
-    EXPECT_LT(teacher_error(m, true), 1e-4) << where;
+    EXPECT_LT(teacher_error(m, m, prompts, opt, true), 1e-4) << where;
     for (const auto dtype : {at::kBFloat16, at::kHalf}) {
       const auto low = cuda_model(sh.heads, sh.kv_heads, sh.head_dim, sh.window, dtype);
-      const double fused = teacher_error(low, true), aten = teacher_error(low, false);
+      const double fused = teacher_error(m, low, prompts, opt, true),
+                   aten = teacher_error(m, low, prompts, opt, false);
       EXPECT_LT(fused, 2 * aten + 0.02)
           << where << ", " << c10::toString(dtype) << ": fused " << fused << ", ATen " << aten;
     }

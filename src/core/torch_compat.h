@@ -3,9 +3,13 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <torch/version.h>
+#ifdef ALIGNER_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#endif
 
 #include <cmath>
 #include <optional>
+#include <vector>
 
 #define ALIGNER_TORCH_2 (TORCH_VERSION_MAJOR >= 2)
 
@@ -56,6 +60,39 @@ inline at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double
 }
 
 inline constexpr bool kTorch2 = ALIGNER_TORCH_2;
+
+// Whether grouped_mm below runs as one fused kernel, without the host reading the group sizes
+// (so that it can be captured in a CUDA graph), for rows of x of `k` and outputs of `n` elements:
+// torch 2.8+ has one for bfloat16 on Hopper and later (its fallback for the rest reads the sizes).
+inline bool fused_grouped_mm(const at::Tensor& x, int64_t k, int64_t n) {
+#if (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)) && \
+    defined(ALIGNER_WITH_CUDA)
+  return x.is_cuda() && x.scalar_type() == at::kBFloat16 && k % 8 == 0 && n % 8 == 0 &&
+         at::cuda::getDeviceProperties(x.get_device())->major >= 9;
+#else
+  (void)x, (void)k, (void)n;
+  return false;
+#endif
+}
+
+// Rows [ends[g-1], ends[g]) of x [M, K] times w[g] [K, N], for the groups g of w [G, K, N]: one
+// grouped GEMM where fused_grouped_mm (differentiable), else one GEMM per group after the host
+// reads the ends (int32 [G], cumulative).
+inline at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ends) {
+#if (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)) && \
+    defined(ALIGNER_WITH_CUDA)
+  if (fused_grouped_mm(x, w.size(1), w.size(2))) return at::_grouped_mm(x, w, ends);
+#endif
+  const auto host = ends.to(at::kCPU, at::kLong);
+  std::vector<at::Tensor> ys;
+  int64_t start = 0;
+  for (int64_t g = 0; g < w.size(0); ++g) {
+    const int64_t end = host[g].item<int64_t>();
+    if (end > start) ys.push_back(at::matmul(x.narrow(0, start, end - start), w[g]));
+    start = end;
+  }
+  return ys.empty() ? at::zeros({0, w.size(2)}, x.options()) : at::cat(ys);
+}
 
 }  // namespace aligner::compat
 

@@ -12,7 +12,9 @@
 #include <cmath>
 #include <limits>
 
+#include "core/torch_compat.h"
 #include "kernels/decode_kernels.h"
+#include "model/layers.h"
 #endif
 
 namespace aligner {
@@ -81,15 +83,14 @@ std::pair<at::Tensor, at::Tensor> cuda_sample(const at::Tensor& logits, const Sa
 
 bool cuda_decoding_supported(const Transformer& m) {
   const auto t = m.embed.scalar_type();
-  // Its fused kernels are RMSNorm, a dense gated SiLU and full rotary embeddings, without per-head
-  // norms.
   const auto& c = m.cfg;
-  if (c.layernorm1p || !c.gated_mlp || c.qk_norm || c.rotary_dim != c.head_dim || c.num_experts > 0)
+  // A mixture of experts is captured only where its grouped GEMMs need no group sizes on the host.
+  if (c.num_experts > 0 && !compat::fused_grouped_mm(m.embed, c.hidden_size, c.intermediate_size))
     return false;
   return m.embed.is_cuda() && m.lm_head.weight.defined() &&
          (t == at::kFloat || t == at::kBFloat16 || t == at::kHalf) &&
-         kernels::decode_attention_supported(int(m.cfg.head_dim)) &&
-         m.cfg.num_heads % m.cfg.num_kv_heads == 0 && m.cfg.hidden_size % 8 == 0;
+         kernels::decode_attention_supported(int(c.head_dim)) && c.rotary_dim % 2 == 0 &&
+         c.rotary_dim <= c.head_dim && c.num_heads % c.num_kv_heads == 0 && c.hidden_size % 8 == 0;
 }
 
 struct CudaDecoder::Graphs {
@@ -113,22 +114,48 @@ struct CudaDecoder::Graphs {
                   logprobs);
   }
 
+  // A dense gated SiLU feed-forward with the activation as one kernel.
+  at::Tensor gated_mlp(int64_t l, const at::Tensor& h) {
+    const Block& b = m.layers[l];
+    const auto stream = at::cuda::getCurrentCUDAStream().stream();
+    at::Tensor gate, up, act;
+    if (gate_up[l]) {
+      const auto y = apply(*gate_up[l], h);
+      const int64_t I = b.gate.weight.size(0);
+      gate = y.narrow(1, 0, I), up = y.narrow(1, I, I);
+      act = at::empty({h.size(0), I}, y.options());
+    } else {
+      gate = apply(b.gate, h), up = apply(b.up, h);
+      act = gate;  // elementwise: written where it is read
+    }
+    check(kernels::silu_mul(kernel_dtype(h.scalar_type()), gate.data_ptr(), up.data_ptr(), gate.stride(0),
+                            act.data_ptr(), h.size(0), act.size(1), stream),
+          "silu_mul");
+    return apply(b.down, act);
+  }
+
   // decode_step for slots [0, n) followed by sampling, with nothing that waits for the device,
   // so that it can be captured.
   void step(int64_t n, at::Tensor& tokens, at::Tensor& logprobs) {
     const ModelConfig& c = m.cfg;
     const auto stream = at::cuda::getCurrentCUDAStream().stream();
     const auto dtype = kernel_dtype(m.embed.scalar_type());
-    // x: the residual stream; h: its normalised copy, which the next projections read.
+    // x: the residual stream; h: its normalised copy, which the next projections read. RMSNorm is
+    // one fused kernel with the residual add; other norms run as layers.h defines them.
     auto x = at::embedding(m.embed, tokens.narrow(0, 0, n));
     auto h = at::empty_like(x);
-    const auto add_norm = [&](const at::Tensor* delta, const at::Tensor& weight) {
+    const auto add_norm = [&](const at::Tensor* delta, const at::Tensor& weight, const at::Tensor& bias) {
+      if (c.layernorm1p) {
+        if (delta) x.add_(*delta);
+        h.copy_(norm(c, x, weight, bias));
+        return;
+      }
       check(kernels::add_rms_norm(dtype, x.data_ptr(), delta ? delta->data_ptr() : nullptr,
                                   delta ? delta->stride(0) : 0, weight.data_ptr(), float(c.rms_norm_eps),
                                   h.data_ptr(), n, c.hidden_size, stream),
             "rms_norm");
     };
-    add_norm(nullptr, m.layers[0].input_norm);
+    add_norm(nullptr, m.layers[0].input_norm, m.layers[0].input_norm_bias);
     auto attn = at::empty({n, c.num_heads * c.head_dim}, x.options());
     for (int64_t l = 0; l < c.num_layers; ++l) {
       const Block& b = m.layers[l];
@@ -139,6 +166,10 @@ struct CudaDecoder::Graphs {
         q = y.narrow(1, 0, nq), k = y.narrow(1, nq, nkv), v = y.narrow(1, nq + nkv, nkv);
       } else {
         q = apply(b.q, h), k = apply(b.k, h), v = apply(b.v, h);
+      }
+      if (c.qk_norm) {
+        q = head_norm(c, q, c.num_heads, b.q_norm).view({n, -1});
+        k = head_norm(c, k, c.num_kv_heads, b.k_norm).view({n, -1});
       }
       kernels::DecodeAttentionArgs a{};
       a.dtype = dtype;
@@ -152,28 +183,19 @@ struct CudaDecoder::Graphs {
       a.v_cache = cache.v[l].data_ptr();
       a.max_tokens = kv_max_tokens(cache);
       a.lengths = cache.lengths.data_ptr<int64_t>();
+      a.rotary_dim = int(c.rotary_dim);
       a.inv_freq = cache.inv_freq.data_ptr<float>();
       a.window = c.window[l];
       a.scale = float(1.0 / std::sqrt(double(c.head_dim)));
       a.out = attn.data_ptr();
       check(kernels::decode_attention(a, stream), "attention");
       const auto o = apply(b.o, attn);
-      add_norm(&o, b.post_attention_norm);
-      at::Tensor gate, up, act;
-      if (gate_up[l]) {
-        const auto y = apply(*gate_up[l], h);
-        const int64_t I = b.gate.weight.size(0);
-        gate = y.narrow(1, 0, I), up = y.narrow(1, I, I);
-        act = at::empty({n, I}, y.options());
-      } else {
-        gate = apply(b.gate, h), up = apply(b.up, h);
-        act = gate;  // elementwise: written where it is read
-      }
-      check(kernels::silu_mul(dtype, gate.data_ptr(), up.data_ptr(), gate.stride(0), act.data_ptr(), n,
-                              act.size(1), stream),
-            "silu_mul");
-      const auto down = apply(b.down, act);
-      add_norm(&down, l + 1 < c.num_layers ? m.layers[l + 1].input_norm : m.norm);
+      add_norm(&o, b.post_attention_norm, b.post_attention_norm_bias);
+      const auto down = c.gated_mlp && c.num_experts == 0 ? gated_mlp(l, h) : mlp(c, b, h);
+      if (l + 1 < c.num_layers)
+        add_norm(&down, m.layers[l + 1].input_norm, m.layers[l + 1].input_norm_bias);
+      else
+        add_norm(&down, m.norm, m.norm_bias);
     }
     const auto logits = lm_logits(m, h);
     sample(logits, nullptr, /*advance=*/true, tokens, logprobs);
@@ -201,7 +223,8 @@ CudaDecoder::CudaDecoder(const Transformer& m, KvCache& cache, const SamplingPar
                            0});
   for (const Block& b : m.layers) {
     graphs_->qkv.push_back(joined_linear({&b.q, &b.k, &b.v}));
-    graphs_->gate_up.push_back(joined_linear({&b.gate, &b.up}));
+    graphs_->gate_up.push_back(m.cfg.gated_mlp && m.cfg.num_experts == 0 ? joined_linear({&b.gate, &b.up})
+                                                                         : c10::nullopt);
   }
   for (int i = 0; i < 2; ++i) {
     graphs_->host_tokens[i] = at::empty({slots}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));

@@ -20,7 +20,8 @@ namespace aligner {
 
 // Whether the model can decode this way: a CUDA build, the model on a CUDA device, float32/
 // bfloat16/float16 weights, a head size of 16, 32, 64 or 128, a hidden size divisible by 8, an
-// LM head.
+// LM head; a mixture of experts also needs torch 2.8's grouped GEMM and an expert size divisible
+// by 8.
 bool cuda_decoding_supported(const Transformer& m);
 
 // The decoder's sampling kernel on its own, for rows of logits [rows, vocab]: row i draws with

@@ -88,31 +88,27 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(DecodeAttent
   T* kc = static_cast<T*>(a.k_cache) + head_offset;
   T* vc = static_cast<T*>(a.v_cache) + head_offset;
 
-  for (int i = tid; i < D / 2; i += kThreads) sincosf(float(pos) * a.inv_freq[i], &sin_s[i], &cos_s[i]);
+  // Dimension i < R pairs with i +- R / 2 (rotate-half over the first R); the rest pass through.
+  const int R = a.rotary_dim, half = R / 2;
+  for (int i = tid; i < half; i += kThreads) sincosf(float(pos) * a.inv_freq[i], &sin_s[i], &cos_s[i]);
   __syncthreads();
-  for (int i = tid; i < D / 2; i += kThreads) {
-    const T* k = static_cast<const T*>(a.k) + b * a.k_stride + kvh * D;
-    const float x0 = to_float(k[i]), x1 = to_float(k[i + D / 2]);
-    kc[pos * D + i] = from_float<T>(x0 * cos_s[i] - x1 * sin_s[i]);
-    kc[pos * D + i + D / 2] = from_float<T>(x1 * cos_s[i] + x0 * sin_s[i]);
-  }
+  const auto rotated = [&](const T* x, int i) {
+    if (i >= R) return to_float(x[i]);
+    if (i < half) return to_float(x[i]) * cos_s[i] - to_float(x[i + half]) * sin_s[i];
+    return to_float(x[i]) * cos_s[i - half] + to_float(x[i - half]) * sin_s[i - half];
+  };
+  for (int i = tid; i < D; i += kThreads)
+    kc[pos * D + i] = from_float<T>(rotated(static_cast<const T*>(a.k) + b * a.k_stride + kvh * D, i));
   for (int i = tid; i < D; i += kThreads)
     vc[pos * D + i] = static_cast<const T*>(a.v)[b * a.v_stride + kvh * D + i];
 
   const int dim0 = lane * kDims;
   for (int g0 = 0; g0 < group; g0 += kGroup) {
     const int heads = min(kGroup, group - g0);
-    for (int i = tid; i < kGroup * (D / 2); i += kThreads) {
-      const int g = i / (D / 2), d = i % (D / 2);
-      float y0 = 0, y1 = 0;
-      if (g < heads) {
-        const T* q = static_cast<const T*>(a.q) + b * a.q_stride + (int64_t(kvh) * group + g0 + g) * D;
-        const float x0 = to_float(q[d]), x1 = to_float(q[d + D / 2]);
-        y0 = (x0 * cos_s[d] - x1 * sin_s[d]) * a.scale;
-        y1 = (x1 * cos_s[d] + x0 * sin_s[d]) * a.scale;
-      }
-      q_s[g][d] = y0;
-      q_s[g][d + D / 2] = y1;
+    for (int i = tid; i < kGroup * D; i += kThreads) {
+      const int g = i / D, d = i % D;
+      const T* q = static_cast<const T*>(a.q) + b * a.q_stride + (int64_t(kvh) * group + g0 + g) * D;
+      q_s[g][d] = g < heads ? rotated(q, d) * a.scale : 0.f;
     }
     // Also makes the new key and value stored above visible to the whole block.
     __syncthreads();

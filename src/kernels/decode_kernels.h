@@ -14,7 +14,8 @@ enum class DType { kFloat32, kBFloat16, kFloat16 };
 // One new token per slot b < batch: its key (rotated at position lengths[b]) and value go into the
 // cache at that position, and each query head (rotated likewise) attends over the slot's cached
 // positions [max(0, p - window + 1), p], p = lengths[b]. Rotary embedding is the rotate-half form
-// of Llama-family models, angles position * inv_freq[i] in float32.
+// of Llama-family models over each head's first rotary_dim dimensions (the rest pass through),
+// angles position * inv_freq[i] in float32.
 struct DecodeAttentionArgs {
   DType dtype;
   int batch, heads, kv_heads, head_dim;
@@ -23,7 +24,8 @@ struct DecodeAttentionArgs {
   void *k_cache, *v_cache;  // [slots >= batch, kv_heads, max_tokens, head_dim], contiguous
   int64_t max_tokens;
   const int64_t* lengths;  // [batch]: the new token's position
-  const float* inv_freq;   // [head_dim / 2]
+  int rotary_dim;          // even, <= head_dim
+  const float* inv_freq;   // [rotary_dim / 2]
   int64_t window;          // keys within this many positions (the token's own included); 0: all
   float scale;             // applied to the scores
   void* out;               // [batch, heads * head_dim], contiguous

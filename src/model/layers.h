@@ -20,6 +20,8 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tens
 // The config's norm of x with a norm weight (and bias): RMSNorm, or Nemotron's LayerNorm with scale
 // 1 + weight.
 at::Tensor norm(const ModelConfig& c, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);
+// Qwen3's RMSNorm of each head of q or k [..., heads x head_dim] (qk_norm), as [..., heads, head_dim].
+at::Tensor head_norm(const ModelConfig& c, const at::Tensor& x, int64_t heads, const at::Tensor& weight);
 // q, k, v projections [B, T, heads x head_dim] as attention reads them: [B, heads, T, head_dim],
 // q and k normed per head (qk_norm) and rotated.
 struct Qkv {

@@ -71,14 +71,18 @@ at::Tensor norm(const ModelConfig& c, const at::Tensor& x, const at::Tensor& wei
   return at::layer_norm(x, {x.size(-1)}, weight + 1, bias, c.rms_norm_eps);
 }
 
+at::Tensor head_norm(const ModelConfig& c, const at::Tensor& x, int64_t heads, const at::Tensor& weight) {
+  auto sizes = x.sizes().vec();
+  sizes.back() = heads;
+  sizes.push_back(c.head_dim);
+  return compat::rms_norm(x.view(sizes), weight, c.rms_norm_eps);
+}
+
 Qkv attention_heads(const ModelConfig& c, const Block& b, const at::Tensor& q, const at::Tensor& k,
                     const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin) {
   const int64_t B = q.size(0), T = q.size(1), D = c.head_dim;
   auto qh = q.view({B, T, c.num_heads, D}), kh = k.view({B, T, c.num_kv_heads, D});
-  if (c.qk_norm) {
-    qh = compat::rms_norm(qh, b.q_norm, c.rms_norm_eps);
-    kh = compat::rms_norm(kh, b.k_norm, c.rms_norm_eps);
-  }
+  if (c.qk_norm) qh = head_norm(c, q, c.num_heads, b.q_norm), kh = head_norm(c, k, c.num_kv_heads, b.k_norm);
   return {apply_rope(qh.transpose(1, 2), cos, sin), apply_rope(kh.transpose(1, 2), cos, sin),
           v.view({B, T, c.num_kv_heads, D}).transpose(1, 2)};
 }
@@ -158,10 +162,11 @@ struct RouterAuxGrad : torch::autograd::Function<RouterAuxGrad> {
 };
 
 // Mixtral's sparse MoE, routed as transformers routes it (softmax in float32, top k, renormalised,
-// cast to the activations' dtype). The token copies are sorted by expert, so that each expert runs
-// as one GEMM over all of its tokens; experts without tokens are skipped. With `stats` (a training
-// forward with a load-balancing loss) the layer's routing is counted and its output carries the
-// loss's gradient.
+// cast to the activations' dtype). The token copies are sorted by expert, so that the experts run
+// as one grouped GEMM per projection over all of their tokens; nothing waits for the device (a
+// CUDA graph can capture it) where compat::grouped_mm is fused. With `stats` (a training forward
+// with a load-balancing loss) the layer's routing is counted and its output carries the loss's
+// gradient.
 at::Tensor moe_mlp(const ModelConfig& c, const Moe& moe, const at::Tensor& h,
                    const c10::intrusive_ptr<RouterStats>& stats) {
   const int64_t H = h.size(-1), k = c.experts_per_token;
@@ -170,30 +175,24 @@ at::Tensor moe_mlp(const ModelConfig& c, const Moe& moe, const at::Tensor& h,
   auto [weights, experts] = probs.topk(k, -1);
   weights = (weights / weights.sum(-1, true)).to(x.scalar_type());
   const auto flat = experts.reshape({-1});
-  const auto order = flat.argsort();
+  const auto [sorted, order] = at::sort(flat, /*stable=*/true, 0, false);
   const auto token = order.div(k, "floor");
-  const auto counts = at::bincount(flat, {}, c.num_experts).cpu();
+  const auto ends = at::searchsorted(sorted, at::arange(c.num_experts, sorted.options()), /*out_int32=*/true,
+                                     /*right=*/true);
   const auto xs = x.index_select(0, token);
-  std::vector<at::Tensor> ys;
-  int64_t start = 0;
-  for (int64_t e = 0; e < c.num_experts; ++e) {
-    const int64_t n = counts[e].item<int64_t>();
-    if (n == 0) continue;
-    const auto xe = xs.narrow(0, start, n);
-    ys.push_back(at::matmul(at::silu(at::matmul(xe, moe.gate[e].t())) * at::matmul(xe, moe.up[e].t()),
-                            moe.down[e].t()));
-    start += n;
-  }
-  const auto y = at::cat(ys) * weights.reshape({-1}).index_select(0, order).unsqueeze(1);
+  const auto gate = compat::grouped_mm(xs, moe.gate.transpose(1, 2), ends);
+  const auto up = compat::grouped_mm(xs, moe.up.transpose(1, 2), ends);
+  const auto ys = compat::grouped_mm(at::silu(gate) * up, moe.down.transpose(1, 2), ends);
+  const auto y = ys * weights.reshape({-1}).index_select(0, order).unsqueeze(1);
   auto out = at::zeros_like(x).index_add(0, token, y).view(h.sizes());
   if (!stats) return out;
   const auto& m = stats->mask;
   const auto prob_sum = (m.defined() ? probs * m.unsqueeze(1) : probs).sum(0);
   if (!stats->complete) {
-    const auto chosen =
-        at::bincount(flat, m.defined() ? m.repeat_interleave(k) : at::Tensor(), c.num_experts);
-    stats->choices =
-        stats->choices.defined() ? stats->choices + chosen.to(at::kFloat) : chosen.to(at::kFloat);
+    // Counted without bincount, which reads its input's maximum on the host.
+    const auto counted = m.defined() ? m.repeat_interleave(k) : at::ones_like(flat, probs.options());
+    const auto chosen = at::zeros({c.num_experts}, probs.options()).index_add(0, flat, counted);
+    stats->choices = stats->choices.defined() ? stats->choices + chosen : chosen;
     stats->probs = stats->probs.defined() ? stats->probs + prob_sum.detach() : prob_sum.detach();
     stats->layers += 1;
   }
