@@ -78,12 +78,19 @@ inline void expect_same_weights(const std::filesystem::path& a, const std::files
   }
 }
 
-// The tensors of two PEFT adapter folders, equal to the bit.
-inline void expect_same_adapters(const std::filesystem::path& a, const std::filesystem::path& b) {
+// The tensors of two PEFT adapter folders, equal to the bit (tolerance 0) or within it.
+inline void expect_same_adapters(const std::filesystem::path& a, const std::filesystem::path& b,
+                                 double tolerance = 0) {
   const auto fa = safetensors::File::open((a / "adapter_model.safetensors").string()),
              fb = safetensors::File::open((b / "adapter_model.safetensors").string());
   ASSERT_EQ(fa.tensors().size(), fb.tensors().size());
-  for (const auto& t : fa.tensors()) EXPECT_TRUE(fa.get(t.name).equal(fb.get(t.name))) << a << ": " << t.name;
+  for (const auto& t : fa.tensors()) {
+    if (tolerance == 0)
+      EXPECT_TRUE(fa.get(t.name).equal(fb.get(t.name))) << a << ": " << t.name;
+    else
+      EXPECT_LE((fa.get(t.name) - fb.get(t.name)).abs().max().item<double>(), tolerance)
+          << a << ": " << t.name;
+  }
 }
 
 }  // namespace aligner::test

@@ -9,10 +9,6 @@
 #include "data/packing.h"
 #include "text/chat_template.h"
 
-#ifdef ALIGNER_WITH_CUDA
-#include <c10/cuda/CUDACachingAllocator.h>
-#endif
-
 namespace aligner {
 namespace {
 
@@ -231,16 +227,6 @@ at::Tensor token_values(const Transformer& critic, const ForwardInput& in) {
   if (!critic.score.weight.defined() || critic.score.weight.size(0) != 1)
     fail("the critic needs a value head with one output");
   return at_least_float(apply(critic.score, forward_hidden(critic, in))).select(-1, 0);
-}
-
-double peak_memory_gb(at::Device device) {
-#ifdef ALIGNER_WITH_CUDA
-  if (device.is_cuda()) {
-    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
-    return double(stats.allocated_bytes[size_t(c10::CachingAllocator::StatType::AGGREGATE)].peak) / 1e9;
-  }
-#endif
-  return 0;
 }
 
 std::optional<bool> read_reference_offload(const Config& cfg) {

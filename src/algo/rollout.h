@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "core/config.h"
+#include "core/device_memory.h"
 #include "data/prompt_data.h"
 #include "data/sampler.h"
 #include "dist/process_group.h"
@@ -105,9 +106,6 @@ struct TokenLogprobs {
 };
 TokenLogprobs labelled_logprobs(const Transformer& m, const ForwardInput& in, const at::Tensor& labels,
                                 bool entropy);
-
-// The most memory the run has had allocated on `device`'s GPU so far, in GB (0 on the CPU).
-double peak_memory_gb(at::Device device);
 
 // log p(labels) of `m` at every position of the rollout ([N, T] float32, 0 off the responses),
 // without gradients, one pass per micro-batch (rows) given: batched as the first update will batch

@@ -148,6 +148,17 @@ class Sft final : public Algorithm {
     pending_.reset();
     if (!s.at("pending").is_null()) pending_ = s.at("pending").get<int64_t>();
   }
+  // An example read but left for the next packed row belongs to its rank's shard: none may wait.
+  std::optional<nlohmann::json> reshard_state(const std::vector<nlohmann::json>& saved) const override {
+    std::vector<int64_t> positions;
+    for (const auto& s : saved) {
+      if (!s.at("pending").is_null()) return std::nullopt;
+      positions.push_back(s.at("position").get<int64_t>());
+    }
+    const auto p = resharded_position(sampler_, positions);
+    if (!p) return std::nullopt;
+    return nlohmann::json{{"position", *p}, {"pending", nullptr}};
+  }
 
  private:
   bool data_left() const { return max_epochs_ <= 0 || current_epoch(sampler_) < max_epochs_; }

@@ -75,4 +75,17 @@ int64_t next_index(Sampler& s) {
   return index;
 }
 
+std::optional<int64_t> resharded_position(const Sampler& s, const std::vector<int64_t>& positions) {
+  const int64_t old_world = int64_t(positions.size());
+  if (positions.empty() || s.num_examples % old_world != 0 || s.num_examples % s.world != 0)
+    return std::nullopt;
+  for (int64_t p : positions)
+    if (p != positions.front()) return std::nullopt;
+  // Rank r of W reads positions r, r + W, ... of each epoch's order: together the ranks have read
+  // the first position x W of it.
+  const int64_t read = positions.front() * old_world;
+  if (read % s.world != 0) return std::nullopt;
+  return read / s.world;
+}
+
 }  // namespace aligner

@@ -2,6 +2,7 @@
 
 #include <ATen/core/grad_mode.h>
 
+#include <algorithm>
 #include <map>
 #include <unordered_set>
 
@@ -50,11 +51,29 @@ DataParallel::DataParallel(Dist& dist, const std::vector<at::Tensor>& params, Da
   }
 
   // A world of one keeps the layout (for bucket_layout) but needs no buffers and no hooks.
-  if (dist_.world_size() == 1) return;
-  for (auto& b : buckets_) {
-    const auto& first = params_[b.members.front()];
-    b.flat = at::empty({b.numel}, first.options().requires_grad(false));
+  const int64_t world = dist_.world_size(), rank = dist_.rank();
+  if (world == 1) return;
+  const bool sharded = opts_.sharding != Sharding::kNone;
+  for (size_t k = 0; k < buckets_.size(); ++k) {
+    Bucket& b = buckets_[k];
+    const auto options = params_[b.members.front()].options().requires_grad(false);
+    if (!sharded) {
+      b.flat = at::empty({b.numel}, options);
+      continue;
+    }
+    b.chunk = (b.numel + world - 1) / world;
+    b.flat = at::zeros({b.chunk * world}, options);
+    if (opts_.sharding == Sharding::kGradients) b.shard = at::empty({b.chunk}, options);
+    // This rank's chunk, cut along the parameters it overlaps.
+    const int64_t begin = rank * b.chunk, end = std::min(begin + b.chunk, b.numel);
+    for (size_t j = 0; j < b.members.size(); ++j) {
+      const int64_t from = std::max(begin, b.offsets[j]);
+      const int64_t to = std::min(end, b.offsets[j] + params_[b.members[j]].numel());
+      if (from < to) held_.push_back({b.members[j], k, from, from - b.offsets[j], to - from});
+    }
   }
+  std::sort(held_.begin(), held_.end(), [](const Held& x, const Held& y) { return x.param < y.param; });
+  for (const auto& h : held_) pieces_.push_back({original_index_[h.param], h.offset, h.numel});
   received_.assign(params_.size(), false);
   for (size_t i = 0; i < params_.size(); ++i) {
     hooks_.push_back(params_[i].register_hook([this, i](const at::Tensor& grad) { on_gradient(i, grad); }));
@@ -122,7 +141,8 @@ void DataParallel::launch_ready_buckets() {
   while (next_launch_ < buckets_.size() &&
          buckets_[next_launch_].ready == buckets_[next_launch_].members.size()) {
     Bucket& b = buckets_[next_launch_++];
-    b.work = dist_.all_reduce_sum_async(b.flat);
+    b.work = opts_.sharding == Sharding::kGradients ? dist_.reduce_scatter_sum_async(b.flat, b.shard)
+                                                    : dist_.all_reduce_sum_async(b.flat);
   }
 }
 
@@ -149,6 +169,11 @@ void DataParallel::sync_gradients() {
     b.work.wait();
     b.work = Work();
     b.ready = 0;
+    if (opts_.sharding == Sharding::kGradients) {
+      if (opts_.reduction == GradReduction::kMean) b.shard.div_(dist_.world_size());
+      for (size_t i : b.members) params_[i].mutable_grad() = at::Tensor();
+      continue;
+    }
     if (opts_.reduction == GradReduction::kMean) b.flat.div_(dist_.world_size());
     for (size_t i : b.members) {
       at::Tensor& g = params_[i].mutable_grad();
@@ -162,6 +187,37 @@ void DataParallel::sync_gradients() {
   received_.assign(params_.size(), false);
   final_backward_ = false;
   next_launch_ = 0;
+}
+
+std::vector<at::Tensor> DataParallel::shard_gradients() const {
+  std::vector<at::Tensor> out;
+  for (const auto& h : held_) {
+    const Bucket& b = buckets_[h.bucket];
+    if (opts_.sharding == Sharding::kGradients) {
+      out.push_back(b.shard.narrow(0, h.in_bucket - dist_.rank() * b.chunk, h.numel));
+      continue;
+    }
+    const at::Tensor& g = params_[h.param].grad();
+    if (!g.defined()) fail("data parallel: shard_gradients() before sync_gradients()");
+    out.push_back(g.view(-1).narrow(0, h.offset, h.numel));
+  }
+  return out;
+}
+
+void DataParallel::gather_parameters() {
+  if (opts_.sharding == Sharding::kNone) fail("data parallel: gather_parameters() needs sharding");
+  at::NoGradGuard no_grad;
+  for (const auto& h : held_)
+    buckets_[h.bucket]
+        .flat.narrow(0, h.in_bucket, h.numel)
+        .copy_(params_[h.param].view(-1).narrow(0, h.offset, h.numel));
+  // All launched before the first wait, so that NCCL overlaps the buckets' transfers.
+  std::vector<Work> works;
+  for (auto& b : buckets_) works.push_back(dist_.all_gather_async(b.flat));
+  for (size_t k = 0; k < buckets_.size(); ++k) {
+    works[k].wait();
+    for (size_t i : buckets_[k].members) params_[i].copy_(slot(i));
+  }
 }
 
 }  // namespace aligner::dist

@@ -25,9 +25,23 @@ enum class GradReduction {
   kSum,   // for a loss already normalised by a global count (tokens over all ranks)
 };
 
+// ZeRO's stages 1 and 2: each rank updates (and keeps optimizer state for) one shard of the
+// parameters, 1 / world of every bucket, and all-gathers the updated values. kOptimizer reduces the
+// gradients whole (all-reduce); kGradients reduce-scatters them, so that a rank keeps only its
+// shard's reduced gradients.
+enum class Sharding { kNone, kOptimizer, kGradients };
+
 struct DataParallelOptions {
   int64_t bucket_bytes = 25 * 1024 * 1024;  // torch DDP's bucket_cap_mb
   GradReduction reduction = GradReduction::kMean;
+  Sharding sharding = Sharding::kNone;
+};
+
+// The part of a parameter that this rank updates under sharding: elements [offset, offset + numel)
+// of its flattened values. `param` indexes the constructor's params.
+struct ShardPiece {
+  size_t param = 0;
+  int64_t offset = 0, numel = 0;
 };
 
 class DataParallel {
@@ -51,8 +65,18 @@ class DataParallel {
   void begin_final_backward();
   // Reduces every parameter's gradient over all ranks (mean or sum) and writes it back to .grad.
   // A parameter without a gradient counts as zeros and gets one, so all ranks agree on which
-  // parameters the optimizer sees.
+  // parameters the optimizer sees. With Sharding::kGradients only this rank's pieces are reduced,
+  // into shard_gradients(), and every .grad is dropped.
   void sync_gradients();
+
+  // Sharded: this rank's pieces, in the order of the constructor's params, every bucket's
+  // 1 / world chunk (a parameter of a bucket may be split between ranks; it is in one bucket).
+  const std::vector<ShardPiece>& shard_pieces() const { return pieces_; }
+  // After sync_gradients, the reduced gradient of each piece (flat, as shard_pieces()).
+  std::vector<at::Tensor> shard_gradients() const;
+  // After the optimizer has written this rank's pieces into the parameters: every rank's pieces to
+  // every rank, so that all hold the whole updated parameters.
+  void gather_parameters();
 
   // Indices into the constructor's `params`, per bucket in launch order (for tests and logs).
   std::vector<std::vector<size_t>> bucket_layout() const;
@@ -62,7 +86,9 @@ class DataParallel {
     std::vector<size_t> members;  // indices into params_
     std::vector<int64_t> offsets;
     int64_t numel = 0;
-    at::Tensor flat;
+    int64_t chunk = 0;  // sharded: numel rounded up to world chunks of this size
+    at::Tensor flat;    // (sharded: chunk x world elements, the tail zero)
+    at::Tensor shard;   // kGradients: this rank's reduced chunk
     size_t ready = 0;
     Work work;
   };
@@ -81,6 +107,14 @@ class DataParallel {
   std::vector<unsigned> hooks_;
   bool final_backward_ = false;
   size_t next_launch_ = 0;
+  // This rank's pieces (as pieces_, in the same order), where they lie: params_[param] elements
+  // [offset, offset + numel) at in_bucket in buckets_[bucket].flat.
+  struct Held {
+    size_t param, bucket;
+    int64_t in_bucket, offset, numel;
+  };
+  std::vector<Held> held_;
+  std::vector<ShardPiece> pieces_;
 };
 
 }  // namespace aligner::dist

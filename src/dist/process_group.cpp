@@ -245,6 +245,45 @@ Work Dist::broadcast_async(at::Tensor& flat, int root) {
   return Work(group_->backend->broadcast(tensors, opts));
 }
 
+Work Dist::reduce_scatter_sum_async(at::Tensor& flat, at::Tensor& chunk) {
+  check_device(flat, "reduce_scatter_sum");
+  check_device(chunk, "reduce_scatter_sum");
+  const int64_t n = chunk.numel();
+  if (!flat.is_contiguous() || !chunk.is_contiguous() || flat.numel() != n * world_size())
+    fail("reduce_scatter_sum: need a contiguous buffer of {} chunks of {} elements", world_size(), n);
+  if (!group_) {
+    chunk.copy_(flat);
+    return Work();
+  }
+#if ALIGNER_HAS_NCCL
+  if (device_.is_cuda()) {
+    c10d::ReduceScatterOptions opts;
+    opts.reduceOp = c10d::ReduceOp::SUM;
+    return Work(group_->backend->_reduce_scatter_base(chunk, flat, opts));
+  }
+#endif
+  all_reduce_sum_async(flat).wait();
+  chunk.copy_(flat.narrow(0, rank() * n, n));
+  return Work();
+}
+
+Work Dist::all_gather_async(at::Tensor& flat) {
+  check_device(flat, "all_gather");
+  if (!flat.is_contiguous() || flat.numel() % world_size() != 0)
+    fail("all_gather: need a contiguous buffer of {} equal chunks", world_size());
+  if (!group_) return Work();
+  const int64_t n = flat.numel() / world_size();
+#if ALIGNER_HAS_NCCL
+  if (device_.is_cuda()) {
+    auto mine = flat.narrow(0, rank() * n, n);
+    return Work(group_->backend->_allgather_base(flat, mine));
+  }
+#endif
+  if (rank() > 0) flat.narrow(0, 0, rank() * n).zero_();
+  flat.narrow(0, (rank() + 1) * n, flat.numel() - (rank() + 1) * n).zero_();
+  return all_reduce_sum_async(flat);
+}
+
 // c10d reads a list of tensors as copies of one tensor on several devices, so distinct tensors
 // travel packed: one flat buffer per dtype, in order of first appearance (the same on every rank).
 void Dist::for_each_packed(std::vector<at::Tensor>& tensors, const char* op,

@@ -87,6 +87,13 @@ class Dist {
   // summed or overwritten in place once the returned Work is waited on.
   Work all_reduce_sum_async(at::Tensor& flat);
   Work broadcast_async(at::Tensor& flat, int root);
+  // For sharded data parallel, over a contiguous `flat` of world_size() equal chunks: `chunk` (a
+  // tensor of one chunk's size, not a view of flat) receives the sum over ranks of every rank's
+  // chunk rank(); and all_gather fills every chunk of flat with its owner's values, from this rank's
+  // own chunk in place. NCCL runs them as such; Gloo (which lacks them in torch 1.13) as an
+  // all-reduce, with the same results (the gather adds zeros), at twice the traffic.
+  Work reduce_scatter_sum_async(at::Tensor& flat, at::Tensor& chunk);
+  Work all_gather_async(at::Tensor& flat);
 
  private:
   struct Group;

@@ -41,13 +41,33 @@ safetensors::NamedTensors read_file(const fs::path& path) {
 
 }  // namespace
 
+std::string checkpoint_tmp_dir(const std::string& output_dir, int64_t step) {
+  return (fs::path(output_dir) / "checkpoints" / fmt::format("step_{}.tmp", step)).string();
+}
+
+std::string begin_checkpoint(const std::string& output_dir, int64_t step) {
+  const fs::path tmp = checkpoint_tmp_dir(output_dir, step);
+  fs::remove_all(tmp);
+  fs::create_directories(tmp);
+  return tmp.string();
+}
+
+void write_optimizer_shard(const std::string& tmp_dir, const std::string& module, int rank, int world,
+                           const safetensors::NamedTensors& state,
+                           const std::map<std::string, int64_t>& offsets) {
+  const nlohmann::json j(offsets);
+  safetensors::save(
+      (fs::path(tmp_dir) / fmt::format("{}.optimizer.rank-{:05d}-of-{:05d}.safetensors", module, rank, world))
+          .string(),
+      state, {{"format", "pt"}, {"offsets", j.dump()}});
+}
+
 void save_checkpoint(const std::string& output_dir, const std::vector<CheckpointModule>& modules,
                      const CheckpointState& state, int64_t keep_last) {
   const fs::path root = fs::path(output_dir) / "checkpoints";
   const fs::path final_dir = root / fmt::format("step_{}", state.step);
   const fs::path tmp = root / fmt::format("step_{}.tmp", state.step);
-  fs::remove_all(tmp);
-  fs::create_directories(tmp);
+  if (!fs::is_directory(tmp)) fail("{} was not begun (begin_checkpoint)", tmp.string());
   for (const auto& m : modules) {
     if (m.whole_model) {
       save_transformer(*m.model, (tmp / m.name).string(), std::nullopt, 0, m.tokenizer_dir);
@@ -55,7 +75,8 @@ void save_checkpoint(const std::string& output_dir, const std::vector<Checkpoint
       fs::create_directories(tmp / m.name);
       safetensors::save((tmp / m.name / "trainable.safetensors").string(), m.params);
     }
-    safetensors::save((tmp / (m.name + ".optimizer.safetensors")).string(), m.optimizer_state);
+    if (!m.optimizer_state.empty())
+      safetensors::save((tmp / (m.name + ".optimizer.safetensors")).string(), m.optimizer_state);
   }
   nlohmann::json files = nlohmann::json::object();
   for (const auto& e : fs::recursive_directory_iterator(tmp)) {
@@ -146,8 +167,73 @@ safetensors::NamedTensors read_module_params(const std::string& dir, const std::
   return named_parameters(load_transformer(folder.string(), at::kCPU));
 }
 
-safetensors::NamedTensors read_module_optimizer(const std::string& dir, const std::string& module) {
-  return read_file(fs::path(dir) / (module + ".optimizer.safetensors"));
+safetensors::NamedTensors read_module_optimizer(const std::string& dir, const std::string& module,
+                                                const safetensors::NamedTensors& expected,
+                                                const std::map<std::string, int64_t>& offsets) {
+  // Each file with the offset of every parameter's piece in it (a whole file: all 0).
+  struct Source {
+    safetensors::File file;
+    std::map<std::string, int64_t> offsets;
+  };
+  std::vector<Source> sources;
+  const fs::path whole = fs::path(dir) / (module + ".optimizer.safetensors");
+  if (fs::exists(whole)) {
+    sources.push_back({safetensors::File::open(whole.string()), {}});
+  } else {
+    const std::string prefix = module + ".optimizer.rank-", suffix = ".safetensors";
+    for (const auto& e : fs::directory_iterator(dir)) {
+      const std::string name = e.path().filename().string();
+      if (name.rfind(prefix, 0) != 0 || name.size() < prefix.size() + suffix.size() ||
+          name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0)
+        continue;
+      auto f = safetensors::File::open(e.path().string());
+      const auto it = f.metadata().find("offsets");
+      if (it == f.metadata().end()) fail("{}: no \"offsets\" in its metadata", e.path().string());
+      try {
+        sources.push_back({f, nlohmann::json::parse(it->second).get<std::map<std::string, int64_t>>()});
+      } catch (const nlohmann::json::exception& err) {
+        fail("{}: bad \"offsets\" metadata: {}", e.path().string(), err.what());
+      }
+    }
+    if (sources.empty()) fail("checkpoint {}: no optimizer state for module '{}'", dir, module);
+  }
+  safetensors::NamedTensors out;
+  for (const auto& [key, like] : expected) {
+    if (key == "step") {
+      if (!sources.front().file.contains(key)) fail("{}: no tensor 'step'", sources.front().file.path());
+      out.emplace_back(key, sources.front().file.get(key));
+      continue;
+    }
+    // "exp_avg.<parameter>": the piece [offset, offset + numel) of the parameter's state.
+    const std::string param = key.substr(key.find('.') + 1);
+    const auto o = offsets.find(param);
+    const int64_t begin = o == offsets.end() ? 0 : o->second, end = begin + like.numel();
+    at::Tensor piece;
+    int64_t covered = 0;
+    for (const auto& src : sources) {
+      if (!src.file.contains(key)) continue;
+      const auto t = src.file.get(key).reshape({-1});
+      const auto so = src.offsets.find(param);
+      const int64_t from = so == src.offsets.end() ? 0 : so->second;
+      const int64_t lo = std::max(begin, from), hi = std::min(end, from + t.numel());
+      if (lo >= hi) continue;
+      if (!piece.defined()) piece = at::empty({like.numel()}, t.options());
+      if (t.scalar_type() != piece.scalar_type())
+        fail("{}: '{}' is {}, other shards hold it as {}", src.file.path(), key, dtype_name(t.scalar_type()),
+             dtype_name(piece.scalar_type()));
+      piece.narrow(0, lo - begin, hi - lo).copy_(t.narrow(0, lo - from, hi - lo));
+      covered += hi - lo;
+    }
+    // Absent entirely: load_state names it as missing.
+    if (!piece.defined()) continue;
+    if (covered != like.numel())
+      fail(
+          "checkpoint {}: the optimizer state '{}' of module '{}' covers {} of the {} elements this rank "
+          "needs",
+          dir, key, module, covered, like.numel());
+    out.emplace_back(key, piece.view(like.sizes()));
+  }
+  return out;
 }
 
 }  // namespace aligner

@@ -2,7 +2,9 @@
 //   NAME/                        a Hugging Face folder when the module trains its whole model (so a
 //                                checkpoint loads like any model folder), else NAME/trainable.safetensors
 //                                holding only the trained tensors
-//   NAME.optimizer.safetensors   its AdamW state
+//   NAME.optimizer.safetensors   its AdamW state, or with a sharded optimizer (trainer.sharding)
+//   NAME.optimizer.rank-R-of-W.safetensors, one per rank: the flat pieces that rank updates, each
+//                                tensor's offset into its parameter in the metadata ("offsets")
 // and trainer_state.json: the step, the number of ranks, the modules, each rank's data position, and
 // the size and CRC-32C of every other file. Everything is written under step_N.tmp/ and renamed once
 // complete, so a kill at any moment leaves every step_N/ whole; the checksums catch what happens to
@@ -10,6 +12,7 @@
 #pragma once
 #include <nlohmann/json.hpp>
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -21,10 +24,10 @@ namespace aligner {
 struct CheckpointModule {
   std::string name;
   const Transformer* model = nullptr;
-  safetensors::NamedTensors params;  // what trains, by name
-  bool whole_model = false;          // params are all of the model's: write a Hugging Face folder
-  safetensors::NamedTensors optimizer_state;
-  std::string tokenizer_dir;  // copied into a whole model's folder
+  safetensors::NamedTensors params;           // what trains, by name
+  bool whole_model = false;                   // params are all of the model's: write a Hugging Face folder
+  safetensors::NamedTensors optimizer_state;  // empty: each rank writes its shard (write_optimizer_shard)
+  std::string tokenizer_dir;                  // copied into a whole model's folder
 };
 
 struct CheckpointState {
@@ -34,8 +37,16 @@ struct CheckpointState {
   std::vector<nlohmann::json> data;  // per rank
 };
 
-// Writes step_<state.step>/ and then deletes all but the newest keep_last (keep_last <= 0 keeps
-// all). Called by one rank, with every rank's data position in `state`.
+// Saving: one rank empties step_<step>.tmp/ (begin_checkpoint), every rank with a sharded
+// optimizer writes its shard into it, then that rank writes the rest and renames the folder to
+// step_<step>/ (save_checkpoint), and deletes all but the newest keep_last (keep_last <= 0 keeps
+// all), with every rank's data position in `state`.
+std::string begin_checkpoint(const std::string& output_dir, int64_t step);
+std::string checkpoint_tmp_dir(const std::string& output_dir, int64_t step);
+// `state` is an AdamW state() over pieces of parameters; offsets: each parameter's piece's offset.
+void write_optimizer_shard(const std::string& tmp_dir, const std::string& module, int rank, int world,
+                           const safetensors::NamedTensors& state,
+                           const std::map<std::string, int64_t>& offsets);
 void save_checkpoint(const std::string& output_dir, const std::vector<CheckpointModule>& modules,
                      const CheckpointState& state, int64_t keep_last);
 
@@ -50,6 +61,12 @@ std::string latest_checkpoint(const std::string& output_dir);
 CheckpointState read_checkpoint_state(const std::string& checkpoint_dir);
 // A module's trained tensors and its optimizer state, as save_checkpoint wrote them.
 safetensors::NamedTensors read_module_params(const std::string& checkpoint_dir, const std::string& module);
-safetensors::NamedTensors read_module_optimizer(const std::string& checkpoint_dir, const std::string& module);
+// The optimizer state that `expected` (an AdamW state() of this run) names, shaped as it is, whatever
+// the sharding and number of ranks that wrote it: each tensor is the range [offset, offset + numel)
+// of its parameter's state (offsets by parameter name; absent: 0, a whole parameter), put together
+// from the pieces of the files that hold it. A range the checkpoint does not cover is an error.
+safetensors::NamedTensors read_module_optimizer(const std::string& checkpoint_dir, const std::string& module,
+                                                const safetensors::NamedTensors& expected,
+                                                const std::map<std::string, int64_t>& offsets);
 
 }  // namespace aligner

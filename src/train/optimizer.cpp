@@ -40,8 +40,23 @@ bool decays(const std::string& name, const at::Tensor& param) {
   return param.dim() >= 2 && name.find("norm") == std::string::npos && !ends_with(name, ".bias");
 }
 
-AdamW::AdamW(NamedParams params, AdamWConfig cfg) : cfg_(cfg) {
+namespace {
+
+std::vector<bool> decay_flags(const NamedParams& params) {
+  std::vector<bool> out;
+  for (const auto& [name, p] : params) out.push_back(p.defined() && decays(name, p));
+  return out;
+}
+
+}  // namespace
+
+AdamW::AdamW(NamedParams params, AdamWConfig cfg) : AdamW(params, cfg, decay_flags(params)) {}
+
+AdamW::AdamW(NamedParams params, AdamWConfig cfg, const std::vector<bool>& decay) : cfg_(cfg) {
   check_config(cfg_);
+  if (decay.size() != params.size())
+    fail("AdamW: {} decay flags for {} parameters", decay.size(), params.size());
+  size_t index = 0;
   c10::NoGradGuard no_grad;
   std::set<std::string> seen_names;
   std::set<const void*> seen_tensors;
@@ -58,7 +73,7 @@ AdamW::AdamW(NamedParams params, AdamWConfig cfg) : cfg_(cfg) {
     // that the multi-tensor kernels see matching layouts.
     exp_avg_.push_back(at::zeros_like(w));
     exp_avg_sq_.push_back(at::zeros_like(w));
-    decays_.push_back(decays(name, p));
+    decays_.push_back(decay[index++]);
     if (decays_.back()) decayed_.push_back(w);
     names_.push_back(name);
     params_.push_back(p);
@@ -87,16 +102,29 @@ void AdamW::move_state(at::Device device) {
 }
 
 void AdamW::step(double lr) {
-  if (!(lr >= 0.0)) fail("AdamW: step {}: lr must be >= 0, got {}", step_ + 1, lr);
-  c10::NoGradGuard no_grad;
   std::vector<at::Tensor> grads;
   grads.reserve(params_.size());
   for (size_t i = 0; i < params_.size(); ++i) {
     const at::Tensor& g = params_[i].grad();
     if (!g.defined())
       fail("AdamW: step {}: parameter '{}' has no gradient (not used in the loss?)", step_ + 1, names_[i]);
+    grads.push_back(g);
+  }
+  step(lr, std::move(grads));
+}
+
+void AdamW::step(double lr, std::vector<at::Tensor> grads) {
+  if (!(lr >= 0.0)) fail("AdamW: step {}: lr must be >= 0, got {}", step_ + 1, lr);
+  if (grads.size() != params_.size())
+    fail("AdamW: step {}: {} gradients for {} parameters", step_ + 1, grads.size(), params_.size());
+  c10::NoGradGuard no_grad;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    auto& g = grads[i];
     if (g.is_sparse()) fail("AdamW: parameter '{}' has a sparse gradient, which is not supported", names_[i]);
-    grads.push_back(g.scalar_type() == working_[i].scalar_type() ? g : g.to(working_[i].scalar_type()));
+    if (!g.sizes().equals(params_[i].sizes()))
+      fail("AdamW: step {}: the gradient of '{}' is {}, the parameter {}", step_ + 1, names_[i], shape_str(g),
+           shape_str(params_[i]));
+    if (g.scalar_type() != working_[i].scalar_type()) g = g.to(working_[i].scalar_type());
   }
   ++step_;
   const double bias_correction1 = 1.0 - std::pow(cfg_.beta1, double(step_));
@@ -166,31 +194,30 @@ void AdamW::load_state(const NamedParams& state) {
   step_ = step;
 }
 
-double clip_grad_norm(const NamedParams& params, double max_norm) {
+double clip_grad_norm(const std::vector<at::Tensor>& grads, double max_norm,
+                      const std::function<double(double)>& sum_over_ranks) {
   if (!(max_norm > 0.0)) fail("clip_grad_norm: max_norm must be > 0, got {}", max_norm);
   c10::NoGradGuard no_grad;
-  // fp32 gradients share one multi-tensor norm; others get a per-tensor norm that accumulates in
-  // fp32 (the foreach norm of bf16 tensors would round each norm to bf16).
-  std::vector<at::Tensor> fp32_grads, other_grads, norms;
-  for (const auto& [name, p] : params) {
-    const at::Tensor& g = p.grad();
-    if (!g.defined()) continue;
-    (g.scalar_type() == at::kFloat ? fp32_grads : other_grads).push_back(g);
+  // Per-tensor norms accumulated in float32 on GPUs and in float64 on the CPU, where libtorch
+  // 1.13's float32 kernel drifts by 1e-5 over long vectors (enough to tell a sharded norm from a
+  // whole one); their squares summed in float64.
+  std::vector<at::Tensor> squares;
+  for (const auto& g : grads) {
+    const auto n = at::linalg_vector_norm(g, 2, c10::nullopt, false, g.is_cuda() ? at::kFloat : at::kDouble);
+    squares.push_back(n.to(at::kDouble).square().to(grads.front().device()));
   }
-  if (fp32_grads.empty() && other_grads.empty()) return 0.0;
-  if (!fp32_grads.empty()) norms = at::_foreach_norm(fp32_grads);
-  for (const auto& g : other_grads)
-    norms.push_back(at::linalg_vector_norm(g, 2, c10::nullopt, false, at::kFloat));
-  const at::Device device = norms.front().device();
-  for (auto& n : norms) n = n.to(device);
-  const double total = at::linalg_vector_norm(at::stack(norms), 2).item<double>();
-
+  const double local = squares.empty() ? 0.0 : at::stack(squares).sum().item<double>();
+  const double total = std::sqrt(sum_over_ranks(local));
   const double coef = max_norm / (total + 1e-6);
-  if (coef < 1.0) {
-    if (!fp32_grads.empty()) at::_foreach_mul_(fp32_grads, coef);
-    if (!other_grads.empty()) at::_foreach_mul_(other_grads, coef);
-  }
+  if (coef < 1.0 && !grads.empty()) at::_foreach_mul_(grads, coef);
   return total;
+}
+
+double clip_grad_norm(const NamedParams& params, double max_norm) {
+  std::vector<at::Tensor> grads;
+  for (const auto& [name, p] : params)
+    if (p.grad().defined()) grads.push_back(p.grad());
+  return clip_grad_norm(grads, max_norm, [](double x) { return x; });
 }
 
 }  // namespace aligner

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -31,12 +32,17 @@ class AdamW {
   // Throws aligner::Error for a bad config, an undefined or non-floating tensor, a repeated name,
   // or the same tensor under two names (tied weights must be listed once).
   AdamW(NamedParams params, AdamWConfig cfg);
+  // For pieces of parameters (a sharded optimizer's flat views into them): whether weight decay
+  // applies to each, as decays() says of the whole parameter.
+  AdamW(NamedParams params, AdamWConfig cfg, const std::vector<bool>& decay);
 
   void step() { step(cfg_.lr); }
   // One update at learning rate `lr` (the schedule's value for this step). Every parameter must
   // have a gradient: an aligner::Error names one that has none, as skipping it would leave its
   // moments behind the shared step count.
   void step(double lr);
+  // The same with the gradients given, one per parameter in order (views have no .grad).
+  void step(double lr, std::vector<at::Tensor> grads);
   // Drops the gradients (torch's set_to_none), freeing their memory until the next backward.
   void zero_grad();
   int64_t step_count() const { return step_; }
@@ -69,9 +75,13 @@ class AdamW {
 
 // Scales all gradients together so that their global L2 norm is at most max_norm, as
 // torch.nn.utils.clip_grad_norm_: total = sqrt(sum of squared per-tensor norms), accumulated in
-// fp32 also for bf16 gradients; grads *= max_norm / (total + 1e-6) when that is below 1.
+// fp32 or wider also for bf16 gradients; grads *= max_norm / (total + 1e-6) when that is below 1.
 // Parameters without a gradient are skipped. Returns the total norm before clipping (inf or nan
 // when a gradient is not finite, for the caller to skip the step).
 double clip_grad_norm(const NamedParams& params, double max_norm);
+// The same over gradients given as tensors, each part of the whole, whose squared norms
+// `sum_over_ranks` adds up over the ranks that hold the other parts (a sharded optimizer's pieces).
+double clip_grad_norm(const std::vector<at::Tensor>& grads, double max_norm,
+                      const std::function<double(double)>& sum_over_ranks);
 
 }  // namespace aligner

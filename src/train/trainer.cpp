@@ -12,6 +12,7 @@
 #include <map>
 #include <set>
 
+#include "core/device_memory.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "core/metrics.h"
@@ -184,6 +185,10 @@ struct Running {
   bool whole_model = false;  // its params are all of its model's
   Schedule schedule;
   std::unique_ptr<AdamW> optimizer;
+  // Sharded: the optimizer updates pieces of the parameters, these of the data-parallel shard
+  // pieces (indices), each at this offset into its parameter (by name).
+  std::vector<size_t> pieces;
+  std::map<std::string, int64_t> offsets;
 };
 
 // The model's weights and its adapters.
@@ -231,6 +236,47 @@ std::vector<Running> prepare_modules(std::vector<TrainableModule> modules, int64
     out.push_back(std::move(r));
   }
   return out;
+}
+
+// What a rank holds beyond activations, logged before the optimizers take their state: the trained
+// models' weights, the gradients (and data parallel's buffers of their size), and the optimizer
+// state (moments, float32 masters of 16-bit weights), which sharding divides among the ranks. On
+// CUDA a run whose gradients and optimizer state cannot fit beside the loaded weights stops here.
+void check_memory(const std::vector<Running>& modules, const std::vector<at::Tensor>& leaves,
+                  const std::vector<dist::ShardPiece>& pieces, const dist::Dist& dist,
+                  dist::Sharding sharding) {
+  constexpr double GB = 1e9;
+  std::set<const Transformer*> models;
+  double weights = 0, grads = 0, state = 0;
+  for (const auto& r : modules)
+    if (models.insert(r.module.model).second)
+      for (const auto& [name, t] : model_parameters(*r.module.model)) weights += double(t.nbytes());
+  const auto state_bytes = [](const at::Tensor& t, int64_t numel) {
+    const bool master = t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
+    return double(numel) * (master ? 12 : 2 * double(t.element_size()));
+  };
+  for (const auto& t : leaves) {
+    grads += double(t.nbytes()) * (dist.world_size() > 1 ? 2 : 1);
+    if (sharding == dist::Sharding::kNone || pieces.empty()) state += state_bytes(t, t.numel());
+  }
+  for (const auto& p : pieces)
+    if (sharding != dist::Sharding::kNone) state += state_bytes(leaves[p.param], p.numel);
+  const char* how = sharding == dist::Sharding::kOptimizer   ? ", sharding=optimizer"
+                    : sharding == dist::Sharding::kGradients ? ", sharding=gradients"
+                                                             : "";
+  log_info(
+      "memory per rank before activations: weights {:.2f} GB, gradients {:.2f} GB, optimizer state {:.2f} GB "
+      "({} ranks{})",
+      weights / GB, grads / GB, state / GB, dist.world_size(), how);
+  const at::Device device = leaves.front().device();
+  const double available = device_memory_available(device);
+  if (available >= 0 && grads + state > available)
+    fail(
+        "the run cannot fit on {}: its gradients ({:.2f} GB) and optimizer state ({:.2f} GB) need {:.2f} GB "
+        "beside "
+        "the weights, and {:.2f} GB are free; shard them over more ranks (trainer.sharding), train adapters "
+        "(lora.rank), or use a smaller model",
+        device.str(), grads / GB, state / GB, (grads + state) / GB, available / GB);
 }
 
 // Copies a module's trained tensors from a checkpoint, matched by name; anything else in the
@@ -322,6 +368,13 @@ TrainerOptions read_trainer_options(const Config& cfg) {
   o.output_dir = cfg.get_string("output_dir");
   o.resume = cfg.get_string("resume");
   o.overwrite = cfg.get_bool("overwrite");
+  const std::string sharding = cfg.has("trainer.sharding") ? cfg.get_string("trainer.sharding") : "none";
+  if (sharding == "optimizer")
+    o.sharding = dist::Sharding::kOptimizer;
+  else if (sharding == "gradients")
+    o.sharding = dist::Sharding::kGradients;
+  else if (sharding != "none")
+    fail("config key 'trainer.sharding' expects none, optimizer or gradients, got '{}'", sharding);
   if (o.output_dir.empty()) fail("config key 'output_dir' must be set");
   if (o.resume != "auto" && o.resume != "true" && o.resume != "false" &&
       !fs::exists(fs::path(o.resume) / "trainer_state.json"))
@@ -401,16 +454,28 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
     if (!problem.empty()) fail("resume={}: {}", ckpt, problem);
   }
   CheckpointState saved;
+  nlohmann::json data_state;  // where this rank continues the data
   if (!ckpt.empty()) {
     saved = read_checkpoint_state(ckpt);
-    // Each rank's position is in its own shard of the data; another number of ranks shards it
-    // otherwise, and no position in the new shards continues the old ones exactly.
-    if (saved.world_size != dist.world_size())
-      fail(
-          "checkpoint {} was written by {} ranks and this run has {}: each rank's data position belongs to "
-          "its shard of the data, which another number of ranks would cut differently; resume with {} ranks "
-          "(or resume=false to start afresh)",
-          ckpt, saved.world_size, dist.world_size(), saved.world_size);
+    data_state = saved.world_size == dist.world_size() ? saved.data.at(dist.rank()) : nlohmann::json();
+    // Each rank's position is in its own shard of the data, which another number of ranks cuts
+    // otherwise: the algorithm says where the new shards continue the old ones, if they can.
+    if (saved.world_size != dist.world_size()) {
+      std::optional<nlohmann::json> mine;
+      try {
+        mine = algo.reshard_state(saved.data);
+      } catch (const nlohmann::json::exception& e) {
+        fail("{}/trainer_state.json: field \"data\" is not a data position of this run: {}", ckpt, e.what());
+      }
+      if (!mine)
+        fail(
+            "checkpoint {} was written by {} ranks and this run has {}: their data positions do not continue "
+            "exactly on {} ranks (the ranks read different amounts, an example waits for a packed row, or a "
+            "number of ranks does not divide the data set or what was read); resume with {} ranks (or "
+            "resume=false to start afresh)",
+            ckpt, saved.world_size, dist.world_size(), dist.world_size(), saved.world_size);
+      data_state = *mine;
+    }
     std::set<std::string> names(saved.modules.begin(), saved.modules.end());
     for (const auto& r : modules)
       if (!names.erase(r.module.name))
@@ -420,29 +485,60 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
       fail("checkpoint {} has a trainable module '{}' that this run does not train", ckpt, *names.begin());
     for (const auto& r : modules) load_module_params(ckpt, r.module);
   }
-  // After the weights are loaded: bf16 parameters take their fp32 master copies now.
-  for (auto& r : modules) r.optimizer = std::make_unique<AdamW>(r.module.params, r.module.optim.adam);
+  // Rank 0's weights to every rank, and with sharding each rank's pieces of them.
+  std::vector<at::Tensor> leaves;
+  std::vector<std::pair<size_t, std::string>> leaf_of;  // per leaf: module, name
+  for (size_t k = 0; k < modules.size(); ++k)
+    for (const auto& [name, t] : modules[k].module.params) {
+      leaves.push_back(t);
+      leaf_of.emplace_back(k, name);
+    }
+  std::unique_ptr<dist::DataParallel> ddp;
+  if (dist.world_size() > 1) {
+    ddp = std::make_unique<dist::DataParallel>(
+        dist, leaves, dist::DataParallelOptions{25 << 20, dist::GradReduction::kSum, opt.sharding});
+    ddp->broadcast_parameters();
+  }
+  const bool sharded = ddp && opt.sharding != dist::Sharding::kNone;
+
+  check_memory(modules, leaves, ddp ? ddp->shard_pieces() : std::vector<dist::ShardPiece>(), dist,
+               opt.sharding);
+  // After the weights are loaded: bf16 parameters take their fp32 master copies now, of this rank's
+  // pieces only when sharded.
+  for (size_t k = 0; k < modules.size(); ++k) {
+    auto& r = modules[k];
+    if (!sharded) {
+      r.optimizer = std::make_unique<AdamW>(r.module.params, r.module.optim.adam);
+      continue;
+    }
+    NamedParams pieces;
+    std::vector<bool> decay;
+    const auto& all = ddp->shard_pieces();
+    for (size_t j = 0; j < all.size(); ++j) {
+      const auto& [module, name] = leaf_of[all[j].param];
+      if (module != k) continue;
+      const auto& param = leaves[all[j].param];
+      pieces.emplace_back(name, param.detach().view(-1).narrow(0, all[j].offset, all[j].numel));
+      decay.push_back(decays(name, param));
+      r.pieces.push_back(j);
+      r.offsets[name] = all[j].offset;
+    }
+    r.optimizer = std::make_unique<AdamW>(std::move(pieces), r.module.optim.adam, decay);
+  }
   if (!ckpt.empty()) {
-    for (auto& r : modules) r.optimizer->load_state(read_module_optimizer(ckpt, r.module.name));
+    for (auto& r : modules)
+      r.optimizer->load_state(read_module_optimizer(ckpt, r.module.name, r.optimizer->state(), r.offsets));
     step = saved.step;
     try {
-      algo.load_state(saved.data.at(dist.rank()));
+      algo.load_state(data_state);
     } catch (const nlohmann::json::exception& e) {
       // A hand-edited or foreign trainer_state.json: say where, not only what the library saw.
       fail("{}/trainer_state.json: field \"data\"[{}] is not a data position of this run: {}", ckpt,
            dist.rank(), e.what());
     }
-    log_info("resuming from {} (step {})", ckpt, step);
-  }
-
-  std::vector<at::Tensor> leaves;
-  for (const auto& r : modules)
-    for (const auto& [name, t] : r.module.params) leaves.push_back(t);
-  std::unique_ptr<dist::DataParallel> ddp;
-  if (dist.world_size() > 1) {
-    ddp = std::make_unique<dist::DataParallel>(
-        dist, leaves, dist::DataParallelOptions{25 << 20, dist::GradReduction::kSum});
-    ddp->broadcast_parameters();
+    log_info(
+        "resuming from {} (step {}){}", ckpt, step,
+        saved.world_size != dist.world_size() ? fmt::format(", written by {} ranks", saved.world_size) : "");
   }
 
   std::unique_ptr<MetricsLog> metrics;
@@ -482,15 +578,25 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
   int64_t saved_step = !ckpt.empty() && opt.resume != ckpt ? step : -1;
   auto save = [&] {
     saved_step = step;
-    // Every rank's data position goes into the one checkpoint that rank 0 writes.
+    // Every rank's data position goes into the one checkpoint that rank 0 writes; with sharding
+    // every rank writes its optimizer shard into the folder first.
     std::vector<nlohmann::json> data;
     for (const auto& s : gather_strings(dist, algo.state().dump())) data.push_back(nlohmann::json::parse(s));
+    if (main_rank) begin_checkpoint(opt.output_dir, step);
+    if (sharded) {
+      dist.barrier();
+      const std::string tmp = checkpoint_tmp_dir(opt.output_dir, step);
+      for (const auto& r : modules)
+        write_optimizer_shard(tmp, r.module.name, dist.rank(), dist.world_size(), r.optimizer->state(),
+                              r.offsets);
+      dist.barrier();
+    }
     if (main_rank) {
       std::vector<CheckpointModule> saved_modules;
       CheckpointState state{step, dist.world_size(), {}, std::move(data)};
       for (const auto& r : modules) {
         saved_modules.push_back({r.module.name, r.module.model, r.module.params, r.whole_model,
-                                 r.optimizer->state(), r.module.tokenizer_dir});
+                                 sharded ? NamedParams() : r.optimizer->state(), r.module.tokenizer_dir});
         state.modules.push_back(r.module.name);
       }
       save_checkpoint(opt.output_dir, saved_modules, state, opt.keep_last);
@@ -564,10 +670,20 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
       const int64_t update = step * updates + u;
       std::vector<double> lrs;
       bool finite = true;
+      // Sharded: each module's pieces' gradients, its norm summed over the ranks.
+      std::vector<std::vector<at::Tensor>> piece_grads(modules.size());
+      if (sharded) {
+        const auto grads = ddp->shard_gradients();
+        for (size_t k = 0; k < modules.size(); ++k)
+          for (size_t j : modules[k].pieces) piece_grads[k].push_back(grads[j]);
+      }
+      const auto sum_over_ranks = [&](double x) { return dist.sum({x})[0]; };
       for (size_t k = 0; k < modules.size(); ++k) {
         auto& r = modules[k];
         const double clip = r.module.optim.grad_clip;
-        const double norm = clip_grad_norm(r.module.params, clip > 0 ? clip : INFINITY);
+        const double norm = sharded
+                                ? clip_grad_norm(piece_grads[k], clip > 0 ? clip : INFINITY, sum_over_ranks)
+                                : clip_grad_norm(r.module.params, clip > 0 ? clip : INFINITY);
         if (!std::isfinite(norm)) {
           log_warn("step {}: the gradient norm of '{}' is {}; update skipped", step + 1, r.module.name, norm);
           finite = false;
@@ -576,9 +692,11 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
         lrs.push_back(schedule_lr(r.schedule, update));
       }
       for (size_t k = 0; k < modules.size(); ++k) {
-        if (finite) modules[k].optimizer->step(lrs[k]);
-        modules[k].optimizer->zero_grad();
+        if (finite && sharded) modules[k].optimizer->step(lrs[k], std::move(piece_grads[k]));
+        if (finite && !sharded) modules[k].optimizer->step(lrs[k]);
+        for (auto& [name, t] : modules[k].module.params) t.mutable_grad() = at::Tensor();
       }
+      if (sharded) ddp->gather_parameters();
       if (u == 0)
         for (size_t k = 0; k < modules.size(); ++k) shown.emplace_back(module_key(modules[k], "lr"), lrs[k]);
     }
@@ -601,6 +719,12 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
     auto values = reduce_metrics(dist, names, parts, &tokens);
     const double step_seconds = seconds_since(t0), tokens_per_s = tokens / std::max(step_seconds, 1e-9);
     values.insert(values.end(), shown.begin(), shown.end());
+    // The GPU memory each rank has needed so far (their mean), unless the algorithm reports it.
+    const at::Device device = leaves.front().device();
+    const bool reported =
+        std::any_of(values.begin(), values.end(), [](const auto& v) { return v.first == "peak_memory_gb"; });
+    if (device.is_cuda() && !reported)
+      values.emplace_back("peak_memory_gb", dist.sum({peak_memory_gb(device)})[0] / dist.world_size());
     if (main_rank) progress.update(step, values, tokens_per_s);
     values.emplace_back("tokens_per_s", tokens_per_s);
     values.emplace_back("step_seconds", step_seconds);

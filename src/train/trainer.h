@@ -5,11 +5,13 @@
 #pragma once
 #include <nlohmann/json.hpp>
 
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "core/config.h"
+#include "dist/ddp.h"
 #include "dist/process_group.h"
 #include "model/lora.h"
 #include "model/transformer.h"
@@ -117,6 +119,13 @@ class Algorithm {
   // saves and restores its own.
   virtual nlohmann::json state() const = 0;
   virtual void load_state(const nlohmann::json& state) = 0;
+  // The state() with which this rank (of this run's ranks) continues the data where the ranks of a
+  // checkpoint written by another number of them had left it (`saved`: each of their state()), for
+  // load_state; nullopt where that cannot be done exactly (the default).
+  virtual std::optional<nlohmann::json> reshard_state(const std::vector<nlohmann::json>& saved) const {
+    (void)saved;
+    return std::nullopt;
+  }
 };
 
 // How one module's parameters are updated: AdamW, a learning-rate schedule over the run's steps,
@@ -163,7 +172,8 @@ TrainableModule whole_model(Transformer& model, OptimizerSettings optim, std::st
 int64_t data_epochs(const Config& cfg);
 
 struct TrainerOptions {
-  int64_t max_steps = 0;  // 0: as many as max_epochs take
+  dist::Sharding sharding = dist::Sharding::kNone;  // trainer.sharding, with several ranks
+  int64_t max_steps = 0;                            // 0: as many as max_epochs take
   int64_t max_epochs = 1;
   int64_t micro_batch_size = 1;
   int64_t global_batch_size = 1;

@@ -1,0 +1,119 @@
+"""Sharded data parallel on 2 GPUs: full SFT of a 1.1B Llama (TinyLlama shape), bf16 compute with
+float32 master weights and AdamW moments, 8 x 2048 tokens per GPU per step: aligner's
+trainer.sharding none | optimizer | gradients against PyTorch FSDP2 (fully_shard per layer,
+MixedPrecisionPolicy bf16 parameters, float32 reductions, torch AdamW) in the same run.
+
+Run on the 2-GPU machine after scripts/build_cuda.sh:  python3 bench/sharded_bench.py [BUILD_DIR]
+Prints tokens/s per GPU, MFU (6 x parameters x tokens plus causal attention, against 989 TFLOP/s)
+and peak memory per GPU, steps 3..8 timed (aligner: its metrics.jsonl; FSDP2: wall clock).
+"""
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tinyllama import CONFIG, add_tokenizer, make_model  # noqa: E402
+
+B, T, STEPS, WARMUP, PEAK = 8, 2048, 8, 2, 989e12
+
+
+def fsdp_worker(rank, folder, port, result):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from transformers import LlamaForCausalLM
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=2)
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").cuda()
+    mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=mp_policy)
+    fully_shard(model, mp_policy=mp_policy)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
+    ids = torch.randint(0, CONFIG.vocab_size, (B, T), device="cuda", generator=torch.Generator("cuda").manual_seed(rank))
+    times = []
+    for step in range(STEPS):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        if step == WARMUP - 1:
+            torch.cuda.reset_peak_memory_stats()
+    if rank == 0:
+        result.put((sum(times[WARMUP:]) / (STEPS - WARMUP), torch.cuda.max_memory_allocated() / 1e9))
+    dist.destroy_process_group()
+
+
+def data_file(path, n=3000):
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(2000)] + ["the", "of", "and", "model", "token", "shard", "rank", "grad"]
+    with open(path, "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"input": " ".join(rng.choices(words, k=20)),
+                                "output": " ".join(rng.choices(words, k=500))}) + "\n")
+
+
+def ours(build, folder, data, sharding, port):
+    out = tempfile.mkdtemp(prefix="shard_bench_")
+    a = os.path.abspath(os.path.join(build, "aligner"))
+    cmd = [a, "launch", "--nproc-per-node", "2", "--master-port", str(port), "--", a, "sft", f"model.path={folder}",
+           "model.device=cuda", "model.dtype=bfloat16", f"data.train={data}", "data.packing=true",
+           f"data.max_length={T}", f"trainer.micro_batch_size={B}", f"trainer.global_batch_size={2 * B}",
+           f"trainer.max_steps={STEPS}", "optim.lr=1e-5", "optim.scheduler=constant", f"trainer.sharding={sharding}",
+           f"output_dir={out}", "trainer.val_interval=0"]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"aligner sharding={sharding} failed:\n{(p.stdout + p.stderr)[-3000:]}")
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [r for r in map(json.loads, f) if r.get("split") == "train"][WARMUP:]
+    shutil.rmtree(out, ignore_errors=True)
+    memory = next((l for l in p.stderr.splitlines() if "memory per rank" in l), "")
+    step_s = sum(r["step_seconds"] for r in rows) / len(rows)
+    tokens = sum(r["tokens_per_s"] * r["step_seconds"] for r in rows) / len(rows)  # per step, both GPUs
+    return tokens / 2 / step_s, max(r["peak_memory_gb"] for r in rows), memory.split("] ")[-1]
+
+
+def main():
+    build = sys.argv[1] if len(sys.argv) > 1 else "build-cuda"
+    model, folder = make_model(torch.bfloat16)
+    n_params = sum(p.numel() for p in model.parameters()) - CONFIG.vocab_size * CONFIG.hidden_size
+    del model
+    torch.cuda.empty_cache()
+    add_tokenizer(folder)
+    data = os.path.join(folder, "data.jsonl")
+    data_file(data)
+    flops_per_token = 6 * n_params + 6 * CONFIG.num_hidden_layers * T * CONFIG.hidden_size
+    result = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(fsdp_worker, args=(folder, 29700, result), nprocs=2)
+    fsdp_s, fsdp_peak = result.get()
+    fsdp_tps = B * T / fsdp_s
+    rows = [("PyTorch FSDP2 (fully_shard, bf16 mixed precision)", fsdp_tps, fsdp_peak, "")]
+    for i, sharding in enumerate(("none", "optimizer", "gradients")):
+        tps, peak, memory = ours(build, folder, data, sharding, 29710 + i)
+        rows.append((f"aligner trainer.sharding={sharding}", tps, peak, memory))
+    print(f"\nSFT, 1.1B Llama, 2 x {torch.cuda.get_device_name()}, {B} x {T} tokens per GPU per step, "
+          f"torch {torch.__version__}")
+    print("| impl | tokens/s per GPU | MFU | peak GB per GPU | vs FSDP2 |")
+    print("|---|---|---|---|---|")
+    for name, tps, peak, _ in rows:
+        print(f"| {name} | {tps:,.0f} | {tps * flops_per_token / PEAK:.1%} | {peak:.1f} | {tps / fsdp_tps:.2f}x |")
+    for name, _, _, memory in rows[1:]:
+        print(f"{name}: {memory}")
+
+
+if __name__ == "__main__":
+    main()
