@@ -1,9 +1,12 @@
-"""Sharded data parallel on 2 GPUs: full SFT of a 1.1B Llama (TinyLlama shape), bf16 compute with
-float32 master weights and AdamW moments, 8 x 2048 tokens per GPU per step: aligner's
-trainer.sharding none | optimizer | gradients against PyTorch FSDP2 (fully_shard per layer,
-MixedPrecisionPolicy bf16 parameters, float32 reductions, torch AdamW) in the same run.
+"""Sharded data parallel on 2 GPUs: full SFT, bf16 compute with float32 master weights and AdamW
+moments, against PyTorch FSDP2 (fully_shard per layer, MixedPrecisionPolicy bf16 parameters,
+float32 reductions, torch AdamW) in the same run.
+  default: a 1.1B Llama (TinyLlama shape), 8 x 2048 tokens per GPU per step, aligner's
+           trainer.sharding none | optimizer | gradients | full;
+  --8b:    a Llama-3-8B shape, 4 x 4096 tokens per GPU per step, activation checkpointing in both,
+           trainer.sharding=full (the others do not fit).
 
-Run on the 2-GPU machine after scripts/build_cuda.sh:  python3 bench/sharded_bench.py [BUILD_DIR]
+Run on the 2-GPU machine after scripts/build_cuda.sh:  python3 bench/sharded_bench.py [BUILD_DIR] [--8b]
 Prints tokens/s per GPU, MFU (6 x parameters x tokens plus causal attention, against 989 TFLOP/s)
 and peak memory per GPU, steps 3..8 timed (aligner: its metrics.jsonl; FSDP2: wall clock).
 """
@@ -22,8 +25,16 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tinyllama import CONFIG, add_tokenizer, make_model  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-B, T, STEPS, WARMUP, PEAK = 8, 2048, 8, 2, 989e12
+EIGHT_B = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                      rope_theta=500000.0, tie_word_embeddings=False)
+BIG = "--8b" in sys.argv
+CFG = EIGHT_B if BIG else CONFIG
+B, T = (4, 4096) if BIG else (8, 2048)
+STEPS, WARMUP, PEAK = 8, 2, 989e12
+STAGES = ("full",) if BIG else ("none", "optimizer", "gradients", "full")
 
 
 def fsdp_worker(rank, folder, port, result):
@@ -32,13 +43,16 @@ def fsdp_worker(rank, folder, port, result):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", rank=rank, world_size=2)
-    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").cuda()
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa",
+                                             device_map={"": rank})
+    if BIG:
+        model.gradient_checkpointing_enable()
     mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in model.model.layers:
         fully_shard(layer, mp_policy=mp_policy)
     fully_shard(model, mp_policy=mp_policy)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
-    ids = torch.randint(0, CONFIG.vocab_size, (B, T), device="cuda", generator=torch.Generator("cuda").manual_seed(rank))
+    ids = torch.randint(0, CFG.vocab_size, (B, T), device="cuda", generator=torch.Generator("cuda").manual_seed(rank))
     times = []
     for step in range(STEPS):
         torch.cuda.synchronize()
@@ -74,7 +88,7 @@ def ours(build, folder, data, sharding, port):
            "model.device=cuda", "model.dtype=bfloat16", f"data.train={data}", "data.packing=true",
            f"data.max_length={T}", f"trainer.micro_batch_size={B}", f"trainer.global_batch_size={2 * B}",
            f"trainer.max_steps={STEPS}", "optim.lr=1e-5", "optim.scheduler=constant", f"trainer.sharding={sharding}",
-           f"output_dir={out}", "trainer.val_interval=0"]
+           f"output_dir={out}", "trainer.val_interval=0", f"model.activation_checkpointing={str(BIG).lower()}"]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         sys.exit(f"aligner sharding={sharding} failed:\n{(p.stdout + p.stderr)[-3000:]}")
@@ -87,25 +101,41 @@ def ours(build, folder, data, sharding, port):
     return tokens / 2 / step_s, max(r["peak_memory_gb"] for r in rows), memory.split("] ")[-1]
 
 
+def make_8b():
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM._from_config(EIGHT_B, attn_implementation="sdpa", dtype=torch.bfloat16)
+    folder = tempfile.mkdtemp(prefix="llama8b_")
+    model.save_pretrained(folder)
+    # A tokenizer whose pieces the model's vocabulary covers.
+    tok = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "tokenizers",
+                       "llama3-style-bpe6k")
+    for f in os.listdir(tok):
+        shutil.copy(os.path.join(tok, f), folder)
+    return model, folder
+
+
 def main():
-    build = sys.argv[1] if len(sys.argv) > 1 else "build-cuda"
-    model, folder = make_model(torch.bfloat16)
-    n_params = sum(p.numel() for p in model.parameters()) - CONFIG.vocab_size * CONFIG.hidden_size
+    build = next((a for a in sys.argv[1:] if not a.startswith("--")), "build-cuda")
+    model, folder = make_8b() if BIG else make_model(torch.bfloat16)
+    n_params = sum(p.numel() for p in model.parameters()) - CFG.vocab_size * CFG.hidden_size
     del model
     torch.cuda.empty_cache()
-    add_tokenizer(folder)
+    if not BIG:
+        add_tokenizer(folder)
     data = os.path.join(folder, "data.jsonl")
     data_file(data)
-    flops_per_token = 6 * n_params + 6 * CONFIG.num_hidden_layers * T * CONFIG.hidden_size
+    flops_per_token = 6 * n_params + 6 * CFG.num_hidden_layers * T * CFG.hidden_size
     result = mp.get_context("spawn").SimpleQueue()
     mp.spawn(fsdp_worker, args=(folder, 29700, result), nprocs=2)
     fsdp_s, fsdp_peak = result.get()
     fsdp_tps = B * T / fsdp_s
     rows = [("PyTorch FSDP2 (fully_shard, bf16 mixed precision)", fsdp_tps, fsdp_peak, "")]
-    for i, sharding in enumerate(("none", "optimizer", "gradients")):
+    for i, sharding in enumerate(STAGES):
         tps, peak, memory = ours(build, folder, data, sharding, 29710 + i)
         rows.append((f"aligner trainer.sharding={sharding}", tps, peak, memory))
-    print(f"\nSFT, 1.1B Llama, 2 x {torch.cuda.get_device_name()}, {B} x {T} tokens per GPU per step, "
+    print(f"\nSFT, {'Llama-3-8B shape' if BIG else '1.1B Llama'} ({n_params / 1e9:.1f}B parameters besides the "
+          f"embeddings), 2 x {torch.cuda.get_device_name()}, {B} x {T} tokens per GPU per step, "
           f"torch {torch.__version__}")
     print("| impl | tokens/s per GPU | MFU | peak GB per GPU | vs FSDP2 |")
     print("|---|---|---|---|---|")

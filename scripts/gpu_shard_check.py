@@ -52,7 +52,7 @@ def main():
         rc, log = sft(base, dtype, 1)
         if rc != 0:
             sys.exit(f"one-GPU run failed:\n{log[-3000:]}")
-        for stage in ("none", "optimizer", "gradients"):
+        for stage in ("none", "optimizer", "gradients", "full"):
             out = f"{D}/{dtype}-{stage}"
             rc, log = sft(out, dtype, 2, [f"trainer.sharding={stage}"])
             if rc != 0:
@@ -64,12 +64,12 @@ def main():
             rows.append((f"{dtype}, 2 GPUs, sharding={stage}", f"{dl:.2e}", f"{dw:.2e}", "yes" if good else "NO"))
     # Resume: 2 -> 2 exact, 2 -> 1 within float32 reduction noise of the one-GPU run.
     save = ["trainer.save_interval=2", "trainer.keep_last=0"]
-    rc, log = sft(f"{D}/whole", "float32", 2, save + ["trainer.sharding=gradients"])
-    rc, log = sft(f"{D}/killed", "float32", 2, save + ["trainer.sharding=gradients"], {"ALIGNER_KILL_AT_STEP": "3"})
-    rc, log = sft(f"{D}/killed", "float32", 2, save + ["trainer.sharding=gradients"])
+    rc, log = sft(f"{D}/whole", "float32", 2, save + ["trainer.sharding=full"])
+    rc, log = sft(f"{D}/killed", "float32", 2, save + ["trainer.sharding=full"], {"ALIGNER_KILL_AT_STEP": "3"})
+    rc, log = sft(f"{D}/killed", "float32", 2, save + ["trainer.sharding=full"])
     dw, same = weight_diff(f"{D}/whole", f"{D}/killed"), losses(f"{D}/whole") == losses(f"{D}/killed")
     ok &= rc == 0 and dw == 0 and same
-    rows.append(("resume 2 -> 2 GPUs, sharding=gradients", "equal" if same else "DIFFER", f"{dw:.2e}",
+    rows.append(("resume 2 -> 2 GPUs, sharding=full", "equal" if same else "DIFFER", f"{dw:.2e}",
                  "yes" if rc == 0 and dw == 0 and same else "NO"))
     rc, log = sft(f"{D}/to-one", "float32", 2, save + ["trainer.sharding=optimizer"], {"ALIGNER_KILL_AT_STEP": "2"})
     rc, log = sft(f"{D}/to-one", "float32", 1, save)

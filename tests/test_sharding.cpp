@@ -1,7 +1,7 @@
-// Sharded data parallel (trainer.sharding, ZeRO stages 1 and 2) on two CPU ranks over Gloo: every
-// stage trains as one rank does, for SFT, DPO and LoRA; each rank writes its own optimizer shard;
-// resume is exact on as many ranks, and continues correctly on another number of ranks (the
-// optimizer state re-sharded, the data order continued).
+// Sharded data parallel (trainer.sharding, ZeRO stages 1, 2 and 3) on two CPU ranks over Gloo:
+// every stage trains as one rank does, for SFT, DPO and LoRA; each rank writes its own optimizer
+// shard; resume is exact on as many ranks, and continues correctly on another number of ranks (the
+// optimizer state re-sharded, the data order continued); stage 3 keeps half the weights per rank.
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -64,12 +64,20 @@ TEST(Sharding, EveryStageOnTwoRanksTrainsAsOneRankSft) {
   const auto one = run_aligner(sft_args(out / "one", ""));
   ASSERT_EQ(one.status, 0) << one.output;
   int port = 0;
-  for (const std::string stage : {"none", "optimizer", "gradients"}) {
-    const auto r = two_ranks(sft_args(out / stage, "trainer.sharding=" + stage), "", port++);
+  // The last also with activation checkpointing: the recomputed layers gather their weights again.
+  const std::vector<std::pair<std::string, std::string>> runs = {
+      {"none", ""},
+      {"optimizer", ""},
+      {"gradients", ""},
+      {"full", ""},
+      {"full", "model.activation_checkpointing=true"}};
+  for (const auto& [stage, extra] : runs) {
+    const fs::path dir = out / (stage + std::to_string(port));
+    const auto r = two_ranks(sft_args(dir, "trainer.sharding=" + stage + " " + extra), "", port++);
     if (no_gloo(r)) GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
     ASSERT_EQ(r.status, 0) << r.output;
-    expect_same_losses(out / "one", out / stage, 1e-6);
-    expect_same_weights(out / "one" / "final", out / stage / "final", 1e-6);
+    expect_same_losses(out / "one", dir, 1e-6);
+    expect_same_weights(out / "one" / "final", dir / "final", 1e-6);
     // The log says what each rank holds: sharded, half the optimizer state.
     EXPECT_NE(r.output.find("memory per rank before activations"), std::string::npos) << r.output;
   }
@@ -81,7 +89,7 @@ TEST(Sharding, EveryStageOnTwoRanksTrainsAsOneRankDpo) {
   const auto one = run_aligner(dpo_args(out / "one", ""));
   ASSERT_EQ(one.status, 0) << one.output;
   int port = 0;
-  for (const std::string stage : {"optimizer", "gradients"}) {
+  for (const std::string stage : {"optimizer", "gradients", "full"}) {
     const auto r = two_ranks(dpo_args(out / stage, "trainer.sharding=" + stage), "", port++);
     if (no_gloo(r)) GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
     ASSERT_EQ(r.status, 0) << r.output;
@@ -107,9 +115,11 @@ TEST(Sharding, LoraAdaptersShardedTrainAsOneRank) {
 
 // Each rank's file holds its half of every moment (and no rank writes the whole state); a killed
 // run resumes to the same weights and losses, to the bit.
-TEST(Sharding, EachRankWritesItsShardAndResumeIsExact) {
+class ShardedResume : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(ShardedResume, EachRankWritesItsShardAndResumeIsExact) {
   const auto out = temp_dir("shard_resume");
-  const std::string args = "trainer.sharding=gradients trainer.save_interval=2 trainer.keep_last=0";
+  const std::string args = "trainer.sharding=" + GetParam() + " trainer.save_interval=2 trainer.keep_last=0";
   const auto whole = two_ranks(sft_args(out / "whole", args));
   if (no_gloo(whole)) GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
   ASSERT_EQ(whole.status, 0) << whole.output;
@@ -139,6 +149,8 @@ TEST(Sharding, EachRankWritesItsShardAndResumeIsExact) {
   fs::remove_all(out);
 }
 
+INSTANTIATE_TEST_SUITE_P(Stages, ShardedResume, ::testing::Values("gradients", "full"));
+
 // Two sharded ranks stopped at step 2 go on as one rank, and one rank's checkpoint goes on as two
 // sharded ranks: the optimizer state is cut anew and the data continues the same global order, so
 // both end where one rank's uninterrupted run does.
@@ -161,17 +173,62 @@ TEST(Sharding, ResumeOnAnotherNumberOfRanksReshards) {
 
   const auto first = run_aligner(sft_args(out / "one_then_two", save), "ALIGNER_KILL_AT_STEP=2");
   ASSERT_NE(first.status, 0) << first.output;
-  const auto then_two = two_ranks(sft_args(out / "one_then_two", save + "trainer.sharding=gradients"), "", 1);
+  const auto then_two = two_ranks(sft_args(out / "one_then_two", save + "trainer.sharding=full"), "", 1);
   ASSERT_EQ(then_two.status, 0) << then_two.output;
   expect_same_weights(out / "one" / "final", out / "one_then_two" / "final", 1e-6);
   expect_same_losses(out / "one", out / "one_then_two", 1e-6);
   fs::remove_all(out);
 }
 
-TEST(Sharding, UnknownStageIsAnErrorNamingTheKey) {
+TEST(Sharding, UnknownStageAndFullShardingOfAdaptersAreErrors) {
   const auto r = run_aligner(sft_args(temp_dir("shard_bad") / "o", "trainer.sharding=full3"));
   EXPECT_NE(r.status, 0);
   EXPECT_NE(r.output.find("trainer.sharding"), std::string::npos) << r.output;
+  const auto lora = two_ranks(sft_args(temp_dir("shard_bad") / "l", "lora.rank=4 trainer.sharding=full"));
+  if (no_gloo(lora)) GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
+  EXPECT_NE(lora.status, 0);
+  EXPECT_NE(lora.output.find("trainer.sharding=full shards whole models, and module 'model' trains adapters"),
+            std::string::npos)
+      << lora.output;
+}
+
+// The weights a rank keeps under full sharding, as it reports them: its half of every unit plus
+// the largest unit twice (gathered while the next one's gather is under way), for a model of 24
+// layers about 60% of the whole model's (the embeddings and the head are 13% of it).
+TEST(Sharding, FullShardingKeepsAboutHalfTheWeightsPerRank) {
+  nlohmann::json j = {{"model_type", "llama"},
+                      {"vocab_size", 6000},
+                      {"hidden_size", 64},
+                      {"intermediate_size", 1024},
+                      {"num_hidden_layers", 24},
+                      {"num_attention_heads", 4},
+                      {"num_key_value_heads", 2},
+                      {"max_position_embeddings", 128},
+                      {"tie_word_embeddings", false},
+                      {"torch_dtype", "float32"}};
+  const auto dir = temp_dir("shard_memory");
+  save_transformer(init_transformer(parse_model_config(j, "deep"), at::kCPU, 3), (dir / "m").string(),
+                   std::nullopt, 0, kRoot + "/tests/fixtures/tokenizers/llama3-style-bpe6k");
+  const auto gigabytes = [](const std::string& output, const std::string& what) {
+    const auto at = output.find(what + " ", output.find("memory per rank before activations"));
+    return at == std::string::npos ? -1.0 : std::stod(output.substr(at + what.size() + 1));
+  };
+  double weights[2] = {0, 0};
+  int port = 5;
+  for (const std::string stage : {"none", "full"}) {
+    const std::string args = "sft model.path=" + (dir / "m").string() + " data.train=" + kSftData +
+                             " data.max_length=32 model.device=cpu trainer.micro_batch_size=1 "
+                             "trainer.global_batch_size=2 trainer.max_steps=1 trainer.sharding=" +
+                             stage + " output_dir=" + (dir / stage).string();
+    const auto r = two_ranks(args, "", port++);
+    if (no_gloo(r)) GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
+    ASSERT_EQ(r.status, 0) << r.output;
+    weights[stage == "full"] = gigabytes(r.output, "weights");
+  }
+  ASSERT_GT(weights[0], 0);
+  EXPECT_LT(weights[1] / weights[0], 0.7) << weights[1] << " vs " << weights[0];
+  EXPECT_GT(weights[1] / weights[0], 0.5) << weights[1] << " vs " << weights[0];
+  fs::remove_all(dir);
 }
 
 // Optimizer state written in pieces by some number of ranks, read back as other pieces: every

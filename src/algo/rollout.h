@@ -204,6 +204,7 @@ class OnlineAlgorithm : public Algorithm {
     return {prompts_per_step_, "rollout.prompts_per_step"};
   }
   void after_optimizer_step(int64_t step) override { step_ = step; }
+  bool generates() const override { return true; }
   ValidationSums validate() override;
   nlohmann::json state() const override;
   void load_state(const nlohmann::json& s) override;

@@ -146,6 +146,7 @@ class Spin final : public Algorithm {
   }
 
   int64_t train_examples() const override { return dataset_size(*train_); }
+  bool generates() const override { return true; }
 
   bool next_step(int64_t n) override {
     begin_iteration();

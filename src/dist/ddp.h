@@ -28,8 +28,8 @@ enum class GradReduction {
 // ZeRO's stages 1 and 2: each rank updates (and keeps optimizer state for) one shard of the
 // parameters, 1 / world of every bucket, and all-gathers the updated values. kOptimizer reduces the
 // gradients whole (all-reduce); kGradients reduce-scatters them, so that a rank keeps only its
-// shard's reduced gradients.
-enum class Sharding { kNone, kOptimizer, kGradients };
+// shard's reduced gradients. Stage 3 (kFull, the parameters sharded too) is dist/sharded_model.h.
+enum class Sharding { kNone, kOptimizer, kGradients, kFull };
 
 struct DataParallelOptions {
   int64_t bucket_bytes = 25 * 1024 * 1024;  // torch DDP's bucket_cap_mb

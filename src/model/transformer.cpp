@@ -309,7 +309,9 @@ at::Tensor forward_hidden(const Transformer& m, const ForwardInput& in) {
     else
       positions = at::arange(T, ids.options().dtype(at::kLong)).unsqueeze(0).expand({B, T});
   }
+  if (m.hooks) m.hooks->before_forward();
   auto x = at::embedding(m.embed, ids);
+  if (m.hooks) m.hooks->after_embedding();
   auto [cos, sin] = rope_cos_sin(c, positions, x.scalar_type());
 
   // Layers share a mask when they share a window size.
@@ -328,6 +330,7 @@ at::Tensor forward_hidden(const Transformer& m, const ForwardInput& in) {
   for (int64_t i = 0; i < c.num_layers; ++i) {
     const Block& b = m.layers[i];
     const auto& mask = masks[c.window[i]];
+    if (m.hooks) m.hooks->before_layer(i);
     if (checkpoint) {
       // A checkpointed layer's backward, which gives its weights their gradients, runs only if its
       // output needs one; when nothing before it trains (frozen embeddings, adapters only) its input
@@ -347,12 +350,14 @@ at::Tensor forward_hidden(const Transformer& m, const ForwardInput& in) {
     } else {
       x = block_forward(c, b, x, cos, sin, mask, stats);
     }
+    if (m.hooks) x = m.hooks->after_layer(i, x);
   }
   if (stats && stats->tokens > 0) {
     stats->complete = true;
     router_aux_loss().sum += stats->value(c.num_experts);
     router_aux_loss().count += 1;
   }
+  if (m.hooks) m.hooks->before_head();
   return norm(c, x, m.norm, m.norm_bias);
 }
 

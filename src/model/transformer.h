@@ -4,6 +4,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -30,6 +31,18 @@ struct Block {
   Moe moe;                // num_experts > 0 only
 };
 
+// What runs around each layer of a forward pass when the weights are not all resident: sharded
+// training (dist/sharded_model.h) gathers a layer's weights before it and frees them after it.
+struct LayerHooks {
+  virtual ~LayerHooks() = default;
+  virtual void before_forward() = 0;  // before the embedding lookup
+  virtual void after_embedding() = 0;
+  virtual void before_layer(int64_t layer) = 0;
+  // The layer's output, through whatever its backward pass needs first.
+  virtual at::Tensor after_layer(int64_t layer, const at::Tensor& out) = 0;
+  virtual void before_head() = 0;  // before the final norm (and the heads that read its output)
+};
+
 struct Transformer {
   ModelConfig cfg;
   at::Tensor embed;  // [vocab, hidden]
@@ -38,6 +51,8 @@ struct Transformer {
   at::Tensor norm_bias;  // layernorm1p only
   Linear lm_head;        // weight is `embed` itself when tie_word_embeddings; none in a classifier
   Linear score;          // sequence classifiers only: [num_labels, hidden], no bias
+  // Set while the weights are sharded; copies of the model (sharing its tensors) share it.
+  std::shared_ptr<LayerHooks> hooks;
 };
 
 // What one forward pass reads. Only input_ids is required.

@@ -19,6 +19,7 @@
 #include "core/progress.h"
 #include "core/tensorboard.h"
 #include "dist/ddp.h"
+#include "dist/sharded_model.h"
 #include "io/hf_checkpoint.h"
 #include "io/peft_adapter.h"
 #include "train/checkpoint.h"
@@ -189,6 +190,7 @@ struct Running {
   // pieces (indices), each at this offset into its parameter (by name).
   std::vector<size_t> pieces;
   std::map<std::string, int64_t> offsets;
+  std::shared_ptr<dist::ShardedModel> sharded_model;  // trainer.sharding=full
 };
 
 // The model's weights and its adapters.
@@ -247,7 +249,7 @@ void check_memory(const std::vector<Running>& modules, const std::vector<at::Ten
                   dist::Sharding sharding) {
   constexpr double GB = 1e9;
   std::set<const Transformer*> models;
-  double weights = 0, grads = 0, state = 0;
+  double weights = 0, grads = 0, state = 0, largest = 0;
   for (const auto& r : modules)
     if (models.insert(r.module.model).second)
       for (const auto& [name, t] : model_parameters(*r.module.model)) weights += double(t.nbytes());
@@ -255,19 +257,37 @@ void check_memory(const std::vector<Running>& modules, const std::vector<at::Ten
     const bool master = t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
     return double(numel) * (master ? 12 : 2 * double(t.element_size()));
   };
+  if (sharding == dist::Sharding::kFull) {
+    // A shard of each weight and of its summed gradient, and one unit gathered at a time with its
+    // full gradients (two while the next one's gather overlaps).
+    for (const auto& r : modules) {
+      double whole = 0;
+      for (const auto& [name, t] : model_parameters(*r.module.model)) whole += double(t.nbytes());
+      const double unit = double(r.sharded_model->largest_unit_bytes()),
+                   shard = double(r.sharded_model->shard_bytes());
+      weights += shard + 2 * unit - whole;
+      largest = std::max(largest, unit);
+      grads += shard + 2 * unit;
+      for (const auto& p : r.sharded_model->pieces()) state += state_bytes(p.param, p.values.numel());
+    }
+  }
   for (const auto& t : leaves) {
+    if (sharding == dist::Sharding::kFull) break;
     grads += double(t.nbytes()) * (dist.world_size() > 1 ? 2 : 1);
-    if (sharding == dist::Sharding::kNone || pieces.empty()) state += state_bytes(t, t.numel());
+    if (sharding == dist::Sharding::kNone) state += state_bytes(t, t.numel());
   }
   for (const auto& p : pieces)
-    if (sharding != dist::Sharding::kNone) state += state_bytes(leaves[p.param], p.numel);
+    if (sharding == dist::Sharding::kOptimizer || sharding == dist::Sharding::kGradients)
+      state += state_bytes(leaves[p.param], p.numel);
   const char* how = sharding == dist::Sharding::kOptimizer   ? ", sharding=optimizer"
                     : sharding == dist::Sharding::kGradients ? ", sharding=gradients"
+                    : sharding == dist::Sharding::kFull      ? ", sharding=full"
                                                              : "";
   log_info(
-      "memory per rank before activations: weights {:.2f} GB, gradients {:.2f} GB, optimizer state {:.2f} GB "
-      "({} ranks{})",
-      weights / GB, grads / GB, state / GB, dist.world_size(), how);
+      "memory per rank before activations: weights {:.3g} GB, gradients {:.3g} GB, optimizer state {:.3g} GB "
+      "({} ranks{}{})",
+      weights / GB, grads / GB, state / GB, dist.world_size(), how,
+      largest > 0 ? fmt::format(", largest gathered layer {:.3g} GB", largest / GB) : "");
   const at::Device device = leaves.front().device();
   const double available = device_memory_available(device);
   if (available >= 0 && grads + state > available)
@@ -373,8 +393,10 @@ TrainerOptions read_trainer_options(const Config& cfg) {
     o.sharding = dist::Sharding::kOptimizer;
   else if (sharding == "gradients")
     o.sharding = dist::Sharding::kGradients;
+  else if (sharding == "full")
+    o.sharding = dist::Sharding::kFull;
   else if (sharding != "none")
-    fail("config key 'trainer.sharding' expects none, optimizer or gradients, got '{}'", sharding);
+    fail("config key 'trainer.sharding' expects none, optimizer, gradients or full, got '{}'", sharding);
   if (o.output_dir.empty()) fail("config key 'output_dir' must be set");
   if (o.resume != "auto" && o.resume != "true" && o.resume != "false" &&
       !fs::exists(fs::path(o.resume) / "trainer_state.json"))
@@ -493,16 +515,26 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
       leaves.push_back(t);
       leaf_of.emplace_back(k, name);
     }
+  const bool sharded = dist.world_size() > 1 && opt.sharding != dist::Sharding::kNone;
+  const bool full = sharded && opt.sharding == dist::Sharding::kFull;
   std::unique_ptr<dist::DataParallel> ddp;
-  if (dist.world_size() > 1) {
+  if (dist.world_size() > 1 && !full) {
     ddp = std::make_unique<dist::DataParallel>(
         dist, leaves, dist::DataParallelOptions{25 << 20, dist::GradReduction::kSum, opt.sharding});
     ddp->broadcast_parameters();
   }
-  const bool sharded = ddp && opt.sharding != dist::Sharding::kNone;
+  for (auto& r : modules) {
+    if (!full) break;
+    if (!r.whole_model)
+      fail(
+          "trainer.sharding=full shards whole models, and module '{}' trains {} of its model; use "
+          "trainer.sharding=gradients",
+          r.module.name, r.module.lora.rank > 0 ? "adapters" : "a part");
+    r.sharded_model = dist::ShardedModel::shard(dist, *r.module.model);
+  }
 
   check_memory(modules, leaves, ddp ? ddp->shard_pieces() : std::vector<dist::ShardPiece>(), dist,
-               opt.sharding);
+               sharded ? opt.sharding : dist::Sharding::kNone);
   // After the weights are loaded: bf16 parameters take their fp32 master copies now, of this rank's
   // pieces only when sharded.
   for (size_t k = 0; k < modules.size(); ++k) {
@@ -513,7 +545,13 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
     }
     NamedParams pieces;
     std::vector<bool> decay;
-    const auto& all = ddp->shard_pieces();
+    for (const auto& piece :
+         r.sharded_model ? r.sharded_model->pieces() : std::vector<dist::ShardedModel::Piece>()) {
+      pieces.emplace_back(piece.name, piece.values);
+      decay.push_back(decays(piece.name, piece.param));
+      r.offsets[piece.name] = piece.offset;
+    }
+    const auto& all = ddp ? ddp->shard_pieces() : std::vector<dist::ShardPiece>();
     for (size_t j = 0; j < all.size(); ++j) {
       const auto& [module, name] = leaf_of[all[j].param];
       if (module != k) continue;
@@ -561,9 +599,16 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
     tensorboard->add_scalars(at_step, tb);
   };
 
+  // A sharded model is gathered whole where something reads its weights outside a forward pass.
+  const auto hold = [&](bool on) {
+    for (auto& r : modules)
+      if (r.sharded_model) on ? r.sharded_model->hold() : r.sharded_model->release();
+  };
   auto validate = [&](int64_t at_step) -> std::optional<double> {
     at::NoGradGuard no_grad;
+    hold(algo.generates());
     const auto val = algo.validate();
+    hold(false);
     // Every rank must join the reduction, even one whose share of the validation set is empty.
     const bool any = dist.sum({double(val.parts.size())})[0] > 0;
     if (!any) return std::nullopt;
@@ -578,6 +623,7 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
   int64_t saved_step = !ckpt.empty() && opt.resume != ckpt ? step : -1;
   auto save = [&] {
     saved_step = step;
+    hold(true);
     // Every rank's data position goes into the one checkpoint that rank 0 writes; with sharding
     // every rank writes its optimizer shard into the folder first.
     std::vector<nlohmann::json> data;
@@ -602,6 +648,7 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
       save_checkpoint(opt.output_dir, saved_modules, state, opt.keep_last);
     }
     dist.barrier();
+    hold(false);
   };
 
   // A real signal at a chosen step (SIGKILL, or ALIGNER_KILL_SIGNAL=TERM or INT), so that tests can
@@ -629,7 +676,9 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
     const bool offload = algo.offload_optimizer_in_next_step();
     if (offload)
       for (auto& r : modules) r.optimizer->move_state(at::kCPU);
+    hold(algo.generates());
     const bool loaded = algo.next_step(accumulation * updates);
+    hold(false);
     if (offload)
       for (auto& r : modules) r.optimizer->move_state(r.module.params.front().second.device());
     // One collective settles both whether every rank has data (uneven shards end together, rather
@@ -672,7 +721,10 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
       bool finite = true;
       // Sharded: each module's pieces' gradients, its norm summed over the ranks.
       std::vector<std::vector<at::Tensor>> piece_grads(modules.size());
-      if (sharded) {
+      if (full)
+        for (size_t k = 0; k < modules.size(); ++k)
+          piece_grads[k] = modules[k].sharded_model->sync_gradients();
+      if (sharded && !full) {
         const auto grads = ddp->shard_gradients();
         for (size_t k = 0; k < modules.size(); ++k)
           for (size_t j : modules[k].pieces) piece_grads[k].push_back(grads[j]);
@@ -696,7 +748,10 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
         if (finite && !sharded) modules[k].optimizer->step(lrs[k]);
         for (auto& [name, t] : modules[k].module.params) t.mutable_grad() = at::Tensor();
       }
-      if (sharded) ddp->gather_parameters();
+      if (full)
+        for (auto& r : modules) r.sharded_model->end_step();
+      else if (sharded)
+        ddp->gather_parameters();
       if (u == 0)
         for (size_t k = 0; k < modules.size(); ++k) shown.emplace_back(module_key(modules[k], "lr"), lrs[k]);
     }
@@ -742,6 +797,7 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
         "skipped?)",
         opt.global_batch_size);
   if (opt.val_interval <= 0 || step % opt.val_interval != 0) validate(step);
+  hold(true);
   if (main_rank) {
     int64_t exported = 0;
     for (const auto& r : modules) exported += r.module.export_final;
@@ -761,6 +817,7 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
     }
   }
   dist.barrier();
+  hold(false);
 }
 
 }  // namespace aligner

@@ -106,6 +106,9 @@ class Algorithm {
   // true: the optimizers' state waits in host memory while next_step runs (generation needs the
   // room for its KV cache) and comes back for the updates.
   virtual bool offload_optimizer_in_next_step() const { return false; }
+  // true: next_step and validate() read the models' weights outside forward passes (generation),
+  // so that a sharded model is gathered whole around them.
+  virtual bool generates() const { return false; }
   // Loads this rank's next `n` micro-batches; false once its data is done (data_epochs).
   virtual bool next_step(int64_t n) = 0;
   // Loss units in micro-batch i of the loaded step (known before any forward pass).

@@ -1,0 +1,294 @@
+#include "dist/sharded_model.h"
+
+#include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
+
+#include <set>
+
+#include "core/error.h"
+
+namespace aligner::dist {
+namespace {
+
+// The layer a parameter belongs to ("model.layers.N."), or -1 for the rest.
+int64_t layer_of(const std::string& name) {
+  const std::string prefix = "model.layers.";
+  if (name.rfind(prefix, 0) != 0) return -1;
+  return std::stoll(name.substr(prefix.size(), name.find('.', prefix.size()) - prefix.size()));
+}
+
+bool starts_with(const std::string& s, const std::string& prefix) {
+  return s.rfind(prefix, 0) == 0;
+}
+
+struct UnitRef : torch::CustomClassHolder {
+  ShardedModel* owner = nullptr;
+  size_t unit = 0;
+};
+
+// The identity on a layer's output, whose backward gathers the layer's weights before its
+// gradients flow into it (and starts gathering the layer below).
+struct GatherInBackward : torch::autograd::Function<GatherInBackward> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& out,
+                            c10::intrusive_ptr<UnitRef> ref) {
+    ctx->saved_data["unit"] = c10::IValue::make_capsule(ref);
+    return out;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto ref = c10::static_intrusive_pointer_cast<UnitRef>(ctx->saved_data["unit"].toCapsule());
+    ref->owner->gather(ref->unit);
+    return {grads[0], at::Tensor()};
+  }
+};
+
+// Runs once a parameter's gradient has been accumulated into .grad.
+struct AfterAccumulate : torch::autograd::FunctionPostHook {
+  AfterAccumulate(ShardedModel* owner, size_t param) : owner(owner), param(param) {}
+  torch::autograd::variable_list operator()(const torch::autograd::variable_list& outputs,
+                                            const torch::autograd::variable_list&) override {
+    owner->on_gradient(param);
+    return outputs;
+  }
+  ShardedModel* owner;
+  size_t param;
+};
+
+}  // namespace
+
+std::shared_ptr<ShardedModel> ShardedModel::shard(Dist& dist, Transformer& m) {
+  std::shared_ptr<ShardedModel> s(new ShardedModel(dist, m));
+  m.hooks = s;
+  return s;
+}
+
+ShardedModel::ShardedModel(Dist& dist, Transformer& m) : dist_(dist), model_(m) {
+  const int64_t L = m.cfg.num_layers, world = dist.world_size(), rank = dist.rank();
+  // The embeddings' weights are not needed by their backward pass (it scatters into the gradient),
+  // so they are gathered for the lookup alone; tied to the head, they stay for the whole pass.
+  const bool tied = m.lm_head.weight.defined() && m.lm_head.weight.is_same(m.embed);
+  head_ = size_t(L);
+  embed_ = tied ? head_ : head_ + 1;
+  units_.resize(size_t(L) + 2);
+  std::set<const void*> seen;
+  for (const auto& [name, t] : named_parameters(m)) {
+    if (!t.requires_grad() || !seen.insert(t.unsafeGetTensorImpl()).second) continue;
+    if (!params_.empty() && t.scalar_type() != params_.front().scalar_type())
+      fail(
+          "trainer.sharding=full: '{}' is {}, other weights {}: the model's trained weights must share one "
+          "dtype",
+          name, c10::toString(t.scalar_type()), c10::toString(params_.front().scalar_type()));
+    if (!t.is_contiguous()) fail("trainer.sharding=full: '{}' is not contiguous", name);
+    const int64_t layer = layer_of(name);
+    const size_t u = layer >= 0 ? size_t(layer) : starts_with(name, "model.embed_tokens.") ? embed_ : head_;
+    Unit& x = units_[u];
+    x.params.push_back(params_.size());
+    x.starts.push_back(x.numel);
+    unit_of_.push_back(u);
+    start_of_.push_back(x.numel);
+    x.numel += t.numel();
+    names_.push_back(name);
+    params_.push_back(t);
+  }
+  if (params_.empty()) fail("trainer.sharding=full: the model has no weights to train");
+
+  at::NoGradGuard no_grad;
+  for (size_t u = 0; u < units_.size(); ++u) {
+    Unit& x = units_[u];
+    if (x.params.empty()) continue;
+    std::vector<at::Tensor> members;
+    for (size_t p : x.params) members.push_back(params_[p]);
+    dist.broadcast(members);  // every rank starts from rank 0's values
+    x.chunk = (x.numel + world - 1) / world;
+    const auto& first = params_[x.params.front()];
+    const auto options = first.options().requires_grad(false);
+    // The unit's storage, filled once with the whole values; the parameters move into it.
+    x.full = at::Storage(at::Storage::use_byte_size_t(), size_t(x.chunk * world) * first.element_size(),
+                         first.storage().allocator(), /*resizable=*/true);
+    auto flat = at::empty({0}, options).set_(x.full, 0, {x.chunk * world}, {1});
+    flat.zero_();
+    for (size_t j = 0; j < x.params.size(); ++j) {
+      auto& t = params_[x.params[j]];
+      flat.narrow(0, x.starts[j], t.numel()).copy_(t.reshape({-1}));
+      t.set_(x.full, x.starts[j], t.sizes(), t.strides());
+    }
+    x.shard = flat.narrow(0, rank * x.chunk, x.chunk).clone();
+    x.gathered = true;
+    release_unit(u);
+    // This rank's chunk, cut along the parameters it overlaps.
+    const int64_t begin = rank * x.chunk, end = std::min(begin + x.chunk, x.numel);
+    for (size_t j = 0; j < x.params.size(); ++j) {
+      const auto& t = params_[x.params[j]];
+      const int64_t from = std::max(begin, x.starts[j]), to = std::min(end, x.starts[j] + t.numel());
+      if (from >= to) continue;
+      pieces_.push_back(
+          {names_[x.params[j]], x.shard.narrow(0, from - begin, to - from), from - x.starts[j], t});
+      piece_at_.emplace_back(u, from - begin);
+    }
+  }
+  for (size_t p = 0; p < params_.size(); ++p) {
+    accumulators_.push_back(torch::autograd::impl::grad_accumulator(params_[p]));
+    hook_keys_.push_back(accumulators_.back()->add_post_hook(std::make_unique<AfterAccumulate>(this, p)));
+  }
+}
+
+ShardedModel::~ShardedModel() {
+  for (size_t p = 0; p < accumulators_.size(); ++p) accumulators_[p]->del_post_hook(hook_keys_[p]);
+}
+
+void ShardedModel::start_gather(size_t u) {
+  Unit& x = units_[u];
+  if (x.gathered || x.params.empty()) return;
+  auto* impl = x.full.unsafeGetStorageImpl();
+  const int64_t world = dist_.world_size();
+  const size_t bytes = size_t(x.chunk * world) * x.shard.element_size();
+  impl->set_data_ptr_noswap(impl->allocator()->allocate(bytes));
+  impl->set_nbytes(bytes);
+  // A tensor of its own on the storage: writing through it leaves the parameters' version
+  // counters alone (autograd saved them for the backward pass).
+  auto flat = at::empty({0}, x.shard.options()).set_(x.full, 0, {x.chunk * world}, {1});
+  flat.narrow(0, dist_.rank() * x.chunk, x.chunk).copy_(x.shard);
+  x.pending = dist_.all_gather_async(flat);
+  x.gathered = x.waiting = true;
+}
+
+void ShardedModel::finish_gather(size_t u) {
+  Unit& x = units_[u];
+  start_gather(u);
+  if (!x.waiting) return;
+  x.pending.wait();
+  x.pending = Work();
+  x.waiting = false;
+}
+
+void ShardedModel::release_unit(size_t u) {
+  Unit& x = units_[u];
+  if (held_ || !x.gathered) return;
+  if (x.waiting) finish_gather(u);
+  auto* impl = x.full.unsafeGetStorageImpl();
+  impl->set_data_ptr_noswap(at::DataPtr(nullptr, x.shard.device()));
+  impl->set_nbytes(0);
+  x.gathered = false;
+}
+
+void ShardedModel::gather(size_t u) {
+  at::NoGradGuard no_grad;
+  finish_gather(u);
+  if (u > 0 && u < head_) start_gather(u - 1);
+}
+
+void ShardedModel::before_forward() {
+  at::NoGradGuard no_grad;
+  finish_gather(embed_);
+  start_gather(0);
+}
+
+void ShardedModel::after_embedding() {
+  at::NoGradGuard no_grad;
+  if (embed_ != head_) release_unit(embed_);
+}
+
+void ShardedModel::before_layer(int64_t layer) {
+  at::NoGradGuard no_grad;
+  finish_gather(size_t(layer));
+  start_gather(size_t(layer) + 1);  // the next layer, or after the last the head
+}
+
+void ShardedModel::before_head() {
+  at::NoGradGuard no_grad;
+  finish_gather(head_);
+}
+
+at::Tensor ShardedModel::after_layer(int64_t layer, const at::Tensor& out) {
+  at::Tensor y = out;
+  if (at::GradMode::is_enabled() && out.requires_grad()) {
+    auto ref = c10::make_intrusive<UnitRef>();
+    ref->owner = this;
+    ref->unit = size_t(layer);
+    y = GatherInBackward::apply(out, ref);
+  }
+  at::NoGradGuard no_grad;
+  release_unit(size_t(layer));
+  return y;
+}
+
+void ShardedModel::on_gradient(size_t p) {
+  at::NoGradGuard no_grad;
+  Unit& x = units_[unit_of_[p]];
+  at::Tensor& g = params_[p].mutable_grad();
+  if (!g.defined()) return;
+  if (!x.grad_flat.defined()) x.grad_flat = at::zeros({x.chunk * dist_.world_size()}, x.shard.options());
+  x.grad_flat.narrow(0, start_of_[p], g.numel()).copy_(g.reshape({-1}));
+  g = at::Tensor();
+  if (++x.received == x.params.size()) reduce(unit_of_[p]);
+}
+
+void ShardedModel::reduce(size_t u) {
+  Unit& x = units_[u];
+  auto mine = at::empty({x.chunk}, x.grad_flat.options());
+  dist_.reduce_scatter_sum_async(x.grad_flat, mine).wait();
+  if (x.grad_shard.defined())
+    x.grad_shard.add_(mine);
+  else
+    x.grad_shard = mine;
+  x.grad_flat = at::Tensor();
+  x.received = 0;
+  release_unit(u);
+}
+
+std::vector<at::Tensor> ShardedModel::sync_gradients() {
+  at::NoGradGuard no_grad;
+  for (size_t u = 0; u < units_.size(); ++u) {
+    Unit& x = units_[u];
+    if (x.params.empty()) continue;
+    // Weights without a gradient in the last backward count zeros (every rank the same ones).
+    if (x.received > 0) reduce(u);
+    if (!x.grad_shard.defined()) x.grad_shard = at::zeros({x.chunk}, x.shard.options());
+  }
+  std::vector<at::Tensor> out;
+  for (size_t i = 0; i < pieces_.size(); ++i) {
+    const auto [u, at] = piece_at_[i];
+    out.push_back(units_[u].grad_shard.narrow(0, at, pieces_[i].values.numel()));
+  }
+  return out;
+}
+
+void ShardedModel::end_step() {
+  at::NoGradGuard no_grad;
+  for (size_t u = 0; u < units_.size(); ++u) {
+    units_[u].grad_shard = at::Tensor();
+    release_unit(u);
+  }
+}
+
+void ShardedModel::hold() {
+  at::NoGradGuard no_grad;
+  for (size_t u = 0; u < units_.size(); ++u) start_gather(u);
+  for (size_t u = 0; u < units_.size(); ++u) finish_gather(u);
+  held_ = true;
+}
+
+void ShardedModel::release() {
+  held_ = false;
+  at::NoGradGuard no_grad;
+  for (size_t u = 0; u < units_.size(); ++u) release_unit(u);
+}
+
+int64_t ShardedModel::shard_bytes() const {
+  int64_t n = 0;
+  for (const auto& x : units_)
+    if (x.shard.defined()) n += int64_t(x.shard.nbytes());
+  return n;
+}
+
+int64_t ShardedModel::largest_unit_bytes() const {
+  int64_t n = 0;
+  for (const auto& x : units_)
+    if (x.shard.defined()) n = std::max(n, int64_t(x.shard.nbytes()) * dist_.world_size());
+  return n;
+}
+
+}  // namespace aligner::dist
