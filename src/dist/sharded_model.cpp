@@ -6,6 +6,7 @@
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
 
+#include <map>
 #include <set>
 
 #include "core/error.h"
@@ -275,6 +276,28 @@ void ShardedModel::release() {
   held_ = false;
   at::NoGradGuard no_grad;
   for (size_t u = 0; u < units_.size(); ++u) release_unit(u);
+}
+
+std::optional<Transformer> ShardedModel::host_copy(int root) {
+  at::NoGradGuard no_grad;
+  std::optional<Transformer> host;
+  std::map<std::string, at::Tensor> to;
+  if (dist_.rank() == root) {
+    host = allocate_transformer(model_.cfg, at::TensorOptions().dtype(params_.front().scalar_type()));
+    for (const auto& [name, t] : named_parameters(*host)) to.emplace(name, t);
+    // What is not sharded (frozen weights) is whole on every rank.
+    std::set<std::string> sharded(names_.begin(), names_.end());
+    for (const auto& [name, t] : named_parameters(model_))
+      if (!sharded.count(name)) to.at(name).copy_(t);
+  }
+  for (size_t u = 0; u < units_.size(); ++u) {
+    const bool was = units_[u].gathered;
+    finish_gather(u);
+    if (host)
+      for (size_t p : units_[u].params) to.at(names_[p]).copy_(params_[p]);
+    if (!was) release_unit(u);
+  }
+  return host;
 }
 
 int64_t ShardedModel::shard_bytes() const {

@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -51,9 +52,12 @@ class ShardedModel : public LayerHooks {
   std::vector<at::Tensor> sync_gradients();
   // After the optimizer step: drops the summed gradients and frees every gathered unit.
   void end_step();
-  // Gathers the whole model and keeps it (generation, saving), until release().
+  // Gathers the whole model and keeps it (generation), until release().
   void hold();
   void release();
+  // The whole model in host memory on rank `root` (nullopt elsewhere), gathered one unit at a time,
+  // for saving. Every rank must call it.
+  std::optional<Transformer> host_copy(int root = 0);
   // Bytes this rank keeps, and the largest unit gathered at once.
   int64_t shard_bytes() const;
   int64_t largest_unit_bytes() const;

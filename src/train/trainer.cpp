@@ -623,7 +623,6 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
   int64_t saved_step = !ckpt.empty() && opt.resume != ckpt ? step : -1;
   auto save = [&] {
     saved_step = step;
-    hold(true);
     // Every rank's data position goes into the one checkpoint that rank 0 writes; with sharding
     // every rank writes its optimizer shard into the folder first.
     std::vector<nlohmann::json> data;
@@ -637,18 +636,22 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
                               r.offsets);
       dist.barrier();
     }
+    // A sharded model is written from a copy on rank 0's host, gathered a layer at a time.
+    std::vector<std::optional<Transformer>> copies;
+    for (auto& r : modules) copies.push_back(r.sharded_model ? r.sharded_model->host_copy() : std::nullopt);
     if (main_rank) {
       std::vector<CheckpointModule> saved_modules;
       CheckpointState state{step, dist.world_size(), {}, std::move(data)};
-      for (const auto& r : modules) {
-        saved_modules.push_back({r.module.name, r.module.model, r.module.params, r.whole_model,
-                                 sharded ? NamedParams() : r.optimizer->state(), r.module.tokenizer_dir});
+      for (size_t k = 0; k < modules.size(); ++k) {
+        const auto& r = modules[k];
+        saved_modules.push_back({r.module.name, copies[k] ? &*copies[k] : r.module.model, r.module.params,
+                                 r.whole_model, sharded ? NamedParams() : r.optimizer->state(),
+                                 r.module.tokenizer_dir});
         state.modules.push_back(r.module.name);
       }
       save_checkpoint(opt.output_dir, saved_modules, state, opt.keep_last);
     }
     dist.barrier();
-    hold(false);
   };
 
   // A real signal at a chosen step (SIGKILL, or ALIGNER_KILL_SIGNAL=TERM or INT), so that tests can
@@ -797,11 +800,14 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
         "skipped?)",
         opt.global_batch_size);
   if (opt.val_interval <= 0 || step % opt.val_interval != 0) validate(step);
-  hold(true);
+  std::vector<std::optional<Transformer>> copies;
+  for (auto& r : modules)
+    copies.push_back(r.sharded_model && r.module.export_final ? r.sharded_model->host_copy() : std::nullopt);
   if (main_rank) {
     int64_t exported = 0;
     for (const auto& r : modules) exported += r.module.export_final;
-    for (const auto& r : modules) {
+    for (size_t k = 0; k < modules.size(); ++k) {
+      const auto& r = modules[k];
       if (!r.module.export_final) continue;
       fs::path dir = fs::path(opt.output_dir) / "final";
       if (exported > 1) dir /= r.module.name;
@@ -810,6 +816,8 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
       if (mod.lora.rank > 0 && !mod.merge_on_save)
         save_peft_adapter(*mod.model, mod.lora, dir.string(), mod.tokenizer_dir, mod.tokenizer_dir,
                           Replace::anything);
+      else if (copies[k])
+        save_transformer(*copies[k], dir.string(), std::nullopt, 0, mod.tokenizer_dir, Replace::anything);
       else
         save_transformer(mod.lora.rank > 0 ? merged_copy(*mod.model) : *mod.model, dir.string(), std::nullopt,
                          0, mod.tokenizer_dir, Replace::anything);
@@ -817,7 +825,6 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
     }
   }
   dist.barrier();
-  hold(false);
 }
 
 }  // namespace aligner
