@@ -229,15 +229,24 @@ void ShardedModel::on_gradient(size_t p) {
 
 void ShardedModel::reduce(size_t u) {
   Unit& x = units_[u];
-  auto mine = at::empty({x.chunk}, x.grad_flat.options());
-  dist_.reduce_scatter_sum_async(x.grad_flat, mine).wait();
-  if (x.grad_shard.defined())
-    x.grad_shard.add_(mine);
-  else
-    x.grad_shard = mine;
+  Reduction r{u, x.grad_flat, at::empty({x.chunk}, x.grad_flat.options()), Work()};
+  r.work = dist_.reduce_scatter_sum_async(r.flat, r.mine);
+  reducing_.push_back(std::move(r));
   x.grad_flat = at::Tensor();
   x.received = 0;
   release_unit(u);
+  while (reducing_.size() > 1) finish_reduction();
+}
+
+void ShardedModel::finish_reduction() {
+  Reduction& r = reducing_.front();
+  r.work.wait();
+  Unit& x = units_[r.unit];
+  if (x.grad_shard.defined())
+    x.grad_shard.add_(r.mine);
+  else
+    x.grad_shard = r.mine;
+  reducing_.pop_front();
 }
 
 std::vector<at::Tensor> ShardedModel::sync_gradients() {
@@ -247,8 +256,10 @@ std::vector<at::Tensor> ShardedModel::sync_gradients() {
     if (x.params.empty()) continue;
     // Weights without a gradient in the last backward count zeros (every rank the same ones).
     if (x.received > 0) reduce(u);
-    if (!x.grad_shard.defined()) x.grad_shard = at::zeros({x.chunk}, x.shard.options());
   }
+  while (!reducing_.empty()) finish_reduction();
+  for (auto& x : units_)
+    if (!x.params.empty() && !x.grad_shard.defined()) x.grad_shard = at::zeros({x.chunk}, x.shard.options());
   std::vector<at::Tensor> out;
   for (size_t i = 0; i < pieces_.size(); ++i) {
     const auto [u, at] = piece_at_[i];

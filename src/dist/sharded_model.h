@@ -11,6 +11,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <deque>
 #include <memory>
 #include <optional>
 #include <string>
@@ -86,6 +87,7 @@ class ShardedModel : public LayerHooks {
   void finish_gather(size_t unit);
   void release_unit(size_t unit);
   void reduce(size_t unit);
+  void finish_reduction();
 
   Dist& dist_;
   Transformer& model_;
@@ -97,6 +99,14 @@ class ShardedModel : public LayerHooks {
   size_t head_ = 0, embed_ = 0;    // their indices; embed_ == head_ when the embeddings are tied
   std::vector<Piece> pieces_;
   std::vector<std::pair<size_t, int64_t>> piece_at_;  // per piece: unit, offset into its shard
+  // Reduce-scatters under way, oldest first: each is waited on (and added into its unit's summed
+  // gradient) only once the next has started, so that it overlaps the backward pass.
+  struct Reduction {
+    size_t unit;
+    at::Tensor flat, mine;
+    Work work;
+  };
+  std::deque<Reduction> reducing_;
   std::vector<std::shared_ptr<torch::autograd::Node>> accumulators_;
   std::vector<uintptr_t> hook_keys_;
   bool held_ = false;
