@@ -8,6 +8,7 @@
 #include <map>
 
 #include "io/safetensors.h"
+#include "online_fixtures.h"
 #include "run_outputs.h"
 #include "test_util.h"
 #include "train/checkpoint.h"
@@ -99,17 +100,23 @@ TEST(Sharding, EveryStageOnTwoRanksTrainsAsOneRankDpo) {
   fs::remove_all(out);
 }
 
-// The adapters are what is sharded; the frozen base stays whole on every rank.
+// Sharding the adapters' optimizer state and gradients (the frozen base whole on every rank), and
+// sharding everything (the base too, gathered a layer at a time; with and without checkpointing).
 TEST(Sharding, LoraAdaptersShardedTrainAsOneRank) {
   const auto out = temp_dir("shard_lora");
   const std::string lora = "lora.rank=4 lora.alpha=8 ";
   const auto one = run_aligner(sft_args(out / "one", lora));
   ASSERT_EQ(one.status, 0) << one.output;
-  const auto r = two_ranks(sft_args(out / "two", lora + "trainer.sharding=gradients"));
-  if (no_gloo(r)) GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
-  ASSERT_EQ(r.status, 0) << r.output;
-  expect_same_losses(out / "one", out / "two", 1e-6);
-  expect_same_adapters(out / "one" / "final", out / "two" / "final", 1e-6);
+  int port = 0;
+  for (const std::string extra : {"trainer.sharding=gradients", "trainer.sharding=full",
+                                  "trainer.sharding=full model.activation_checkpointing=true"}) {
+    const fs::path dir = out / std::to_string(port);
+    const auto r = two_ranks(sft_args(dir, lora + extra), "", port++);
+    if (no_gloo(r)) GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
+    ASSERT_EQ(r.status, 0) << r.output;
+    expect_same_losses(out / "one", dir, 1e-6);
+    expect_same_adapters(out / "one" / "final", dir / "final", 1e-6);
+  }
   fs::remove_all(out);
 }
 
@@ -180,16 +187,46 @@ TEST(Sharding, ResumeOnAnotherNumberOfRanksReshards) {
   fs::remove_all(out);
 }
 
-TEST(Sharding, UnknownStageAndFullShardingOfAdaptersAreErrors) {
+// LoRA under full sharding where the reference is the base with the adapters off (DPO) and where
+// a rollout generates from the gathered model and a LoRA critic trains beside it (PPO).
+TEST(Sharding, FullShardingWithAdaptersAndReferences) {
+  const auto out = temp_dir("shard_online");
+  const std::string dpo_lora = "lora.rank=4 lora.alpha=8";
+  const auto one = run_aligner(dpo_args(out / "dpo_one", dpo_lora));
+  ASSERT_EQ(one.status, 0) << one.output;
+  const auto two = two_ranks(dpo_args(out / "dpo_two", dpo_lora + " trainer.sharding=full"));
+  if (no_gloo(two)) GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
+  ASSERT_EQ(two.status, 0) << two.output;
+  expect_same_losses(out / "dpo_one", out / "dpo_two", 1e-6);
+  expect_same_adapters(out / "dpo_one" / "final", out / "dpo_two" / "final", 1e-6);
+
+  const std::string ppo =
+      online_args("ppo actor.path=" + tiny_model(), out / "ppo_one") +
+      " rollout.prompts_per_step=4 rollout.samples_per_prompt=2 trainer.micro_batch_size=2 "
+      "trainer.max_steps=2 gen.greedy=true lora.rank=4 lora.critic=true";
+  const auto ppo_one = run_aligner(ppo);
+  ASSERT_EQ(ppo_one.status, 0) << ppo_one.output;
+  std::string ppo_two = ppo + " trainer.sharding=full";
+  ppo_two.replace(ppo_two.find((out / "ppo_one").string()), (out / "ppo_one").string().size(),
+                  (out / "ppo_two").string());
+  const auto r = two_ranks(ppo_two, "", 1);
+  ASSERT_EQ(r.status, 0) << r.output;
+  const auto a = metrics(out / "ppo_one"), b = metrics(out / "ppo_two");
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i)
+    for (const char* key : {"loss", "reward_mean", "value_loss"})
+      EXPECT_NEAR(a[i][key].get<double>(), b[i][key].get<double>(),
+                  1e-4 * (1 + std::abs(a[i][key].get<double>())))
+          << i << " " << key;
+  for (const char* m : {"actor", "critic"})
+    expect_same_adapters(out / "ppo_one" / "final" / m, out / "ppo_two" / "final" / m, 1e-5);
+  fs::remove_all(out);
+}
+
+TEST(Sharding, UnknownStageIsAnErrorNamingTheKey) {
   const auto r = run_aligner(sft_args(temp_dir("shard_bad") / "o", "trainer.sharding=full3"));
   EXPECT_NE(r.status, 0);
   EXPECT_NE(r.output.find("trainer.sharding"), std::string::npos) << r.output;
-  const auto lora = two_ranks(sft_args(temp_dir("shard_bad") / "l", "lora.rank=4 trainer.sharding=full"));
-  if (no_gloo(lora)) GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
-  EXPECT_NE(lora.status, 0);
-  EXPECT_NE(lora.output.find("trainer.sharding=full shards whole models, and module 'model' trains adapters"),
-            std::string::npos)
-      << lora.output;
 }
 
 // The weights a rank keeps under full sharding, as it reports them: its half of every unit plus

@@ -8,8 +8,10 @@
 
 #include <map>
 #include <set>
+#include <tuple>
 
 #include "core/error.h"
+#include "model/lora.h"
 
 namespace aligner::dist {
 namespace {
@@ -46,6 +48,22 @@ struct GatherInBackward : torch::autograd::Function<GatherInBackward> {
   }
 };
 
+// The identity on a layer's input, whose backward runs once the layer's has: the layer's weights
+// are freed again.
+struct ReleaseInBackward : torch::autograd::Function<ReleaseInBackward> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& in,
+                            c10::intrusive_ptr<UnitRef> ref) {
+    ctx->saved_data["unit"] = c10::IValue::make_capsule(ref);
+    return in;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto ref = c10::static_intrusive_pointer_cast<UnitRef>(ctx->saved_data["unit"].toCapsule());
+    ref->owner->release_group(ref->unit);
+    return {grads[0], at::Tensor()};
+  }
+};
+
 // Runs once a parameter's gradient has been accumulated into .grad.
 struct AfterAccumulate : torch::autograd::FunctionPostHook {
   AfterAccumulate(ShardedModel* owner, size_t param) : owner(owner), param(param) {}
@@ -73,33 +91,41 @@ ShardedModel::ShardedModel(Dist& dist, Transformer& m) : dist_(dist), model_(m) 
   const bool tied = m.lm_head.weight.defined() && m.lm_head.weight.is_same(m.embed);
   head_ = size_t(L);
   embed_ = tied ? head_ : head_ + 1;
-  units_.resize(size_t(L) + 2);
+  groups_.resize(size_t(L) + 2);
+  group_trains_.assign(groups_.size(), false);
+  auto all = named_parameters(m);
+  for (auto& p : adapter_parameters(m)) all.push_back(std::move(p));
   std::set<const void*> seen;
-  for (const auto& [name, t] : named_parameters(m)) {
-    if (!t.requires_grad() || !seen.insert(t.unsafeGetTensorImpl()).second) continue;
-    if (!params_.empty() && t.scalar_type() != params_.front().scalar_type())
-      fail(
-          "trainer.sharding=full: '{}' is {}, other weights {}: the model's trained weights must share one "
-          "dtype",
-          name, c10::toString(t.scalar_type()), c10::toString(params_.front().scalar_type()));
+  std::map<std::tuple<size_t, at::ScalarType, bool>, size_t> unit_at;
+  for (const auto& [name, t] : all) {
+    if (!seen.insert(t.unsafeGetTensorImpl()).second) continue;
     if (!t.is_contiguous()) fail("trainer.sharding=full: '{}' is not contiguous", name);
     const int64_t layer = layer_of(name);
-    const size_t u = layer >= 0 ? size_t(layer) : starts_with(name, "model.embed_tokens.") ? embed_ : head_;
-    Unit& x = units_[u];
+    const size_t group = layer >= 0                                 ? size_t(layer)
+                         : starts_with(name, "model.embed_tokens.") ? embed_
+                                                                    : head_;
+    const auto key = std::make_tuple(group, t.scalar_type(), t.requires_grad());
+    auto it = unit_at.find(key);
+    if (it == unit_at.end()) {
+      it = unit_at.emplace(key, units_.size()).first;
+      groups_[group].push_back(units_.size());
+      units_.emplace_back();
+    }
+    Unit& x = units_[it->second];
     x.params.push_back(params_.size());
     x.starts.push_back(x.numel);
-    unit_of_.push_back(u);
+    x.trainable += t.requires_grad();
+    group_trains_[group] = group_trains_[group] || t.requires_grad();
+    unit_of_.push_back(it->second);
     start_of_.push_back(x.numel);
     x.numel += t.numel();
     names_.push_back(name);
     params_.push_back(t);
   }
-  if (params_.empty()) fail("trainer.sharding=full: the model has no weights to train");
 
   at::NoGradGuard no_grad;
   for (size_t u = 0; u < units_.size(); ++u) {
     Unit& x = units_[u];
-    if (x.params.empty()) continue;
     std::vector<at::Tensor> members;
     for (size_t p : x.params) members.push_back(params_[p]);
     dist.broadcast(members);  // every rank starts from rank 0's values
@@ -119,6 +145,7 @@ ShardedModel::ShardedModel(Dist& dist, Transformer& m) : dist_(dist), model_(m) 
     x.shard = flat.narrow(0, rank * x.chunk, x.chunk).clone();
     x.gathered = true;
     release_unit(u);
+    if (x.trainable == 0) continue;
     // This rank's chunk, cut along the parameters it overlaps.
     const int64_t begin = rank * x.chunk, end = std::min(begin + x.chunk, x.numel);
     for (size_t j = 0; j < x.params.size(); ++j) {
@@ -131,6 +158,7 @@ ShardedModel::ShardedModel(Dist& dist, Transformer& m) : dist_(dist), model_(m) 
     }
   }
   for (size_t p = 0; p < params_.size(); ++p) {
+    if (!params_[p].requires_grad()) continue;
     accumulators_.push_back(torch::autograd::impl::grad_accumulator(params_[p]));
     hook_keys_.push_back(accumulators_.back()->add_post_hook(std::make_unique<AfterAccumulate>(this, p)));
   }
@@ -175,32 +203,56 @@ void ShardedModel::release_unit(size_t u) {
   x.gathered = false;
 }
 
-void ShardedModel::gather(size_t u) {
+void ShardedModel::start_group(size_t g) {
+  if (g < groups_.size())
+    for (size_t u : groups_[g]) start_gather(u);
+}
+
+void ShardedModel::finish_group(size_t g) {
+  for (size_t u : groups_[g]) finish_gather(u);
+}
+
+void ShardedModel::release_group(size_t g) {
   at::NoGradGuard no_grad;
-  finish_gather(u);
-  if (u > 0 && u < head_) start_gather(u - 1);
+  for (size_t u : groups_[g]) release_unit(u);
+}
+
+void ShardedModel::gather(size_t g) {
+  at::NoGradGuard no_grad;
+  finish_group(g);
+  if (g > 0 && g < head_) start_group(g - 1);
 }
 
 void ShardedModel::before_forward() {
   at::NoGradGuard no_grad;
-  finish_gather(embed_);
-  start_gather(0);
+  finish_group(embed_);
+  start_group(0);
 }
 
 void ShardedModel::after_embedding() {
   at::NoGradGuard no_grad;
-  if (embed_ != head_) release_unit(embed_);
+  if (embed_ != head_) release_group(embed_);
 }
 
-void ShardedModel::before_layer(int64_t layer) {
-  at::NoGradGuard no_grad;
-  finish_gather(size_t(layer));
-  start_gather(size_t(layer) + 1);  // the next layer, or after the last the head
+at::Tensor ShardedModel::before_layer(int64_t layer, const at::Tensor& in) {
+  {
+    at::NoGradGuard no_grad;
+    finish_group(size_t(layer));
+    start_group(size_t(layer) + 1);  // the next layer, or after the last the head
+  }
+  if (!at::GradMode::is_enabled() || (!in.requires_grad() && !group_trains_[size_t(layer)])) return in;
+  // A layer that trains after frozen ones (adapters on frozen embeddings): its input asks for a
+  // gradient, so that the release below runs.
+  const at::Tensor x = in.requires_grad() ? in : in.detach().requires_grad_(true);
+  auto ref = c10::make_intrusive<UnitRef>();
+  ref->owner = this;
+  ref->unit = size_t(layer);
+  return ReleaseInBackward::apply(x, ref);
 }
 
 void ShardedModel::before_head() {
   at::NoGradGuard no_grad;
-  finish_gather(head_);
+  finish_group(head_);
 }
 
 at::Tensor ShardedModel::after_layer(int64_t layer, const at::Tensor& out) {
@@ -212,7 +264,7 @@ at::Tensor ShardedModel::after_layer(int64_t layer, const at::Tensor& out) {
     y = GatherInBackward::apply(out, ref);
   }
   at::NoGradGuard no_grad;
-  release_unit(size_t(layer));
+  release_group(size_t(layer));
   return y;
 }
 
@@ -224,7 +276,7 @@ void ShardedModel::on_gradient(size_t p) {
   if (!x.grad_flat.defined()) x.grad_flat = at::zeros({x.chunk * dist_.world_size()}, x.shard.options());
   x.grad_flat.narrow(0, start_of_[p], g.numel()).copy_(g.reshape({-1}));
   g = at::Tensor();
-  if (++x.received == x.params.size()) reduce(unit_of_[p]);
+  if (++x.received == x.trainable) reduce(unit_of_[p]);
 }
 
 void ShardedModel::reduce(size_t u) {
@@ -251,15 +303,12 @@ void ShardedModel::finish_reduction() {
 
 std::vector<at::Tensor> ShardedModel::sync_gradients() {
   at::NoGradGuard no_grad;
-  for (size_t u = 0; u < units_.size(); ++u) {
-    Unit& x = units_[u];
-    if (x.params.empty()) continue;
-    // Weights without a gradient in the last backward count zeros (every rank the same ones).
-    if (x.received > 0) reduce(u);
-  }
+  // Weights without a gradient in the last backward count zeros (every rank the same ones).
+  for (size_t u = 0; u < units_.size(); ++u)
+    if (units_[u].received > 0) reduce(u);
   while (!reducing_.empty()) finish_reduction();
   for (auto& x : units_)
-    if (!x.params.empty() && !x.grad_shard.defined()) x.grad_shard = at::zeros({x.chunk}, x.shard.options());
+    if (x.trainable > 0 && !x.grad_shard.defined()) x.grad_shard = at::zeros({x.chunk}, x.shard.options());
   std::vector<at::Tensor> out;
   for (size_t i = 0; i < pieces_.size(); ++i) {
     const auto [u, at] = piece_at_[i];
@@ -292,20 +341,26 @@ void ShardedModel::release() {
 std::optional<Transformer> ShardedModel::host_copy(int root) {
   at::NoGradGuard no_grad;
   std::optional<Transformer> host;
-  std::map<std::string, at::Tensor> to;
+  std::map<std::string, at::Tensor*> to;
   if (dist_.rank() == root) {
-    host = allocate_transformer(model_.cfg, at::TensorOptions().dtype(params_.front().scalar_type()));
-    for (const auto& [name, t] : named_parameters(*host)) to.emplace(name, t);
-    // What is not sharded (frozen weights) is whole on every rank.
-    std::set<std::string> sharded(names_.begin(), names_.end());
-    for (const auto& [name, t] : named_parameters(model_))
-      if (!sharded.count(name)) to.at(name).copy_(t);
+    // The model's fields, each given a host tensor of its own, filled below unit by unit (every
+    // weight is in one).
+    host = model_;
+    host->hooks = nullptr;
+    auto slots = parameter_slots(*host);
+    for (auto& s : adapter_slots(*host)) slots.push_back(s);
+    for (auto& [name, slot] : slots) {
+      *slot = at::empty(slot->sizes(), slot->options().device(at::kCPU).requires_grad(false));
+      to.emplace(name, slot);
+    }
+    if (model_.lm_head.weight.defined() && model_.lm_head.weight.is_same(model_.embed))
+      host->lm_head.weight = host->embed;
   }
   for (size_t u = 0; u < units_.size(); ++u) {
     const bool was = units_[u].gathered;
     finish_gather(u);
     if (host)
-      for (size_t p : units_[u].params) to.at(names_[p]).copy_(params_[p]);
+      for (size_t p : units_[u].params) to.at(names_[p])->copy_(params_[p]);
     if (!was) release_unit(u);
   }
   return host;

@@ -28,14 +28,15 @@ namespace aligner::dist {
 
 class ShardedModel : public LayerHooks {
  public:
-  // Shards every parameter of `m` that requires a gradient; all must share one floating dtype and
-  // start equal on every rank (rank 0's are broadcast first). Installs itself as m.hooks.
+  // Shards every weight of `m` and its adapters, in units of one layer (or the head, or the
+  // embeddings), one dtype, trained or frozen; rank 0's values are broadcast first. Installs itself
+  // as m.hooks.
   static std::shared_ptr<ShardedModel> shard(Dist& dist, Transformer& m);
   ~ShardedModel() override;
 
   void before_forward() override;
   void after_embedding() override;
-  void before_layer(int64_t layer) override;
+  at::Tensor before_layer(int64_t layer, const at::Tensor& in) override;
   at::Tensor after_layer(int64_t layer, const at::Tensor& out) override;
   void before_head() override;
 
@@ -64,7 +65,8 @@ class ShardedModel : public LayerHooks {
   int64_t largest_unit_bytes() const;
 
   // Internal: the backward pass's entry points.
-  void gather(size_t unit);
+  void gather(size_t group);
+  void release_group(size_t group);
   void on_gradient(size_t param);
 
  private:
@@ -76,6 +78,7 @@ class ShardedModel : public LayerHooks {
     at::Tensor shard;       // [chunk]: this rank's part, persistent
     at::Tensor grad_flat;   // [chunk x world] while gradients arrive
     at::Tensor grad_shard;  // [chunk]: summed over micro-batches and ranks
+    size_t trainable = 0;   // its parameters train (all of them, or none)
     size_t received = 0;    // parameters whose gradient has arrived in this backward
     bool gathered = false;  // the storage holds bytes (the values once `pending` is waited on)
     bool waiting = false;   // `pending` not yet waited on
@@ -86,6 +89,9 @@ class ShardedModel : public LayerHooks {
   void start_gather(size_t unit);
   void finish_gather(size_t unit);
   void release_unit(size_t unit);
+  // The same for every unit of a group.
+  void start_group(size_t group);
+  void finish_group(size_t group);
   void reduce(size_t unit);
   void finish_reduction();
 
@@ -95,8 +101,11 @@ class ShardedModel : public LayerHooks {
   std::vector<at::Tensor> params_;
   std::vector<size_t> unit_of_;    // per parameter
   std::vector<int64_t> start_of_;  // per parameter: its first element in its unit
-  std::vector<Unit> units_;        // layers 0 .. L-1, the head, the embeddings
-  size_t head_ = 0, embed_ = 0;    // their indices; embed_ == head_ when the embeddings are tied
+  std::vector<Unit> units_;
+  // Per group (layers 0 .. L-1, the head, the embeddings) its units.
+  std::vector<std::vector<size_t>> groups_;
+  std::vector<bool> group_trains_;  // per group: one of its units trains
+  size_t head_ = 0, embed_ = 0;     // their groups; embed_ == head_ when the embeddings are tied
   std::vector<Piece> pieces_;
   std::vector<std::pair<size_t, int64_t>> piece_at_;  // per piece: unit, offset into its shard
   // Reduce-scatters under way, oldest first: each is waited on (and added into its unit's summed

@@ -98,6 +98,16 @@ std::vector<std::pair<std::string, at::Tensor>> adapter_parameters(const Transfo
   return out;
 }
 
+std::vector<std::pair<std::string, at::Tensor*>> adapter_slots(Transformer& m) {
+  std::vector<std::pair<std::string, at::Tensor*>> out;
+  for_each_linear(m, [&](const std::string& name, Linear& l) {
+    if (!l.lora.a.defined()) return;
+    out.emplace_back(name + ".lora_A.weight", &l.lora.a);
+    out.emplace_back(name + ".lora_B.weight", &l.lora.b);
+  });
+  return out;
+}
+
 Transformer without_adapters(const Transformer& m) {
   Transformer base = m;
   for_each_linear(base, [](const std::string&, Linear& l) { l.lora = Lora{}; });

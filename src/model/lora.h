@@ -40,6 +40,8 @@ LoraConfig adapter_config(const Transformer& m);
 // The adapters' tensors under PEFT's module names without its prefix:
 // "model.layers.0.self_attn.q_proj.lora_A.weight", "...lora_B.weight"; in layer order.
 std::vector<std::pair<std::string, at::Tensor>> adapter_parameters(const Transformer& m);
+// The same, as the fields that hold them.
+std::vector<std::pair<std::string, at::Tensor*>> adapter_slots(Transformer& m);
 // The projections of `m` as (module name, Linear), e.g. ("model.layers.0.mlp.up_proj", up), in
 // layer order; the name's last part is the projection's kLoraTargets entry.
 std::vector<std::pair<std::string, Linear*>> layer_linears(Transformer& m);

@@ -330,7 +330,7 @@ at::Tensor forward_hidden(const Transformer& m, const ForwardInput& in) {
   for (int64_t i = 0; i < c.num_layers; ++i) {
     const Block& b = m.layers[i];
     const auto& mask = masks[c.window[i]];
-    if (m.hooks) m.hooks->before_layer(i);
+    if (m.hooks) x = m.hooks->before_layer(i, x);
     if (checkpoint) {
       // A checkpointed layer's backward, which gives its weights their gradients, runs only if its
       // output needs one; when nothing before it trains (frozen embeddings, adapters only) its input
@@ -486,42 +486,59 @@ Transformer init_transformer(const ModelConfig& cfg, at::Device device, uint64_t
   return m;
 }
 
-std::vector<std::pair<std::string, at::Tensor>> named_parameters(const Transformer& m) {
-  std::vector<std::pair<std::string, at::Tensor>> out;
-  auto add_linear = [&](const std::string& name, const Linear& l) {
-    out.emplace_back(name + ".weight", l.weight);
-    if (l.bias.defined()) out.emplace_back(name + ".bias", l.bias);
+namespace {
+
+// Every parameter of m (a Transformer, const or not) as f(Hugging Face name, its tensor).
+template <class M, class F>
+void visit_parameters(M& m, F&& f) {
+  const auto weight_and_bias = [&](const std::string& name, auto& weight, auto& bias) {
+    f(name + ".weight", weight);
+    if (bias.defined()) f(name + ".bias", bias);
   };
-  out.emplace_back("model.embed_tokens.weight", m.embed);
+  const auto linear = [&](const std::string& name, auto& l) { weight_and_bias(name, l.weight, l.bias); };
+  f("model.embed_tokens.weight", m.embed);
   for (size_t i = 0; i < m.layers.size(); ++i) {
-    const Block& b = m.layers[i];
+    auto& b = m.layers[i];
     const std::string p = fmt::format("model.layers.{}.", i);
-    add_linear(p + "input_layernorm", Linear{b.input_norm, b.input_norm_bias});
-    add_linear(p + "self_attn.q_proj", b.q);
-    add_linear(p + "self_attn.k_proj", b.k);
-    add_linear(p + "self_attn.v_proj", b.v);
-    add_linear(p + "self_attn.o_proj", b.o);
+    weight_and_bias(p + "input_layernorm", b.input_norm, b.input_norm_bias);
+    linear(p + "self_attn.q_proj", b.q);
+    linear(p + "self_attn.k_proj", b.k);
+    linear(p + "self_attn.v_proj", b.v);
+    linear(p + "self_attn.o_proj", b.o);
     if (b.q_norm.defined()) {
-      out.emplace_back(p + "self_attn.q_norm.weight", b.q_norm);
-      out.emplace_back(p + "self_attn.k_norm.weight", b.k_norm);
+      f(p + "self_attn.q_norm.weight", b.q_norm);
+      f(p + "self_attn.k_norm.weight", b.k_norm);
     }
-    add_linear(p + "post_attention_layernorm", Linear{b.post_attention_norm, b.post_attention_norm_bias});
+    weight_and_bias(p + "post_attention_layernorm", b.post_attention_norm, b.post_attention_norm_bias);
     if (b.moe.router.weight.defined()) {
-      add_linear(p + "block_sparse_moe.gate", b.moe.router);
-      out.emplace_back(p + "block_sparse_moe.experts.w1", b.moe.gate);
-      out.emplace_back(p + "block_sparse_moe.experts.w2", b.moe.down);
-      out.emplace_back(p + "block_sparse_moe.experts.w3", b.moe.up);
+      linear(p + "block_sparse_moe.gate", b.moe.router);
+      f(p + "block_sparse_moe.experts.w1", b.moe.gate);
+      f(p + "block_sparse_moe.experts.w2", b.moe.down);
+      f(p + "block_sparse_moe.experts.w3", b.moe.up);
       continue;
     }
-    if (b.gate.weight.defined()) add_linear(p + "mlp.gate_proj", b.gate);
-    add_linear(p + "mlp.up_proj", b.up);
-    add_linear(p + "mlp.down_proj", b.down);
+    if (b.gate.weight.defined()) linear(p + "mlp.gate_proj", b.gate);
+    linear(p + "mlp.up_proj", b.up);
+    linear(p + "mlp.down_proj", b.down);
   }
-  add_linear("model.norm", Linear{m.norm, m.norm_bias});
+  weight_and_bias("model.norm", m.norm, m.norm_bias);
   if (m.cfg.num_labels > 0)
-    add_linear("score", m.score);
+    linear("score", m.score);
   else if (!m.cfg.tie_word_embeddings)
-    add_linear("lm_head", m.lm_head);
+    linear("lm_head", m.lm_head);
+}
+
+}  // namespace
+
+std::vector<std::pair<std::string, at::Tensor>> named_parameters(const Transformer& m) {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  visit_parameters(m, [&](const std::string& name, const at::Tensor& t) { out.emplace_back(name, t); });
+  return out;
+}
+
+std::vector<std::pair<std::string, at::Tensor*>> parameter_slots(Transformer& m) {
+  std::vector<std::pair<std::string, at::Tensor*>> out;
+  visit_parameters(m, [&](const std::string& name, at::Tensor& t) { out.emplace_back(name, &t); });
   return out;
 }
 

@@ -37,7 +37,8 @@ struct LayerHooks {
   virtual ~LayerHooks() = default;
   virtual void before_forward() = 0;  // before the embedding lookup
   virtual void after_embedding() = 0;
-  virtual void before_layer(int64_t layer) = 0;
+  // The layer's input, through whatever runs once its backward pass is done.
+  virtual at::Tensor before_layer(int64_t layer, const at::Tensor& in) = 0;
   // The layer's output, through whatever its backward pass needs first.
   virtual at::Tensor after_layer(int64_t layer, const at::Tensor& out) = 0;
   virtual void before_head() = 0;  // before the final norm (and the heads that read its output)
@@ -103,6 +104,8 @@ at::Tensor sequence_scores(const Transformer& m, const at::Tensor& hidden, const
 // A mixture of experts lists each stacked expert weight once, as "...block_sparse_moe.experts.w1"
 // [experts, ...]: a tensor that trains as a whole.
 std::vector<std::pair<std::string, at::Tensor>> named_parameters(const Transformer& m);
+// The same, as the fields that hold them (to put other tensors in their place).
+std::vector<std::pair<std::string, at::Tensor*>> parameter_slots(Transformer& m);
 // The tensors of a Hugging Face checkpoint: named_parameters with each expert stack split into
 // per-expert views named as Mixtral's checkpoints name them ("...experts.3.w1.weight").
 std::vector<std::pair<std::string, at::Tensor>> checkpoint_tensors(const Transformer& m);

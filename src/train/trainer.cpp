@@ -523,13 +523,19 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
         dist, leaves, dist::DataParallelOptions{25 << 20, dist::GradReduction::kSum, opt.sharding});
     ddp->broadcast_parameters();
   }
+  // Full sharding: each module's model on its own (weights shared between models, as a LoRA critic
+  // on the actor's base, would be sharded twice).
+  std::map<const void*, std::string> sharded_by;
   for (auto& r : modules) {
     if (!full) break;
-    if (!r.whole_model)
-      fail(
-          "trainer.sharding=full shards whole models, and module '{}' trains {} of its model; use "
-          "trainer.sharding=gradients",
-          r.module.name, r.module.lora.rank > 0 ? "adapters" : "a part");
+    for (const auto& [name, t] : model_parameters(*r.module.model)) {
+      const auto [at, fresh] = sharded_by.emplace(t.unsafeGetTensorImpl(), r.module.name);
+      if (!fresh)
+        fail(
+            "trainer.sharding=full shards each trained model on its own, and modules '{}' and '{}' share the "
+            "weight '{}'; use trainer.sharding=gradients",
+            at->second, r.module.name, name);
+    }
     r.sharded_model = dist::ShardedModel::shard(dist, *r.module.model);
   }
 
@@ -644,7 +650,13 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
       CheckpointState state{step, dist.world_size(), {}, std::move(data)};
       for (size_t k = 0; k < modules.size(); ++k) {
         const auto& r = modules[k];
-        saved_modules.push_back({r.module.name, copies[k] ? &*copies[k] : r.module.model, r.module.params,
+        NamedParams params = r.module.params;
+        if (copies[k]) {
+          std::map<std::string, at::Tensor> host;
+          for (const auto& [name, t] : model_parameters(*copies[k])) host.emplace(name, t);
+          for (auto& [name, t] : params) t = host.at(name);
+        }
+        saved_modules.push_back({r.module.name, copies[k] ? &*copies[k] : r.module.model, params,
                                  r.whole_model, sharded ? NamedParams() : r.optimizer->state(),
                                  r.module.tokenizer_dir});
         state.modules.push_back(r.module.name);
@@ -813,14 +825,13 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
       if (exported > 1) dir /= r.module.name;
       // The run owns output_dir (it holds the lock): final/ is replaced whatever it holds.
       const auto& mod = r.module;
+      const Transformer& model = copies[k] ? *copies[k] : *mod.model;
       if (mod.lora.rank > 0 && !mod.merge_on_save)
-        save_peft_adapter(*mod.model, mod.lora, dir.string(), mod.tokenizer_dir, mod.tokenizer_dir,
+        save_peft_adapter(model, mod.lora, dir.string(), mod.tokenizer_dir, mod.tokenizer_dir,
                           Replace::anything);
-      else if (copies[k])
-        save_transformer(*copies[k], dir.string(), std::nullopt, 0, mod.tokenizer_dir, Replace::anything);
       else
-        save_transformer(mod.lora.rank > 0 ? merged_copy(*mod.model) : *mod.model, dir.string(), std::nullopt,
-                         0, mod.tokenizer_dir, Replace::anything);
+        save_transformer(mod.lora.rank > 0 ? merged_copy(model) : model, dir.string(), std::nullopt, 0,
+                         mod.tokenizer_dir, Replace::anything);
       log_info("wrote {} after {} steps", dir.string(), step);
     }
   }
