@@ -126,23 +126,23 @@ def main():
     data = os.path.join(folder, "data.jsonl")
     data_file(data)
     flops_per_token = 6 * n_params + 6 * CFG.num_hidden_layers * T * CFG.hidden_size
-    result = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(fsdp_worker, args=(folder, 29700, result), nprocs=2)
-    fsdp_s, fsdp_peak = result.get()
-    fsdp_tps = B * T / fsdp_s
-    rows = [("PyTorch FSDP2 (fully_shard, bf16 mixed precision)", fsdp_tps, fsdp_peak, "")]
-    for i, sharding in enumerate(STAGES):
-        tps, peak, memory = ours(build, folder, data, sharding, 29710 + i)
-        rows.append((f"aligner trainer.sharding={sharding}", tps, peak, memory))
     print(f"\nSFT, {'Llama-3-8B shape' if BIG else '1.1B Llama'} ({n_params / 1e9:.1f}B parameters besides the "
           f"embeddings), 2 x {torch.cuda.get_device_name()}, {B} x {T} tokens per GPU per step, "
           f"torch {torch.__version__}")
     print("| impl | tokens/s per GPU | MFU | peak GB per GPU | vs FSDP2 |")
-    print("|---|---|---|---|---|")
-    for name, tps, peak, _ in rows:
-        print(f"| {name} | {tps:,.0f} | {tps * flops_per_token / PEAK:.1%} | {peak:.1f} | {tps / fsdp_tps:.2f}x |")
-    for name, _, _, memory in rows[1:]:
-        print(f"{name}: {memory}")
+    print("|---|---|---|---|---|", flush=True)
+    result = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(fsdp_worker, args=(folder, 29700, result), nprocs=2)
+    fsdp_s, fsdp_peak = result.get()
+    fsdp_tps = B * T / fsdp_s
+    # Each row as soon as it is measured, so that a run cut short still says what it found.
+    row = lambda name, tps, peak: print(f"| {name} | {tps:,.0f} | {tps * flops_per_token / PEAK:.1%} | {peak:.1f} | "
+                                        f"{tps / fsdp_tps:.2f}x |", flush=True)
+    row("PyTorch FSDP2 (fully_shard, bf16 mixed precision)", fsdp_tps, fsdp_peak)
+    for i, sharding in enumerate(STAGES):
+        tps, peak, memory = ours(build, folder, data, sharding, 29710 + i)
+        row(f"aligner trainer.sharding={sharding}", tps, peak)
+        print(f"  ({memory})", flush=True)
 
 
 if __name__ == "__main__":
