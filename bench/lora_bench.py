@@ -22,27 +22,12 @@ import tempfile
 
 import torch
 from peft import LoraConfig, get_peft_model
-from tinyllama import CONFIG, make_model, time_steps
-from transformers import LlamaConfig, LlamaForCausalLM
+from tinyllama import CONFIG, LLAMA3_8B, make_8b, make_model, time_steps
 
 B, T, RANK = 8, 2048, 16
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# Llama 3 8B's shape (rope_theta left at its default: it does not change the work).
-LLAMA3_8B = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
-                        tie_word_embeddings=False)
 SHAPES = {"1.1B": (CONFIG, 2, 6), "8B": (LLAMA3_8B, 1, 3)}  # config, warm-up steps, timed steps
 DPO_PAIRS, DPO_T, DPO_PROMPT = 8, 1024, 256
-
-
-def make_8b():
-    """(random-weight Llama 3 8B shape, made in bf16 on the GPU, folder holding its weights)."""
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM._from_config(LLAMA3_8B, attn_implementation="sdpa", dtype=torch.bfloat16)
-    folder = tempfile.mkdtemp(prefix="llama3_8b_")
-    model.save_pretrained(folder)
-    return model, folder
 
 
 def free():

@@ -18,6 +18,7 @@ import time
 
 import torch
 import transformers
+from tinyllama import hf_sft_step
 from transformers import MixtralConfig, MixtralForCausalLM
 
 CONFIG = MixtralConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
@@ -58,18 +59,7 @@ def main():
     torch.cuda.empty_cache()
     model = MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cuda").train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
-    train_ids = ids[:TRAIN_B]
-
-    def train_step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=train_ids, labels=train_ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    train_s = timed(train_step, 2, 4)
+    train_s = timed(lambda: hf_sft_step(model, opt, ids[:TRAIN_B]), 2, 4)
     del model, opt
     torch.cuda.empty_cache()
     run = lambda *a: json.loads(subprocess.run([str(x) for x in a], check=True, capture_output=True,

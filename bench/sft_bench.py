@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import torch
-from tinyllama import CONFIG, make_model, time_steps
+from tinyllama import CONFIG, hf_sft_step, make_model, time_steps
 
 B, T, WARMUP, ITERS = 8, 2048, 2, 6
 PEAK = 989e12
@@ -31,16 +31,7 @@ def main():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
     ids = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
 
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    hf_s, hf_peak = time_steps(step, WARMUP, ITERS)
+    hf_s, hf_peak = time_steps(lambda: hf_sft_step(model, opt, ids), WARMUP, ITERS)
     del model, opt
     torch.cuda.empty_cache()
     out = subprocess.run([f"{build}/sft_bench", d, str(B), str(T), str(WARMUP), str(ITERS), "1" if ckpt else "0"],

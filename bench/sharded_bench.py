@@ -24,14 +24,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tinyllama import CONFIG, add_tokenizer, make_model  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from tinyllama import CONFIG, LLAMA3_8B, add_tokenizer, make_8b, make_model  # noqa: E402
 
-EIGHT_B = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
-                      rope_theta=500000.0, tie_word_embeddings=False)
 BIG = "--8b" in sys.argv
-CFG = EIGHT_B if BIG else CONFIG
+CFG = LLAMA3_8B if BIG else CONFIG
 B, T = (4, 4096) if BIG else (8, 2048)
 STEPS, WARMUP, PEAK = 8, 2, 989e12
 STAGES = ("full",) if BIG else ("none", "optimizer", "gradients", "full")
@@ -101,18 +97,12 @@ def ours(build, folder, data, sharding, port):
     return tokens / 2 / step_s, max(r["peak_memory_gb"] for r in rows), memory.split("] ")[-1]
 
 
-def make_8b():
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM._from_config(EIGHT_B, attn_implementation="sdpa", dtype=torch.bfloat16)
-    folder = tempfile.mkdtemp(prefix="llama8b_")
-    model.save_pretrained(folder)
-    # A tokenizer whose pieces the model's vocabulary covers.
+def add_bpe_tokenizer(folder):
+    """A tokenizer whose pieces the 8B shape's vocabulary covers."""
     tok = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "tokenizers",
                        "llama3-style-bpe6k")
     for f in os.listdir(tok):
         shutil.copy(os.path.join(tok, f), folder)
-    return model, folder
 
 
 def main():
@@ -121,8 +111,7 @@ def main():
     n_params = sum(p.numel() for p in model.parameters()) - CFG.vocab_size * CFG.hidden_size
     del model
     torch.cuda.empty_cache()
-    if not BIG:
-        add_tokenizer(folder)
+    add_bpe_tokenizer(folder) if BIG else add_tokenizer(folder)
     data = os.path.join(folder, "data.jsonl")
     data_file(data)
     flops_per_token = 6 * n_params + 6 * CFG.num_hidden_layers * T * CFG.hidden_size

@@ -27,6 +27,34 @@ def make_model(dtype):
     return model.to(dtype), folder
 
 
+# Llama 3 8B's shape (rope_theta left at its default: it does not change the work).
+LLAMA3_8B = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                        tie_word_embeddings=False)
+
+
+def make_8b():
+    """(random-weight Llama 3 8B shape, made in bf16 on the GPU, folder holding its weights)."""
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM._from_config(LLAMA3_8B, attn_implementation="sdpa", dtype=torch.bfloat16)
+    folder = tempfile.mkdtemp(prefix="llama3_8b_")
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def hf_sft_step(model, opt, ids):
+    """One SFT step as transformers' Trainer runs it with bf16=True: forward under bf16 autocast,
+    backward, global-norm clipping at 1.0, the optimizer's step; returns the loss."""
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def make_reward_model(dtype):
     """(reward model on the GPU in `dtype`, folder holding its weights in bf16): a random-weight
     LlamaForSequenceClassification of CONFIG's shape with one output. pad_token_id 0: transformers

@@ -12,6 +12,7 @@
 
 #include "data/packing.h"
 #include "io/hf_checkpoint.h"
+#include "run_outputs.h"
 #include "test_util.h"
 #include "text/tokenizer.h"
 
@@ -58,6 +59,27 @@ inline std::string online_args(const std::string& command, const std::filesystem
          " data.train=" + (online_prompts() / "train.jsonl").string() +
          " data.validation=" + (online_prompts() / "val.jsonl").string() +
          " model.device=cpu rollout.max_new_tokens=6 gen.top_k=20 trainer.seed=3 output_dir=" + out.string();
+}
+
+// An online command `args` (output_dir `one`) run again on two local ranks with trainer.sharding
+// `sharding`, into `two`, its rendezvous from port_base (run_aligner_on_two_ranks); then each of
+// `keys` of every step within 1e-4 (relative) of the one-rank run's. false: no Gloo, skip.
+inline bool expect_two_ranks_match_one(const std::string& args, const std::filesystem::path& one,
+                                       const std::filesystem::path& two, const std::string& sharding,
+                                       int port_base, const std::vector<std::string>& keys) {
+  std::string two_args = args + " trainer.sharding=" + sharding;
+  two_args.replace(two_args.find(one.string()), one.string().size(), two.string());
+  const auto r = run_aligner_on_two_ranks(two_args, port_base);
+  if (r.output.find("needs Gloo") != std::string::npos) return false;
+  EXPECT_EQ(r.status, 0) << r.output;
+  const auto a = metrics(one), b = metrics(two);
+  EXPECT_EQ(a.size(), b.size()) << two;
+  for (size_t i = 0; i < std::min(a.size(), b.size()); ++i)
+    for (const auto& key : keys)
+      EXPECT_NEAR(a[i][key].get<double>(), b[i][key].get<double>(),
+                  1e-4 * (1 + std::abs(a[i][key].get<double>())))
+          << sharding << " step " << i + 1 << " " << key;
+  return true;
 }
 
 // The train rows of a run whose reference is the base with the adapters (LoRA) off: no KL at the

@@ -74,11 +74,8 @@ class RewardModelTraining : public Algorithm {
   nlohmann::json state() const override { return {{"position", sampler_.position}}; }
   void load_state(const nlohmann::json& s) override { sampler_.position = s.at("position").get<int64_t>(); }
   std::optional<nlohmann::json> reshard_state(const std::vector<nlohmann::json>& saved) const override {
-    std::vector<int64_t> positions;
-    for (const auto& s : saved) positions.push_back(s.at("position").get<int64_t>());
-    const auto p = resharded_position(sampler_, positions);
-    if (!p) return std::nullopt;
-    return nlohmann::json{{"position", *p}};
+    const auto p = resharded_position(sampler_, saved);
+    return p ? std::optional<nlohmann::json>(nlohmann::json{{"position", *p}}) : std::nullopt;
   }
 
  protected:

@@ -150,12 +150,9 @@ class Sft final : public Algorithm {
   }
   // An example read but left for the next packed row belongs to its rank's shard: none may wait.
   std::optional<nlohmann::json> reshard_state(const std::vector<nlohmann::json>& saved) const override {
-    std::vector<int64_t> positions;
-    for (const auto& s : saved) {
+    for (const auto& s : saved)
       if (!s.at("pending").is_null()) return std::nullopt;
-      positions.push_back(s.at("position").get<int64_t>());
-    }
-    const auto p = resharded_position(sampler_, positions);
+    const auto p = resharded_position(sampler_, saved);
     if (!p) return std::nullopt;
     return nlohmann::json{{"position", *p}, {"pending", nullptr}};
   }

@@ -75,7 +75,9 @@ int64_t next_index(Sampler& s) {
   return index;
 }
 
-std::optional<int64_t> resharded_position(const Sampler& s, const std::vector<int64_t>& positions) {
+std::optional<int64_t> resharded_position(const Sampler& s, const std::vector<nlohmann::json>& saved) {
+  std::vector<int64_t> positions;
+  for (const auto& state : saved) positions.push_back(state.at("position").get<int64_t>());
   const int64_t old_world = int64_t(positions.size());
   if (positions.empty() || s.num_examples % old_world != 0 || s.num_examples % s.world != 0)
     return std::nullopt;

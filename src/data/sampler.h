@@ -1,6 +1,8 @@
 // The order examples are read in: a seeded shuffle per epoch, split across data-parallel ranks,
 // running on over epoch boundaries and resumable from a saved position.
 #pragma once
+#include <nlohmann/json.hpp>
+
 #include <cstdint>
 #include <optional>
 #include <vector>
@@ -32,10 +34,10 @@ int64_t current_epoch(const Sampler& s);
 std::vector<int64_t> epoch_order(const Sampler& s, int64_t epoch);
 // The index at `position`, then advances it.
 int64_t next_index(Sampler& s);
-// Where a rank of s.world ranks continues the order that positions.size() ranks had read up to
-// `positions` (a checkpoint resumed with another number of ranks): the same place in the one
-// shuffled order, exactly, when every rank had reached the same position and both numbers of ranks
-// divide the data set and the examples read; nullopt otherwise.
-std::optional<int64_t> resharded_position(const Sampler& s, const std::vector<int64_t>& positions);
+// Where a rank of s.world ranks continues the order that saved.size() ranks had read up to (their
+// data states, each with its "position": a checkpoint resumed with another number of ranks): the
+// same place in the one shuffled order, exactly, when every rank had reached the same position
+// and both numbers of ranks divide the data set and the examples read; nullopt otherwise.
+std::optional<int64_t> resharded_position(const Sampler& s, const std::vector<nlohmann::json>& saved);
 
 }  // namespace aligner
