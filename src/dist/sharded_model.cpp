@@ -338,6 +338,11 @@ void ShardedModel::release() {
   for (size_t u = 0; u < units_.size(); ++u) release_unit(u);
 }
 
+void ShardedModel::unshard() {
+  hold();
+  if (model_.hooks.get() == this) model_.hooks.reset();
+}
+
 std::optional<Transformer> ShardedModel::host_copy(int root) {
   at::NoGradGuard no_grad;
   std::optional<Transformer> host;

@@ -57,6 +57,8 @@ class ShardedModel : public LayerHooks {
   // Gathers the whole model and keeps it (generation), until release().
   void hold();
   void release();
+  // Gathers the whole model for good and takes the hooks off it: its weights are its own again.
+  void unshard();
   // The whole model in host memory on rank `root` (nullopt elsewhere), gathered one unit at a time,
   // for saving. Every rank must call it.
   std::optional<Transformer> host_copy(int root = 0);

@@ -836,6 +836,9 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
     }
   }
   dist.barrier();
+  // The models leave the trainer whole, as they came.
+  for (auto& r : modules)
+    if (r.sharded_model) r.sharded_model->unshard();
 }
 
 }  // namespace aligner
