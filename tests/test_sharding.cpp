@@ -158,20 +158,23 @@ TEST_P(ShardedResume, EachRankWritesItsShardAndResumeIsExact) {
 
 INSTANTIATE_TEST_SUITE_P(Stages, ShardedResume, ::testing::Values("gradients", "full"));
 
-// Two sharded ranks stopped at step 2 go on as one rank, and one rank's checkpoint goes on as two
-// sharded ranks: the optimizer state is cut anew and the data continues the same global order, so
-// both end where one rank's uninterrupted run does.
+// Two fully sharded ranks stopped at step 2 go on as one rank, and one rank's checkpoint goes on as
+// two sharded ranks: the weights and optimizer state are put together and cut anew and the data
+// continues the same global order, so both end where one rank's uninterrupted run does.
 TEST(Sharding, ResumeOnAnotherNumberOfRanksReshards) {
   const auto out = temp_dir("shard_reshard");
   const std::string save = "trainer.save_interval=2 trainer.keep_last=0 ";
   const auto one = run_aligner(sft_args(out / "one", save));
   ASSERT_EQ(one.status, 0) << one.output;
 
-  const auto two = two_ranks(sft_args(out / "two_then_one", save + "trainer.sharding=optimizer"),
-                             "ALIGNER_KILL_AT_STEP=2");
+  const auto two =
+      two_ranks(sft_args(out / "two_then_one", save + "trainer.sharding=full"), "ALIGNER_KILL_AT_STEP=2");
   if (no_gloo(two)) GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
   ASSERT_NE(two.status, 0) << two.output;
-  ASSERT_TRUE(fs::exists(out / "two_then_one" / "checkpoints" / "step_2"));
+  // Fully sharded, the checkpoint holds each rank's pieces of the weights too.
+  const fs::path step2 = out / "two_then_one" / "checkpoints" / "step_2";
+  EXPECT_TRUE(fs::exists(step2 / "model" / "trainable.rank-00001-of-00002.safetensors"));
+  EXPECT_FALSE(fs::exists(step2 / "model" / "model.safetensors"));
   const auto then_one = run_aligner(sft_args(out / "two_then_one", save));
   ASSERT_EQ(then_one.status, 0) << then_one.output;
   EXPECT_NE(then_one.output.find("written by 2 ranks"), std::string::npos) << then_one.output;

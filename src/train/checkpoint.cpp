@@ -52,14 +52,30 @@ std::string begin_checkpoint(const std::string& output_dir, int64_t step) {
   return tmp.string();
 }
 
+namespace {
+
+void write_pieces(const fs::path& path, const safetensors::NamedTensors& tensors,
+                  const std::map<std::string, int64_t>& offsets) {
+  safetensors::save(path.string(), tensors, {{"format", "pt"}, {"offsets", nlohmann::json(offsets).dump()}});
+}
+
+std::string rank_file(const std::string& stem, int rank, int world) {
+  return fmt::format("{}.rank-{:05d}-of-{:05d}.safetensors", stem, rank, world);
+}
+
+}  // namespace
+
 void write_optimizer_shard(const std::string& tmp_dir, const std::string& module, int rank, int world,
                            const safetensors::NamedTensors& state,
                            const std::map<std::string, int64_t>& offsets) {
-  const nlohmann::json j(offsets);
-  safetensors::save(
-      (fs::path(tmp_dir) / fmt::format("{}.optimizer.rank-{:05d}-of-{:05d}.safetensors", module, rank, world))
-          .string(),
-      state, {{"format", "pt"}, {"offsets", j.dump()}});
+  write_pieces(fs::path(tmp_dir) / rank_file(module + ".optimizer", rank, world), state, offsets);
+}
+
+void write_weight_shard(const std::string& tmp_dir, const std::string& module, int rank, int world,
+                        const safetensors::NamedTensors& pieces,
+                        const std::map<std::string, int64_t>& offsets) {
+  fs::create_directories(fs::path(tmp_dir) / module);
+  write_pieces(fs::path(tmp_dir) / module / rank_file("trainable", rank, world), pieces, offsets);
 }
 
 void save_checkpoint(const std::string& output_dir, const std::vector<CheckpointModule>& modules,
@@ -69,7 +85,9 @@ void save_checkpoint(const std::string& output_dir, const std::vector<Checkpoint
   const fs::path tmp = root / fmt::format("step_{}.tmp", state.step);
   if (!fs::is_directory(tmp)) fail("{} was not begun (begin_checkpoint)", tmp.string());
   for (const auto& m : modules) {
-    if (m.whole_model) {
+    if (m.sharded_params) {
+      // Each rank has written its pieces into NAME/.
+    } else if (m.whole_model) {
       save_transformer(*m.model, (tmp / m.name).string(), std::nullopt, 0, m.tokenizer_dir);
     } else {
       fs::create_directories(tmp / m.name);
@@ -160,52 +178,53 @@ CheckpointState read_checkpoint_state(const std::string& dir) {
   }
 }
 
-safetensors::NamedTensors read_module_params(const std::string& dir, const std::string& module) {
-  const fs::path folder = fs::path(dir) / module;
-  if (fs::exists(folder / "trainable.safetensors")) return read_file(folder / "trainable.safetensors");
-  // A Hugging Face folder: its tensors as the model names its parameters (experts stacked).
-  return named_parameters(load_transformer(folder.string(), at::kCPU));
+namespace {
+
+// A file of pieces of parameters' tensors, with each parameter's offset (a whole file: all 0).
+struct Source {
+  safetensors::File file;
+  std::map<std::string, int64_t> offsets;
+};
+
+// `whole` if it exists (every tensor whole), else the files `stem`.rank-*.safetensors in `folder`.
+std::vector<Source> piece_sources(const fs::path& whole, const fs::path& folder, const std::string& stem) {
+  std::vector<Source> sources;
+  if (!whole.empty() && fs::exists(whole)) {
+    sources.push_back({safetensors::File::open(whole.string()), {}});
+    return sources;
+  }
+  const std::string prefix = stem + ".rank-", suffix = ".safetensors";
+  std::error_code ec;
+  if (!fs::is_directory(folder, ec)) return sources;
+  for (const auto& e : fs::directory_iterator(folder)) {
+    const std::string name = e.path().filename().string();
+    if (name.rfind(prefix, 0) != 0 || name.size() < prefix.size() + suffix.size() ||
+        name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0)
+      continue;
+    auto f = safetensors::File::open(e.path().string());
+    const auto it = f.metadata().find("offsets");
+    if (it == f.metadata().end()) fail("{}: no \"offsets\" in its metadata", e.path().string());
+    try {
+      sources.push_back({f, nlohmann::json::parse(it->second).get<std::map<std::string, int64_t>>()});
+    } catch (const nlohmann::json::exception& err) {
+      fail("{}: bad \"offsets\" metadata: {}", e.path().string(), err.what());
+    }
+  }
+  return sources;
 }
 
-safetensors::NamedTensors read_module_optimizer(const std::string& dir, const std::string& module,
-                                                const safetensors::NamedTensors& expected,
-                                                const std::map<std::string, int64_t>& offsets) {
-  // Each file with the offset of every parameter's piece in it (a whole file: all 0).
-  struct Source {
-    safetensors::File file;
-    std::map<std::string, int64_t> offsets;
-  };
-  std::vector<Source> sources;
-  const fs::path whole = fs::path(dir) / (module + ".optimizer.safetensors");
-  if (fs::exists(whole)) {
-    sources.push_back({safetensors::File::open(whole.string()), {}});
-  } else {
-    const std::string prefix = module + ".optimizer.rank-", suffix = ".safetensors";
-    for (const auto& e : fs::directory_iterator(dir)) {
-      const std::string name = e.path().filename().string();
-      if (name.rfind(prefix, 0) != 0 || name.size() < prefix.size() + suffix.size() ||
-          name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0)
-        continue;
-      auto f = safetensors::File::open(e.path().string());
-      const auto it = f.metadata().find("offsets");
-      if (it == f.metadata().end()) fail("{}: no \"offsets\" in its metadata", e.path().string());
-      try {
-        sources.push_back({f, nlohmann::json::parse(it->second).get<std::map<std::string, int64_t>>()});
-      } catch (const nlohmann::json::exception& err) {
-        fail("{}: bad \"offsets\" metadata: {}", e.path().string(), err.what());
-      }
-    }
-    if (sources.empty()) fail("checkpoint {}: no optimizer state for module '{}'", dir, module);
-  }
+// The tensors `expected` names, shaped as it has them: tensor `key` is the range [offset, offset +
+// numel) of its parameter's (param_of(key), offsets by parameter; absent: 0), put together from
+// the sources' pieces. One absent from every source is left out (the caller names it); one only
+// partly covered is an error.
+template <class ParamOf>
+safetensors::NamedTensors assemble(const std::vector<Source>& sources,
+                                   const safetensors::NamedTensors& expected,
+                                   const std::map<std::string, int64_t>& offsets, ParamOf param_of,
+                                   const std::string& what) {
   safetensors::NamedTensors out;
   for (const auto& [key, like] : expected) {
-    if (key == "step") {
-      if (!sources.front().file.contains(key)) fail("{}: no tensor 'step'", sources.front().file.path());
-      out.emplace_back(key, sources.front().file.get(key));
-      continue;
-    }
-    // "exp_avg.<parameter>": the piece [offset, offset + numel) of the parameter's state.
-    const std::string param = key.substr(key.find('.') + 1);
+    const std::string param = param_of(key);
     const auto o = offsets.find(param);
     const int64_t begin = o == offsets.end() ? 0 : o->second, end = begin + like.numel();
     at::Tensor piece;
@@ -224,15 +243,50 @@ safetensors::NamedTensors read_module_optimizer(const std::string& dir, const st
       piece.narrow(0, lo - begin, hi - lo).copy_(t.narrow(0, lo - from, hi - lo));
       covered += hi - lo;
     }
-    // Absent entirely: load_state names it as missing.
     if (!piece.defined()) continue;
     if (covered != like.numel())
-      fail(
-          "checkpoint {}: the optimizer state '{}' of module '{}' covers {} of the {} elements this rank "
-          "needs",
-          dir, key, module, covered, like.numel());
+      fail("{} '{}' covers {} of the {} elements this rank needs", what, key, covered, like.numel());
     out.emplace_back(key, piece.view(like.sizes()));
   }
+  return out;
+}
+
+}  // namespace
+
+safetensors::NamedTensors read_module_params(const std::string& dir, const std::string& module,
+                                             const safetensors::NamedTensors& expected) {
+  const fs::path folder = fs::path(dir) / module;
+  if (fs::exists(folder / "trainable.safetensors")) return read_file(folder / "trainable.safetensors");
+  // Pieces written by each rank of a sharded run: whole tensors put together from them.
+  const auto pieces = piece_sources({}, folder, "trainable");
+  if (!pieces.empty())
+    return assemble(
+        pieces, expected, {}, [](const std::string& key) { return key; },
+        fmt::format("checkpoint {}: the weight of module '{}'", dir, module));
+  // A Hugging Face folder: its tensors as the model names its parameters (experts stacked).
+  return named_parameters(load_transformer(folder.string(), at::kCPU));
+}
+
+safetensors::NamedTensors read_module_optimizer(const std::string& dir, const std::string& module,
+                                                const safetensors::NamedTensors& expected,
+                                                const std::map<std::string, int64_t>& offsets) {
+  const auto sources =
+      piece_sources(fs::path(dir) / (module + ".optimizer.safetensors"), dir, module + ".optimizer");
+  if (sources.empty()) fail("checkpoint {}: no optimizer state for module '{}'", dir, module);
+  safetensors::NamedTensors out, moments;
+  for (const auto& [key, like] : expected) {
+    if (key != "step") {
+      moments.emplace_back(key, like);
+      continue;
+    }
+    if (!sources.front().file.contains(key)) fail("{}: no tensor 'step'", sources.front().file.path());
+    out.emplace_back(key, sources.front().file.get(key));
+  }
+  // "exp_avg.<parameter>": the piece [offset, offset + numel) of the parameter's state.
+  for (auto& t : assemble(
+           sources, moments, offsets, [](const std::string& key) { return key.substr(key.find('.') + 1); },
+           fmt::format("checkpoint {}: the optimizer state of module '{}',", dir, module)))
+    out.push_back(std::move(t));
   return out;
 }
 

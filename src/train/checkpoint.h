@@ -1,7 +1,8 @@
 // Training checkpoints. OUTPUT_DIR/checkpoints/step_N/ holds, for each trainable module NAME,
 //   NAME/                        a Hugging Face folder when the module trains its whole model (so a
 //                                checkpoint loads like any model folder), else NAME/trainable.safetensors
-//                                holding only the trained tensors
+//                                holding only the trained tensors, or with fully sharded weights
+//                                NAME/trainable.rank-R-of-W.safetensors, one per rank (pieces, as below)
 //   NAME.optimizer.safetensors   its AdamW state, or with a sharded optimizer (trainer.sharding)
 //   NAME.optimizer.rank-R-of-W.safetensors, one per rank: the flat pieces that rank updates, each
 //                                tensor's offset into its parameter in the metadata ("offsets")
@@ -27,6 +28,7 @@ struct CheckpointModule {
   safetensors::NamedTensors params;           // what trains, by name
   bool whole_model = false;                   // params are all of the model's: write a Hugging Face folder
   safetensors::NamedTensors optimizer_state;  // empty: each rank writes its shard (write_optimizer_shard)
+  bool sharded_params = false;                // each rank writes its pieces (write_weight_shard)
   std::string tokenizer_dir;                  // copied into a whole model's folder
 };
 
@@ -47,6 +49,11 @@ std::string checkpoint_tmp_dir(const std::string& output_dir, int64_t step);
 void write_optimizer_shard(const std::string& tmp_dir, const std::string& module, int rank, int world,
                            const safetensors::NamedTensors& state,
                            const std::map<std::string, int64_t>& offsets);
+// Fully sharded weights (trainer.sharding=full): each rank's pieces of what trains, as
+// NAME/trainable.rank-R-of-W.safetensors in the same layout.
+void write_weight_shard(const std::string& tmp_dir, const std::string& module, int rank, int world,
+                        const safetensors::NamedTensors& pieces,
+                        const std::map<std::string, int64_t>& offsets);
 void save_checkpoint(const std::string& output_dir, const std::vector<CheckpointModule>& modules,
                      const CheckpointState& state, int64_t keep_last);
 
@@ -60,7 +67,9 @@ std::string latest_checkpoint(const std::string& output_dir);
 
 CheckpointState read_checkpoint_state(const std::string& checkpoint_dir);
 // A module's trained tensors and its optimizer state, as save_checkpoint wrote them.
-safetensors::NamedTensors read_module_params(const std::string& checkpoint_dir, const std::string& module);
+// With pieces written by each rank (write_weight_shard), the whole tensors `expected` names.
+safetensors::NamedTensors read_module_params(const std::string& checkpoint_dir, const std::string& module,
+                                             const safetensors::NamedTensors& expected);
 // The optimizer state that `expected` (an AdamW state() of this run) names, shaped as it is, whatever
 // the sharding and number of ranks that wrote it: each tensor is the range [offset, offset + numel)
 // of its parameter's state (offsets by parameter name; absent: 0, a whole parameter), put together
@@ -68,5 +77,10 @@ safetensors::NamedTensors read_module_params(const std::string& checkpoint_dir, 
 safetensors::NamedTensors read_module_optimizer(const std::string& checkpoint_dir, const std::string& module,
                                                 const safetensors::NamedTensors& expected,
                                                 const std::map<std::string, int64_t>& offsets);
+// Fully sharded weights (trainer.sharding=full): each rank's pieces of what trains, as
+// NAME/trainable.rank-R-of-W.safetensors in the same layout.
+void write_weight_shard(const std::string& tmp_dir, const std::string& module, int rank, int world,
+                        const safetensors::NamedTensors& pieces,
+                        const std::map<std::string, int64_t>& offsets);
 
 }  // namespace aligner

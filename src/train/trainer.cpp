@@ -303,7 +303,7 @@ void check_memory(const std::vector<Running>& modules, const std::vector<at::Ten
 // checkpoint, or missing from it, means it comes from another configuration.
 void load_module_params(const std::string& ckpt, const TrainableModule& m) {
   std::map<std::string, at::Tensor> saved;
-  for (auto& [name, t] : read_module_params(ckpt, m.name)) saved.emplace(name, t);
+  for (auto& [name, t] : read_module_params(ckpt, m.name, m.params)) saved.emplace(name, t);
   at::NoGradGuard no_grad;
   for (const auto& [name, param] : m.params) {
     auto it = saved.find(name);
@@ -637,27 +637,23 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
     if (sharded) {
       dist.barrier();
       const std::string tmp = checkpoint_tmp_dir(opt.output_dir, step);
-      for (const auto& r : modules)
+      for (const auto& r : modules) {
         write_optimizer_shard(tmp, r.module.name, dist.rank(), dist.world_size(), r.optimizer->state(),
                               r.offsets);
+        // Fully sharded weights: each rank's pieces of them too.
+        if (!r.sharded_model) continue;
+        NamedParams pieces;
+        for (const auto& p : r.sharded_model->pieces()) pieces.emplace_back(p.name, p.values);
+        write_weight_shard(tmp, r.module.name, dist.rank(), dist.world_size(), pieces, r.offsets);
+      }
       dist.barrier();
     }
-    // A sharded model is written from a copy on rank 0's host, gathered a layer at a time.
-    std::vector<std::optional<Transformer>> copies;
-    for (auto& r : modules) copies.push_back(r.sharded_model ? r.sharded_model->host_copy() : std::nullopt);
     if (main_rank) {
       std::vector<CheckpointModule> saved_modules;
       CheckpointState state{step, dist.world_size(), {}, std::move(data)};
-      for (size_t k = 0; k < modules.size(); ++k) {
-        const auto& r = modules[k];
-        NamedParams params = r.module.params;
-        if (copies[k]) {
-          std::map<std::string, at::Tensor> host;
-          for (const auto& [name, t] : model_parameters(*copies[k])) host.emplace(name, t);
-          for (auto& [name, t] : params) t = host.at(name);
-        }
-        saved_modules.push_back({r.module.name, copies[k] ? &*copies[k] : r.module.model, params,
-                                 r.whole_model, sharded ? NamedParams() : r.optimizer->state(),
+      for (const auto& r : modules) {
+        saved_modules.push_back({r.module.name, r.module.model, r.module.params, r.whole_model,
+                                 sharded ? NamedParams() : r.optimizer->state(), bool(r.sharded_model),
                                  r.module.tokenizer_dir});
         state.modules.push_back(r.module.name);
       }
