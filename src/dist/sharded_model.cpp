@@ -27,42 +27,37 @@ bool starts_with(const std::string& s, const std::string& prefix) {
   return s.rfind(prefix, 0) == 0;
 }
 
-struct UnitRef : torch::CustomClassHolder {
+// What a layer's backward pass needs done to its group of units: gathered before it (on the
+// layer's output: the layer's gradients have yet to flow in), or freed after it (on its input).
+struct GroupAction : torch::CustomClassHolder {
   ShardedModel* owner = nullptr;
-  size_t unit = 0;
+  size_t group = 0;
+  bool gather = false;
 };
 
-// The identity on a layer's output, whose backward gathers the layer's weights before its
-// gradients flow into it (and starts gathering the layer below).
-struct GatherInBackward : torch::autograd::Function<GatherInBackward> {
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& out,
-                            c10::intrusive_ptr<UnitRef> ref) {
-    ctx->saved_data["unit"] = c10::IValue::make_capsule(ref);
-    return out;
+// The identity whose backward does the action (gathering also starts on the layer below).
+struct OnBackward : torch::autograd::Function<OnBackward> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            c10::intrusive_ptr<GroupAction> action) {
+    ctx->saved_data["action"] = c10::IValue::make_capsule(action);
+    return x;
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    auto ref = c10::static_intrusive_pointer_cast<UnitRef>(ctx->saved_data["unit"].toCapsule());
-    ref->owner->gather(ref->unit);
+    auto a = c10::static_intrusive_pointer_cast<GroupAction>(ctx->saved_data["action"].toCapsule());
+    a->gather ? a->owner->gather(a->group) : a->owner->release_group(a->group);
     return {grads[0], at::Tensor()};
   }
 };
 
-// The identity on a layer's input, whose backward runs once the layer's has: the layer's weights
-// are freed again.
-struct ReleaseInBackward : torch::autograd::Function<ReleaseInBackward> {
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& in,
-                            c10::intrusive_ptr<UnitRef> ref) {
-    ctx->saved_data["unit"] = c10::IValue::make_capsule(ref);
-    return in;
-  }
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    auto ref = c10::static_intrusive_pointer_cast<UnitRef>(ctx->saved_data["unit"].toCapsule());
-    ref->owner->release_group(ref->unit);
-    return {grads[0], at::Tensor()};
-  }
-};
+// The layer's input or output through OnBackward.
+at::Tensor on_backward(const at::Tensor& x, ShardedModel* owner, size_t group, bool gather) {
+  auto action = c10::make_intrusive<GroupAction>();
+  action->owner = owner;
+  action->group = group;
+  action->gather = gather;
+  return OnBackward::apply(x, action);
+}
 
 // Runs once a parameter's gradient has been accumulated into .grad.
 struct AfterAccumulate : torch::autograd::FunctionPostHook {
@@ -113,7 +108,6 @@ ShardedModel::ShardedModel(Dist& dist, Transformer& m) : dist_(dist), model_(m) 
     }
     Unit& x = units_[it->second];
     x.params.push_back(params_.size());
-    x.starts.push_back(x.numel);
     x.trainable += t.requires_grad();
     group_trains_[group] = group_trains_[group] || t.requires_grad();
     unit_of_.push_back(it->second);
@@ -139,8 +133,8 @@ ShardedModel::ShardedModel(Dist& dist, Transformer& m) : dist_(dist), model_(m) 
     flat.zero_();
     for (size_t j = 0; j < x.params.size(); ++j) {
       auto& t = params_[x.params[j]];
-      flat.narrow(0, x.starts[j], t.numel()).copy_(t.reshape({-1}));
-      t.set_(x.full, x.starts[j], t.sizes(), t.strides());
+      flat.narrow(0, start_of_[x.params[j]], t.numel()).copy_(t.reshape({-1}));
+      t.set_(x.full, start_of_[x.params[j]], t.sizes(), t.strides());
     }
     x.shard = flat.narrow(0, rank * x.chunk, x.chunk).clone();
     x.gathered = true;
@@ -150,10 +144,11 @@ ShardedModel::ShardedModel(Dist& dist, Transformer& m) : dist_(dist), model_(m) 
     const int64_t begin = rank * x.chunk, end = std::min(begin + x.chunk, x.numel);
     for (size_t j = 0; j < x.params.size(); ++j) {
       const auto& t = params_[x.params[j]];
-      const int64_t from = std::max(begin, x.starts[j]), to = std::min(end, x.starts[j] + t.numel());
+      const int64_t from = std::max(begin, start_of_[x.params[j]]),
+                    to = std::min(end, start_of_[x.params[j]] + t.numel());
       if (from >= to) continue;
-      pieces_.push_back(
-          {names_[x.params[j]], x.shard.narrow(0, from - begin, to - from), from - x.starts[j], t});
+      pieces_.push_back({names_[x.params[j]], x.shard.narrow(0, from - begin, to - from),
+                         from - start_of_[x.params[j]], t});
       piece_at_.emplace_back(u, from - begin);
     }
   }
@@ -244,10 +239,7 @@ at::Tensor ShardedModel::before_layer(int64_t layer, const at::Tensor& in) {
   // A layer that trains after frozen ones (adapters on frozen embeddings): its input asks for a
   // gradient, so that the release below runs.
   const at::Tensor x = in.requires_grad() ? in : in.detach().requires_grad_(true);
-  auto ref = c10::make_intrusive<UnitRef>();
-  ref->owner = this;
-  ref->unit = size_t(layer);
-  return ReleaseInBackward::apply(x, ref);
+  return on_backward(x, this, size_t(layer), /*gather=*/false);
 }
 
 void ShardedModel::before_head() {
@@ -257,12 +249,8 @@ void ShardedModel::before_head() {
 
 at::Tensor ShardedModel::after_layer(int64_t layer, const at::Tensor& out) {
   at::Tensor y = out;
-  if (at::GradMode::is_enabled() && out.requires_grad()) {
-    auto ref = c10::make_intrusive<UnitRef>();
-    ref->owner = this;
-    ref->unit = size_t(layer);
-    y = GatherInBackward::apply(out, ref);
-  }
+  if (at::GradMode::is_enabled() && out.requires_grad())
+    y = on_backward(out, this, size_t(layer), /*gather=*/true);
   at::NoGradGuard no_grad;
   release_group(size_t(layer));
   return y;

@@ -73,8 +73,7 @@ class ShardedModel : public LayerHooks {
 
  private:
   struct Unit {
-    std::vector<size_t> params;   // indices into params_
-    std::vector<int64_t> starts;  // each parameter's first element in the unit
+    std::vector<size_t> params;  // indices into params_
     int64_t numel = 0, chunk = 0;
     at::Storage full;       // the gathered weights, or no bytes
     at::Tensor shard;       // [chunk]: this rank's part, persistent
