@@ -4,6 +4,7 @@
 #include "core/torch_compat.h"
 
 #include <ATen/core/grad_mode.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
@@ -14,8 +15,12 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <atomic>
 #include <charconv>
+#include <cstdio>
 #include <cstdlib>
+#include <functional>
+#include <thread>
 
 #include "core/error.h"
 
@@ -205,6 +210,9 @@ Dist Dist::init(const DistEnv& env, const at::Device& device, std::chrono::milli
 #endif
     } else {
 #if ALIGNER_HAS_NCCL
+      // As torch.cuda.set_device in a torchrun script: what allocates on the current device
+      // (NCCL's own buffers, raw allocations) uses this rank's GPU, not GPU 0.
+      c10::impl::getDeviceGuardImpl(at::kCUDA)->setDevice(d.device_);
       auto opts = c10d::ProcessGroupNCCL::Options::create();
       opts->timeout = timeout;
       d.group_->backend =
@@ -224,6 +232,21 @@ void Dist::check_device(const at::Tensor& t, const char* op) const {
   }
 }
 
+// ALIGNER_DIST_TRACE=1: every collective a rank issues, numbered, on stderr. A hang in NCCL says
+// nothing; the first line where the ranks' traces differ names the collective one rank skipped.
+void Dist::trace(const char* op, const at::Tensor& t) const {
+  static const bool on = [] {
+    const char* v = std::getenv("ALIGNER_DIST_TRACE");
+    return v && *v && std::string(v) != "0";
+  }();
+  if (!on) return;
+  static std::atomic<int64_t> count{0};
+  std::fprintf(stderr, "[dist trace] rank %d #%lld %s %lld x %s (thread %zu)\n", rank(),
+               static_cast<long long>(count++), op, static_cast<long long>(t.numel()),
+               c10::toString(t.scalar_type()),
+               std::hash<std::thread::id>{}(std::this_thread::get_id()) % 1000);
+}
+
 Work Dist::all_reduce_sum_async(at::Tensor& flat) {
   if (!group_) return Work();
   check_device(flat, "all_reduce_sum");
@@ -231,6 +254,7 @@ Work Dist::all_reduce_sum_async(at::Tensor& flat) {
   std::vector<at::Tensor> tensors{flat};
   c10d::AllreduceOptions opts;
   opts.reduceOp = c10d::ReduceOp::SUM;
+  trace("all_reduce_sum", flat);
   return Work(group_->backend->allreduce(tensors, opts));
 }
 
@@ -242,6 +266,7 @@ Work Dist::broadcast_async(at::Tensor& flat, int root) {
   std::vector<at::Tensor> tensors{flat};
   c10d::BroadcastOptions opts;
   opts.rootRank = root;
+  trace("broadcast", flat);
   return Work(group_->backend->broadcast(tensors, opts));
 }
 
@@ -259,6 +284,7 @@ Work Dist::reduce_scatter_sum_async(at::Tensor& flat, at::Tensor& chunk) {
   if (device_.is_cuda()) {
     c10d::ReduceScatterOptions opts;
     opts.reduceOp = c10d::ReduceOp::SUM;
+    trace("reduce_scatter_sum", flat);
     return Work(group_->backend->_reduce_scatter_base(chunk, flat, opts));
   }
 #endif
@@ -276,6 +302,7 @@ Work Dist::all_gather_async(at::Tensor& flat) {
 #if ALIGNER_HAS_NCCL
   if (device_.is_cuda()) {
     auto mine = flat.narrow(0, rank() * n, n);
+    trace("all_gather", flat);
     return Work(group_->backend->_allgather_base(flat, mine));
   }
 #endif
@@ -387,6 +414,7 @@ void Dist::check_same_on_all_ranks(uint64_t value, const char* what) {
   std::vector<at::Tensor> tensors{t};
   c10d::AllreduceOptions opts;
   opts.reduceOp = c10d::ReduceOp::MAX;
+  trace("all_reduce_max", t);
   Work(group_->backend->allreduce(tensors, opts)).wait();
   t = t.cpu();
   if (t[0].item<double>() != v || t[1].item<double>() != -v) {

@@ -1,6 +1,7 @@
 #include "dist/sharded_model.h"
 
 #include <ATen/core/grad_mode.h>
+#include <c10/core/DeviceGuard.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/function_hook.h>
@@ -126,6 +127,8 @@ ShardedModel::ShardedModel(Dist& dist, Transformer& m) : dist_(dist), model_(m) 
     x.chunk = (x.numel + world - 1) / world;
     const auto& first = params_[x.params.front()];
     const auto options = first.options().requires_grad(false);
+    // A raw allocation lands on the current device, which need not be this rank's GPU.
+    const c10::DeviceGuard on_device(first.device());
     // The unit's storage, filled once with the whole values; the parameters move into it.
     x.full = at::Storage(at::Storage::use_byte_size_t(), size_t(x.chunk * world) * first.element_size(),
                          first.storage().allocator(), /*resizable=*/true);
@@ -169,6 +172,7 @@ void ShardedModel::start_gather(size_t u) {
   auto* impl = x.full.unsafeGetStorageImpl();
   const int64_t world = dist_.world_size();
   const size_t bytes = size_t(x.chunk * world) * x.shard.element_size();
+  const c10::DeviceGuard on_device(x.shard.device());
   impl->set_data_ptr_noswap(impl->allocator()->allocate(bytes));
   impl->set_nbytes(bytes);
   // A tensor of its own on the storage: writing through it leaves the parameters' version
