@@ -238,7 +238,12 @@ TEST(Cli, HelpListsEveryKeyWithItsDefault) {
                                                         {"ppo", "ppo"},
                                                         {"reinforce", "reinforce"},
                                                         {"rs", "rs"},
-                                                        {"spin", "spin"}}) {
+                                                        {"spin", "spin"},
+                                                        {"steerlm label", "steerlm-label"},
+                                                        {"steerlm2", "steerlm2"},
+                                                        {"steerlm2 prepare", "steerlm2-prepare"},
+                                                        {"cai critique", "cai-critique"},
+                                                        {"cai compare", "cai-compare"}}) {
     const auto r = run_aligner(command + " --help");
     EXPECT_EQ(r.status, 0) << command;
     EXPECT_NE(r.output.find(read(kRoot + "/configs/" + config + ".yaml")), std::string::npos)

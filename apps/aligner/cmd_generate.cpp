@@ -21,6 +21,7 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "core/progress.h"
+#include "data/attribute_data.h"
 #include "data/prompt_data.h"
 #include "gen/engine.h"
 #include "gen/generation_config.h"
@@ -36,9 +37,33 @@ struct Prompts {
   std::vector<int64_t> record;    // index of each prompt's record in the file
 };
 
+// SteerLM: the attributes asked of every reply, and the names they and the prompts' labels may use.
+struct Steering {
+  std::vector<std::string> names = nemo_attributes();
+  std::string label;
+};
+
+Steering read_steering(const Config& cfg, const Tokenizer& tok) {
+  Steering s;
+  if (auto names = cfg.get_string_list("gen.attribute_names"); !names.empty()) s.names = std::move(names);
+  const std::string attributes = cfg.get_string("gen.attributes");
+  if (attributes.empty()) return s;
+  const ChatFormat format = resolve_chat_template(cfg.get_string("data.template"), tok).format;
+  if (format != ChatFormat::kSteerlm)
+    fail("config key 'gen.attributes' needs data.template=steerlm (the template that writes them), got {}",
+         chat_format_name(format));
+  try {
+    s.label = steerlm_label(attributes, s.names);
+  } catch (const Error& e) {
+    fail("config key 'gen.attributes': {}", e.what());
+  }
+  return s;
+}
+
 // Prompts no longer than `limit`: longer ones are an error naming the line, or truncated or
 // dropped by the reader, as data.truncation says.
-Prompts read_prompts(const Config& cfg, const std::string& path, const Tokenizer& tok, int64_t context) {
+Prompts read_prompts(const Config& cfg, const std::string& path, const Tokenizer& tok, int64_t context,
+                     const Steering& steering) {
   const int64_t max_length = cfg.get_int("data.max_length");
   if (max_length < 1) fail("config key 'data.max_length' must be positive, got {}", max_length);
   const int64_t limit = std::min(max_length, context - 1);
@@ -55,6 +80,8 @@ Prompts read_prompts(const Config& cfg, const std::string& path, const Tokenizer
   }
   PromptDataset ds =
       open_prompt_dataset(path, tok, resolve_chat_template(cfg.get_string("data.template"), tok), opt);
+  ds.attribute_names = steering.names;
+  ds.generation_label = steering.label;
   Prompts p;
   for (int64_t i = 0; i < dataset_size(ds); ++i) {
     auto ex = prompt_example(ds, i);
@@ -89,13 +116,14 @@ void run(const Config& cfg) {
   const auto tok = load_tokenizer(model_dir);
   opt.tokenizer = tok.get();
   check_generation_options(opt);
+  const Steering steering = read_steering(cfg, *tok);
   const at::Device device = parse_device_name(cfg.get_string("model.device"), "model.device");
   const auto dtype = parse_compute_dtype(cfg.get_string("model.dtype"), device, "model.dtype");
   const Transformer m = load_adapted_model(model_dir, cfg.get_string("model.adapter"), device, dtype);
   if (tok->vocab_size() > m.cfg.vocab_size)
     fail("{}: the tokenizer has {} tokens but the model's vocabulary is {}", model_dir, tok->vocab_size(),
          m.cfg.vocab_size);
-  const Prompts prompts = read_prompts(cfg, data, *tok, context_length(m.cfg));
+  const Prompts prompts = read_prompts(cfg, data, *tok, context_length(m.cfg), steering);
   std::ofstream out(out_path);
   if (!out) fail("cannot write {}", out_path);
 

@@ -4,7 +4,6 @@
 // "chosen", "rejected"} per pair and a summary with the accuracy: how a reward model is evaluated.
 // configs/rm-score.yaml is the schema.
 #include <algorithm>
-#include <numeric>
 #include <optional>
 
 #include "algo/data_stream.h"
@@ -58,22 +57,7 @@ void score_sequences(const Scoring& s, const Config& cfg) {
         return scoring_tokens(record, where, *enc);
       });
 
-  // Batches of similar lengths waste little on padding; results are printed in input order.
-  std::vector<size_t> order(seqs.size());
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(),
-                   [&](size_t a, size_t b) { return seqs[a].size() < seqs[b].size(); });
-  std::vector<std::vector<double>> scores(seqs.size());
-  for (size_t start = 0; start < order.size(); start += size_t(s.batch_size)) {
-    const size_t n = std::min<size_t>(size_t(s.batch_size), order.size() - start);
-    std::vector<Sequence> batch;
-    for (size_t i = 0; i < n; ++i) {
-      const auto& ids = seqs[order[start + i]];
-      batch.push_back({ids, std::vector<uint8_t>(ids.size(), 0)});
-    }
-    const auto out = score_batch(s.model, collate_padded(batch, s.pad_id));
-    for (size_t i = 0; i < n; ++i) scores[order[start + i]] = row_values(out[int64_t(i)]);
-  }
+  const auto scores = score_token_sequences(s.model, seqs, s.batch_size, s.pad_id);
   for (size_t i = 0; i < seqs.size(); ++i)
     fmt::print("{}\n", nlohmann::ordered_json{{"index", i},
                                               {s.model.cfg.num_labels == 1 ? "reward" : "rewards",

@@ -22,5 +22,8 @@ void add_ppo(CLI::App& app);
 void add_reinforce(CLI::App& app);
 void add_rs(CLI::App& app);
 void add_spin(CLI::App& app);
+void add_cai(CLI::App& app);
+void add_steerlm2(CLI::App& app);
+void add_steerlm(CLI::App& app);
 
 }  // namespace aligner::cli

@@ -46,6 +46,9 @@ int main(int argc, char** argv) {
   aligner::cli::add_reinforce(app);
   aligner::cli::add_rs(app);
   aligner::cli::add_spin(app);
+  aligner::cli::add_cai(app);
+  aligner::cli::add_steerlm2(app);
+  aligner::cli::add_steerlm(app);
   if (argc > 1 && argv[1][0] != '-') {
     if (const std::string error = unknown_command(app, argv[1]); !error.empty()) {
       std::fprintf(stderr, "error: %s\n", error.c_str());

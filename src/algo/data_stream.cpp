@@ -10,11 +10,12 @@ namespace aligner {
 
 DataOptions read_data_options(const Config& cfg, const ModelConfig& model) {
   DataOptions opt;
-  opt.format = cfg.get_string("data.format");
+  // Data with a single layout and its own end-of-turn (steerlm2) has no data.format or data.add_eos.
+  if (cfg.has("data.format")) opt.format = cfg.get_string("data.format");
   opt.max_length = cfg.get_int("data.max_length");
   opt.truncation = parse_truncation(cfg.get_string("data.truncation"));
   opt.skip_bad_lines = cfg.get_bool("data.skip_bad_lines");
-  opt.add_eos = cfg.get_bool("data.add_eos");
+  if (cfg.has("data.add_eos")) opt.add_eos = cfg.get_bool("data.add_eos");
   if (model.max_position_embeddings > 0 && opt.max_length > model.max_position_embeddings) {
     if (!cfg.is_default("data.max_length"))
       fail("config key 'data.max_length' ({}) is beyond the model's context (max_position_embeddings {})",

@@ -3,12 +3,16 @@
 // example keeps its index in the data set, which keys what is cached about it (DPO's reference
 // log-probs).
 #pragma once
+#include <memory>
 #include <optional>
+#include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "core/config.h"
+#include "core/error.h"
 #include "core/log.h"
 #include "data/examples.h"
 #include "data/sampler.h"
@@ -17,7 +21,8 @@
 
 namespace aligner {
 
-// data.format, data.max_length, data.truncation, data.skip_bad_lines and data.add_eos. A
+// data.format and data.add_eos (where the config has them), data.max_length, data.truncation and
+// data.skip_bad_lines. A
 // max_length beyond the model's context is an error rather than positions it was never trained on;
 // the default gives way to the context.
 DataOptions read_data_options(const Config& cfg, const ModelConfig& model);
@@ -38,6 +43,27 @@ void check_and_describe(Dataset& ds, const std::string& key) {
            chat_format_name(ds.tmpl.format));
   const auto report = data_report(ds.stats, ds.file.path(), ds.opt.max_length);
   if (!report.empty()) log_info("{}", report);  // the report says "warning:" itself
+}
+
+// A recipe's data: data.train (which must be set) and data.validation (null when not set), each
+// opened by `open(path)`, checked and described, and this rank's sampler over data.train
+// (data.shuffle, trainer.seed).
+template <class Dataset, class Open>
+std::tuple<std::unique_ptr<Dataset>, std::unique_ptr<Dataset>, Sampler> open_train_data(const Config& cfg,
+                                                                                        int rank, int world,
+                                                                                        Open&& open) {
+  const std::string train_path = cfg.get_string("data.train"), val_path = cfg.get_string("data.validation");
+  if (train_path.empty()) fail("config key 'data.train' must be set");
+  auto train = std::make_unique<Dataset>(open(train_path));
+  check_and_describe(*train, "data.train");
+  std::unique_ptr<Dataset> val;
+  if (!val_path.empty()) {
+    val = std::make_unique<Dataset>(open(val_path));
+    check_and_describe(*val, "data.validation");
+  }
+  Sampler sampler = make_sampler(dataset_size(*train), rank, world, cfg.get_bool("data.shuffle"),
+                                 uint64_t(cfg.get_int("trainer.seed")));
+  return {std::move(train), std::move(val), std::move(sampler)};
 }
 
 template <class Example>

@@ -98,17 +98,9 @@ class Dpo final : public Algorithm {
 
     options_ = read_data_options(cfg, policy.cfg);
     const auto tmpl = resolve_chat_template(cfg.get_string("data.template"), tok);
-    if (cfg.get_string("data.train").empty()) fail("config key 'data.train' must be set");
-    train_ = std::make_unique<PreferenceDataset>(
-        open_preference_dataset(cfg.get_string("data.train"), tok, tmpl, options_));
-    check_and_describe(*train_, "data.train");
-    if (!cfg.get_string("data.validation").empty()) {
-      val_ = std::make_unique<PreferenceDataset>(
-          open_preference_dataset(cfg.get_string("data.validation"), tok, tmpl, options_));
-      check_and_describe(*val_, "data.validation");
-    }
-    sampler_ = make_sampler(dataset_size(*train_), rank, world, cfg.get_bool("data.shuffle"),
-                            uint64_t(cfg.get_int("trainer.seed")));
+    std::tie(train_, val_, sampler_) = open_train_data<PreferenceDataset>(
+        cfg, rank, world,
+        [&](const std::string& path) { return open_preference_dataset(path, tok, tmpl, options_); });
     micro_batch_size_ = cfg.get_int("trainer.micro_batch_size");
     max_epochs_ = data_epochs(cfg);
     checkpoint_layers_ = cfg.get_bool("model.activation_checkpointing");

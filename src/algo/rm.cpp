@@ -1,6 +1,8 @@
 #include "algo/rm.h"
 
+#include <algorithm>
 #include <memory>
+#include <numeric>
 
 #include "algo/data_stream.h"
 #include "core/error.h"
@@ -24,6 +26,30 @@ at::Tensor score_batch(const Transformer& m, const Batch& b, bool checkpoint_lay
   ForwardInput in{b.input_ids.to(device), b.attention_mask.to(device), b.position_ids.to(device)};
   in.checkpoint_layers = checkpoint_layers;
   return sequence_scores(m, forward_hidden(m, in), in);
+}
+
+std::vector<std::vector<double>> score_token_sequences(const Transformer& m,
+                                                       const std::vector<std::vector<int32_t>>& seqs,
+                                                       int64_t batch_size, int32_t pad_id) {
+  std::vector<size_t> order(seqs.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return seqs[a].size() < seqs[b].size(); });
+  std::vector<std::vector<double>> scores(seqs.size());
+  for (size_t start = 0; start < order.size(); start += size_t(batch_size)) {
+    const size_t n = std::min<size_t>(size_t(batch_size), order.size() - start);
+    std::vector<Sequence> batch;
+    for (size_t i = 0; i < n; ++i) {
+      const auto& ids = seqs[order[start + i]];
+      batch.push_back({ids, std::vector<uint8_t>(ids.size(), 0)});
+    }
+    const auto out = score_batch(m, collate_padded(batch, pad_id)).to(at::kDouble).cpu().contiguous();
+    for (size_t i = 0; i < n; ++i) {
+      const double* row = out[int64_t(i)].data_ptr<double>();
+      scores[order[start + i]].assign(row, row + out.size(1));
+    }
+  }
+  return scores;
 }
 
 std::vector<int32_t> scoring_tokens(const nlohmann::json& r, const std::string& where,
@@ -67,9 +93,7 @@ class RewardModelTraining : public Algorithm {
         checkpoint_layers_(cfg.get_bool("model.activation_checkpointing")),
         pad_id_(pad_id_for(tok)),
         options_(read_data_options(cfg, model.cfg)),
-        template_(resolve_chat_template(cfg.get_string("data.template"), tok)) {
-    if (cfg.get_string("data.train").empty()) fail("config key 'data.train' must be set");
-  }
+        template_(resolve_chat_template(cfg.get_string("data.template"), tok)) {}
 
   nlohmann::json state() const override { return {{"position", sampler_.position}}; }
   void load_state(const nlohmann::json& s) override { sampler_.position = s.at("position").get<int64_t>(); }
@@ -95,16 +119,9 @@ class PairwiseRewardModel final : public RewardModelTraining {
  public:
   PairwiseRewardModel(const Config& cfg, const Tokenizer& tok, Transformer& model, int rank, int world)
       : RewardModelTraining(cfg, tok, model, rank, world) {
-    train_ = std::make_unique<PreferenceDataset>(
-        open_preference_dataset(cfg.get_string("data.train"), tok, template_, options_));
-    check_and_describe(*train_, "data.train");
-    if (!cfg.get_string("data.validation").empty()) {
-      val_ = std::make_unique<PreferenceDataset>(
-          open_preference_dataset(cfg.get_string("data.validation"), tok, template_, options_));
-      check_and_describe(*val_, "data.validation");
-    }
-    sampler_ = make_sampler(dataset_size(*train_), rank, world, cfg.get_bool("data.shuffle"),
-                            uint64_t(cfg.get_int("trainer.seed")));
+    std::tie(train_, val_, sampler_) = open_train_data<PreferenceDataset>(
+        cfg, rank, world,
+        [&](const std::string& path) { return open_preference_dataset(path, tok, template_, options_); });
   }
 
   int64_t train_examples() const override { return dataset_size(*train_); }
@@ -164,16 +181,10 @@ class RegressionRewardModel final : public RewardModelTraining {
   RegressionRewardModel(const Config& cfg, const Tokenizer& tok, Transformer& model, int rank, int world,
                         const std::vector<std::string>& attributes)
       : RewardModelTraining(cfg, tok, model, rank, world), attributes_(attributes) {
-    train_ = std::make_unique<AttributeDataset>(
-        open_attribute_dataset(cfg.get_string("data.train"), tok, template_, options_, attributes));
-    check_and_describe(*train_, "data.train");
-    if (!cfg.get_string("data.validation").empty()) {
-      val_ = std::make_unique<AttributeDataset>(
-          open_attribute_dataset(cfg.get_string("data.validation"), tok, template_, options_, attributes));
-      check_and_describe(*val_, "data.validation");
-    }
-    sampler_ = make_sampler(dataset_size(*train_), rank_, world_, cfg.get_bool("data.shuffle"),
-                            uint64_t(cfg.get_int("trainer.seed")));
+    std::tie(train_, val_, sampler_) =
+        open_train_data<AttributeDataset>(cfg, rank, world, [&](const std::string& path) {
+          return open_attribute_dataset(path, tok, template_, options_, attributes);
+        });
   }
 
   int64_t train_examples() const override { return dataset_size(*train_); }

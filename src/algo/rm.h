@@ -28,6 +28,12 @@ at::Tensor bradley_terry_loss(const at::Tensor& chosen, const at::Tensor& reject
 // The model's outputs for right-padded rows on the model's device: [B, num_labels].
 at::Tensor score_batch(const Transformer& m, const Batch& b, bool checkpoint_layers = false);
 
+// The model's outputs for each of `seqs`, in order, as doubles ([num_labels] each): batches of at
+// most batch_size sequences of similar lengths, so that little is spent on padding.
+std::vector<std::vector<double>> score_token_sequences(const Transformer& m,
+                                                       const std::vector<std::vector<int32_t>>& seqs,
+                                                       int64_t batch_size, int32_t pad_id);
+
 // The tokens `aligner rm-score` scores for a record: "text" (+ EOS with enc.add_eos), "prompt" +
 // "response", or a whole chat in "messages" or NeMo's "conversations" — encoded as the training
 // data readers encode them (data/attribute_data.h, data/preference_data.h), so that a model is

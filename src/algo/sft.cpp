@@ -62,17 +62,8 @@ class Sft final : public Algorithm {
       : model_(model), teacher_(teacher), device_(device), rank_(rank), world_(world) {
     const DataOptions opt = read_data_options(cfg, model.cfg);
     const auto tmpl = resolve_chat_template(cfg.get_string("data.template"), tok);
-    const std::string train_path = cfg.get_string("data.train");
-    if (train_path.empty()) fail("config key 'data.train' must be set");
-    train_ = std::make_unique<SftDataset>(open_sft_dataset(train_path, tok, tmpl, opt));
-    check_and_describe(*train_, "data.train");
-    if (!cfg.get_string("data.validation").empty()) {
-      val_ =
-          std::make_unique<SftDataset>(open_sft_dataset(cfg.get_string("data.validation"), tok, tmpl, opt));
-      check_and_describe(*val_, "data.validation");
-    }
-    sampler_ = make_sampler(dataset_size(*train_), rank, world, cfg.get_bool("data.shuffle"),
-                            uint64_t(cfg.get_int("trainer.seed")));
+    std::tie(train_, val_, sampler_) = open_train_data<SftDataset>(
+        cfg, rank, world, [&](const std::string& path) { return open_sft_dataset(path, tok, tmpl, opt); });
     micro_batch_size_ = cfg.get_int("trainer.micro_batch_size");
     max_epochs_ = data_epochs(cfg);
     max_length_ = opt.max_length;

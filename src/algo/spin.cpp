@@ -110,19 +110,12 @@ class Spin final : public Algorithm {
 
     const DataOptions options = read_data_options(cfg, policy.cfg);
     const auto tmpl = resolve_chat_template(cfg.get_string("data.template"), tok);
-    if (cfg.get_string("data.train").empty()) fail("config key 'data.train' must be set");
-    train_ = std::make_unique<SftDataset>(open_sft_dataset(cfg.get_string("data.train"), tok, tmpl, options));
-    check_and_describe(*train_, "data.train");
+    std::tie(train_, val_, sampler_) = open_train_data<SftDataset>(
+        cfg, dist.rank(), dist.world_size(),
+        [&](const std::string& path) { return open_sft_dataset(path, tok, tmpl, options); });
     if (const auto text = train_->stats.layouts.find("text"); text != train_->stats.layouts.end())
       fail("data.train {}: {} records are plain text; SPIN needs prompts and their responses",
            train_->file.path(), text->second);
-    if (!cfg.get_string("data.validation").empty()) {
-      val_ = std::make_unique<SftDataset>(
-          open_sft_dataset(cfg.get_string("data.validation"), tok, tmpl, options));
-      check_and_describe(*val_, "data.validation");
-    }
-    sampler_ = make_sampler(dataset_size(*train_), dist.rank(), dist.world_size(),
-                            cfg.get_bool("data.shuffle"), uint64_t(cfg.get_int("trainer.seed")));
     micro_batch_size_ = cfg.get_int("trainer.micro_batch_size");
     checkpoint_layers_ = cfg.get_bool("model.activation_checkpointing");
     pad_id_ = pad_id_for(tok);

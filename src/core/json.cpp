@@ -55,13 +55,21 @@ nlohmann::ordered_json parse_ordered_json(std::string_view text, const std::stri
   return parse<nlohmann::ordered_json>(text, where);
 }
 
-nlohmann::json read_json_file(const std::string& path) {
+std::string read_text_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) fail("cannot open {}: {}", path, std::strerror(errno));
   std::ostringstream text;
   text << in.rdbuf();
   if (in.bad()) fail("{}: read failed: {}", path, std::strerror(errno));
-  return parse_json(text.str(), path);
+  return text.str();
+}
+
+nlohmann::json read_json_file(const std::string& path) {
+  return parse_json(read_text_file(path), path);
+}
+
+nlohmann::ordered_json read_ordered_json_file(const std::string& path) {
+  return parse_ordered_json(read_text_file(path), path);
 }
 
 }  // namespace aligner

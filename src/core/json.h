@@ -19,7 +19,11 @@ inline constexpr int kMaxJsonDepth = 256;
 nlohmann::json parse_json(std::string_view text, const std::string& where);
 // The same, keeping object keys in file order (safetensors headers).
 nlohmann::ordered_json parse_ordered_json(std::string_view text, const std::string& where);
+// The whole file at `path`; a file that cannot be read is an error naming it.
+std::string read_text_file(const std::string& path);
 // The whole file at `path` parsed; a file that cannot be read is an error naming it too.
 nlohmann::json read_json_file(const std::string& path);
+// The same, keeping object keys in file order.
+nlohmann::ordered_json read_ordered_json_file(const std::string& path);
 
 }  // namespace aligner

@@ -1,6 +1,7 @@
 #include "data/attribute_data.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 
 #include "data/common.h"
@@ -149,15 +150,36 @@ void parse_attribute_label(std::string_view label, const std::vector<std::string
     std::string value = trimmed(item.substr(colon + 1));
     auto it = std::find(attributes.begin(), attributes.end(), name);
     if (it == attributes.end())
-      fail("unknown attribute \"{}\" (the data set's attributes: {})", name, joined(attributes));
+      fail("unknown attribute \"{}\" (expected one of: {})", name, joined(attributes));
     size_t a = static_cast<size_t>(it - attributes.begin());
     char* end = nullptr;
     double v = std::strtod(value.c_str(), &end);
-    if (value.empty() || *end != '\0') fail("attribute \"{}\": \"{}\" is not a number", name, value);
+    if (value.empty() || *end != '\0' || !std::isfinite(v))
+      fail("attribute \"{}\": \"{}\" is not a number", name, value);
     if (present[a]) fail("attribute \"{}\" given twice", name);
     values[a] = static_cast<float>(v);
     present[a] = 1;
   }
+}
+
+std::string attribute_label_text(const std::vector<std::string>& attributes, const std::vector<float>& values,
+                                 const std::vector<uint8_t>& present) {
+  std::string out;
+  for (size_t a = 0; a < attributes.size(); ++a) {
+    if (!present[a]) continue;
+    const float v = values[a];
+    const bool whole = std::fabs(v) < 1e15f && v == std::nearbyint(v);
+    const std::string value = whole ? fmt::format("{}", int64_t(v)) : fmt::format("{}", v);
+    out += (out.empty() ? "" : ",") + attributes[a] + ":" + value;
+  }
+  return out;
+}
+
+std::string steerlm_label(std::string_view label, const std::vector<std::string>& attributes) {
+  std::vector<float> values(attributes.size(), 0.0f);
+  std::vector<uint8_t> present(attributes.size(), 0);
+  parse_attribute_label(label, attributes, values, present);
+  return attribute_label_text(attributes, values, present);
 }
 
 AttributeDataset open_attribute_dataset(const std::string& path, const Tokenizer& tok,

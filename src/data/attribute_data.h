@@ -49,4 +49,14 @@ void check_dataset(AttributeDataset& ds, int threads);
 void parse_attribute_label(std::string_view label, const std::vector<std::string>& attributes,
                            std::vector<float>& values, std::vector<uint8_t>& present);
 
+// NeMo's attribute string of the present values, in `attributes` order, without spaces:
+// "quality:4,toxicity:0,...". Whole numbers are written without decimals.
+std::string attribute_label_text(const std::vector<std::string>& attributes, const std::vector<float>& values,
+                                 const std::vector<uint8_t>& present);
+
+// A SteerLM attribute string as a prompt writes it (a conversation's generation_label): checked
+// as parse_attribute_label checks it, then rewritten by attribute_label_text, so "verbosity: 1,
+// helpfulness:4" asks for what training saw, "helpfulness:4,verbosity:1". "" stays "".
+std::string steerlm_label(std::string_view label, const std::vector<std::string>& attributes);
+
 }  // namespace aligner

@@ -29,10 +29,23 @@ std::optional<PromptExample> make_prompt(const PromptDataset& ds, int64_t index,
   ex.record = ds.file.read(index);
   const nlohmann::json& r = ex.record;
   if (layout) *layout = prompt_layout(r);
-  auto from_chat = [&](const Conversation& conv, ChatFormat format) {
+  // steerlm: the attributes asked of the reply: the record's own "label", else the data set's.
+  auto attributes = [&]() -> std::string {
+    auto own = get_optional_field<std::string>(r, "label", where);
+    if (!own) return ds.generation_label;
+    try {
+      return steerlm_label(*own, ds.attribute_names);
+    } catch (const Error& e) {
+      fail("{}: field \"label\": {}", where, e.what());
+    }
+  };
+  bool chat = false;
+  auto from_chat = [&](Conversation conv, ChatFormat format) {
+    chat = true;
     ChatTemplate t = ds.tmpl;
     t.format = format;
-    std::vector<Segment> segments = render_segments(t, up_to_last_user(conv, where), true);
+    if (format == ChatFormat::kSteerlm) conv.generation_label = attributes();
+    std::vector<Segment> segments = render_segments(t, up_to_last_user(std::move(conv), where), true);
     ex.input_ids = tokenize_segments(segments, *ds.tok).ids;
     ex.text = segments_text(segments, ds.tok->special().bos_text, ds.tok->special().eos_text);
   };
@@ -60,6 +73,9 @@ std::optional<PromptExample> make_prompt(const PromptDataset& ds, int64_t index,
       ex.input_ids = encode_prompt_text(enc, p.text);
     }
   }
+  if (!chat && ds.tmpl.format == ChatFormat::kSteerlm && !attributes().empty())
+    fail("{}: field \"{}\": a prompt used as is cannot be given steerlm attributes; give it as messages",
+         where, prompt_layout(r));
   if (ex.input_ids.empty()) fail("{}: empty prompt", where);
   Sequence seq{std::move(ex.input_ids), {}};
   seq.loss_mask.assign(seq.input_ids.size(), 0);

@@ -8,8 +8,9 @@ GenerationOptions read_generation_options(const Config& cfg, const std::string& 
                                           const std::string& num_samples_key) {
   GenerationOptions o;
   o.max_new_tokens = cfg.get_int(max_new_tokens_key);
-  o.sampling.greedy = cfg.get_bool("gen.greedy");
-  o.sampling.temperature = cfg.get_float("gen.temperature");
+  // A command that sets the temperature itself (cai compare: one per response) has neither key.
+  if (cfg.has("gen.greedy")) o.sampling.greedy = cfg.get_bool("gen.greedy");
+  if (cfg.has("gen.temperature")) o.sampling.temperature = cfg.get_float("gen.temperature");
   o.sampling.top_k = cfg.get_int("gen.top_k");
   o.sampling.top_p = cfg.get_float("gen.top_p");
   o.num_samples = num_samples_key.empty() ? 1 : cfg.get_int(num_samples_key);

@@ -1,41 +1,15 @@
 // connect_reward_server (reward.h): the client side of `aligner serve-reward`'s protocol
 // (reward_server.h, README.md "Reward server API").
-#include <httplib.h>
-
-#include <chrono>
 #include <cmath>
-#include <regex>
-#include <thread>
 
 #include "core/error.h"
-#include "core/json.h"
 #include "core/log.h"
+#include "io/http_client.h"
 #include "reward/reward.h"
 #include "reward/reward_model.h"
 
 namespace aligner {
 namespace {
-
-constexpr int kAttempts = 4;  // a server that is restarting, or busy accepting, gets 0.5 + 1 + 2 s
-
-struct Address {
-  std::string host;
-  int port = 0;
-};
-
-Address parse_url(const std::string& url) {
-  static const std::regex re(R"(http://([A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})/?)");
-  std::smatch m;
-  if (!std::regex_match(url, m, re))
-    fail("reward server url '{}': expected http://HOST:PORT{}", url,
-         url.rfind("https://", 0) == 0 ? " (https is not supported)" : "");
-  Address a;
-  a.host = m[1].str();
-  if (a.host.front() == '[') a.host = a.host.substr(1, a.host.size() - 2);
-  a.port = std::stoi(m[2].str());
-  if (a.port < 1 || a.port > 65535) fail("reward server url '{}': port {} is not in [1, 65535]", url, a.port);
-  return a;
-}
 
 // Texts may end inside a character (a response cut at a token limit); JSON needs UTF-8.
 std::string json_string(const std::string& s) {
@@ -44,17 +18,12 @@ std::string json_string(const std::string& s) {
 
 class ServerReward final : public Reward {
  public:
-  ServerReward(std::string url, const Address& a, double timeout_s)
-      : url_(std::move(url)), timeout_s_(timeout_s), client_(a.host, a.port) {
-    const auto usec = [](double s) { return std::chrono::microseconds(int64_t(s * 1e6)); };
-    client_.set_connection_timeout(usec(std::min(timeout_s, 30.0)));
-    client_.set_read_timeout(usec(timeout_s));
-    client_.set_write_timeout(usec(timeout_s));
-  }
+  ServerReward(const std::string& url, const HttpUrl& a, double timeout_s)
+      : url_(url), client_(a, url, "the reward server", timeout_s) {}
 
   // The server's /health answer, checked.
   nlohmann::json health() {
-    const nlohmann::json h = call("/health", [&] { return client_.Get("/health"); });
+    const nlohmann::json h = client_.get("/health", "/health");
     if (!h.is_object() || !h.contains("status") || h["status"] != "ok" || !h.contains("tokenizer") ||
         !h["tokenizer"].is_string())
       fail("{}/health: not an aligner reward server's answer: {}", url_, h.dump());
@@ -80,8 +49,8 @@ class ServerReward final : public Reward {
           send_ids_ ? "{\"input_ids\":[" + join(first) + "]}"
                     : "{\"prompts\":[" + join(first) + "],\"responses\":[" + join(second) + "]}";
       const size_t n = first.size();
-      const nlohmann::json answer = call(fmt::format("/score (queries {} to {})", begin, begin + n - 1),
-                                         [&] { return client_.Post("/score", body, "application/json"); });
+      const nlohmann::json answer =
+          client_.post("/score", body, fmt::format("/score (queries {} to {})", begin, begin + n - 1));
       if (!answer.is_object() || !answer.contains("rewards") || !answer["rewards"].is_array() ||
           answer["rewards"].size() != n)
         fail("{}/score: expected {{\"rewards\": [{} numbers]}}, got {}", url_, n,
@@ -131,42 +100,8 @@ class ServerReward final : public Reward {
     return out;
   }
 
-  // The JSON that `request` gets back with status 200. A request that gets no answer is tried
-  // again after a pause, unless it waited out the whole timeout (the server is up but slow, and
-  // asking again would only wait as long again).
-  template <class F>
-  nlohmann::json call(const std::string& what, F request) {
-    double pause = 0.5;
-    for (int attempt = 1;; ++attempt) {
-      const auto t0 = std::chrono::steady_clock::now();
-      httplib::Result res = request();
-      if (res) {
-        if (res->status != 200) {
-          std::string message = res->body.substr(0, 500);
-          try {
-            const auto j = parse_json(res->body, "answer");
-            if (j.is_object() && j.contains("error") && j["error"].is_string()) message = j["error"];
-          } catch (const Error&) {
-            // not JSON: the body as it is
-          }
-          fail("{}{}: HTTP {}: {}", url_, what, res->status, message);
-        }
-        return parse_json(res->body, url_ + what);
-      }
-      const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      const std::string error = fmt::format("{} error", httplib::to_string(res.error()));
-      if (attempt == kAttempts || waited >= 0.9 * timeout_s_)
-        fail("{}{}: no answer from the reward server after {} attempt{}: {}", url_, what, attempt,
-             attempt == 1 ? "" : "s", error);
-      log_warn("{}{}: {}; trying again in {:.1f} s", url_, what, error, pause);
-      std::this_thread::sleep_for(std::chrono::duration<double>(pause));
-      pause *= 2;
-    }
-  }
-
   std::string url_;
-  double timeout_s_;
-  httplib::Client client_;
+  JsonHttpClient client_;
   bool send_ids_ = false;
   int64_t max_sequences_ = 1024, max_bytes_ = int64_t(8) << 20;  // what an older server is assumed to take
 };
@@ -176,7 +111,7 @@ class ServerReward final : public Reward {
 std::unique_ptr<Reward> connect_reward_server(const std::string& url, const Tokenizer& actor_tokenizer,
                                               double timeout_s) {
   if (!(timeout_s > 0)) fail("reward server timeout must be positive, got {}", timeout_s);
-  const Address a = parse_url(url);
+  const HttpUrl a = parse_http_url(url, "reward server url", false);
   // The url as given, without a trailing "/", so that paths read naturally after it in messages.
   const std::string base = url.back() == '/' ? url.substr(0, url.size() - 1) : url;
   auto reward = std::make_unique<ServerReward>(base, a, timeout_s);
