@@ -340,18 +340,22 @@ class JudgeServer {
       } else {
         const auto [a, b] = answer_logprobs(question);
         choice["message"] = {{"role", "assistant"}, {"content", a > b ? "A" : "B"}};
-        // The first position names neither option; the second names both, A in two spellings.
-        choice["logprobs"] = {{"content",
-                               {{{"token", "The"},
-                                 {"logprob", -0.1},
-                                 {"top_logprobs", {{{"token", "The"}, {"logprob", -0.1}}}}},
-                                {{"token", " A"},
-                                 {"logprob", a},
-                                 {"top_logprobs",
-                                  {{{"token", " A"}, {"logprob", std::log(0.75) + a}},
-                                   {{"token", "(A"}, {"logprob", std::log(0.25) + a}},
-                                   {{"token", "B"}, {"logprob", b}},
-                                   {{"token", "C"}, {"logprob", -0.01}}}}}}}};
+        // The first position's answer names no option, though its runner-up does (a judge that
+        // might have begun "A is better"); the second's names the option, and its top log-probs
+        // both, A in two spellings.
+        choice["logprobs"] = {
+            {"content",
+             {{{"token", "The"},
+               {"logprob", -0.1},
+               {"top_logprobs",
+                {{{"token", "The"}, {"logprob", -0.1}}, {{"token", "A"}, {"logprob", -3.0}}}}},
+              {{"token", a > b ? " A" : "B"},
+               {"logprob", std::max(a, b)},
+               {"top_logprobs",
+                {{{"token", " A"}, {"logprob", std::log(0.75) + a}},
+                 {{"token", "(A"}, {"logprob", std::log(0.25) + a}},
+                 {{"token", "B"}, {"logprob", b}},
+                 {{"token", "C"}, {"logprob", -0.01}}}}}}}};
       }
       res.set_content(
           nlohmann::json{{"id", "x"}, {"object", "chat.completion"}, {"choices", {choice}}}.dump(),
@@ -487,6 +491,18 @@ TEST(Cai, BadSettingsAreOneLineErrors) {
     const auto r = run_aligner(args);
     EXPECT_EQ(r.status, 1) << args;
     EXPECT_EQ(r.output, message) << args;
+  }
+  {
+    // Another command's output is not continued: critique's lines in compare's --out.
+    const auto sl = out.parent_path() / "sl.jsonl";
+    std::ofstream(sl) << R"({"system": "", "conversations": [], "mask": "User", "prompt_index": 0})"
+                      << "\n";
+    const auto r = run_aligner(compare_args(sl, "--judge " + tiny_model(1024)));
+    EXPECT_EQ(r.status, 1);
+    EXPECT_NE(
+        r.output.find("error: " + sl.string() + ":1: no \"chosen\": not a line of this command's output"),
+        std::string::npos)
+        << r.output;
   }
   const std::string bad = write_temp("cai_bad_prompts.jsonl", "{\"prompt\": \"Hi\"}\n{\"prompt\": 3}\n");
   const auto r = run_aligner("cai critique --model " + tiny_model(1024) + " --prompts " + bad +

@@ -120,9 +120,7 @@ void run(const Config& cfg) {
   const at::Device device = parse_device_name(cfg.get_string("model.device"), "model.device");
   const auto dtype = parse_compute_dtype(cfg.get_string("model.dtype"), device, "model.dtype");
   const Transformer m = load_adapted_model(model_dir, cfg.get_string("model.adapter"), device, dtype);
-  if (tok->vocab_size() > m.cfg.vocab_size)
-    fail("{}: the tokenizer has {} tokens but the model's vocabulary is {}", model_dir, tok->vocab_size(),
-         m.cfg.vocab_size);
+  check_tokenizer_fits(*tok, m.cfg.vocab_size, model_dir);
   const Prompts prompts = read_prompts(cfg, data, *tok, context_length(m.cfg), steering);
   std::ofstream out(out_path);
   if (!out) fail("cannot write {}", out_path);

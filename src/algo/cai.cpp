@@ -25,18 +25,13 @@
 #include "io/http_client.h"
 #include "io/jsonl.h"
 #include "io/resumable_jsonl.h"
+#include "text/trim.h"
 
 namespace aligner {
 
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-std::string trim(const std::string& s) {
-  const size_t begin = s.find_first_not_of(" \t\r\n");
-  if (begin == std::string::npos) return {};
-  return s.substr(begin, s.find_last_not_of(" \t\r\n") + 1 - begin);
-}
 
 // A line of output; a response cut inside a UTF-8 sequence is invalid UTF-8, which JSON cannot hold.
 std::string dump_line(const nlohmann::ordered_json& line) {
@@ -88,9 +83,7 @@ Chat load_chat(const std::string& dir, const std::string& template_name, at::Dev
   c.tok = load_tokenizer(dir);
   c.tmpl = resolve_chat_template(template_name, *c.tok);
   c.model = load_transformer(dir, device, dtype);
-  if (c.tok->vocab_size() > c.model.cfg.vocab_size)
-    fail("{}: the tokenizer has {} tokens but the model's vocabulary is {}", dir, c.tok->vocab_size(),
-         c.model.cfg.vocab_size);
+  check_tokenizer_fits(*c.tok, c.model.cfg.vocab_size, dir);
   c.context = context_length(c.model.cfg);
   return c;
 }
@@ -184,10 +177,12 @@ struct Output {
   std::ofstream file;
 };
 
-Output open_output(const Config& cfg) {
+// `kind`: a field every line of this command's output has, so that another command's is not
+// continued.
+Output open_output(const Config& cfg, const std::string& kind) {
   Output o;
   o.path = cfg.get_string("out");
-  o.resumed = resume_jsonl(o.path, "prompt_index", cfg.get_bool("overwrite"));
+  o.resumed = resume_jsonl(o.path, "prompt_index", kind, cfg.get_bool("overwrite"));
   if (o.resumed.continued)
     log_info("continuing {} from prompt {}, the {} lines before it kept (overwrite=true starts afresh)",
              o.path, o.resumed.first_index, o.resumed.kept_lines);
@@ -291,7 +286,7 @@ class EndpointJudge final : public Judge {
  public:
   EndpointJudge(const std::string& url, const HttpUrl& parsed, std::string model, double timeout_s)
       : url_(url),
-        path_(parsed.path.empty() ? "/v1/chat/completions" : parsed.path),
+        path_(parsed.path.size() <= 1 ? "/v1/chat/completions" : parsed.path),
         model_(std::move(model)),
         client_(parsed, url, "the judge", timeout_s) {}
 
@@ -314,8 +309,9 @@ class EndpointJudge final : public Judge {
   }
 
  private:
-  // The first answer position whose top log-probs name an option: the two options' probabilities
-  // there, normalised (one not listed counts as 0); else the first option the text names.
+  // The first answer position whose token names an option: the two options' probabilities among
+  // its top log-probs, normalised (one not listed counts as 0); else the first option the text
+  // names. An earlier position's runners-up ("A" where the answer began "The") are not answers.
   std::optional<double> read_answer(const nlohmann::json& answer, const std::string& label) {
     const nlohmann::json* choice = nullptr;
     if (answer.is_object() && answer.contains("choices") && answer["choices"].is_array() &&
@@ -327,10 +323,13 @@ class EndpointJudge final : public Judge {
     if (choice->contains("logprobs") && (*choice)["logprobs"].is_object() &&
         (*choice)["logprobs"].contains("content") && (*choice)["logprobs"]["content"].is_array()) {
       for (const auto& position : (*choice)["logprobs"]["content"]) {
+        if (!position.is_object() || !position.contains("token") || !position["token"].is_string() ||
+            !option_letter(position["token"].get<std::string>()))
+          continue;
         double a = -std::numeric_limits<double>::infinity(), b = a;
         bool named = false;
         // Without top_logprobs, the answer's own token at the position.
-        const auto& top = position.is_object() && position.contains("top_logprobs")
+        const auto& top = position.contains("top_logprobs") && position["top_logprobs"].is_array()
                               ? position["top_logprobs"]
                               : nlohmann::json::array({position});
         for (const auto& t : top) {
@@ -418,7 +417,7 @@ void run_cai_critique(const Config& cfg) {
   const std::vector<Message> few_shot =
       cfg.get_string("few_shot").empty() ? std::vector<Message>{} : read_few_shot(cfg.get_string("few_shot"));
   const Job job = open_job(cfg);
-  Output out = open_output(cfg);
+  Output out = open_output(cfg, "conversations");
   const int64_t first = out.resumed.first_index;
   const uint64_t seed = job.gen.seed;
 
@@ -520,7 +519,8 @@ void run_cai_compare(const Config& cfg) {
         "endpoint){}",
         judge_path.empty() ? "" : ", not both");
   const double timeout_s = cfg.get_float("judge.timeout_s");
-  if (!(timeout_s > 0)) fail("config key 'judge.timeout_s' must be positive, got {}", timeout_s);
+  if (!(timeout_s > 0 && timeout_s <= 1e6))
+    fail("config key 'judge.timeout_s' must be positive and at most 1e6 (seconds), got {}", timeout_s);
   const HttpUrl parsed_url = judge_url.empty() ? HttpUrl{} : parse_http_url(judge_url, "judge.url", true);
   const Job job = open_job(cfg);
   std::unique_ptr<Judge> judge;
@@ -529,7 +529,7 @@ void run_cai_compare(const Config& cfg) {
         load_chat(judge_path, cfg.get_string("judge.template"), job.device, job.dtype));
   else
     judge = std::make_unique<EndpointJudge>(judge_url, parsed_url, cfg.get_string("judge.model"), timeout_s);
-  Output out = open_output(cfg);
+  Output out = open_output(cfg, "chosen");
   const int64_t first = out.resumed.first_index;
   const uint64_t seed = job.gen.seed;
 

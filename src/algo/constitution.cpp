@@ -6,15 +6,10 @@
 #include "core/json.h"
 #include "data/common.h"
 #include "io/jsonl.h"
+#include "text/trim.h"
 
 namespace aligner {
 namespace {
-
-std::string trim(std::string_view s) {
-  const size_t begin = s.find_first_not_of(" \t\r\n");
-  if (begin == std::string_view::npos) return {};
-  return std::string(s.substr(begin, s.find_last_not_of(" \t\r\n") + 1 - begin));
-}
 
 // "\n\nCritiqueRequest: Point out ...\n\nCritique:" -> "Point out ..." (label "Critique").
 std::string unwrap(std::string_view request, const std::string& label) {

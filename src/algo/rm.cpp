@@ -258,9 +258,7 @@ void run_rm(const Config& cfg) {
   const auto dtype = parse_compute_dtype(cfg.get_string("model.dtype"), ctx.device, "model.dtype");
   Transformer model = load_reward_model(model_dir, ctx.device, dtype, labels, pad_id_for(*tok),
                                         uint64_t(cfg.get_int("trainer.seed")));
-  if (tok->vocab_size() > model.cfg.vocab_size)
-    fail("{}: the tokenizer has {} tokens but the model's vocabulary is {}", model_dir, tok->vocab_size(),
-         model.cfg.vocab_size);
+  check_tokenizer_fits(*tok, model.cfg.vocab_size, model_dir);
   auto module = trainable_model(model, cfg, optim, model_dir);
   std::unique_ptr<Algorithm> algo;
   if (type == "pairwise")

@@ -286,9 +286,7 @@ void run_sft(const Config& cfg) {
   const auto dtype = parse_compute_dtype(cfg.get_string("model.dtype"), ctx.device, "model.dtype");
   Transformer model = load_transformer(model_dir, ctx.device, dtype);
   auto tok = load_tokenizer(model_dir);
-  if (tok->vocab_size() > model.cfg.vocab_size)
-    fail("{}: the tokenizer has {} tokens but the model's vocabulary is {}", model_dir, tok->vocab_size(),
-         model.cfg.vocab_size);
+  check_tokenizer_fits(*tok, model.cfg.vocab_size, model_dir);
   std::optional<Transformer> teacher;
   if (!cfg.get_string("kd.teacher").empty()) {
     teacher = load_transformer(cfg.get_string("kd.teacher"), ctx.device, dtype);

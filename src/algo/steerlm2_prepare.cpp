@@ -236,33 +236,37 @@ void run_steerlm2_prepare(const Config& cfg) {
                    true};
     if (rm_enc.tmpl.format == ChatFormat::kSteerlm) rm_enc.tmpl.format = ChatFormat::kNemo;
     const int64_t context = rm.cfg.max_position_embeddings;
-    std::vector<Sequence> scored;
+    // A conversation beyond the attribute model's context keeps its last tokens (the reply), as
+    // steerlm label scores it, rather than failing after the sampling and both log-prob passes.
+    int64_t truncated = 0;
+    std::vector<std::vector<int32_t>> scored;
     std::vector<const Group*> owner;
     for (const auto& g : groups)
       for (size_t s = 0; s < g.values.size(); ++s) {
         Conversation c = g.line->prompt.conv;
         c.generation_label.clear();
         c.messages.push_back({"assistant", g.values[s], {}});
-        auto ids = encode_chat(rm_enc, c, false).ids;
-        if (context > 0 && int64_t(ids.size()) > context)
-          fail("{}: response {} makes {} tokens for the attribute model, beyond its context of {}",
-               g.line->where, s, ids.size(), context);
-        scored.push_back({std::move(ids), {}});
-        scored.back().loss_mask.assign(scored.back().input_ids.size(), 0);
+        Sequence seq{encode_chat(rm_enc, c, false).ids, {}};
+        if (context > 0 && int64_t(seq.input_ids.size()) > context) {
+          seq.loss_mask.assign(seq.input_ids.size(), 0);
+          int64_t prompt_length = int64_t(seq.input_ids.size());
+          fit_length({&seq}, prompt_length, context, Truncation::kTruncateLeft, rm_enc.tmpl.bos);
+          ++truncated;
+        }
+        scored.push_back(std::move(seq.input_ids));
         owner.push_back(&g);
       }
+    if (truncated > 0)
+      log_warn(
+          "{} responses made more tokens than the attribute model's context ({}) with their prompt: the "
+          "attribute model read their last tokens",
+          truncated, context);
     at::NoGradGuard no_grad;
-    const int32_t rm_pad = pad_id_for(*rm_tok);
-    for (size_t start = 0; start < scored.size(); start += size_t(batch_size)) {
-      const size_t end = std::min(scored.size(), start + size_t(batch_size));
-      const std::vector<Sequence> batch(scored.begin() + int64_t(start), scored.begin() + int64_t(end));
-      const auto out = score_batch(rm, collate_padded(batch, rm_pad)).to(at::kFloat).cpu().contiguous();
-      for (size_t k = start; k < end; ++k) {
-        const float* row = out[int64_t(k - start)].data_ptr<float>();
-        const std::vector<float> predicted(row, row + out.size(1));
-        const auto& p = owner[k]->line->prompt;
-        log_attributes.push_back(attribute_log_prob(predicted, p.values, p.present, sigma, scale));
-      }
+    const auto predicted = score_token_sequences(rm, scored, batch_size, pad_id_for(*rm_tok));
+    for (size_t k = 0; k < scored.size(); ++k) {
+      const auto& p = owner[k]->line->prompt;
+      const std::vector<float> values(predicted[k].begin(), predicted[k].end());
+      log_attributes.push_back(attribute_log_prob(values, p.values, p.present, sigma, scale));
     }
   }
 

@@ -214,9 +214,7 @@ void run_steerlm_label(const Config& cfg) {
          model_dir);
   const std::vector<std::string> attributes = output_names(cfg, model.cfg, model_dir);
   const auto tok = load_tokenizer(model_dir);
-  if (tok->vocab_size() > model.cfg.vocab_size)
-    fail("{}: the tokenizer has {} tokens but the model's vocabulary is {}", model_dir, tok->vocab_size(),
-         model.cfg.vocab_size);
+  check_tokenizer_fits(*tok, model.cfg.vocab_size, model_dir);
   const Encoder enc{tok.get(), resolve_chat_template(cfg.get_string("data.template"), *tok),
                     cfg.get_bool("data.add_eos")};
   int64_t max_length = cfg.get_int("data.max_length");

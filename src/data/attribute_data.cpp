@@ -5,6 +5,7 @@
 #include <cstdlib>
 
 #include "data/common.h"
+#include "text/trim.h"
 
 namespace aligner {
 
@@ -12,13 +13,6 @@ namespace {
 
 // NeMo writes -100 (its ignore index) for an attribute an example has no value for.
 constexpr double kNemoMissing = -100.0;
-
-std::string trimmed(std::string_view s) {
-  size_t b = s.find_first_not_of(" \t");
-  if (b == std::string_view::npos) return {};
-  size_t e = s.find_last_not_of(" \t");
-  return std::string(s.substr(b, e - b + 1));
-}
 
 std::string joined(const std::vector<std::string>& names) {
   std::string out;
@@ -141,13 +135,13 @@ void parse_attribute_label(std::string_view label, const std::vector<std::string
   while (pos <= label.size()) {
     size_t comma = label.find(',', pos);
     if (comma == std::string_view::npos) comma = label.size();
-    std::string item = trimmed(label.substr(pos, comma - pos));
+    std::string item = trim(label.substr(pos, comma - pos));
     pos = comma + 1;
     if (item.empty()) continue;
     size_t colon = item.find(':');
     if (colon == std::string::npos) fail("\"{}\" is not name:value", item);
-    std::string name = trimmed(item.substr(0, colon));
-    std::string value = trimmed(item.substr(colon + 1));
+    std::string name = trim(item.substr(0, colon));
+    std::string value = trim(item.substr(colon + 1));
     auto it = std::find(attributes.begin(), attributes.end(), name);
     if (it == attributes.end())
       fail("unknown attribute \"{}\" (expected one of: {})", name, joined(attributes));

@@ -30,7 +30,8 @@ int64_t read_complete_lines(const std::string& path,
   return lines;
 }
 
-ResumedJsonl resume_jsonl(const std::string& path, const std::string& index_field, bool overwrite) {
+ResumedJsonl resume_jsonl(const std::string& path, const std::string& index_field,
+                          const std::string& kind_field, bool overwrite) {
   namespace fs = std::filesystem;
   if (overwrite || !fs::exists(path) || fs::file_size(path) == 0) {
     std::ofstream out(path, std::ios::trunc);
@@ -46,6 +47,9 @@ ResumedJsonl resume_jsonl(const std::string& path, const std::string& index_fiel
     if (!j.is_object() || !j.contains(index_field) || !j[index_field].is_number_integer())
       fail("{}: no integer \"{}\": not a line of this command's output (overwrite=true starts {} afresh)",
            where, index_field, path);
+    if (!j.contains(kind_field))
+      fail("{}: no \"{}\": not a line of this command's output (overwrite=true starts {} afresh)", where,
+           kind_field, path);
     const int64_t index = j[index_field].get<int64_t>();
     if (index < last)
       fail("{}: \"{}\" {} comes after {}: not this command's output (overwrite=true starts {} afresh)", where,

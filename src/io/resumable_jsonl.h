@@ -23,10 +23,12 @@ int64_t read_complete_lines(const std::string& path,
                             const std::function<void(int64_t number, const std::string& text)>& line);
 
 // Makes `path` ready for appending. A missing or empty file, or any file with `overwrite`, starts
-// empty.
-// Otherwise an unfinished last line (no newline) and the lines of the last index found are cut
-// off, and the run starts at that index. A line that is not a JSON object with an integer
-// `index_field`, or whose index is lower than the line's before it, is an error naming the line.
-ResumedJsonl resume_jsonl(const std::string& path, const std::string& index_field, bool overwrite);
+// empty. Otherwise an unfinished last line (no newline) and the lines of the last index found are
+// cut off, and the run starts at that index. A line that is not a JSON object with an integer
+// `index_field` and a field `kind_field` (what this command's lines hold, so that another's output
+// is never continued), or whose index is lower than the line's before it, is an error naming the
+// line.
+ResumedJsonl resume_jsonl(const std::string& path, const std::string& index_field,
+                          const std::string& kind_field, bool overwrite);
 
 }  // namespace aligner

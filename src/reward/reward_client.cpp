@@ -110,7 +110,8 @@ class ServerReward final : public Reward {
 
 std::unique_ptr<Reward> connect_reward_server(const std::string& url, const Tokenizer& actor_tokenizer,
                                               double timeout_s) {
-  if (!(timeout_s > 0)) fail("reward server timeout must be positive, got {}", timeout_s);
+  if (!(timeout_s > 0 && timeout_s <= 1e6))
+    fail("reward server timeout must be positive and at most 1e6 (seconds), got {}", timeout_s);
   const HttpUrl a = parse_http_url(url, "reward server url", false);
   // The url as given, without a trailing "/", so that paths read naturally after it in messages.
   const std::string base = url.back() == '/' ? url.substr(0, url.size() - 1) : url;

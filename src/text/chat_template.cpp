@@ -1,4 +1,5 @@
 #include "text/chat_template.h"
+#include "text/trim.h"
 
 #include <algorithm>
 
@@ -19,15 +20,6 @@ constexpr const char* kFormatNames = "plain, llama3, llama2, chatml, mistral, ne
 
 bool contains(std::string_view text, std::string_view what) {
   return text.find(what) != std::string_view::npos;
-}
-
-// Jinja's trim and Python's strip, which the HF templates apply to some contents.
-std::string trim(std::string_view s) {
-  const char* ws = " \t\n\r\v\f";
-  size_t b = s.find_first_not_of(ws);
-  if (b == std::string_view::npos) return {};
-  size_t e = s.find_last_not_of(ws);
-  return std::string(s.substr(b, e - b + 1));
 }
 
 struct Builder {

@@ -68,6 +68,12 @@ std::string chat_template(const json& config, const fs::path& config_path) {
 
 }  // namespace
 
+void check_tokenizer_fits(const Tokenizer& tok, int64_t model_vocab, const std::string& dir) {
+  if (tok.vocab_size() > model_vocab)
+    fail("{}: the tokenizer has {} tokens but the model's vocabulary is {}", dir, tok.vocab_size(),
+         model_vocab);
+}
+
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
   std::error_code error;
   fs::path file(path);

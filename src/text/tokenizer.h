@@ -42,4 +42,8 @@ class Tokenizer {
 // is supported.
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path);
 
+// A tokenizer with more tokens than the model's vocabulary gives ids its embedding lacks: an error
+// naming `dir`, the folder they came from.
+void check_tokenizer_fits(const Tokenizer& tok, int64_t model_vocab, const std::string& dir);
+
 }  // namespace aligner

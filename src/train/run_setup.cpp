@@ -24,9 +24,7 @@ Policy load_policy(const std::string& dir, const std::string& key, at::Device de
   Policy p{load_transformer(dir, device, dtype), load_tokenizer(dir)};
   if (p.model.cfg.num_labels > 0)
     fail("{} {} is a reward model (a sequence classifier), not a causal LM", key, dir);
-  if (p.tok->vocab_size() > p.model.cfg.vocab_size)
-    fail("{}: the tokenizer has {} tokens but the model's vocabulary is {}", dir, p.tok->vocab_size(),
-         p.model.cfg.vocab_size);
+  check_tokenizer_fits(*p.tok, p.model.cfg.vocab_size, dir);
   return p;
 }
 
