@@ -9,7 +9,6 @@
 // logprobs[i] is log p(output_ids[i]) under the model's own distribution (temperature 1, no
 // top-k/top-p), whatever was sampled from. finish_reason: "stop" (EOS, a stop id or string) or
 // "length" (max_new_tokens or the model's context). configs/generate.yaml is the schema.
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -126,20 +125,12 @@ void run(const Config& cfg) {
   if (!out) fail("cannot write {}", out_path);
 
   const int64_t total = int64_t(prompts.ids.size()) * opt.num_samples;
-  const auto start = std::chrono::steady_clock::now();
-  double last_report = 0;
-  auto report = [&](int64_t finished, int64_t tokens, bool always) {
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    if (!always && s - last_report < 10) return;
-    last_report = s;
-    const double eta = finished > 0 ? s * double(total - finished) / double(finished) : -1;
-    log_info("generated {}/{} completions, {} tokens, {} tok/s, ETA {}", finished, total,
-             format_thousands(tokens), format_thousands(std::llround(tokens / std::max(s, 1e-9))),
-             format_duration(eta));
+  JobProgress progress(total);
+  opt.on_step = [&](int64_t finished, int64_t tokens) {
+    report_generation(progress, finished, total, tokens, false);
   };
-  opt.on_step = [&](int64_t finished, int64_t tokens) { report(finished, tokens, false); };
   const GenerationResult result = generate(m, prompts.ids, opt);
-  report(total, result.generated_tokens, true);
+  report_generation(progress, total, total, result.generated_tokens, true);
 
   for (const auto& s : result.sequences) {
     const ResponseText response = response_text(s, *tok, opt.stop_strings, include_stop);

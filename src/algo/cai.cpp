@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cctype>
-#include <chrono>
 #include <cmath>
 #include <fstream>
 #include <limits>
@@ -30,8 +29,6 @@
 namespace aligner {
 
 namespace {
-
-using Clock = std::chrono::steady_clock;
 
 // A line of output; a response cut inside a UTF-8 sequence is invalid UTF-8, which JSON cannot hold.
 std::string dump_line(const nlohmann::ordered_json& line) {
@@ -120,28 +117,14 @@ std::vector<std::optional<std::string>> reply(const Chat& c,
 
 // "cai critique: 12/600 prompts, 11 lines written, 3,456 tokens generated (120 tok/s), ETA 3m12s",
 // every 10 s and at the end.
-class Reporter {
- public:
-  Reporter(std::string what, int64_t total) : what_(std::move(what)), total_(total), start_(Clock::now()) {}
-  void report(const Counts& c, bool always) {
-    const double s = std::chrono::duration<double>(Clock::now() - start_).count();
-    if ((!always && s - last_ < 10) || c.prompts == printed_) return;
-    last_ = s;
-    printed_ = c.prompts;
-    const double eta = c.prompts > 0 ? s * double(total_ - c.prompts) / double(c.prompts) : -1;
-    log_info("{}: {}/{} prompts, {} lines written, {} tokens generated ({} tok/s), ETA {}", what_, c.prompts,
-             total_, c.written, format_thousands(c.generated_tokens),
-             format_thousands(std::llround(double(c.generated_tokens) / std::max(s, 1e-9))),
-             format_duration(eta));
-  }
-
- private:
-  std::string what_;
-  int64_t total_;
-  Clock::time_point start_;
-  double last_ = 0;
-  int64_t printed_ = -1;  // prompts done at the last line
-};
+void report(JobProgress& progress, const std::string& what, const Counts& c, int64_t total, bool always) {
+  progress.update(c.prompts, always, [&](double s, double eta) {
+    return fmt::format("{}: {}/{} prompts, {} lines written, {} tokens generated ({} tok/s), ETA {}", what,
+                       c.prompts, total, c.written, format_thousands(c.generated_tokens),
+                       format_thousands(std::llround(double(c.generated_tokens) / std::max(s, 1e-9))),
+                       format_duration(eta));
+  });
+}
 
 // What the two commands share: the constitution, the prompts, the model that answers them and how.
 struct Job {
@@ -422,7 +405,8 @@ void run_cai_critique(const Config& cfg) {
   const uint64_t seed = job.gen.seed;
 
   Counts counts;
-  Reporter reporter("cai critique", prompts_from(job.prompts, first));
+  const int64_t total = prompts_from(job.prompts, first);
+  JobProgress progress(total);
   for_each_batch(job.prompts, job.per_batch, first, [&](int64_t batch, const std::vector<const Prompt*>& ps) {
     const size_t n = ps.size();
     GenerationOptions g = job.gen;
@@ -492,9 +476,9 @@ void run_cai_critique(const Config& cfg) {
       ++counts.written;
     }
     write_lines(out, lines);
-    reporter.report(counts, false);
+    report(progress, "cai critique", counts, total, false);
   });
-  reporter.report(counts, true);
+  report(progress, "cai critique", counts, total, true);
   if (counts.too_long > 0)
     log_warn(
         "{} answers, critiques or revisions were not asked for: the conversation left no room in the model's "
@@ -535,7 +519,8 @@ void run_cai_compare(const Config& cfg) {
 
   const size_t R = temperatures.size();
   Counts counts;
-  Reporter reporter("cai compare", prompts_from(job.prompts, first));
+  const int64_t total = prompts_from(job.prompts, first);
+  JobProgress progress(total);
   for_each_batch(job.prompts, job.per_batch, first, [&](int64_t batch, const std::vector<const Prompt*>& ps) {
     std::vector<std::optional<Conversation>> convs;
     for (const Prompt* p : ps) convs.push_back(p->conv);
@@ -602,9 +587,9 @@ void run_cai_compare(const Config& cfg) {
       }
       write_lines(out, lines);
     }
-    reporter.report(counts, false);
+    report(progress, "cai compare", counts, total, false);
   });
-  reporter.report(counts, true);
+  report(progress, "cai compare", counts, total, true);
   if (counts.too_long > 0)
     log_warn("{} responses were not asked for: the prompt left no room in the model's context ({} tokens)",
              counts.too_long, job.chat.context);

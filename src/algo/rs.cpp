@@ -1,7 +1,6 @@
 #include "algo/rs.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -40,8 +39,6 @@ std::vector<int64_t> select_top_n(const std::vector<double>& rewards, int64_t gr
 }
 
 namespace {
-
-using Clock = std::chrono::steady_clock;
 
 struct RsOptions {
   int64_t prompts_per_step = 0, samples_per_prompt = 4, top_n = 1;
@@ -267,17 +264,10 @@ void generate_selected(const Config& cfg) {
 
   const int64_t size = dataset_size(ds);
   const int64_t total = (size - ds.stats.dropped - ds.stats.bad_lines) * o.samples_per_prompt;
-  const auto start = Clock::now();
-  double last_report = 0;
+  JobProgress progress(total);
   int64_t finished = 0, tokens = 0;
   auto report = [&](int64_t done, int64_t generated, bool always) {
-    const double s = std::chrono::duration<double>(Clock::now() - start).count();
-    if (!always && s - last_report < 10) return;
-    last_report = s;
-    const double eta = done > 0 ? s * double(total - done) / double(done) : -1;
-    log_info("generated {}/{} completions, {} tokens, {} tok/s, ETA {}", done, total,
-             format_thousands(generated), format_thousands(std::llround(generated / std::max(s, 1e-9))),
-             format_duration(eta));
+    report_generation(progress, done, total, generated, always);
   };
 
   int64_t prompts = 0, written = 0, blank = 0, below = 0, chunk_index = 0;

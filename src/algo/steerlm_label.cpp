@@ -1,7 +1,6 @@
 #include "algo/steerlm_label.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -228,16 +227,13 @@ void run_steerlm_label(const Config& cfg) {
   std::vector<Line> group;
   std::vector<std::vector<int32_t>> seqs;  // the group's replies' tokens, in order
   int64_t lines_written = done, replies_done = 0, truncated = 0;
-  const auto start = std::chrono::steady_clock::now();
-  double last_report = 0;
+  JobProgress progress(replies_total);
   auto report = [&](bool always) {
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    if (!always && s - last_report < 10) return;
-    last_report = s;
-    const double eta =
-        replies_done > 0 ? s * double(replies_total - replies_done) / double(replies_done) : -1;
-    log_info("labelled {}/{} lines, {}/{} replies, {:.1f} replies/s, ETA {}", lines_written, input.size(),
-             replies_done, replies_total, double(replies_done) / std::max(s, 1e-9), format_duration(eta));
+    progress.update(replies_done, always, [&](double s, double eta) {
+      return fmt::format("labelled {}/{} lines, {}/{} replies, {:.1f} replies/s, ETA {}", lines_written,
+                         input.size(), replies_done, replies_total, double(replies_done) / std::max(s, 1e-9),
+                         format_duration(eta));
+    });
   };
   auto flush = [&] {
     const auto scores = score_token_sequences(model, seqs, batch_size, pad_id);

@@ -103,6 +103,18 @@ std::string progress_log_line(int64_t step, int64_t total_steps, const MetricVal
                        " ");
 }
 
+JobProgress::JobProgress(int64_t total, double every_s)
+    : total_(total), every_s_(every_s), start_(std::chrono::steady_clock::now()) {}
+
+void JobProgress::update(int64_t done, bool always,
+                         const std::function<std::string(double elapsed_s, double eta_s)>& line) {
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  if ((!always && s - last_s_ < every_s_) || done == printed_) return;
+  last_s_ = s;
+  printed_ = done;
+  log_info("{}", line(s, done > 0 ? s * double(total_ - done) / double(done) : -1.0));
+}
+
 EtaEstimator::EtaEstimator(int64_t start_step, double start_time_s)
     : last_step_(start_step), last_time_s_(start_time_s) {}
 

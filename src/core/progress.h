@@ -4,7 +4,9 @@
 // and plotting one-liners handle, where '\r' redraws would be garbage
 //   [2026-11-23 10:00:00] step 12/100 loss=2.3456 lr=1.00e-04 tok/s=5432 eta=3m12s
 #pragma once
+#include <chrono>
 #include <cstdint>
+#include <functional>
 #include <iostream>
 #include <mutex>
 #include <string>
@@ -50,6 +52,22 @@ class EtaEstimator {
   double last_time_s_;
   int intervals_ = 0;
   double seconds_per_step_ = -1;
+};
+
+// Progress of a data job of `total` items (prompts labelled, completions generated) in the log: a
+// line every `every_s` seconds and when asked, never twice for the same count. The caller words
+// the line from the seconds elapsed and the time left (negative while unknown), estimated from the
+// items done so far.
+class JobProgress {
+ public:
+  explicit JobProgress(int64_t total, double every_s = 10.0);
+  void update(int64_t done, bool always,
+              const std::function<std::string(double elapsed_s, double eta_s)>& line);
+
+ private:
+  int64_t total_, printed_ = -1;
+  double every_s_, last_s_ = 0;
+  std::chrono::steady_clock::time_point start_;
 };
 
 class Progress {

@@ -200,6 +200,14 @@ ResponseText response_text(const GeneratedSequence& s, const Tokenizer& tok,
   return r;
 }
 
+void report_generation(JobProgress& progress, int64_t finished, int64_t total, int64_t tokens, bool always) {
+  progress.update(finished, always, [&](double s, double eta) {
+    return fmt::format(
+        "generated {}/{} completions, {} tokens, {} tok/s, ETA {}", finished, total, format_thousands(tokens),
+        format_thousands(std::llround(double(tokens) / std::max(s, 1e-9))), format_duration(eta));
+  });
+}
+
 void check_generation_options(const GenerationOptions& o) {
   if (o.max_new_tokens < 1) fail("generation: max_new_tokens must be at least 1, got {}", o.max_new_tokens);
   if (o.num_samples < 1) fail("generation: num_samples must be at least 1, got {}", o.num_samples);

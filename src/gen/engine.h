@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "core/progress.h"
 #include "gen/kv_cache.h"
 #include "gen/sampling.h"
 #include "model/transformer.h"
@@ -106,6 +107,10 @@ struct GenerationResult {
   std::vector<GeneratedSequence> sequences;  // prompt-major: prompt * num_samples + sample
   int64_t generated_tokens = 0;
 };
+
+// "generated 12/64 completions, 3,456 tokens, 1,234 tok/s, ETA 3s" in the log through `progress`
+// (every 10 s, and with `always`): what on_step reports, for a job of `total` completions.
+void report_generation(JobProgress& progress, int64_t finished, int64_t total, int64_t tokens, bool always);
 
 // Errors name the option and the value given; generate() calls it first.
 void check_generation_options(const GenerationOptions& opt);
