@@ -18,6 +18,7 @@
 #include "data/sampler.h"
 #include "model/config.h"
 #include "text/chat_template.h"
+#include "train/trainer.h"
 
 namespace aligner {
 
@@ -65,6 +66,21 @@ std::tuple<std::unique_ptr<Dataset>, std::unique_ptr<Dataset>, Sampler> open_tra
                                  uint64_t(cfg.get_int("trainer.seed")));
   return {std::move(train), std::move(val), std::move(sampler)};
 }
+
+// An offline recipe whose resumable state is where its sampler stands in data.train: saved as
+// {"position"}, and cut anew for another number of ranks by resharded_position.
+class SampledAlgorithm : public Algorithm {
+ public:
+  nlohmann::json state() const override { return {{"position", sampler_.position}}; }
+  void load_state(const nlohmann::json& s) override { sampler_.position = s.at("position").get<int64_t>(); }
+  std::optional<nlohmann::json> reshard_state(const std::vector<nlohmann::json>& saved) const override {
+    const auto p = resharded_position(sampler_, saved);
+    return p ? std::optional<nlohmann::json>(nlohmann::json{{"position", *p}}) : std::nullopt;
+  }
+
+ protected:
+  Sampler sampler_;
+};
 
 template <class Example>
 struct Indexed {

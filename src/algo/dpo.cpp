@@ -78,7 +78,7 @@ auto read(PreferenceDataset& ds) {
   return [&ds](int64_t index) { return preference_example(ds, index); };
 }
 
-class Dpo final : public Algorithm {
+class Dpo final : public SampledAlgorithm {
  public:
   Dpo(const Config& cfg, const Tokenizer& tok, Transformer& policy, int rank, int world)
       : policy_(policy), rank_(rank), world_(world) {
@@ -171,13 +171,6 @@ class Dpo final : public Algorithm {
          validation_batches(dataset_size(*val_), micro_batch_size_, rank_, world_, read(*val_)))
       out.parts.push_back(compute(pairs, cache_val_, *val_));
     return out;
-  }
-
-  nlohmann::json state() const override { return {{"position", sampler_.position}}; }
-  void load_state(const nlohmann::json& s) override { sampler_.position = s.at("position").get<int64_t>(); }
-  std::optional<nlohmann::json> reshard_state(const std::vector<nlohmann::json>& saved) const override {
-    const auto p = resharded_position(sampler_, saved);
-    return p ? std::optional<nlohmann::json>(nlohmann::json{{"position", *p}}) : std::nullopt;
   }
 
  private:
@@ -273,7 +266,6 @@ class Dpo final : public Algorithm {
   bool average_ = false, needs_rewards_ = false, checkpoint_layers_ = false;
   DataOptions options_;
   std::unique_ptr<PreferenceDataset> train_, val_;
-  Sampler sampler_;
   int64_t micro_batch_size_ = 1, max_epochs_ = 1;
   int32_t pad_id_ = 0;
   std::vector<Pairs> step_;

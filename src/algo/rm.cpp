@@ -82,7 +82,7 @@ std::vector<int32_t> scoring_tokens(const nlohmann::json& r, const std::string& 
 namespace {
 
 // What both ways of training share: the model, the order the data is read in, and its state.
-class RewardModelTraining : public Algorithm {
+class RewardModelTraining : public SampledAlgorithm {
  public:
   RewardModelTraining(const Config& cfg, const Tokenizer& tok, Transformer& model, int rank, int world)
       : model_(model),
@@ -95,13 +95,6 @@ class RewardModelTraining : public Algorithm {
         options_(read_data_options(cfg, model.cfg)),
         template_(resolve_chat_template(cfg.get_string("data.template"), tok)) {}
 
-  nlohmann::json state() const override { return {{"position", sampler_.position}}; }
-  void load_state(const nlohmann::json& s) override { sampler_.position = s.at("position").get<int64_t>(); }
-  std::optional<nlohmann::json> reshard_state(const std::vector<nlohmann::json>& saved) const override {
-    const auto p = resharded_position(sampler_, saved);
-    return p ? std::optional<nlohmann::json>(nlohmann::json{{"position", *p}}) : std::nullopt;
-  }
-
  protected:
   Transformer& model_;
   int rank_, world_;
@@ -110,7 +103,6 @@ class RewardModelTraining : public Algorithm {
   int32_t pad_id_;
   DataOptions options_;
   ChatTemplate template_;
-  Sampler sampler_;
 };
 
 using Pairs = std::vector<Indexed<PreferenceExample>>;

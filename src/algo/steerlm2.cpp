@@ -57,7 +57,7 @@ auto read(Steerlm2Dataset& ds) {
   return [&ds](int64_t index) { return steerlm2_example(ds, index); };
 }
 
-class Steerlm2 final : public Algorithm {
+class Steerlm2 final : public SampledAlgorithm {
  public:
   Steerlm2(const Config& cfg, const Tokenizer& tok, Transformer& policy, int rank, int world)
       : policy_(policy), rank_(rank), world_(world) {
@@ -93,13 +93,6 @@ class Steerlm2 final : public Algorithm {
     return out;
   }
 
-  nlohmann::json state() const override { return {{"position", sampler_.position}}; }
-  void load_state(const nlohmann::json& s) override { sampler_.position = s.at("position").get<int64_t>(); }
-  std::optional<nlohmann::json> reshard_state(const std::vector<nlohmann::json>& saved) const override {
-    const auto p = resharded_position(sampler_, saved);
-    return p ? std::optional<nlohmann::json>(nlohmann::json{{"position", *p}}) : std::nullopt;
-  }
-
  private:
   // Every response of the micro-batch's prompts in one forward pass; the loss a sum over prompts.
   LossSums compute(const Groups& groups) {
@@ -133,7 +126,6 @@ class Steerlm2 final : public Algorithm {
   Transformer& policy_;
   int rank_, world_;
   std::unique_ptr<Steerlm2Dataset> train_, val_;
-  Sampler sampler_;
   int64_t micro_batch_size_ = 1, max_epochs_ = 1;
   bool checkpoint_layers_ = false;
   int32_t pad_id_ = 0;
