@@ -26,6 +26,7 @@
 #include "gen/generation_config.h"
 #include "io/hf_checkpoint.h"
 #include "io/peft_adapter.h"
+#include "train/run_setup.h"
 
 namespace aligner::cli {
 namespace {
@@ -116,13 +117,16 @@ void run(const Config& cfg) {
   opt.tokenizer = tok.get();
   check_generation_options(opt);
   const Steering steering = read_steering(cfg, *tok);
-  const at::Device device = parse_device_name(cfg.get_string("model.device"), "model.device");
+  at::Device device = parse_device_name(cfg.get_string("model.device"), "model.device");
+  const bool writes = init_inference_ranks(cfg, device);
   const auto dtype = parse_compute_dtype(cfg.get_string("model.dtype"), device, "model.dtype");
   const Transformer m = load_adapted_model(model_dir, cfg.get_string("model.adapter"), device, dtype);
   check_tokenizer_fits(*tok, m.cfg.vocab_size, model_dir);
   const Prompts prompts = read_prompts(cfg, data, *tok, context_length(m.cfg), steering);
-  std::ofstream out(out_path);
-  if (!out) fail("cannot write {}", out_path);
+  // Every rank generates the same tokens (the same logits, the same draws); one writes them.
+  std::ofstream out;
+  if (writes) out.open(out_path);
+  if (writes && !out) fail("cannot write {}", out_path);
 
   const int64_t total = int64_t(prompts.ids.size()) * opt.num_samples;
   JobProgress progress(total);
@@ -131,6 +135,7 @@ void run(const Config& cfg) {
   };
   const GenerationResult result = generate(m, prompts.ids, opt);
   report_generation(progress, total, total, result.generated_tokens, true);
+  if (!writes) return;
 
   for (const auto& s : result.sequences) {
     const ResponseText response = response_text(s, *tok, opt.stop_strings, include_stop);
@@ -158,7 +163,8 @@ void add_generate(CLI::App& app) {
   aliases.insert(aliases.end(), {{"--data", "data.path", true},
                                  {"--out", "out", true},
                                  {"--batch-size", "gen.batch_size"},
-                                 {"--adapter", "model.adapter"}});
+                                 {"--adapter", "model.adapter"},
+                                 {"--tensor-parallel", "model.tensor_parallel"}});
   add_config_options(*cmd, "generate", aliases, run);
 }
 

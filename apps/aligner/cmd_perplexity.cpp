@@ -14,6 +14,7 @@
 #include "io/jsonl.h"
 #include "io/peft_adapter.h"
 #include "text/tokenizer.h"
+#include "train/run_setup.h"
 
 namespace aligner::cli {
 namespace {
@@ -56,7 +57,8 @@ void run(const Config& cfg) {
   const int64_t batch_size = cfg.get_int("batch_size"), stride = cfg.get_int("stride");
   if (batch_size < 1) fail("config key 'batch_size' must be at least 1, got {}", batch_size);
   if (stride < 0) fail("config key 'stride' must be 0 (no windows) or positive, got {}", stride);
-  const at::Device device = parse_device_name(cfg.get_string("model.device"), "model.device");
+  at::Device device = parse_device_name(cfg.get_string("model.device"), "model.device");
+  const bool writes = init_inference_ranks(cfg, device);
   const Transformer m =
       load_adapted_model(model_dir, cfg.get_string("model.adapter"), device,
                          parse_compute_dtype(cfg.get_string("model.dtype"), device, "model.dtype"));
@@ -108,6 +110,7 @@ void run(const Config& cfg) {
     for (size_t i = 0; i < n; ++i) logprob[rows[start + i].seq] += lp[int64_t(i)].item<double>();
   }
 
+  if (!writes) return;
   double total = 0;
   int64_t predicted = 0;
   for (size_t i = 0; i < seqs.size(); ++i) {
@@ -140,7 +143,8 @@ void add_perplexity(CLI::App& app) {
   aliases.insert(aliases.end(), {{"--data", "data.path", true},
                                  {"--batch-size", "batch_size"},
                                  {"--stride", "stride"},
-                                 {"--adapter", "model.adapter"}});
+                                 {"--adapter", "model.adapter"},
+                                 {"--tensor-parallel", "model.tensor_parallel"}});
   add_config_options(*cmd, "perplexity", aliases, run);
 }
 

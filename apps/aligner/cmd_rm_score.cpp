@@ -18,6 +18,7 @@
 #include "io/hf_checkpoint.h"
 #include "text/chat_template.h"
 #include "text/tokenizer.h"
+#include "train/run_setup.h"
 
 namespace aligner::cli {
 namespace {
@@ -27,6 +28,7 @@ struct Scoring {
   std::string model_dir, data;
   int64_t batch_size = 8;
   int32_t pad_id = 0;  // padding is masked out, so any id will do
+  bool writes = true;  // tensor parallel: every rank scores, one prints
 };
 
 // A row of scores: the value for a single-output model, else {attribute: value}.
@@ -58,7 +60,7 @@ void score_sequences(const Scoring& s, const Config& cfg) {
       });
 
   const auto scores = score_token_sequences(s.model, seqs, s.batch_size, s.pad_id);
-  for (size_t i = 0; i < seqs.size(); ++i)
+  for (size_t i = 0; i < seqs.size() && s.writes; ++i)
     fmt::print("{}\n", nlohmann::ordered_json{{"index", i},
                                               {s.model.cfg.num_labels == 1 ? "reward" : "rewards",
                                                by_label(s.model.cfg, scores[i])}}
@@ -87,10 +89,11 @@ void score_pairs(const Scoring& s, const Config& cfg) {
         rejected_sum[a] += r[a];
         correct[a] += c[a] > r[a];
       }
-      fmt::print("{}\n", nlohmann::ordered_json{{"index", index[size_t(i)]},
-                                                {"chosen", by_label(s.model.cfg, c)},
-                                                {"rejected", by_label(s.model.cfg, r)}}
-                             .dump());
+      if (s.writes)
+        fmt::print("{}\n", nlohmann::ordered_json{{"index", index[size_t(i)]},
+                                                  {"chosen", by_label(s.model.cfg, c)},
+                                                  {"rejected", by_label(s.model.cfg, r)}}
+                               .dump());
     }
     pairs += B;
     batch.clear();
@@ -116,13 +119,14 @@ void score_pairs(const Scoring& s, const Config& cfg) {
   };
   std::vector<double> margin_sum(labels);
   for (size_t a = 0; a < labels; ++a) margin_sum[a] = chosen_sum[a] - rejected_sum[a];
-  fmt::print("{}\n", nlohmann::ordered_json{{"summary", true},
-                                            {"pairs", pairs},
-                                            {"accuracy", mean(correct)},
-                                            {"reward_chosen_mean", mean(chosen_sum)},
-                                            {"reward_rejected_mean", mean(rejected_sum)},
-                                            {"reward_margin", mean(margin_sum)}}
-                         .dump());
+  if (s.writes)
+    fmt::print("{}\n", nlohmann::ordered_json{{"summary", true},
+                                              {"pairs", pairs},
+                                              {"accuracy", mean(correct)},
+                                              {"reward_chosen_mean", mean(chosen_sum)},
+                                              {"reward_rejected_mean", mean(rejected_sum)},
+                                              {"reward_margin", mean(margin_sum)}}
+                           .dump());
 }
 
 // Lines to score or pairs, as data.format says; auto looks at the first line.
@@ -144,7 +148,8 @@ void run(const Config& cfg) {
   s.batch_size = cfg.get_int("batch_size");
   if (s.batch_size < 1) fail("config key 'batch_size' must be at least 1, got {}", s.batch_size);
   const bool pairs = reads_pairs(cfg.get_string("data.format"), s.data);
-  const at::Device device = parse_device_name(cfg.get_string("model.device"), "model.device");
+  at::Device device = parse_device_name(cfg.get_string("model.device"), "model.device");
+  s.writes = init_inference_ranks(cfg, device);
   s.model = load_transformer(s.model_dir, device,
                              parse_compute_dtype(cfg.get_string("model.dtype"), device, "model.dtype"));
   if (s.model.cfg.num_labels == 0)
@@ -167,7 +172,8 @@ void add_rm_score(CLI::App& app) {
   aliases.insert(aliases.end(), {{"--data", "data.path", true},
                                  {"--batch-size", "batch_size"},
                                  {"--template", "data.template"},
-                                 {"--no-eos", "data.add_eos", false, "false"}});
+                                 {"--no-eos", "data.add_eos", false, "false"},
+                                 {"--tensor-parallel", "model.tensor_parallel"}});
   add_config_options(*cmd, "rm-score", aliases, run);
 }
 

@@ -6,6 +6,7 @@
 #include <ATen/core/grad_mode.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #if ALIGNER_HAS_GLOO
@@ -153,11 +154,43 @@ void Work::wait() {
 struct Dist::Group {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<compat::CommBackend> backend;
+  std::chrono::milliseconds timeout{0};
 
   ~Group() {
     if (backend) compat::shutdown_comm(*backend);
   }
 };
+
+namespace {
+
+c10::intrusive_ptr<compat::CommBackend> make_backend(const c10::intrusive_ptr<c10d::Store>& store, int rank,
+                                                     int size, const at::Device& device,
+                                                     const std::string& master_addr,
+                                                     std::chrono::milliseconds timeout) {
+  try {
+    if (device.is_cpu()) {
+#if ALIGNER_HAS_GLOO
+      auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
+      opts->devices.push_back(gloo_device(master_addr));
+      return c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, size, opts);
+#endif
+    } else {
+#if ALIGNER_HAS_NCCL
+      // As torch.cuda.set_device in a torchrun script: what allocates on the current device
+      // (NCCL's own buffers, raw allocations) uses this rank's GPU, not GPU 0.
+      c10::impl::getDeviceGuardImpl(at::kCUDA)->setDevice(device);
+      auto opts = c10d::ProcessGroupNCCL::Options::create();
+      opts->timeout = timeout;
+      return c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, size, opts);
+#endif
+    }
+  } catch (const std::exception& e) {
+    fail("rank {}: could not set up the process group: {}", rank, message_of(e));
+  }
+  fail("no process group backend for {}", device.str());
+}
+
+}  // namespace
 
 Dist::Dist() = default;
 Dist::Dist(Dist&&) noexcept = default;
@@ -170,6 +203,7 @@ Dist Dist::init(const DistEnv& env, const at::Device& device, std::chrono::milli
   }
   Dist d;
   d.env_ = env;
+  d.world_rank_ = env.rank;
   d.device_ = device;
   // cuda means this process's GPU, cuda:local_rank, so that tensors compare equal to it.
   if (device.is_cuda() && !device.has_index()) d.device_ = at::Device(at::kCUDA, env.local_rank);
@@ -187,7 +221,8 @@ Dist Dist::init(const DistEnv& env, const at::Device& device, std::chrono::milli
   }
 #endif
 
-  d.group_ = std::make_unique<Group>();
+  d.group_ = std::make_shared<Group>();
+  d.group_->timeout = timeout;
   try {
     c10d::TCPStoreOptions store_opts;
     store_opts.port = static_cast<std::uint16_t>(env.master_port);
@@ -200,28 +235,27 @@ Dist Dist::init(const DistEnv& env, const at::Device& device, std::chrono::milli
     fail("rank {}: could not join the rendezvous at {}:{}: {}", env.rank, env.master_addr, env.master_port,
          message_of(e));
   }
-  try {
-    if (device.is_cpu()) {
-#if ALIGNER_HAS_GLOO
-      auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
-      opts->devices.push_back(gloo_device(env.master_addr));
-      d.group_->backend =
-          c10::make_intrusive<c10d::ProcessGroupGloo>(d.group_->store, env.rank, env.world_size, opts);
-#endif
-    } else {
-#if ALIGNER_HAS_NCCL
-      // As torch.cuda.set_device in a torchrun script: what allocates on the current device
-      // (NCCL's own buffers, raw allocations) uses this rank's GPU, not GPU 0.
-      c10::impl::getDeviceGuardImpl(at::kCUDA)->setDevice(d.device_);
-      auto opts = c10d::ProcessGroupNCCL::Options::create();
-      opts->timeout = timeout;
-      d.group_->backend =
-          c10::make_intrusive<c10d::ProcessGroupNCCL>(d.group_->store, env.rank, env.world_size, opts);
-#endif
-    }
-  } catch (const std::exception& e) {
-    fail("rank {}: could not set up the process group: {}", env.rank, message_of(e));
-  }
+  d.group_->backend =
+      make_backend(d.group_->store, env.rank, env.world_size, d.device_, env.master_addr, timeout);
+  return d;
+}
+
+Dist Dist::subgroup(const std::vector<int>& ranks, const std::string& name) const {
+  const auto at = std::find(ranks.begin(), ranks.end(), world_rank_);
+  if (at == ranks.end()) fail("subgroup {}: rank {} is not one of its ranks", name, world_rank_);
+  Dist d;
+  d.env_ = env_;
+  d.env_.rank = int(at - ranks.begin());
+  d.env_.world_size = int(ranks.size());
+  d.world_rank_ = world_rank_;
+  d.device_ = device_;
+  if (ranks.size() == 1 || !group_) return d;
+  d.group_ = std::make_shared<Group>();
+  d.group_->timeout = group_->timeout;
+  d.group_->store = c10::make_intrusive<c10d::PrefixStore>("aligner/" + name, group_->store);
+  d.group_->backend = make_backend(d.group_->store, d.env_.rank, d.env_.world_size, device_, env_.master_addr,
+                                   group_->timeout);
+  d.parent_ = group_;
   return d;
 }
 
@@ -241,8 +275,8 @@ void Dist::trace(const char* op, const at::Tensor& t) const {
   }();
   if (!on) return;
   static std::atomic<int64_t> count{0};
-  std::fprintf(stderr, "[dist trace] rank %d #%lld %s %lld x %s (thread %zu)\n", rank(),
-               static_cast<long long>(count++), op, static_cast<long long>(t.numel()),
+  std::fprintf(stderr, "[dist trace] rank %d (%d of %d) #%lld %s %lld x %s (thread %zu)\n", world_rank_,
+               rank(), world_size(), static_cast<long long>(count++), op, static_cast<long long>(t.numel()),
                c10::toString(t.scalar_type()),
                std::hash<std::thread::id>{}(std::this_thread::get_id()) % 1000);
 }
@@ -255,6 +289,17 @@ Work Dist::all_reduce_sum_async(at::Tensor& flat) {
   c10d::AllreduceOptions opts;
   opts.reduceOp = c10d::ReduceOp::SUM;
   trace("all_reduce_sum", flat);
+  return Work(group_->backend->allreduce(tensors, opts));
+}
+
+Work Dist::all_reduce_max_async(at::Tensor& flat) {
+  if (!group_) return Work();
+  check_device(flat, "all_reduce_max");
+  if (!flat.is_contiguous()) fail("all_reduce_max: the buffer must be contiguous");
+  std::vector<at::Tensor> tensors{flat};
+  c10d::AllreduceOptions opts;
+  opts.reduceOp = c10d::ReduceOp::MAX;
+  trace("all_reduce_max", flat);
   return Work(group_->backend->allreduce(tensors, opts));
 }
 

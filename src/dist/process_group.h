@@ -58,6 +58,10 @@ class Dist {
   // ranks have joined or `timeout` passes; the same timeout bounds each collective.
   static Dist init(const DistEnv& env, const at::Device& device,
                    std::chrono::milliseconds timeout = std::chrono::minutes(30));
+  // A group of some of this world's ranks, `ranks` (world ranks in the order that numbers them in the
+  // group), on the same rendezvous and device. Every rank in `ranks` calls it with the same list and
+  // `name` (unique per group), and only they do. is_main() stays the world's.
+  Dist subgroup(const std::vector<int>& ranks, const std::string& name) const;
   Dist(Dist&&) noexcept;
   Dist& operator=(Dist&&) noexcept;
   ~Dist();
@@ -65,7 +69,9 @@ class Dist {
   int rank() const { return env_.rank; }
   int world_size() const { return env_.world_size; }
   int local_rank() const { return env_.local_rank; }
-  bool is_main() const { return env_.rank == 0; }
+  // Rank 0 of the whole world (not of a subgroup): the process that writes the run's files.
+  bool is_main() const { return world_rank_ == 0; }
+  int world_rank() const { return world_rank_; }
   const at::Device& device() const { return device_; }
 
   // In place, over all ranks. The tensors may differ in shape and dtype but must live on device():
@@ -94,6 +100,8 @@ class Dist {
   // all-reduce, with the same results (the gather adds zeros), at twice the traffic.
   Work reduce_scatter_sum_async(at::Tensor& flat, at::Tensor& chunk);
   Work all_gather_async(at::Tensor& flat);
+  // Elementwise maximum over ranks, in place.
+  Work all_reduce_max_async(at::Tensor& flat);
 
  private:
   struct Group;
@@ -104,8 +112,10 @@ class Dist {
                        const std::function<Work(at::Tensor&)>& collective);
 
   DistEnv env_;
+  int world_rank_ = 0;
   at::Device device_{at::kCPU};
-  std::unique_ptr<Group> group_;  // null in a world of one
+  std::shared_ptr<Group> group_;   // null in a world of one; shared with subgroups (their rendezvous)
+  std::shared_ptr<Group> parent_;  // a subgroup's world, whose store its own prefixes
 };
 
 }  // namespace aligner::dist

@@ -142,7 +142,7 @@ struct CudaDecoder::Graphs {
     const auto dtype = kernel_dtype(m.embed.scalar_type());
     // x: the residual stream; h: its normalised copy, which the next projections read. RMSNorm is
     // one fused kernel with the residual add; other norms run as layers.h defines them.
-    auto x = at::embedding(m.embed, tokens.narrow(0, 0, n));
+    auto x = embed_tokens(m, tokens.narrow(0, 0, n));
     auto h = at::empty_like(x);
     const auto add_norm = [&](const at::Tensor* delta, const at::Tensor& weight, const at::Tensor& bias) {
       if (c.layernorm1p) {

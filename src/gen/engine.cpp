@@ -108,7 +108,7 @@ at::Tensor prefill(const Transformer& m, KvCache& cache, const std::vector<std::
   const auto slot_index = all.narrow(0, n * T, k), rows = all.narrow(0, n * T + k, k);
   const auto lengths = all.narrow(0, n * T + 2 * k, k), last = all.narrow(0, n * T + 3 * k, n);
 
-  auto x = at::embedding(m.embed, ids);
+  auto x = embed_tokens(m, ids);
   const auto positions = at::arange(T, at::TensorOptions().dtype(at::kLong).device(device)).unsqueeze(0);
   const auto [cos, sin] = cos_sin(cache.inv_freq, positions, x.scalar_type());
   // As forward_hidden's attention_mask for unpadded rows: causal, plus the window where it bites.
@@ -145,7 +145,7 @@ at::Tensor decode_step(const Transformer& m, KvCache& cache, const at::Tensor& t
   if (span < 1 || span > kv_max_tokens(cache))
     fail("decode_step: span {} is outside the KV cache's 1..{} positions", span, kv_max_tokens(cache));
   const auto positions = cache.lengths.narrow(0, 0, n).view({n, 1});
-  auto x = at::embedding(m.embed, tokens.view({n, 1}));
+  auto x = embed_tokens(m, tokens.view({n, 1}));
   const auto [cos, sin] = cos_sin(cache.inv_freq, positions, x.scalar_type());
   // The new token at position p sees cached positions j <= p (its own key is stored first), and
   // within a window w only p - j < w, as in training.

@@ -59,7 +59,8 @@ std::string dtype_name(at::ScalarType t) {
 namespace {
 
 // Copies every weight of `m` from the checkpoint but those in `skip`, checking names and shapes.
-// Tensors of the checkpoint that are neither used nor in `ignore` are errors.
+// Tensors of the checkpoint that are neither used nor in `ignore` are errors. A tensor-parallel model
+// reads its slice of each tensor alone from the memory-mapped file.
 void read_weights(Transformer& m, const safetensors::Checkpoint& ckpt, const std::string& dir,
                   const std::set<std::string>& skip, const std::set<std::string>& ignore) {
   at::NoGradGuard no_grad;
@@ -68,10 +69,13 @@ void read_weights(Transformer& m, const safetensors::Checkpoint& ckpt, const std
     if (skip.count(name)) continue;
     if (!ckpt.contains(name)) fail("{}: missing tensor '{}'", dir, name);
     const auto& info = ckpt.info(name);
-    if (at::IntArrayRef(info.shape) != t.sizes())
+    const SliceSpec slice = m.tp ? tensor_slice(*m.tp, name) : SliceSpec{};
+    auto expected = t.sizes().vec();
+    if (slice.dim >= 0) expected[slice.dim] = slice.full_length;
+    if (at::IntArrayRef(info.shape) != at::IntArrayRef(expected))
       fail("{}: tensor '{}' has shape {} but config.json implies {}", dir, name, fmt::join(info.shape, "x"),
-           fmt::join(t.sizes(), "x"));
-    t.copy_(ckpt.get(name));
+           fmt::join(expected, "x"));
+    t.copy_(take_slice(ckpt.get(name), slice));
     used.insert(name);
   }
   for (const auto& name : ckpt.names()) {
@@ -79,6 +83,17 @@ void read_weights(Transformer& m, const safetensors::Checkpoint& ckpt, const std
     // Old checkpoints store rotary tables: derived from the config, as transformers treats them.
     if (name.find("rotary_emb.inv_freq") == std::string::npos)
       fail("{}: unexpected tensor '{}' for model_type {}", dir, name, m.cfg.model_type);
+  }
+}
+
+// The process's tensor-parallel split of a model of `cfg`, if any; errors name the folder.
+std::shared_ptr<const TensorSplit> split_of(const ModelConfig& cfg, const std::string& dir) {
+  const TensorParallel* tp = process_tensor_parallel();
+  if (!tp) return nullptr;
+  try {
+    return make_tensor_split(cfg, *tp);
+  } catch (const Error& e) {
+    fail("{}: {}", dir, e.what());
   }
 }
 
@@ -94,8 +109,8 @@ Transformer load_transformer(const std::string& dir, at::Device device, std::opt
       log_warn("{}: eos_token_id {} is outside the vocabulary (vocab_size {}); generation never stops at it",
                config_path, id, cfg.vocab_size);
   auto ckpt = safetensors::Checkpoint::open_dir(dir);
-  Transformer m =
-      allocate_transformer(cfg, at::TensorOptions().dtype(dtype.value_or(cfg.dtype)).device(device));
+  Transformer m = allocate_transformer(
+      cfg, at::TensorOptions().dtype(dtype.value_or(cfg.dtype)).device(device), split_of(cfg, dir));
   // Some tied checkpoints still carry lm_head, derived from the embedding as transformers treats it.
   std::set<std::string> ignore;
   if (cfg.tie_word_embeddings && cfg.num_labels == 0) ignore.insert("lm_head.weight");
@@ -118,8 +133,8 @@ Transformer load_reward_model(const std::string& dir, at::Device device, std::op
     return m;
   }
   const ModelConfig cfg = sequence_classifier_config(lm, labels, pad_token_id);
-  Transformer m =
-      allocate_transformer(cfg, at::TensorOptions().dtype(dtype.value_or(cfg.dtype)).device(device));
+  Transformer m = allocate_transformer(
+      cfg, at::TensorOptions().dtype(dtype.value_or(cfg.dtype)).device(device), split_of(cfg, dir));
   read_weights(m, safetensors::Checkpoint::open_dir(dir), dir, {"score.weight"}, {"lm_head.weight"});
   // std 1/sqrt(hidden + 1), as Ziegler et al. (lm-human-preferences) start their reward head: each
   // output starts with about unit variance for unit-RMS hidden states (the final RMSNorm's), so the
@@ -285,6 +300,8 @@ void check_model_folder_target(const std::string& dir, Replace replace, const st
 
 void save_transformer(const Transformer& m, const std::string& dir, std::optional<at::ScalarType> dtype,
                       int64_t max_shard_bytes, const std::string& tokenizer_from, Replace replace) {
+  // Its config.json and shapes would be one rank's: the caller gathers it first (gather_transformer).
+  if (m.tp) fail("cannot save one rank's slice of a tensor-parallel model as {}", dir);
   save_folder(dir, replace, tokenizer_from, [&](const std::string& tmp) {
     write_folder(m, tmp, dtype.value_or(m.cfg.dtype), max_shard_bytes);
   });

@@ -29,6 +29,9 @@ struct Qkv {
 };
 Qkv attention_heads(const ModelConfig& c, const Block& b, const at::Tensor& q, const at::Tensor& k,
                     const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin);
+// The input of a projection: entered into the tensor-parallel group (tp_copy) when the projection is
+// column-parallel, as is.
+at::Tensor split_input(const Linear& l, const at::Tensor& x);
 // The feed-forward of a block: gated SiLU, or squared ReLU without a gate.
 at::Tensor mlp(const ModelConfig& c, const Block& b, const at::Tensor& h);
 

@@ -4,8 +4,11 @@
 #include <ATen/ATen.h>
 
 #include <initializer_list>
+#include <memory>
 
 namespace aligner {
+
+struct TensorSplit;  // model/tensor_parallel.h
 
 // A low-rank adapter (LoRA) beside a frozen weight: y = W x + scale * B (A dropout(x)). A and B are
 // float32 master weights; they run in the activations' dtype.
@@ -25,13 +28,24 @@ struct ForceAdapterDropout {
   ~ForceAdapterDropout() { adapter_dropout_forced = before; }
 };
 
+// Tensor parallelism (model/tensor_parallel.h): a column-parallel projection holds some of the output rows
+// (its input replicated, entered through tp_copy by the caller), a row-parallel one some of the input
+// columns (its partial outputs summed over the group, the bias added once after).
+enum class Split : uint8_t { kNone, kColumn, kRow };
+
 struct Linear {
   at::Tensor weight;  // [out, in], as nn.Linear stores it
   at::Tensor bias;    // [out] or undefined
   Lora lora;          // undefined tensors: no adapter
+  Split split = Split::kNone;
+  bool shared = false;  // column-parallel rows that other ranks hold too (a replicated key/value head)
+  std::shared_ptr<const TensorSplit> tp;
 };
 
+at::Tensor tensor_parallel_apply(const Linear& l, const at::Tensor& x);  // model/tensor_parallel.cpp
+
 inline at::Tensor apply(const Linear& l, const at::Tensor& x) {
+  if (l.split != Split::kNone) return tensor_parallel_apply(l, x);
   auto y = at::linear(x, l.weight, l.bias.defined() ? c10::optional<at::Tensor>(l.bias) : c10::nullopt);
   if (!l.lora.a.defined()) return y;
   const bool train = l.lora.dropout > 0 && (at::GradMode::is_enabled() || adapter_dropout_forced);
@@ -69,8 +83,13 @@ inline c10::optional<Linear> joined_linear(std::initializer_list<const Linear*> 
     prev = &p;
   }
   const int64_t in = first.weight.size(1);
+  // Joined rows are column-parallel alike (inference only: the shared rows' gradients do not matter).
   return Linear{first.weight.as_strided({rows, in}, {in, 1}),
-                bias ? first.bias.as_strided({rows}, {1}) : at::Tensor()};
+                bias ? first.bias.as_strided({rows}, {1}) : at::Tensor(),
+                Lora{},
+                first.split,
+                false,
+                first.tp};
 }
 
 }  // namespace aligner

@@ -82,9 +82,18 @@ Qkv attention_heads(const ModelConfig& c, const Block& b, const at::Tensor& q, c
                     const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin) {
   const int64_t B = q.size(0), T = q.size(1), D = c.head_dim;
   auto qh = q.view({B, T, c.num_heads, D}), kh = k.view({B, T, c.num_kv_heads, D});
-  if (c.qk_norm) qh = head_norm(c, q, c.num_heads, b.q_norm), kh = head_norm(c, k, c.num_kv_heads, b.k_norm);
+  if (c.qk_norm) {
+    // Tensor parallel: each rank's heads add to the replicated norms' gradients.
+    const auto replicated = [&](const at::Tensor& w) { return b.q.tp ? tp_copy(w, *b.q.tp) : w; };
+    qh = head_norm(c, q, c.num_heads, replicated(b.q_norm));
+    kh = head_norm(c, k, c.num_kv_heads, replicated(b.k_norm));
+  }
   return {apply_rope(qh.transpose(1, 2), cos, sin), apply_rope(kh.transpose(1, 2), cos, sin),
           v.view({B, T, c.num_kv_heads, D}).transpose(1, 2)};
+}
+
+at::Tensor split_input(const Linear& l, const at::Tensor& x) {
+  return l.split == Split::kColumn ? tp_copy(x, *l.tp) : x;
 }
 
 namespace {
@@ -110,9 +119,10 @@ std::optional<at::Tensor> attention_mask(const ForwardInput& in, int64_t window,
   return allowed.unsqueeze(1);
 }
 
-at::Tensor attention(const ModelConfig& c, const Block& b, const at::Tensor& h, const at::Tensor& cos,
+at::Tensor attention(const ModelConfig& c, const Block& b, const at::Tensor& x, const at::Tensor& cos,
                      const at::Tensor& sin, const std::optional<at::Tensor>& mask) {
-  const int64_t B = h.size(0), T = h.size(1), D = c.head_dim;
+  const int64_t B = x.size(0), T = x.size(1), D = c.head_dim;
+  const auto h = split_input(b.q, x);
   const auto [q, k, v] = attention_heads(c, b, apply(b.q, h), apply(b.k, h), apply(b.v, h), cos, sin);
   auto out = compat::sdpa(q, k, v, mask, /*is_causal=*/!mask, 1.0 / std::sqrt((double)D));
   return apply(b.o, out.transpose(1, 2).reshape({B, T, c.num_heads * D}));
@@ -209,8 +219,9 @@ at::Tensor feed_forward(const ModelConfig& c, const Block& b, const at::Tensor& 
 
 at::Tensor mlp(const ModelConfig& c, const Block& b, const at::Tensor& h) {
   if (c.num_experts > 0) return moe_mlp(c, b.moe, h, {});
-  if (!c.gated_mlp) return apply(b.down, at::relu(apply(b.up, h)).square());
-  return apply(b.down, at::silu(apply(b.gate, h)) * apply(b.up, h));
+  const auto x = split_input(b.up, h);
+  if (!c.gated_mlp) return apply(b.down, at::relu(apply(b.up, x)).square());
+  return apply(b.down, at::silu(apply(b.gate, x)) * apply(b.up, x));
 }
 
 namespace {
@@ -310,7 +321,7 @@ at::Tensor forward_hidden(const Transformer& m, const ForwardInput& in) {
       positions = at::arange(T, ids.options().dtype(at::kLong)).unsqueeze(0).expand({B, T});
   }
   if (m.hooks) m.hooks->before_forward();
-  auto x = at::embedding(m.embed, ids);
+  auto x = embed_tokens(m, ids);
   if (m.hooks) m.hooks->after_embedding();
   auto [cos, sin] = rope_cos_sin(c, positions, x.scalar_type());
 
@@ -361,8 +372,13 @@ at::Tensor forward_hidden(const Transformer& m, const ForwardInput& in) {
   return norm(c, x, m.norm, m.norm_bias);
 }
 
+at::Tensor embed_tokens(const Transformer& m, const at::Tensor& ids) {
+  return m.tp ? tensor_parallel_embedding(*m.tp, m.embed, ids) : at::embedding(m.embed, ids);
+}
+
 at::Tensor lm_logits(const Transformer& m, const at::Tensor& hidden) {
   if (!m.lm_head.weight.defined()) fail("this model is a sequence classifier: it has no lm_head");
+  if (m.tp) return tp_gather_vocab(apply(m.lm_head, tp_copy(hidden, *m.tp)), *m.tp);
   return apply(m.lm_head, hidden);
 }
 
@@ -380,6 +396,11 @@ at::Tensor token_logprobs(const Transformer& m, const at::Tensor& hidden, const 
   if (t.numel() != h.size(0)) fail("targets must have one entry per hidden state");
   // Rows per chunk keep the float32 log-softmax around 256 MB whatever the vocabulary.
   const int64_t chunk = std::max<int64_t>(1, (int64_t(64) << 20) / std::max<int64_t>(1, m.cfg.vocab_size));
+  if (m.tp) {
+    if (!m.lm_head.weight.defined()) fail("this model is a sequence classifier: it has no lm_head");
+    // Each rank's share of the vocabulary: as many rows per chunk for the same memory.
+    return tensor_parallel_logprobs(m, h, t, chunk * m.tp->size()).view(targets.sizes());
+  }
   std::vector<at::Tensor> out;
   for (int64_t s = 0; s < h.size(0); s += chunk) {
     const int64_t n = std::min(chunk, h.size(0) - s);
@@ -406,7 +427,10 @@ at::Tensor sequence_scores(const Transformer& m, const at::Tensor& hidden, const
   return at_least_float(apply(m.score, hidden.index({rows, last})));
 }
 
-Transformer allocate_transformer(const ModelConfig& cfg, const at::TensorOptions& options) {
+Transformer allocate_transformer(const ModelConfig& full, const at::TensorOptions& options,
+                                 std::shared_ptr<const TensorSplit> split) {
+  const ModelConfig cfg = split ? local_config(*split) : full;
+  const int64_t V = split ? split->vocab_rows : cfg.vocab_size;
   auto empty = [&](std::vector<int64_t> shape) { return at::empty(shape, options); };
   auto linear = [&](int64_t out, int64_t in, bool bias) {
     return Linear{empty({out, in}), bias ? empty({out}) : at::Tensor()};
@@ -429,7 +453,7 @@ Transformer allocate_transformer(const ModelConfig& cfg, const at::TensorOptions
   Transformer m;
   m.cfg = cfg;
   m.cfg.dtype = options.dtype().toScalarType();
-  m.embed = empty({cfg.vocab_size, H});
+  m.embed = empty({V, H});
   for (int64_t i = 0; i < cfg.num_layers; ++i) {
     Block b;
     b.input_norm = empty({H});
@@ -462,7 +486,20 @@ Transformer allocate_transformer(const ModelConfig& cfg, const at::TensorOptions
   if (cfg.num_labels > 0)
     m.score = linear(cfg.num_labels, H, false);
   else
-    m.lm_head = cfg.tie_word_embeddings ? Linear{m.embed, {}} : linear(cfg.vocab_size, H, false);
+    m.lm_head = cfg.tie_word_embeddings ? Linear{m.embed, {}} : linear(V, H, false);
+  if (split) {
+    m.tp = split;
+    const auto set = [&](Linear& l, Split kind) {
+      l.split = kind;
+      l.tp = split;
+    };
+    for (auto& b : m.layers) {
+      for (Linear* l : {&b.q, &b.k, &b.v, &b.gate, &b.up}) set(*l, Split::kColumn);
+      for (Linear* l : {&b.o, &b.down}) set(*l, Split::kRow);
+      b.k.shared = b.v.shared = split->kv_slots > 0;
+    }
+    if (m.lm_head.weight.defined()) set(m.lm_head, Split::kColumn);
+  }
   return m;
 }
 

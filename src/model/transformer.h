@@ -11,6 +11,7 @@
 
 #include "model/config.h"
 #include "model/linear.h"
+#include "model/tensor_parallel.h"
 
 namespace aligner {
 
@@ -54,6 +55,9 @@ struct Transformer {
   Linear score;          // sequence classifiers only: [num_labels, hidden], no bias
   // Set while the weights are sharded; copies of the model (sharing its tensors) share it.
   std::shared_ptr<LayerHooks> hooks;
+  // Tensor parallel: how the weights are split over the group (cfg then has this rank's head and
+  // intermediate counts); null: whole.
+  std::shared_ptr<const TensorSplit> tp;
 };
 
 // What one forward pass reads. Only input_ids is required.
@@ -80,11 +84,15 @@ struct RouterAuxLoss {
 };
 RouterAuxLoss& router_aux_loss();  // this thread's
 
-// Uninitialised weights of the config's shapes with the given dtype and device (for loading).
-Transformer allocate_transformer(const ModelConfig& cfg, const at::TensorOptions& options);
+// Uninitialised weights of the config's shapes with the given dtype and device (for loading); with
+// `split`, this rank's slices of them.
+Transformer allocate_transformer(const ModelConfig& cfg, const at::TensorOptions& options,
+                                 std::shared_ptr<const TensorSplit> split = nullptr);
 // Random init (normal, std 0.02; norms 1; biases 0) in the config's dtype, on `device`.
 Transformer init_transformer(const ModelConfig& cfg, at::Device device, uint64_t seed);
 
+// The embeddings of token ids (any shape): [..., hidden].
+at::Tensor embed_tokens(const Transformer& m, const at::Tensor& ids);
 // Final hidden states after the last norm: [B, T, hidden].
 at::Tensor forward_hidden(const Transformer& m, const ForwardInput& in);
 // Logits over the vocabulary for the given hidden states: [..., vocab].

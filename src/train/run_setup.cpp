@@ -14,9 +14,55 @@ RunContext init_run(const Config& cfg) {
   set_log_rank(env.rank);
   at::Device device = parse_device_name(cfg.get_string("model.device"), "model.device");
   if (device.is_cuda()) device = at::Device(at::kCUDA, env.local_rank);
-  RunContext ctx{env.world_size > 1 ? dist::Dist::init(env, device) : dist::Dist(), device};
+  dist::Dist world = env.world_size > 1 ? dist::Dist::init(env, device) : dist::Dist();
+  const int64_t tp = cfg.has("trainer.tensor_parallel") ? cfg.get_int("trainer.tensor_parallel") : 1;
+  RunContext ctx{split_tensor_parallel(std::move(world), tp, "trainer.tensor_parallel"), device};
+  if (tp > 1 && cfg.has("trainer.sharding") && cfg.get_string("trainer.sharding") != "none")
+    fail("trainer.sharding={} with trainer.tensor_parallel={} is not built yet: use one or the other",
+         cfg.get_string("trainer.sharding"), tp);
+  if (tp > 1 && cfg.has("lora.rank") &&
+      (cfg.get_int("lora.rank") > 0 || !cfg.get_string("lora.from").empty()))
+    fail(
+        "LoRA adapters (lora.rank, lora.from) do not run tensor parallel yet: set trainer.tensor_parallel=1");
   at::manual_seed(cfg.get_int("trainer.seed"));
   return ctx;
+}
+
+bool init_inference_ranks(const Config& cfg, at::Device& device) {
+  const auto env = dist::read_dist_env();
+  const int64_t tp = cfg.get_int("model.tensor_parallel");
+  if (tp < 1) fail("config key 'model.tensor_parallel' must be at least 1, got {}", tp);
+  if (env.world_size != tp)
+    fail("model.tensor_parallel={} (--tensor-parallel) needs as many ranks, and {} were started{}", tp,
+         env.world_size, tp > 1 ? fmt::format(": run it under aligner launch --nproc-per-node {}", tp) : "");
+  if (tp == 1) return true;
+  if (cfg.has("model.adapter") && !cfg.get_string("model.adapter").empty())
+    fail("model.adapter does not run tensor parallel yet: merge the adapter into the model first");
+  set_log_rank(env.rank);
+  if (device.is_cuda()) device = at::Device(at::kCUDA, env.local_rank);
+  static dist::Dist group;  // the ranks' own group, for the process's lifetime
+  group = split_tensor_parallel(dist::Dist::init(env, device), tp, "model.tensor_parallel");
+  return group.is_main();
+}
+
+dist::Dist split_tensor_parallel(dist::Dist world, int64_t tensor_parallel, const std::string& key) {
+  const int64_t n = tensor_parallel, ranks = world.world_size();
+  if (n < 1) fail("{} must be at least 1, got {}", key, n);
+  if (ranks % n != 0) fail("{}={} must divide the number of ranks ({})", key, n, ranks);
+  if (n == 1) {
+    set_process_tensor_parallel(std::nullopt);
+    return world;
+  }
+  // Consecutive ranks split the layers (on one node: NVLink); rank r is tensor rank r % n of data
+  // rank r / n.
+  const int r = world.rank(), data_rank = r / int(n), tensor_rank = r % int(n);
+  std::vector<int> tensor_ranks, data_ranks;
+  for (int i = 0; i < int(n); ++i) tensor_ranks.push_back(data_rank * int(n) + i);
+  for (int i = 0; i < int(ranks / n); ++i) data_ranks.push_back(i * int(n) + tensor_rank);
+  auto tensor = std::make_shared<dist::Dist>(world.subgroup(tensor_ranks, fmt::format("tp{}", data_rank)));
+  set_process_tensor_parallel(TensorParallel{tensor});
+  log_info("tensor parallel: {} ranks per model, {} data-parallel replicas", n, ranks / n);
+  return world.subgroup(data_ranks, fmt::format("dp{}", tensor_rank));
 }
 
 Policy load_policy(const std::string& dir, const std::string& key, at::Device device, at::ScalarType dtype) {

@@ -15,8 +15,20 @@ struct RunContext {
   at::Device device{at::kCPU};
 };
 
-// model.device: auto (CUDA when present) | cpu | cuda; each rank takes GPU LOCAL_RANK.
+// model.device: auto (CUDA when present) | cpu | cuda; each rank takes GPU LOCAL_RANK. With
+// trainer.tensor_parallel N, the ranks form groups of N that split each model (the process's tensor
+// parallel group, model/tensor_parallel.h), and `dist` is the data-parallel group across them.
 RunContext init_run(const Config& cfg);
+
+// The process's tensor-parallel group of `tensor_parallel` consecutive ranks of `world`, set as the
+// process's; returns the data-parallel group across the groups (`world` itself for 1). `key` names the
+// setting in errors.
+dist::Dist split_tensor_parallel(dist::Dist world, int64_t tensor_parallel, const std::string& key);
+
+// An inference command (generate, perplexity, rm-score) started by aligner launch: its ranks split the
+// model (model.tensor_parallel, which must be the number of ranks) and `device` becomes this rank's
+// GPU. Returns whether this rank writes the results (one process: true).
+bool init_inference_ranks(const Config& cfg, at::Device& device);
 
 // A causal LM folder that training starts from, and its tokenizer: a sequence classifier, or a
 // tokenizer with more tokens than the model's vocabulary, is an error naming `key` (the config key

@@ -301,6 +301,38 @@ void check_memory(const std::vector<Running>& modules, const std::vector<at::Ten
 
 // Copies a module's trained tensors from a checkpoint, matched by name; anything else in the
 // checkpoint, or missing from it, means it comes from another configuration.
+// The parameter an optimizer state key is of: "exp_avg.<name>" -> "<name>" ("step" stays).
+std::string state_param(const std::string& key) {
+  const size_t dot = key.find('.');
+  return dot == std::string::npos ? key : key.substr(dot + 1);
+}
+
+// Tensor parallel: a module's optimizer state from a checkpoint of whole tensors, sliced for this rank.
+NamedParams read_split_optimizer(const std::string& ckpt, const Running& r) {
+  const TensorSplit& s = *r.module.model->tp;
+  NamedParams whole;
+  for (const auto& [key, t] : r.optimizer->state()) {
+    const SliceSpec spec = tensor_slice(s, state_param(key));
+    auto sizes = t.sizes().vec();
+    if (spec.dim >= 0) sizes[spec.dim] = spec.full_length;
+    whole.emplace_back(key, at::empty(sizes, t.options().device(at::kCPU)));
+  }
+  return slice_named(s, read_module_optimizer(ckpt, r.module.name, whole, r.offsets), state_param);
+}
+
+// The global gradient norm of a tensor-parallel module, clipped to max_norm: split parameters' squares
+// summed over the group, replicated ones (the same on every rank) counted once.
+double clip_split_grad_norm(const NamedParams& params, const TensorSplit& s, double max_norm) {
+  std::vector<at::Tensor> split, replicated;
+  for (const auto& [name, p] : params)
+    if (p.grad().defined()) (tensor_slice(s, name).dim >= 0 ? split : replicated).push_back(p.grad());
+  const double a = clip_grad_norm(split, INFINITY, [&](double x) { return s.tp.group->sum({x})[0]; });
+  const double b = clip_grad_norm(replicated, INFINITY, [](double x) { return x; });
+  auto all = split;
+  all.insert(all.end(), replicated.begin(), replicated.end());
+  return clip_grad_norm(all, max_norm, [&](double) { return a * a + b * b; });
+}
+
 void load_module_params(const std::string& ckpt, const TrainableModule& m) {
   std::map<std::string, at::Tensor> saved;
   for (auto& [name, t] : read_module_params(ckpt, m.name, m.params)) saved.emplace(name, t);
@@ -310,6 +342,9 @@ void load_module_params(const std::string& ckpt, const TrainableModule& m) {
     if (it == saved.end())
       fail("checkpoint {}: module '{}' has no tensor '{}' (a checkpoint of another configuration?)", ckpt,
            m.name, name);
+    if (m.model->tp && !it->second.sizes().equals(param.sizes()))
+      it->second =
+          slice_named(*m.model->tp, {{name, it->second}}, [](const std::string& n) { return n; })[0].second;
     if (it->second.scalar_type() != param.scalar_type() || !it->second.sizes().equals(param.sizes()))
       fail("checkpoint {}: tensor '{}' of module '{}' is {} [{}], this run trains {} [{}]", ckpt, name,
            m.name, dtype_name(it->second.scalar_type()), fmt::join(it->second.sizes(), ", "),
@@ -571,7 +606,9 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
   }
   if (!ckpt.empty()) {
     for (auto& r : modules)
-      r.optimizer->load_state(read_module_optimizer(ckpt, r.module.name, r.optimizer->state(), r.offsets));
+      r.optimizer->load_state(
+          r.module.model->tp ? read_split_optimizer(ckpt, r)
+                             : read_module_optimizer(ckpt, r.module.name, r.optimizer->state(), r.offsets));
     step = saved.step;
     try {
       algo.load_state(data_state);
@@ -648,13 +685,25 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
       }
       dist.barrier();
     }
+    // Tensor parallel: whole tensors, gathered over the group, so that any layout resumes from them.
+    std::vector<std::optional<Transformer>> whole(modules.size());
+    std::vector<NamedParams> params(modules.size()), states(modules.size());
+    for (size_t k = 0; k < modules.size(); ++k) {
+      const auto& r = modules[k];
+      const auto* split = r.module.model->tp.get();
+      params[k] = split ? gather_named(*split, r.module.params, [](const std::string& n) { return n; })
+                        : r.module.params;
+      if (!sharded)
+        states[k] = split ? gather_named(*split, r.optimizer->state(), state_param) : r.optimizer->state();
+      if (split && r.whole_model) whole[k] = gather_transformer(*r.module.model);
+    }
     if (main_rank) {
       std::vector<CheckpointModule> saved_modules;
       CheckpointState state{step, dist.world_size(), {}, std::move(data)};
-      for (const auto& r : modules) {
-        saved_modules.push_back({r.module.name, r.module.model, r.module.params, r.whole_model,
-                                 sharded ? NamedParams() : r.optimizer->state(), bool(r.sharded_model),
-                                 r.module.tokenizer_dir});
+      for (size_t k = 0; k < modules.size(); ++k) {
+        const auto& r = modules[k];
+        saved_modules.push_back({r.module.name, whole[k] ? &*whole[k] : r.module.model, params[k],
+                                 r.whole_model, states[k], bool(r.sharded_model), r.module.tokenizer_dir});
         state.modules.push_back(r.module.name);
       }
       save_checkpoint(opt.output_dir, saved_modules, state, opt.keep_last);
@@ -744,9 +793,11 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
       for (size_t k = 0; k < modules.size(); ++k) {
         auto& r = modules[k];
         const double clip = r.module.optim.grad_clip;
-        const double norm = sharded
-                                ? clip_grad_norm(piece_grads[k], clip > 0 ? clip : INFINITY, sum_over_ranks)
-                                : clip_grad_norm(r.module.params, clip > 0 ? clip : INFINITY);
+        const double limit = clip > 0 ? clip : INFINITY;
+        const double norm = sharded ? clip_grad_norm(piece_grads[k], limit, sum_over_ranks)
+                            : r.module.model->tp
+                                ? clip_split_grad_norm(r.module.params, *r.module.model->tp, limit)
+                                : clip_grad_norm(r.module.params, limit);
         if (!std::isfinite(norm)) {
           log_warn("step {}: the gradient norm of '{}' is {}; update skipped", step + 1, r.module.name, norm);
           finite = false;
@@ -810,7 +861,10 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
   if (opt.val_interval <= 0 || step % opt.val_interval != 0) validate(step);
   std::vector<std::optional<Transformer>> copies;
   for (auto& r : modules)
-    copies.push_back(r.sharded_model && r.module.export_final ? r.sharded_model->host_copy() : std::nullopt);
+    copies.push_back(!r.module.export_final ? std::nullopt
+                     : r.sharded_model      ? r.sharded_model->host_copy()
+                     : r.module.model->tp   ? std::optional<Transformer>(gather_transformer(*r.module.model))
+                                            : std::nullopt);
   if (main_rank) {
     int64_t exported = 0;
     for (const auto& r : modules) exported += r.module.export_final;

@@ -1,0 +1,313 @@
+#include "model/tensor_parallel.h"
+
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <algorithm>
+#include <map>
+
+#include "core/error.h"
+#include "model/transformer.h"
+
+namespace aligner {
+namespace {
+
+std::optional<TensorParallel>& process_tp() {
+  static std::optional<TensorParallel> tp;
+  return tp;
+}
+
+bool ends_with(const std::string& s, const std::string& tail) {
+  return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
+}
+
+dist::Dist& group_of(const TensorSplit& s) {
+  return *s.tp.group;
+}
+
+// Sums a fresh contiguous tensor over the group, in place.
+at::Tensor sum_in_place(at::Tensor t, const TensorSplit& s) {
+  group_of(s).all_reduce_sum_async(t).wait();
+  return t;
+}
+
+struct CopyToGroup : torch::autograd::Function<CopyToGroup> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const TensorSplit* s,
+                            bool shared) {
+    ctx->saved_data["split"] = reinterpret_cast<int64_t>(s);
+    ctx->saved_data["shared"] = shared;
+    return x;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto* s = reinterpret_cast<const TensorSplit*>(ctx->saved_data["split"].toInt());
+    if (!ctx->saved_data["shared"].toBool()) return {sum_in_place(grads[0].contiguous().clone(), *s), {}, {}};
+    // Summed over the ranks that hold the same key/value head: each rank's gradient in its head's
+    // slot of a buffer, zeros elsewhere.
+    auto slots = at::zeros({s->kv_slots, grads[0].numel()}, grads[0].options());
+    slots[s->kv_slot].copy_(grads[0].reshape({-1}));
+    sum_in_place(slots, *s);
+    return {slots[s->kv_slot].view(grads[0].sizes()), {}, {}};
+  }
+};
+
+struct SumOverGroup : torch::autograd::Function<SumOverGroup> {
+  static at::Tensor forward(torch::autograd::AutogradContext*, const at::Tensor& x, const TensorSplit* s) {
+    return sum_in_place(x.contiguous().clone(), *s);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext*,
+                                                 torch::autograd::variable_list grads) {
+    return {grads[0], {}};
+  }
+};
+
+bool records(const at::Tensor& x) {
+  return at::GradMode::is_enabled() && x.requires_grad();
+}
+
+// The vocabulary columns of every rank: [..., size x chunk] laid out rank by rank, padded.
+at::Tensor gather_padded(const at::Tensor& x, const TensorSplit& s) {
+  const int64_t chunk = s.vocab_chunk, n = x.size(-1);
+  auto rows = x.reshape({-1, n});
+  auto flat = at::zeros({int64_t(s.size()), rows.size(0), chunk}, x.options());
+  flat[s.rank()].narrow(1, 0, n).copy_(rows);
+  auto buffer = flat.view({-1});
+  group_of(s).all_gather_async(buffer).wait();
+  return flat;
+}
+
+at::Tensor gather_vocab(const at::Tensor& x, const TensorSplit& s) {
+  const auto flat = gather_padded(x, s);  // [size, rows, chunk]
+  auto sizes = x.sizes().vec();
+  sizes.back() = s.full.vocab_size;
+  return flat.permute({1, 0, 2}).reshape({flat.size(1), -1}).narrow(1, 0, s.full.vocab_size).reshape(sizes);
+}
+
+struct GatherVocab : torch::autograd::Function<GatherVocab> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const TensorSplit* s) {
+    ctx->saved_data["split"] = reinterpret_cast<int64_t>(s);
+    return gather_vocab(x, *s);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto* s = reinterpret_cast<const TensorSplit*>(ctx->saved_data["split"].toInt());
+    return {grads[0].narrow(-1, s->vocab_start, s->vocab_rows), {}};
+  }
+};
+
+}  // namespace
+
+const TensorParallel* process_tensor_parallel() {
+  auto& tp = process_tp();
+  return tp && tp->size() > 1 ? &*tp : nullptr;
+}
+
+void set_process_tensor_parallel(std::optional<TensorParallel> tp) {
+  process_tp() = std::move(tp);
+}
+
+std::shared_ptr<const TensorSplit> make_tensor_split(const ModelConfig& full, const TensorParallel& tp) {
+  const int64_t n = tp.size();
+  if (full.num_experts > 0)
+    fail("tensor parallelism does not split {}'s experts yet: run it with trainer.sharding instead",
+         full.model_type);
+  if (full.num_heads % n != 0)
+    fail("tensor_parallel={} must divide num_attention_heads ({})", n, full.num_heads);
+  if (full.intermediate_size % n != 0)
+    fail("tensor_parallel={} must divide intermediate_size ({})", n, full.intermediate_size);
+  if (full.num_kv_heads % n != 0 && n % full.num_kv_heads != 0)
+    fail("tensor_parallel={} and num_key_value_heads ({}) must divide one another", n, full.num_kv_heads);
+  if (full.vocab_size < n)
+    fail("tensor_parallel={} is more than the vocabulary ({} tokens)", n, full.vocab_size);
+  auto s = std::make_shared<TensorSplit>();
+  s->tp = tp;
+  s->full = full;
+  s->vocab_chunk = (full.vocab_size + n - 1) / n;
+  s->vocab_start = std::min<int64_t>(full.vocab_size, tp.rank() * s->vocab_chunk);
+  s->vocab_rows = std::min(s->vocab_chunk, full.vocab_size - s->vocab_start);
+  if (s->vocab_rows <= 0)
+    fail("tensor_parallel={}: rank {} would hold no vocabulary rows of {}", n, tp.rank(), full.vocab_size);
+  if (full.num_kv_heads < n) {
+    s->kv_slots = full.num_kv_heads;
+    s->kv_slot = tp.rank() / (n / full.num_kv_heads);
+  }
+  return s;
+}
+
+ModelConfig local_config(const TensorSplit& s) {
+  ModelConfig c = s.full;
+  const int64_t n = s.size();
+  c.num_heads /= n;
+  c.num_kv_heads = s.kv_slots > 0 ? 1 : c.num_kv_heads / n;
+  c.intermediate_size /= n;
+  return c;
+}
+
+SliceSpec tensor_slice(const TensorSplit& s, const std::string& name, int rank) {
+  const auto& c = s.full;
+  const int64_t n = s.size(), D = c.head_dim;
+  const auto rows = [&](int64_t dim, int64_t per_rank, int64_t total) {
+    return SliceSpec{dim, rank * per_rank, per_rank, total};
+  };
+  const bool weight = ends_with(name, ".weight"), bias = ends_with(name, ".bias");
+  const auto is = [&](const char* proj) { return name.find(proj) != std::string::npos && (weight || bias); };
+  if (name == "model.embed_tokens.weight" || name == "lm_head.weight") {
+    const int64_t start = std::min<int64_t>(c.vocab_size, rank * s.vocab_chunk);
+    return {0, start, std::min(s.vocab_chunk, c.vocab_size - start), c.vocab_size};
+  }
+  if (is(".self_attn.q_proj.")) return rows(0, c.num_heads / n * D, c.num_heads * D);
+  if (is(".self_attn.k_proj.") || is(".self_attn.v_proj.")) {
+    if (s.kv_slots == 0) return rows(0, c.num_kv_heads / n * D, c.num_kv_heads * D);
+    return {0, rank / (n / c.num_kv_heads) * D, D, c.num_kv_heads * D};
+  }
+  if (is(".mlp.gate_proj.") || is(".mlp.up_proj."))
+    return rows(0, c.intermediate_size / n, c.intermediate_size);
+  // Row-parallel: the weight's input columns; the bias is added once, after the sum.
+  if (weight && name.find(".self_attn.o_proj.") != std::string::npos)
+    return rows(1, c.num_heads / n * D, c.num_heads * D);
+  if (weight && name.find(".mlp.down_proj.") != std::string::npos)
+    return rows(1, c.intermediate_size / n, c.intermediate_size);
+  return {};
+}
+
+at::Tensor take_slice(const at::Tensor& full, const SliceSpec& spec) {
+  if (spec.dim < 0) return full;
+  return full.narrow(spec.dim, spec.start, spec.length);
+}
+
+at::Tensor tp_copy(const at::Tensor& x, const TensorSplit& s) {
+  if (!records(x)) return x;
+  return CopyToGroup::apply(x, &s, false);
+}
+
+at::Tensor tp_copy_shared(const at::Tensor& x, const TensorSplit& s) {
+  if (!records(x)) return x;
+  return CopyToGroup::apply(x, &s, true);
+}
+
+at::Tensor tp_sum(const at::Tensor& x, const TensorSplit& s) {
+  if (records(x)) return SumOverGroup::apply(x, &s);
+  // Nothing to record: the partial result is summed where it lies when it is a fresh tensor.
+  return sum_in_place(x.is_contiguous() ? x : x.contiguous(), s);
+}
+
+at::Tensor tp_gather_vocab(const at::Tensor& x, const TensorSplit& s) {
+  if (records(x)) return GatherVocab::apply(x, &s);
+  return gather_vocab(x, s);
+}
+
+at::Tensor tensor_parallel_apply(const Linear& l, const at::Tensor& x) {
+  const TensorSplit& s = *l.tp;
+  if (l.lora.a.defined()) fail("LoRA adapters do not run tensor parallel yet");
+  if (l.split == Split::kColumn) {
+    const auto w = l.shared ? tp_copy_shared(l.weight, s) : l.weight;
+    const auto b = l.bias.defined() && l.shared ? tp_copy_shared(l.bias, s) : l.bias;
+    return at::linear(x, w, b.defined() ? c10::optional<at::Tensor>(b) : c10::nullopt);
+  }
+  auto y = tp_sum(at::linear(x, l.weight), s);
+  return l.bias.defined() ? y + l.bias : y;
+}
+
+at::Tensor tensor_parallel_embedding(const TensorSplit& s, const at::Tensor& table, const at::Tensor& ids) {
+  const auto local = ids - s.vocab_start;
+  const auto here = (local >= 0).logical_and(local < s.vocab_rows);
+  const auto rows = at::embedding(table, local.clamp(0, s.vocab_rows - 1));
+  return tp_sum(rows * here.unsqueeze(-1).to(rows.scalar_type()), s);
+}
+
+at::Tensor tensor_parallel_logprobs(const Transformer& m, const at::Tensor& hidden, const at::Tensor& targets,
+                                    int64_t chunk_rows) {
+  const TensorSplit& s = *m.tp;
+  const auto h = tp_copy(hidden, s);
+  std::vector<at::Tensor> out;
+  for (int64_t start = 0; start < h.size(0); start += chunk_rows) {
+    const int64_t n = std::min(chunk_rows, h.size(0) - start);
+    auto logits = apply(m.lm_head, h.narrow(0, start, n));
+    logits = logits.to(at::promote_types(logits.scalar_type(), at::kFloat));
+    // The max only steadies the exponentials: no gradient flows through it.
+    auto max = std::get<0>(logits.detach().max(-1)).contiguous();
+    group_of(s).all_reduce_max_async(max).wait();
+    const auto shifted = logits - max.unsqueeze(-1);
+    const auto normaliser = tp_sum(shifted.exp().sum(-1), s).log();
+    const auto t = targets.narrow(0, start, n) - s.vocab_start;
+    const auto here = (t >= 0).logical_and(t < s.vocab_rows);
+    const auto picked = shifted.gather(1, t.clamp(0, s.vocab_rows - 1).unsqueeze(1)).squeeze(1);
+    const auto target = tp_sum(picked * here.to(picked.scalar_type()), s);
+    const auto valid = targets.narrow(0, start, n) >= 0;
+    out.push_back((target - normaliser) * valid.to(target.scalar_type()));
+  }
+  if (out.empty())
+    return at::empty({0}, hidden.options().dtype(at::promote_types(hidden.scalar_type(), at::kFloat)));
+  return at::cat(out);
+}
+
+namespace {
+
+// Rank r's part of a whole tensor, for every rank, and the whole put back together: each distinct
+// slice once (ranks sharing a key/value head hold the same one), in order along the split dimension.
+at::Tensor gather_one(const TensorSplit& s, const std::string& name, const at::Tensor& local) {
+  const SliceSpec mine = tensor_slice(s, name);
+  if (mine.dim < 0) return local.detach().cpu();
+  const int64_t n = s.size();
+  int64_t most = 0;
+  for (int r = 0; r < n; ++r) most = std::max(most, tensor_slice(s, name, r).length);
+  // Each rank's slice moved to the front and padded to the longest: equal chunks to all-gather.
+  auto front = local.detach().transpose(0, mine.dim).contiguous();
+  auto sizes = front.sizes().vec();
+  const int64_t per_row = front.size(0) > 0 ? front.numel() / front.size(0) : 0, chunk = most * per_row;
+  auto flat = at::zeros({n * chunk}, front.options());
+  flat.narrow(0, s.rank() * chunk, front.numel()).copy_(front.reshape({-1}));
+  group_of(s).all_gather_async(flat).wait();
+  std::vector<at::Tensor> parts;
+  int64_t next = 0;
+  for (int r = 0; r < n; ++r) {
+    const SliceSpec spec = tensor_slice(s, name, r);
+    if (spec.start < next) continue;  // a shared head already taken
+    auto part_sizes = sizes;
+    part_sizes[0] = spec.length;
+    parts.push_back(flat.narrow(0, r * chunk, spec.length * per_row).view(part_sizes));
+    next = spec.start + spec.length;
+  }
+  return at::cat(parts, 0).transpose(0, mine.dim).contiguous().cpu();
+}
+
+}  // namespace
+
+std::vector<std::pair<std::string, at::Tensor>> gather_named(
+    const TensorSplit& s, const std::vector<std::pair<std::string, at::Tensor>>& local,
+    const std::function<std::string(const std::string&)>& name_of) {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (const auto& [key, t] : local) out.emplace_back(key, gather_one(s, name_of(key), t));
+  return out;
+}
+
+std::vector<std::pair<std::string, at::Tensor>> slice_named(
+    const TensorSplit& s, const std::vector<std::pair<std::string, at::Tensor>>& whole,
+    const std::function<std::string(const std::string&)>& name_of) {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (const auto& [key, t] : whole) {
+    const SliceSpec spec = tensor_slice(s, name_of(key));
+    if (spec.dim >= 0 && (t.dim() <= spec.dim || t.size(spec.dim) != spec.full_length))
+      fail("'{}' has {} rows along dimension {}, the whole model's {} (tensor parallel)", key,
+           t.dim() > spec.dim ? t.size(spec.dim) : 0, spec.dim, spec.full_length);
+    out.emplace_back(key, take_slice(t, spec).contiguous());
+  }
+  return out;
+}
+
+Transformer gather_transformer(const Transformer& m) {
+  if (!m.tp) fail("gather_transformer: the model is not tensor parallel");
+  Transformer whole = allocate_transformer(m.tp->full, at::TensorOptions().dtype(m.embed.scalar_type()));
+  whole.cfg = m.tp->full;
+  whole.cfg.dtype = m.cfg.dtype;
+  const auto parts = named_parameters(m);
+  auto slots = parameter_slots(whole);
+  at::NoGradGuard no_grad;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    if (slots[i].first != parts[i].first) fail("gather_transformer: parameters out of order");
+    slots[i].second->copy_(gather_one(*m.tp, parts[i].first, parts[i].second));
+  }
+  return whole;
+}
+
+}  // namespace aligner
