@@ -242,7 +242,7 @@ Reference::Reference(const Transformer& policy, bool offload)
   at::NoGradGuard no_grad;
   if (adapters_) return;
   if (!offload) {
-    copy_ = std::make_unique<Transformer>(allocate_transformer(policy.cfg, policy.embed.options()));
+    copy_ = std::make_unique<Transformer>(allocate_like(policy, policy.embed.options()));
     const auto from = named_parameters(policy), to = named_parameters(*copy_);
     for (size_t i = 0; i < from.size(); ++i) to[i].second.copy_(from[i].second);
     return;

@@ -87,9 +87,13 @@ void read_weights(Transformer& m, const safetensors::Checkpoint& ckpt, const std
 }
 
 // The process's tensor-parallel split of a model of `cfg`, if any; errors name the folder.
-std::shared_ptr<const TensorSplit> split_of(const ModelConfig& cfg, const std::string& dir) {
+std::shared_ptr<const TensorSplit> split_of(const ModelConfig& cfg, const std::string& dir, at::ScalarType dtype) {
   const TensorParallel* tp = process_tensor_parallel();
   if (!tp) return nullptr;
+  // torch's Gloo sums no 16-bit floats.
+  if (tp->group->device().is_cpu() && dtype != at::kFloat)
+    fail("{}: tensor parallelism on CPU ranks runs in float32, not {}: set model.dtype=float32", dir,
+         dtype_name(dtype));
   try {
     return make_tensor_split(cfg, *tp);
   } catch (const Error& e) {
@@ -110,7 +114,7 @@ Transformer load_transformer(const std::string& dir, at::Device device, std::opt
                config_path, id, cfg.vocab_size);
   auto ckpt = safetensors::Checkpoint::open_dir(dir);
   Transformer m = allocate_transformer(
-      cfg, at::TensorOptions().dtype(dtype.value_or(cfg.dtype)).device(device), split_of(cfg, dir));
+      cfg, at::TensorOptions().dtype(dtype.value_or(cfg.dtype)).device(device), split_of(cfg, dir, dtype.value_or(cfg.dtype)));
   // Some tied checkpoints still carry lm_head, derived from the embedding as transformers treats it.
   std::set<std::string> ignore;
   if (cfg.tie_word_embeddings && cfg.num_labels == 0) ignore.insert("lm_head.weight");
@@ -134,7 +138,7 @@ Transformer load_reward_model(const std::string& dir, at::Device device, std::op
   }
   const ModelConfig cfg = sequence_classifier_config(lm, labels, pad_token_id);
   Transformer m = allocate_transformer(
-      cfg, at::TensorOptions().dtype(dtype.value_or(cfg.dtype)).device(device), split_of(cfg, dir));
+      cfg, at::TensorOptions().dtype(dtype.value_or(cfg.dtype)).device(device), split_of(cfg, dir, dtype.value_or(cfg.dtype)));
   read_weights(m, safetensors::Checkpoint::open_dir(dir), dir, {"score.weight"}, {"lm_head.weight"});
   // std 1/sqrt(hidden + 1), as Ziegler et al. (lm-human-preferences) start their reward head: each
   // output starts with about unit variance for unit-RMS hidden states (the final RMSNorm's), so the

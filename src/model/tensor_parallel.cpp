@@ -252,7 +252,7 @@ at::Tensor gather_one(const TensorSplit& s, const std::string& name, const at::T
   int64_t most = 0;
   for (int r = 0; r < n; ++r) most = std::max(most, tensor_slice(s, name, r).length);
   // Each rank's slice moved to the front and padded to the longest: equal chunks to all-gather.
-  auto front = local.detach().transpose(0, mine.dim).contiguous();
+  auto front = local.detach().to(group_of(s).device()).transpose(0, mine.dim).contiguous();
   auto sizes = front.sizes().vec();
   const int64_t per_row = front.size(0) > 0 ? front.numel() / front.size(0) : 0, chunk = most * per_row;
   auto flat = at::zeros({n * chunk}, front.options());

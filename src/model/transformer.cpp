@@ -503,6 +503,10 @@ Transformer allocate_transformer(const ModelConfig& full, const at::TensorOption
   return m;
 }
 
+Transformer allocate_like(const Transformer& m, const at::TensorOptions& options) {
+  return allocate_transformer(m.tp ? m.tp->full : m.cfg, options, m.tp);
+}
+
 Transformer init_transformer(const ModelConfig& cfg, at::Device device, uint64_t seed) {
   Transformer m = allocate_transformer(cfg, at::TensorOptions().dtype(cfg.dtype).device(device));
   // Drawn in float32 on the CPU from one seeded generator, so the weights do not depend on the

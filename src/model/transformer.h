@@ -88,6 +88,8 @@ RouterAuxLoss& router_aux_loss();  // this thread's
 // `split`, this rank's slices of them.
 Transformer allocate_transformer(const ModelConfig& cfg, const at::TensorOptions& options,
                                  std::shared_ptr<const TensorSplit> split = nullptr);
+// Uninitialised weights of m's shapes (this rank's slices of a tensor-parallel model).
+Transformer allocate_like(const Transformer& m, const at::TensorOptions& options);
 // Random init (normal, std 0.02; norms 1; biases 0) in the config's dtype, on `device`.
 Transformer init_transformer(const ModelConfig& cfg, at::Device device, uint64_t seed);
 

@@ -17,9 +17,6 @@ RunContext init_run(const Config& cfg) {
   dist::Dist world = env.world_size > 1 ? dist::Dist::init(env, device) : dist::Dist();
   const int64_t tp = cfg.has("trainer.tensor_parallel") ? cfg.get_int("trainer.tensor_parallel") : 1;
   RunContext ctx{split_tensor_parallel(std::move(world), tp, "trainer.tensor_parallel"), device};
-  if (tp > 1 && cfg.has("trainer.sharding") && cfg.get_string("trainer.sharding") != "none")
-    fail("trainer.sharding={} with trainer.tensor_parallel={} is not built yet: use one or the other",
-         cfg.get_string("trainer.sharding"), tp);
   if (tp > 1 && cfg.has("lora.rank") &&
       (cfg.get_int("lora.rank") > 0 || !cfg.get_string("lora.from").empty()))
     fail(

@@ -190,6 +190,7 @@ struct Running {
   // pieces (indices), each at this offset into its parameter (by name).
   std::vector<size_t> pieces;
   std::map<std::string, int64_t> offsets;
+  std::vector<std::string> piece_names;               // the parameter of each piece, in the optimizer's order
   std::shared_ptr<dist::ShardedModel> sharded_model;  // trainer.sharding=full
 };
 
@@ -299,8 +300,6 @@ void check_memory(const std::vector<Running>& modules, const std::vector<at::Ten
         device.str(), grads / GB, state / GB, (grads + state) / GB, available / GB);
 }
 
-// Copies a module's trained tensors from a checkpoint, matched by name; anything else in the
-// checkpoint, or missing from it, means it comes from another configuration.
 // The parameter an optimizer state key is of: "exp_avg.<name>" -> "<name>" ("step" stays).
 std::string state_param(const std::string& key) {
   const size_t dot = key.find('.');
@@ -320,22 +319,34 @@ NamedParams read_split_optimizer(const std::string& ckpt, const Running& r) {
   return slice_named(s, read_module_optimizer(ckpt, r.module.name, whole, r.offsets), state_param);
 }
 
-// The global gradient norm of a tensor-parallel module, clipped to max_norm: split parameters' squares
-// summed over the group, replicated ones (the same on every rank) counted once.
-double clip_split_grad_norm(const NamedParams& params, const TensorSplit& s, double max_norm) {
+// The global gradient norm of a tensor-parallel module's gradients (of the parameters `names`, or
+// pieces of them), clipped to max_norm: the split parameters' squares summed over the tensor group,
+// the replicated ones' (the same on every rank of it) counted once, and then over the data-parallel
+// ranks that hold the other pieces (`over_data`).
+double clip_split_grad_norm(const std::vector<at::Tensor>& grads, const std::vector<std::string>& names,
+                            const TensorSplit& s, double max_norm, const std::function<double(double)>& over_data) {
   std::vector<at::Tensor> split, replicated;
-  for (const auto& [name, p] : params)
-    if (p.grad().defined()) (tensor_slice(s, name).dim >= 0 ? split : replicated).push_back(p.grad());
+  for (size_t i = 0; i < grads.size(); ++i)
+    (tensor_slice(s, names[i]).dim >= 0 ? split : replicated).push_back(grads[i]);
   const double a = clip_grad_norm(split, INFINITY, [&](double x) { return s.tp.group->sum({x})[0]; });
   const double b = clip_grad_norm(replicated, INFINITY, [](double x) { return x; });
-  auto all = split;
-  all.insert(all.end(), replicated.begin(), replicated.end());
-  return clip_grad_norm(all, max_norm, [&](double) { return a * a + b * b; });
+  return clip_grad_norm(grads, max_norm, [&](double) { return over_data(a * a + b * b); });
 }
 
-void load_module_params(const std::string& ckpt, const TrainableModule& m) {
+// Where a module's per-rank files (sharded optimizer state and weights) go: its name, and with tensor
+// parallelism each tensor rank's own, as they hold different slices.
+std::string rank_files_stem(const Running& r) {
+  const auto* s = r.module.model->tp.get();
+  return s ? fmt::format("{}.tp-{}-of-{}", r.module.name, s->rank(), s->size()) : r.module.name;
+}
+
+// Copies a module's trained tensors from a checkpoint, matched by name; anything else in the
+// checkpoint, or missing from it, means it comes from another configuration. `stem`: where a sharded
+// run's per-rank pieces are.
+void load_module_params(const std::string& ckpt, const TrainableModule& m, const std::string& stem) {
   std::map<std::string, at::Tensor> saved;
-  for (auto& [name, t] : read_module_params(ckpt, m.name, m.params)) saved.emplace(name, t);
+  const std::string from = fs::is_directory(fs::path(ckpt) / stem) ? stem : m.name;
+  for (auto& [name, t] : read_module_params(ckpt, from, m.params)) saved.emplace(name, t);
   at::NoGradGuard no_grad;
   for (const auto& [name, param] : m.params) {
     auto it = saved.find(name);
@@ -490,9 +501,17 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
     return modules.size() == 1 ? what : r.module.name + "/" + what;
   };
 
+  // Every rank of the run: with tensor parallelism `dist` is the data-parallel group, which the tensor
+  // group's barrier on either side joins to all of them.
+  const TensorParallel* tensor = process_tensor_parallel();
+  const auto barrier = [&] {
+    if (tensor) tensor->group->barrier();
+    dist.barrier();
+    if (tensor) tensor->group->barrier();
+  };
   std::unique_ptr<OutputDirLock> lock;
   if (main_rank) lock = prepare_output_dir(opt);
-  dist.barrier();
+  barrier();
   if (main_rank) {
     cfg.save((fs::path(opt.output_dir) / "config.yaml").string());
     log_info("config:\n{}", cfg.to_yaml());
@@ -540,7 +559,7 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
              fmt::join(saved.modules, ", "));
     if (!names.empty())
       fail("checkpoint {} has a trainable module '{}' that this run does not train", ckpt, *names.begin());
-    for (const auto& r : modules) load_module_params(ckpt, r.module);
+    for (const auto& r : modules) load_module_params(ckpt, r.module, rank_files_stem(r));
   }
   // Rank 0's weights to every rank, and with sharding each rank's pieces of them.
   std::vector<at::Tensor> leaves;
@@ -591,6 +610,7 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
       pieces.emplace_back(piece.name, piece.values);
       decay.push_back(decays(piece.name, piece.param));
       r.offsets[piece.name] = piece.offset;
+      r.piece_names.push_back(piece.name);
     }
     const auto& all = ddp ? ddp->shard_pieces() : std::vector<dist::ShardPiece>();
     for (size_t j = 0; j < all.size(); ++j) {
@@ -598,6 +618,7 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
       if (module != k) continue;
       const auto& param = leaves[all[j].param];
       pieces.emplace_back(name, param.detach().view(-1).narrow(0, all[j].offset, all[j].numel));
+      r.piece_names.push_back(name);
       decay.push_back(decays(name, param));
       r.pieces.push_back(j);
       r.offsets[name] = all[j].offset;
@@ -607,8 +628,9 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
   if (!ckpt.empty()) {
     for (auto& r : modules)
       r.optimizer->load_state(
-          r.module.model->tp ? read_split_optimizer(ckpt, r)
-                             : read_module_optimizer(ckpt, r.module.name, r.optimizer->state(), r.offsets));
+          r.module.model->tp && !sharded
+              ? read_split_optimizer(ckpt, r)
+              : read_module_optimizer(ckpt, rank_files_stem(r), r.optimizer->state(), r.offsets));
     step = saved.step;
     try {
       algo.load_state(data_state);
@@ -672,18 +694,18 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
     for (const auto& s : gather_strings(dist, algo.state().dump())) data.push_back(nlohmann::json::parse(s));
     if (main_rank) begin_checkpoint(opt.output_dir, step);
     if (sharded) {
-      dist.barrier();
+      barrier();
       const std::string tmp = checkpoint_tmp_dir(opt.output_dir, step);
       for (const auto& r : modules) {
-        write_optimizer_shard(tmp, r.module.name, dist.rank(), dist.world_size(), r.optimizer->state(),
+        write_optimizer_shard(tmp, rank_files_stem(r), dist.rank(), dist.world_size(), r.optimizer->state(),
                               r.offsets);
         // Fully sharded weights: each rank's pieces of them too.
         if (!r.sharded_model) continue;
         NamedParams pieces;
         for (const auto& p : r.sharded_model->pieces()) pieces.emplace_back(p.name, p.values);
-        write_weight_shard(tmp, r.module.name, dist.rank(), dist.world_size(), pieces, r.offsets);
+        write_weight_shard(tmp, rank_files_stem(r), dist.rank(), dist.world_size(), pieces, r.offsets);
       }
-      dist.barrier();
+      barrier();
     }
     // Tensor parallel: whole tensors, gathered over the group, so that any layout resumes from them.
     std::vector<std::optional<Transformer>> whole(modules.size());
@@ -691,6 +713,8 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
     for (size_t k = 0; k < modules.size(); ++k) {
       const auto& r = modules[k];
       const auto* split = r.module.model->tp.get();
+      // Fully sharded weights are written by each rank as pieces, the optimizer state of any sharding so.
+      if (r.sharded_model) continue;
       params[k] = split ? gather_named(*split, r.module.params, [](const std::string& n) { return n; })
                         : r.module.params;
       if (!sharded)
@@ -708,7 +732,7 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
       }
       save_checkpoint(opt.output_dir, saved_modules, state, opt.keep_last);
     }
-    dist.barrier();
+    barrier();
   };
 
   // A real signal at a chosen step (SIGKILL, or ALIGNER_KILL_SIGNAL=TERM or INT), so that tests can
@@ -794,10 +818,21 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
         auto& r = modules[k];
         const double clip = r.module.optim.grad_clip;
         const double limit = clip > 0 ? clip : INFINITY;
-        const double norm = sharded ? clip_grad_norm(piece_grads[k], limit, sum_over_ranks)
-                            : r.module.model->tp
-                                ? clip_split_grad_norm(r.module.params, *r.module.model->tp, limit)
-                                : clip_grad_norm(r.module.params, limit);
+        const auto* split = r.module.model->tp.get();
+        double norm = 0;
+        if (sharded && split) {
+          norm = clip_split_grad_norm(piece_grads[k], r.piece_names, *split, limit, sum_over_ranks);
+        } else if (sharded) {
+          norm = clip_grad_norm(piece_grads[k], limit, sum_over_ranks);
+        } else if (split) {
+          std::vector<at::Tensor> grads;
+          std::vector<std::string> names;
+          for (const auto& [name, p] : r.module.params)
+            if (p.grad().defined()) grads.push_back(p.grad()), names.push_back(name);
+          norm = clip_split_grad_norm(grads, names, *split, limit, [](double x) { return x; });
+        } else {
+          norm = clip_grad_norm(r.module.params, limit);
+        }
         if (!std::isfinite(norm)) {
           log_warn("step {}: the gradient norm of '{}' is {}; update skipped", step + 1, r.module.name, norm);
           finite = false;
@@ -860,11 +895,14 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
         opt.global_batch_size);
   if (opt.val_interval <= 0 || step % opt.val_interval != 0) validate(step);
   std::vector<std::optional<Transformer>> copies;
-  for (auto& r : modules)
-    copies.push_back(!r.module.export_final ? std::nullopt
-                     : r.sharded_model      ? r.sharded_model->host_copy()
-                     : r.module.model->tp   ? std::optional<Transformer>(gather_transformer(*r.module.model))
-                                            : std::nullopt);
+  for (auto& r : modules) {
+    std::optional<Transformer> copy;
+    if (r.module.export_final && r.sharded_model) copy = r.sharded_model->host_copy();
+    // Tensor parallel: the data-parallel root's slices put together over its tensor group.
+    const bool root = !r.sharded_model || copy;
+    if (r.module.export_final && r.module.model->tp && root) copy = gather_transformer(copy ? *copy : *r.module.model);
+    copies.push_back(std::move(copy));
+  }
   if (main_rank) {
     int64_t exported = 0;
     for (const auto& r : modules) exported += r.module.export_final;
@@ -885,7 +923,7 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
       log_info("wrote {} after {} steps", dir.string(), step);
     }
   }
-  dist.barrier();
+  barrier();
   // The models leave the trainer whole, as they came.
   for (auto& r : modules)
     if (r.sharded_model) r.sharded_model->unshard();

@@ -1,0 +1,519 @@
+// Tensor parallelism (Megatron's split) on CPU ranks over Gloo. Two ranks of this test binary (started
+// again, as in test_dist.cpp) hold each family's fixture whole and split, and compare logits, log-probs
+// and every parameter's gradient with the matching slice of the whole model's. Then end to end through
+// aligner launch: SFT, DPO and GRPO with trainer.tensor_parallel=2 train as one rank does, 2 data x 2
+// tensor ranks too; a run resumes on the same or another tensor-parallel size (checkpoints hold whole
+// tensors); generate and perplexity --tensor-parallel 2 give one process's output; what is not built is
+// a one-line error.
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <spawn.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <thread>
+
+#include "core/torch_compat.h"
+#include "io/safetensors.h"
+#include "model/tensor_parallel.h"
+#include "online_fixtures.h"
+#include "run_outputs.h"
+#include "test_util.h"
+#include "train/run_setup.h"
+
+extern char** environ;
+
+namespace aligner::test {
+namespace {
+
+namespace fs = std::filesystem;
+
+const std::string kModels = kRoot + "/tests/fixtures/models/";
+const std::string kSftData = kRoot + "/examples/data/code-alpaca/code-alpaca-300.jsonl";
+const std::string kDpoData = kRoot + "/examples/data/nemo-aligner/dummy-dpo.jsonl";
+
+int free_port() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(addr);
+  const bool ok = bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 &&
+                  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0;
+  close(fd);
+  return ok ? ntohs(addr.sin_port) : 0;
+}
+
+// ---- two ranks of this binary: each family whole and split ----
+
+// At most `tolerance` apart, relative to the larger of 1 and `want`'s largest magnitude.
+void expect_close(const at::Tensor& got, const at::Tensor& want, double tolerance, const std::string& what) {
+  ASSERT_EQ(got.sizes(), want.sizes()) << what;
+  const double scale = std::max(1.0, want.abs().max().item<double>());
+  EXPECT_LE((got - want).abs().max().item<double>(), tolerance * scale) << what;
+}
+
+// Three rows of T tokens: one plain, one left-padded, one packed with two segments.
+struct Batch {
+  ForwardInput in;
+  at::Tensor targets;      // the next token, -1 where there is none (padding, a segment's end)
+  at::Tensor weights;      // per position, for the loss
+  at::Tensor logit_scale;  // [B, T, 1]: small, 0 on padding
+};
+
+Batch fixed_batch(int64_t vocab) {
+  const int64_t B = 3, T = 28, padded = 5, cut = 12;
+  auto gen = at::detail::createCPUGenerator(11);
+  const auto longs = at::TensorOptions().dtype(at::kLong);
+  Batch b;
+  b.in.input_ids = at::randint(vocab, {B, T}, gen, longs);
+  b.in.attention_mask = at::ones({B, T}, longs);
+  b.in.attention_mask[1].narrow(0, 0, padded).zero_();
+  b.in.segment_ids = at::zeros({B, T}, longs);
+  b.in.segment_ids[2].narrow(0, cut, T - cut).fill_(1);
+  b.in.position_ids = at::arange(T, longs).repeat({B, 1});
+  b.in.position_ids[1] = (b.in.attention_mask[1].cumsum(0) - 1).clamp_min(0);
+  b.in.position_ids[2].narrow(0, cut, T - cut).copy_(at::arange(T - cut, longs));
+  b.targets = at::full({B, T}, -1, longs);
+  const auto next_valid =
+      b.in.attention_mask.narrow(1, 0, T - 1)
+          .logical_and(b.in.attention_mask.narrow(1, 1, T - 1))
+          .logical_and(b.in.segment_ids.narrow(1, 0, T - 1) == b.in.segment_ids.narrow(1, 1, T - 1));
+  b.targets.narrow(1, 0, T - 1).copy_(at::where(next_valid, b.in.input_ids.narrow(1, 1, T - 1), -1));
+  b.weights = at::randn({B, T}, gen) / double(B * T);
+  b.logit_scale = b.in.attention_mask.to(at::kFloat).unsqueeze(-1) * 1e-2;
+  return b;
+}
+
+struct Outputs {
+  at::Tensor logits, logprobs;
+};
+
+// Logits and log-probs, and the gradients of a loss of both in the parameters.
+Outputs forward_backward(const Transformer& m, const Batch& b) {
+  for (auto& [name, p] : named_parameters(m)) p.requires_grad_(true);
+  const auto hidden = forward_hidden(m, b.in);
+  Outputs out{lm_logits(m, hidden), token_logprobs(m, hidden, b.targets)};
+  const auto w = at::randn(out.logits.sizes(), at::detail::createCPUGenerator(5));
+  ((out.logprobs * b.weights).sum() + (out.logits * w * b.logit_scale).sum()).backward();
+  return {out.logits.detach(), out.logprobs.detach()};
+}
+
+void check_family(const std::string& family, const TensorParallel& tp) {
+  const std::string dir = kModels + family;
+  set_process_tensor_parallel(std::nullopt);
+  const Transformer whole = load_transformer(dir, at::kCPU, at::kFloat);
+  set_process_tensor_parallel(tp);
+  const Transformer split = load_transformer(dir, at::kCPU, at::kFloat);
+  ASSERT_TRUE(split.tp);
+  EXPECT_EQ(split.cfg.num_heads * 2, whole.cfg.num_heads);
+  EXPECT_EQ(split.embed.size(0), (whole.cfg.vocab_size + 1) / 2);
+
+  const Batch b = fixed_batch(whole.cfg.vocab_size);
+  // Inference first (nothing recorded: the partial sums are taken in place), then training.
+  {
+    at::NoGradGuard no_grad;
+    const auto want = lm_logits(whole, forward_hidden(whole, b.in));
+    expect_close(lm_logits(split, forward_hidden(split, b.in)), want, 1e-5, family + " logits, no grad");
+  }
+  const Outputs want = forward_backward(whole, b), got = forward_backward(split, b);
+  const auto real = b.in.attention_mask.to(at::kBool);
+  expect_close(got.logits.index({real}), want.logits.index({real}), 1e-5, family + " logits");
+  expect_close(got.logprobs, want.logprobs, 1e-5, family + " token_logprobs");
+
+  std::map<std::string, at::Tensor> whole_params;
+  for (const auto& [name, p] : named_parameters(whole)) whole_params.emplace(name, p);
+  const auto params = named_parameters(split);
+  EXPECT_EQ(params.size(), whole_params.size());
+  int sliced = 0;
+  for (const auto& [name, p] : params) {
+    const auto it = whole_params.find(name);
+    ASSERT_NE(it, whole_params.end()) << family << ": " << name;
+    const SliceSpec spec = tensor_slice(*split.tp, name);
+    sliced += spec.dim >= 0;
+    EXPECT_TRUE(p.detach().equal(take_slice(it->second.detach(), spec))) << family << ": " << name;
+    ASSERT_TRUE(p.grad().defined()) << family << ": " << name;
+    const auto want_grad = take_slice(it->second.grad(), spec);
+    // A gradient of zeros would pass any comparison.
+    EXPECT_GT(want_grad.abs().max().item<double>(), 0) << family << ": " << name;
+    expect_close(p.grad(), want_grad, 1e-5, family + " grad of " + name);
+  }
+  EXPECT_GT(sliced, 0) << family;
+}
+
+TEST(TensorParallelWorker, Families) {
+  const char* done = std::getenv("ALIGNER_TP_TEST_DONE");
+  if (!done) GTEST_SKIP() << "runs as a rank started by TensorParallel.EachFamilyMatchesTheWholeModel";
+  dist::Dist data = split_tensor_parallel(
+      dist::Dist::init(dist::read_dist_env(), at::kCPU, std::chrono::seconds(60)), 2, "test");
+  EXPECT_EQ(data.world_size(), 1);
+  ASSERT_NE(process_tensor_parallel(), nullptr);
+  const TensorParallel tp = *process_tensor_parallel();
+  ASSERT_EQ(tp.size(), 2);
+  for (const std::string family :
+       {"llama2", "llama3", "llama_bias", "mistral", "qwen2", "qwen3", "nemotron", "llama_dynamic"}) {
+    check_family(family, tp);
+    set_process_tensor_parallel(tp);
+  }
+  // Mixtral's experts are not split: an error naming them, and the folder when loading.
+  const auto mixtral =
+      parse_model_config(nlohmann::json::parse(std::ifstream(kModels + "mixtral/config.json")), "mixtral");
+  EXPECT_NE(error_of([&] { make_tensor_split(mixtral, tp); }).find("experts"), std::string::npos);
+  const auto loading = error_of([&] { load_transformer(kModels + "mixtral", at::kCPU); });
+  EXPECT_NE(loading.find("experts"), std::string::npos) << loading;
+  EXPECT_NE(loading.find(kModels + "mixtral"), std::string::npos) << loading;
+  set_process_tensor_parallel(std::nullopt);
+  if (!HasFailure()) std::ofstream(std::string(done) + "/rank" + std::to_string(tp.rank())) << "ok\n";
+}
+
+// `filter`'s test run by `ranks` copies of this binary as the ranks of one group; whether each exited
+// cleanly and wrote DONE/rank<r>.
+void run_worker_ranks(const std::string& filter, int ranks) {
+  const int port = free_port();
+  ASSERT_GT(port, 0);
+  const auto dir = temp_dir("tp_worker");
+  std::vector<pid_t> pids;
+  for (int rank = 0; rank < ranks; ++rank) {
+    const std::vector<std::string> ours = {"RANK=" + std::to_string(rank),
+                                           "LOCAL_RANK=" + std::to_string(rank),
+                                           "WORLD_SIZE=" + std::to_string(ranks),
+                                           "MASTER_ADDR=127.0.0.1",
+                                           "MASTER_PORT=" + std::to_string(port),
+                                           "ALIGNER_TP_TEST_DONE=" + dir.string(),
+                                           "OMP_NUM_THREADS=1"};
+    // Without gtest's variables: a shard index could skip the worker, an output file be overwritten.
+    std::vector<std::string> env;
+    for (char** e = environ; *e; ++e) {
+      const std::string entry(*e), name = entry.substr(0, entry.find('=') + 1);
+      bool replaced = name.rfind("GTEST_", 0) == 0;
+      for (const auto& kv : ours) replaced = replaced || kv.rfind(name, 0) == 0;
+      if (!replaced) env.push_back(entry);
+    }
+    env.insert(env.end(), ours.begin(), ours.end());
+    std::vector<char*> envp;
+    for (auto& kv : env) envp.push_back(kv.data());
+    envp.push_back(nullptr);
+    std::string exe = "/proc/self/exe", flag = "--gtest_filter=" + filter;
+    char* argv[] = {exe.data(), flag.data(), nullptr};
+    pid_t pid = -1;
+    ASSERT_EQ(posix_spawn(&pid, exe.c_str(), nullptr, nullptr, argv, envp.data()), 0);
+    pids.push_back(pid);
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(150);
+  std::vector<int> status(pids.size(), -1);
+  for (size_t finished = 0; finished < pids.size();) {
+    for (size_t r = 0; r < pids.size(); ++r)
+      if (status[r] == -1 && waitpid(pids[r], &status[r], WNOHANG) == pids[r]) ++finished;
+    if (finished < pids.size() && std::chrono::steady_clock::now() > deadline) {
+      for (size_t r = 0; r < pids.size(); ++r)
+        if (status[r] == -1) {
+          kill(pids[r], SIGKILL);
+          waitpid(pids[r], &status[r], 0);
+        }
+      FAIL() << "the ranks did not finish in time";
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  for (int r = 0; r < ranks; ++r) {
+    EXPECT_TRUE(WIFEXITED(status[r]) && WEXITSTATUS(status[r]) == 0)
+        << "rank " << r << " status " << status[r];
+    EXPECT_TRUE(fs::exists(dir / ("rank" + std::to_string(r)))) << "rank " << r << " did not pass its checks";
+  }
+  fs::remove_all(dir);
+}
+
+TEST(TensorParallel, EachFamilyMatchesTheWholeModel) {
+  if (!ALIGNER_HAS_GLOO) GTEST_SKIP() << "this libtorch build has no Gloo headers";
+  run_worker_ranks("TensorParallelWorker.Families", 2);
+}
+
+// ---- end to end, through aligner launch ----
+
+// `aligner ARGS` as `ranks` local ranks on a free port; a hang is killed.
+Run launch(int ranks, const std::string& args, const std::string& env = "") {
+  return run_aligner("launch --nproc-per-node " + std::to_string(ranks) + " --master-port " +
+                         std::to_string(free_port()) + " -- " + ALIGNER_BINARY + " " + args,
+                     env + " timeout -s KILL 300");
+}
+
+bool no_gloo(const Run& r) {
+  return r.output.find("needs Gloo") != std::string::npos;
+}
+
+// Four examples per step: one rank accumulates two micro-batches, two data replicas take one each.
+std::string sft_args(const fs::path& out, const std::string& extra = "") {
+  return "sft model.path=" + tiny_model() + " data.train=" + kSftData +
+         " data.max_length=64 model.device=cpu optim.lr=1e-3 optim.scheduler=constant optim.weight_decay=0.1 "
+         "trainer.seed=7 trainer.micro_batch_size=2 trainer.global_batch_size=4 trainer.max_steps=4 "
+         "output_dir=" +
+         out.string() + " " + extra;
+}
+
+std::string dpo_args(const fs::path& out, const std::string& extra = "") {
+  return "dpo model.path=" + tiny_model() + " data.train=" + kDpoData +
+         " data.max_length=64 model.device=cpu optim.lr=1e-3 optim.scheduler=constant trainer.seed=3 "
+         "trainer.micro_batch_size=2 trainer.global_batch_size=4 trainer.max_steps=3 output_dir=" +
+         out.string() + " " + extra;
+}
+
+void expect_same_losses(const fs::path& a, const fs::path& b, double tolerance) {
+  const auto ma = metrics(a), mb = metrics(b);
+  ASSERT_EQ(ma.size(), mb.size()) << a << " " << b;
+  for (size_t i = 0; i < ma.size(); ++i)
+    for (const char* key : {"loss", "grad_norm"})
+      EXPECT_NEAR(ma[i][key].get<double>(), mb[i][key].get<double>(), tolerance)
+          << b << " step " << i + 1 << " " << key;
+}
+
+TEST(TensorParallel, SftAndDpoOnTwoTensorRanksTrainAsOneRank) {
+  const auto out = temp_dir("tp_train");
+  for (const bool dpo : {false, true}) {
+    const auto args = [&](const fs::path& dir, const std::string& extra) {
+      return dpo ? dpo_args(dir, extra) : sft_args(dir, extra);
+    };
+    const fs::path one = out / (dpo ? "dpo_one" : "sft_one"), two = out / (dpo ? "dpo_two" : "sft_two");
+    const auto r1 = run_aligner(args(one, ""));
+    ASSERT_EQ(r1.status, 0) << r1.output;
+    const auto r2 = launch(2, args(two, "trainer.tensor_parallel=2"));
+    if (no_gloo(r2)) GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
+    ASSERT_EQ(r2.status, 0) << r2.output;
+    EXPECT_NE(r2.output.find("tensor parallel: 2 ranks per model, 1 data-parallel replicas"),
+              std::string::npos)
+        << r2.output;
+    expect_same_losses(one, two, 1e-5);
+    expect_same_weights(one / "final", two / "final", 1e-5);
+  }
+  fs::remove_all(out);
+}
+
+TEST(TensorParallel, TwoDataByTwoTensorRanksTrainAsOneRank) {
+  const auto out = temp_dir("tp_mesh");
+  const auto one = run_aligner(sft_args(out / "one"));
+  ASSERT_EQ(one.status, 0) << one.output;
+  const auto four = launch(4, sft_args(out / "four", "trainer.tensor_parallel=2"));
+  if (no_gloo(four)) GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
+  ASSERT_EQ(four.status, 0) << four.output;
+  EXPECT_NE(four.output.find("2 data-parallel replicas"), std::string::npos) << four.output;
+  expect_same_losses(out / "one", out / "four", 1e-5);
+  expect_same_weights(out / "one" / "final", out / "four" / "final", 1e-5);
+  fs::remove_all(out);
+}
+
+// ZeRO over the data-parallel ranks of a 2 x 2 mesh: each tensor rank's slices sharded over its data
+// replicas trains as one rank does, and its per-rank checkpoint files (named by tensor rank) resume
+// to the same weights as a run never stopped.
+TEST(TensorParallel, ShardingOverTheDataRanksOfAMesh) {
+  const auto out = temp_dir("tp_zero");
+  const auto one = run_aligner(sft_args(out / "one"));
+  ASSERT_EQ(one.status, 0) << one.output;
+  const std::string mesh = "trainer.tensor_parallel=2 trainer.save_interval=2 trainer.keep_last=0 ";
+  for (const std::string stage : {"optimizer", "full"}) {
+    const fs::path dir = out / stage;
+    const auto r = launch(4, sft_args(dir, mesh + "trainer.sharding=" + stage));
+    if (no_gloo(r)) GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
+    ASSERT_EQ(r.status, 0) << r.output;
+    EXPECT_NE(r.output.find("sharding=" + stage), std::string::npos) << r.output;
+    expect_same_losses(out / "one", dir, 1e-5);
+    expect_same_weights(out / "one" / "final", dir / "final", 1e-5);
+    EXPECT_TRUE(fs::exists(dir / "checkpoints" / "step_2" /
+                           "model.tp-1-of-2.optimizer.rank-00001-of-00002.safetensors"));
+
+    const fs::path killed = out / (stage + "_killed");
+    const auto first =
+        launch(4, sft_args(killed, mesh + "trainer.sharding=" + stage), "ALIGNER_KILL_AT_STEP=3");
+    ASSERT_NE(first.status, 0) << first.output;
+    const auto resumed = launch(4, sft_args(killed, mesh + "trainer.sharding=" + stage));
+    ASSERT_EQ(resumed.status, 0) << resumed.output;
+    EXPECT_NE(resumed.output.find("resuming from"), std::string::npos) << resumed.output;
+    expect_same_weights(dir / "final", killed / "final");
+    expect_same_losses(dir, killed, 0);
+  }
+  fs::remove_all(out);
+}
+
+// Checkpoints hold whole tensors (gathered over the group): a killed tensor-parallel run resumes as
+// it was, and a checkpoint of either layout goes on in the other.
+TEST(TensorParallel, ResumeOnTheSameOrAnotherTensorParallelSize) {
+  const auto out = temp_dir("tp_resume");
+  const std::string save = "trainer.save_interval=2 trainer.keep_last=0 ";
+  const std::string tp2 = save + "trainer.tensor_parallel=2";
+  const auto one = run_aligner(sft_args(out / "one", save));
+  ASSERT_EQ(one.status, 0) << one.output;
+  const auto whole = launch(2, sft_args(out / "whole", tp2));
+  if (no_gloo(whole)) GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
+  ASSERT_EQ(whole.status, 0) << whole.output;
+  // The checkpoint's model is the whole one: it loads as the tiny model's shapes.
+  {
+    const auto saved =
+        load_transformer((out / "whole" / "checkpoints" / "step_2" / "model").string(), at::kCPU);
+    const auto base = named_parameters(load_transformer(tiny_model(), at::kCPU));
+    const auto got = named_parameters(saved);
+    ASSERT_EQ(got.size(), base.size());
+    for (size_t i = 0; i < got.size(); ++i)
+      EXPECT_EQ(got[i].second.sizes(), base[i].second.sizes()) << got[i].first;
+  }
+
+  const auto killed = launch(2, sft_args(out / "killed", tp2), "ALIGNER_KILL_AT_STEP=3");
+  ASSERT_NE(killed.status, 0) << killed.output;
+  ASSERT_FALSE(fs::exists(out / "killed" / "final"));
+  const auto resumed = launch(2, sft_args(out / "killed", tp2));
+  ASSERT_EQ(resumed.status, 0) << resumed.output;
+  EXPECT_NE(resumed.output.find("resuming from"), std::string::npos) << resumed.output;
+  expect_same_weights(out / "whole" / "final", out / "killed" / "final");
+  expect_same_losses(out / "whole", out / "killed", 0);
+
+  const auto two = launch(2, sft_args(out / "two_then_one", tp2), "ALIGNER_KILL_AT_STEP=2");
+  ASSERT_NE(two.status, 0) << two.output;
+  const auto then_one = run_aligner(sft_args(out / "two_then_one", save));
+  ASSERT_EQ(then_one.status, 0) << then_one.output;
+  EXPECT_NE(then_one.output.find("resuming from"), std::string::npos) << then_one.output;
+  expect_same_weights(out / "one" / "final", out / "two_then_one" / "final", 1e-5);
+  expect_same_losses(out / "one", out / "two_then_one", 1e-5);
+
+  const auto first = run_aligner(sft_args(out / "one_then_two", save), "ALIGNER_KILL_AT_STEP=2");
+  ASSERT_NE(first.status, 0) << first.output;
+  const auto then_two = launch(2, sft_args(out / "one_then_two", tp2));
+  ASSERT_EQ(then_two.status, 0) << then_two.output;
+  EXPECT_NE(then_two.output.find("resuming from"), std::string::npos) << then_two.output;
+  expect_same_weights(out / "one" / "final", out / "one_then_two" / "final", 1e-5);
+  expect_same_losses(out / "one", out / "one_then_two", 1e-5);
+  fs::remove_all(out);
+}
+
+std::vector<nlohmann::json> read_lines(const fs::path& path) {
+  std::ifstream f(path);
+  std::vector<nlohmann::json> rows;
+  for (std::string line; std::getline(f, line);) rows.push_back(nlohmann::json::parse(line));
+  return rows;
+}
+
+TEST(TensorParallel, GreedyGenerationAndPerplexityMatchOneProcess) {
+  const auto out = temp_dir("tp_generate");
+  {
+    std::ofstream(out / "prompts.jsonl")
+        << "{\"prompt\": \"Hello there\"}\n"
+        << "{\"input_ids\": [5, 6, 7]}\n"
+        << "{\"messages\": [{\"role\": \"user\", \"content\": \"Tell me about the sea\"}]}\n";
+  }
+  const std::string gen = "generate --model " + tiny_model() + " --data " + (out / "prompts.jsonl").string() +
+                          " gen.greedy=true gen.max_new_tokens=8 gen.num_samples=2 model.device=cpu "
+                          "data.template=llama3 --out ";
+  const auto g1 = run_aligner(gen + (out / "one.jsonl").string());
+  ASSERT_EQ(g1.status, 0) << g1.output;
+  const auto g2 = launch(2, gen + (out / "two.jsonl").string() + " --tensor-parallel 2");
+  if (no_gloo(g2)) GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
+  ASSERT_EQ(g2.status, 0) << g2.output;
+  const auto a = read_lines(out / "one.jsonl"), b = read_lines(out / "two.jsonl");
+  ASSERT_EQ(a.size(), 6u);
+  ASSERT_EQ(b.size(), a.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(b[i]["output_ids"], a[i]["output_ids"]) << i;
+    EXPECT_EQ(b[i]["text"], a[i]["text"]) << i;
+    const auto la = a[i]["logprobs"].get<std::vector<double>>(),
+               lb = b[i]["logprobs"].get<std::vector<double>>();
+    ASSERT_EQ(la.size(), lb.size()) << i;
+    for (size_t j = 0; j < la.size(); ++j) EXPECT_NEAR(lb[j], la[j], 1e-5) << i << " token " << j;
+  }
+
+  // Perplexity over random id sequences: the per-sequence log-probs (sums) and the summary.
+  {
+    std::ofstream f(out / "ids.jsonl");
+    auto g = at::detail::createCPUGenerator(3);
+    for (int64_t n : {40, 9, 25}) {
+      const auto ids = at::randint(6000, {n}, g, at::TensorOptions().dtype(at::kLong));
+      f << nlohmann::json{{"input_ids",
+                           std::vector<int64_t>(ids.data_ptr<int64_t>(), ids.data_ptr<int64_t>() + n)}}
+               .dump()
+        << "\n";
+    }
+  }
+  const std::string ppl = "perplexity --model " + tiny_model() + " --data " + (out / "ids.jsonl").string() +
+                          " --device cpu --batch-size 2";
+  const auto p1 = run_aligner(ppl);
+  ASSERT_EQ(p1.status, 0) << p1.output;
+  const auto p2 = launch(2, ppl + " --tensor-parallel 2");
+  ASSERT_EQ(p2.status, 0) << p2.output;
+  const auto ra = json_lines(p1.output), rb = json_lines(p2.output);
+  ASSERT_EQ(ra.size(), 4u) << p1.output;
+  ASSERT_EQ(rb.size(), ra.size()) << p2.output;
+  for (size_t i = 0; i < ra.size(); ++i)
+    for (const auto& [key, value] : ra[i].items()) {
+      ASSERT_TRUE(rb[i].contains(key)) << i << " " << key;
+      if (!value.is_number_float()) {
+        EXPECT_EQ(rb[i][key], value) << i << " " << key;
+        continue;
+      }
+      const double x = value.get<double>();
+      EXPECT_NEAR(rb[i][key].get<double>(), x, 1e-5 * std::max(1.0, std::abs(x))) << i << " " << key;
+    }
+  fs::remove_all(out);
+}
+
+// The line of `output` that holds `fragment`: one line, an error's.
+void expect_error_line(const Run& r, const std::string& fragment) {
+  EXPECT_NE(r.status, 0) << r.output;
+  std::istringstream in(r.output);
+  for (std::string line; std::getline(in, line);)
+    if (line.find(fragment) != std::string::npos) {
+      EXPECT_EQ(line.rfind("error: ", 0), 0u) << line;
+      return;
+    }
+  ADD_FAILURE() << "no line holds '" << fragment << "':\n" << r.output;
+}
+
+TEST(TensorParallel, WhatIsNotBuiltIsAOneLineError) {
+  const auto out = temp_dir("tp_errors");
+  const auto r = launch(2, sft_args(out / "a", "trainer.tensor_parallel=3"));
+  if (no_gloo(r)) GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
+  expect_error_line(r, "trainer.tensor_parallel=3 must divide the number of ranks (2)");
+  expect_error_line(launch(2, sft_args(out / "c", "trainer.tensor_parallel=2 lora.rank=4")),
+                    "LoRA adapters (lora.rank, lora.from) do not run tensor parallel yet");
+  { std::ofstream(out / "p.jsonl") << "{\"input_ids\": [5, 6, 7]}\n"; }
+  expect_error_line(
+      run_aligner("generate --model " + tiny_model() + " --data " + (out / "p.jsonl").string() + " --out " +
+                  (out / "g.jsonl").string() + " model.device=cpu --tensor-parallel 2"),
+      "needs as many ranks, and 1 were started: run it under aligner launch --nproc-per-node 2");
+  fs::remove_all(out);
+}
+
+// GRPO: the rollouts (the split policy generating, the split reward model scoring), the reference's
+// KL and the updates as one rank's.
+TEST(TensorParallel, GrpoOnTwoTensorRanksMatchesOneRank) {
+  const auto out = temp_dir("tp_grpo");
+  const auto args = [&](const fs::path& dir) {
+    return online_args("reinforce model.path=" + tiny_model(), dir) +
+           " rollout.prompts_per_step=4 rollout.samples_per_prompt=4 trainer.micro_batch_size=4"
+           " reinforce.mask_unfinished=false optim.lr=2e-3 reinforce.advantage=grpo trainer.max_steps=2";
+  };
+  const auto one = run_aligner(args(out / "one"));
+  ASSERT_EQ(one.status, 0) << one.output;
+  const auto two = launch(2, args(out / "two") + " trainer.tensor_parallel=2");
+  if (no_gloo(two)) GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
+  ASSERT_EQ(two.status, 0) << two.output;
+  for (const std::string split : {"train", "validation"}) {
+    const auto a = metrics(out / "one", split), b = metrics(out / "two", split);
+    ASSERT_EQ(a.size(), split == "train" ? 2u : 1u);
+    ASSERT_EQ(b.size(), a.size());
+    for (size_t i = 0; i < a.size(); ++i)
+      for (const auto& [key, value] : a[i].items()) {
+        // Timings and throughputs differ from run to run.
+        if (!value.is_number_float() || key.find("time") != std::string::npos ||
+            key.find("seconds") != std::string::npos || key.find("per_s") != std::string::npos)
+          continue;
+        const double x = value.get<double>();
+        EXPECT_NEAR(b[i][key].get<double>(), x, 1e-4 * (1 + std::abs(x)))
+            << split << " step " << i + 1 << " " << key;
+      }
+  }
+  fs::remove_all(out);
+}
+
+}  // namespace
+}  // namespace aligner::test
