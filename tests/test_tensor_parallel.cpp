@@ -4,7 +4,9 @@
 // aligner launch: SFT, DPO and GRPO with trainer.tensor_parallel=2 train as one rank does, 2 data x 2
 // tensor ranks too; a run resumes on the same or another tensor-parallel size (checkpoints hold whole
 // tensors); generate and perplexity --tensor-parallel 2 give one process's output; what is not built is
-// a one-line error.
+// a one-line error. LoRA adapters split as their projections: on two tensor ranks they match the whole
+// model's (forward, gradients, dropout, initialisation, PEFT folders), and SFT and DPO with adapters,
+// a resumed run, a continued adapter and generation with one train and run as one rank does.
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <spawn.h>
@@ -21,6 +23,7 @@
 #include <thread>
 
 #include "core/torch_compat.h"
+#include "io/peft_adapter.h"
 #include "io/safetensors.h"
 #include "model/tensor_parallel.h"
 #include "online_fixtures.h"
@@ -96,14 +99,19 @@ struct Outputs {
   at::Tensor logits, logprobs;
 };
 
-// Logits and log-probs, and the gradients of a loss of both in the parameters.
-Outputs forward_backward(const Transformer& m, const Batch& b) {
-  for (auto& [name, p] : named_parameters(m)) p.requires_grad_(true);
+// Logits and log-probs, and the gradients of a loss of both in what requires them.
+Outputs loss_backward(const Transformer& m, const Batch& b) {
   const auto hidden = forward_hidden(m, b.in);
   Outputs out{lm_logits(m, hidden), token_logprobs(m, hidden, b.targets)};
   const auto w = at::randn(out.logits.sizes(), at::detail::createCPUGenerator(5));
   ((out.logprobs * b.weights).sum() + (out.logits * w * b.logit_scale).sum()).backward();
   return {out.logits.detach(), out.logprobs.detach()};
+}
+
+// The same, in every parameter.
+Outputs forward_backward(const Transformer& m, const Batch& b) {
+  for (auto& [name, p] : named_parameters(m)) p.requires_grad_(true);
+  return loss_backward(m, b);
 }
 
 void check_family(const std::string& family, const TensorParallel& tp) {
@@ -173,6 +181,118 @@ TEST(TensorParallelWorker, Families) {
   if (!HasFailure()) std::ofstream(std::string(done) + "/rank" + std::to_string(tp.rank())) << "ok\n";
 }
 
+// LoRA adapters on every projection, whole and split from the same seed: the split ones are the whole
+// ones' slices (A replicated beside a column-parallel weight, B beside a row-parallel one), and with
+// dropout drawn alike the logits, log-probs and adapter gradients match; gathered, a split model's
+// adapters are whole, and a PEFT folder of whole adapters loads into a split model as its slices.
+void check_adapters(const std::string& family, const TensorParallel& tp, const fs::path& shared_dir) {
+  const std::string dir = kModels + family;
+  LoraConfig c;
+  c.rank = 4;
+  c.alpha = 8;
+  c.dropout = 0.25;
+  c.targets = kLoraTargets;
+  set_process_tensor_parallel(std::nullopt);
+  Transformer whole = load_transformer(dir, at::kCPU, at::kFloat);
+  add_adapters(whole, c, 9);
+  set_process_tensor_parallel(tp);
+  Transformer split = load_transformer(dir, at::kCPU, at::kFloat);
+  add_adapters(split, c, 9);
+  ASSERT_TRUE(split.tp);
+  const TensorSplit& s = *split.tp;
+
+  std::map<std::string, at::Tensor> whole_adapters;
+  for (const auto& [name, t] : adapter_parameters(whole)) whole_adapters.emplace(name, t);
+  const auto adapters = adapter_parameters(split);
+  ASSERT_EQ(adapters.size(), whole_adapters.size()) << family;
+  int sliced = 0;
+  for (const auto& [name, t] : adapters) {
+    const SliceSpec spec = tensor_slice(s, name);
+    const bool a = name.find(".lora_A.") != std::string::npos;
+    const bool row = name.find("o_proj") != std::string::npos || name.find("down_proj") != std::string::npos;
+    // Split where the weight is: a row-parallel projection's A, a column-parallel one's B.
+    EXPECT_EQ(spec.dim, a == row ? (a ? 1 : 0) : -1) << family << ": " << name;
+    sliced += spec.dim >= 0;
+    EXPECT_TRUE(t.equal(take_slice(whole_adapters.at(name), spec))) << family << " init of " << name;
+  }
+  EXPECT_EQ(sliced, int(adapters.size()) / 2) << family;
+
+  // B starts at zero, which would hide what B carries: random values, the same on every rank.
+  {
+    at::NoGradGuard no_grad;
+    auto gen = at::detail::createCPUGenerator(13);
+    for (auto& [name, t] : whole_adapters)
+      if (name.find(".lora_B.") != std::string::npos) t.copy_(at::randn(t.sizes(), gen) * 0.1);
+    for (const auto& [name, t] : adapters)
+      t.copy_(take_slice(whole_adapters.at(name), tensor_slice(s, name)));
+  }
+  for (const Transformer* m : {&whole, &split}) {
+    for (auto& [name, p] : named_parameters(*m)) p.requires_grad_(false);
+    for (auto& [name, p] : adapter_parameters(*m)) p.requires_grad_(true);
+  }
+  const Batch b = fixed_batch(whole.cfg.vocab_size);
+  // The same dropout masks: the whole draws each projection's, the split the same from the same state.
+  at::manual_seed(21);
+  const Outputs want = loss_backward(whole, b);
+  at::manual_seed(21);
+  const Outputs got = loss_backward(split, b);
+  const auto real = b.in.attention_mask.to(at::kBool);
+  expect_close(got.logits.index({real}), want.logits.index({real}), 1e-5, family + " adapted logits");
+  expect_close(got.logprobs, want.logprobs, 1e-5, family + " adapted token_logprobs");
+  for (const auto& [name, t] : adapters) {
+    const auto& w = whole_adapters.at(name);
+    ASSERT_TRUE(t.grad().defined()) << family << ": " << name;
+    const auto want_grad = take_slice(w.grad(), tensor_slice(s, name));
+    EXPECT_GT(want_grad.abs().max().item<double>(), 0) << family << ": " << name;
+    expect_close(t.grad(), want_grad, 1e-5, family + " grad of " + name);
+  }
+  // Without gradients (generation): the partial sums taken in place, no dropout.
+  {
+    at::NoGradGuard no_grad;
+    expect_close(lm_logits(split, forward_hidden(split, b.in)), lm_logits(whole, forward_hidden(whole, b.in)),
+                 1e-5, family + " adapted logits, no grad");
+  }
+
+  const Transformer gathered = gather_transformer(split);
+  const auto gathered_adapters = adapter_parameters(gathered);
+  ASSERT_EQ(gathered_adapters.size(), whole_adapters.size()) << family;
+  for (const auto& [name, t] : gathered_adapters)
+    EXPECT_TRUE(t.equal(whole_adapters.at(name).detach())) << family << " gathered " << name;
+  EXPECT_EQ(adapter_config(gathered).rank, c.rank);
+
+  // A PEFT folder of the whole adapters (rank 0 writes it) loads into a split model as its slices; a
+  // split model's own adapters are no folder.
+  const std::string folder = (shared_dir / ("peft_" + family)).string();
+  if (tp.rank() == 0) save_peft_adapter(whole, c, folder, dir, "", Replace::anything);
+  tp.group->barrier();
+  Transformer loaded = load_transformer(dir, at::kCPU, at::kFloat);
+  load_peft_adapter(loaded, folder);
+  const auto loaded_adapters = adapter_parameters(loaded);
+  ASSERT_EQ(loaded_adapters.size(), adapters.size()) << family;
+  for (size_t i = 0; i < adapters.size(); ++i)
+    EXPECT_TRUE(loaded_adapters[i].second.equal(adapters[i].second.detach()))
+        << family << " loaded " << loaded_adapters[i].first;
+  EXPECT_NE(error_of([&] {
+              save_peft_adapter(split, c, folder + "_split", dir, "", Replace::anything);
+            }).find("tensor-parallel"),
+            std::string::npos);
+  tp.group->barrier();
+}
+
+TEST(TensorParallelWorker, Adapters) {
+  const char* done = std::getenv("ALIGNER_TP_TEST_DONE");
+  if (!done) GTEST_SKIP() << "runs as a rank started by TensorParallel.AdaptersMatchTheWholeModel";
+  const dist::Dist data = split_tensor_parallel(
+      dist::Dist::init(dist::read_dist_env(), at::kCPU, std::chrono::seconds(60)), 2, "test");
+  ASSERT_NE(process_tensor_parallel(), nullptr);
+  const TensorParallel tp = *process_tensor_parallel();
+  // llama_bias: one key/value head, shared by both ranks, and biases; qwen3: per-head norms.
+  for (const std::string family : {"llama3", "llama_bias", "qwen3", "nemotron"})
+    check_adapters(family, tp, done);
+  set_process_tensor_parallel(std::nullopt);
+  if (!HasFailure()) std::ofstream(std::string(done) + "/rank" + std::to_string(tp.rank())) << "ok\n";
+}
+
 // `filter`'s test run by `ranks` copies of this binary as the ranks of one group; whether each exited
 // cleanly and wrote DONE/rank<r>.
 void run_worker_ranks(const std::string& filter, int ranks) {
@@ -234,6 +354,11 @@ TEST(TensorParallel, EachFamilyMatchesTheWholeModel) {
   run_worker_ranks("TensorParallelWorker.Families", 2);
 }
 
+TEST(TensorParallel, AdaptersMatchTheWholeModel) {
+  if (!ALIGNER_HAS_GLOO) GTEST_SKIP() << "this libtorch build has no Gloo headers";
+  run_worker_ranks("TensorParallelWorker.Adapters", 2);
+}
+
 // ---- end to end, through aligner launch ----
 
 // `aligner ARGS` as `ranks` local ranks on a free port; a hang is killed.
@@ -289,6 +414,128 @@ TEST(TensorParallel, SftAndDpoOnTwoTensorRanksTrainAsOneRank) {
         << r2.output;
     expect_same_losses(one, two, 1e-5);
     expect_same_weights(one / "final", two / "final", 1e-5);
+  }
+  fs::remove_all(out);
+}
+
+std::vector<nlohmann::json> read_lines(const fs::path& path) {
+  std::ifstream f(path);
+  std::vector<nlohmann::json> rows;
+  for (std::string line; std::getline(f, line);) rows.push_back(nlohmann::json::parse(line));
+  return rows;
+}
+
+// LoRA on every projection (A replicated beside a column-parallel weight, B beside a row-parallel one),
+// with and without adapter dropout; merged on save; DPO with the frozen base as its reference.
+TEST(TensorParallel, LoraOnTwoTensorRanksTrainsAsOneRank) {
+  const auto out = temp_dir("tp_lora");
+  const std::string lora = "lora.rank=4 lora.alpha=8 ";
+  const std::string tp2 = "trainer.tensor_parallel=2 ";
+  for (const std::string extra : {"lora.dropout=0.1", "lora.dropout=0"}) {
+    const fs::path one = out / ("one_" + extra), two = out / ("two_" + extra);
+    const auto r1 = run_aligner(sft_args(one, lora + extra));
+    ASSERT_EQ(r1.status, 0) << r1.output;
+    const auto r2 = launch(2, sft_args(two, lora + tp2 + extra));
+    if (no_gloo(r2)) GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
+    ASSERT_EQ(r2.status, 0) << r2.output;
+    expect_same_losses(one, two, 1e-5);
+    expect_same_adapters(one / "final", two / "final", 1e-5);
+  }
+  // The adapters are trained (B is no longer zero), else the comparisons above would say little.
+  {
+    const auto f = safetensors::File::open(
+        (out / "one_lora.dropout=0" / "final" / "adapter_model.safetensors").string());
+    const auto b = f.get("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight");
+    EXPECT_GT(b.abs().max().item<double>(), 0);
+  }
+
+  const std::string merged = lora + "lora.dropout=0.1 lora.merge_on_save=true";
+  const auto m1 = run_aligner(sft_args(out / "merged_one", merged));
+  ASSERT_EQ(m1.status, 0) << m1.output;
+  const auto m2 = launch(2, sft_args(out / "merged_two", tp2 + merged));
+  ASSERT_EQ(m2.status, 0) << m2.output;
+  expect_same_weights(out / "merged_one" / "final", out / "merged_two" / "final", 1e-5);
+
+  const auto d1 = run_aligner(dpo_args(out / "dpo_one", lora + "lora.dropout=0.1"));
+  ASSERT_EQ(d1.status, 0) << d1.output;
+  const auto d2 = launch(2, dpo_args(out / "dpo_two", lora + tp2 + "lora.dropout=0.1"));
+  ASSERT_EQ(d2.status, 0) << d2.output;
+  expect_same_losses(out / "dpo_one", out / "dpo_two", 1e-5);
+  expect_same_adapters(out / "dpo_one" / "final", out / "dpo_two" / "final", 1e-5);
+  fs::remove_all(out);
+}
+
+// Adapter checkpoints hold whole tensors too: a tensor-parallel LoRA run killed and resumed on the same
+// or another size ends as one never stopped. A trained adapter continues (lora.from) on two tensor ranks
+// as on one, and generates (--adapter) as one process does.
+TEST(TensorParallel, LoraResumesContinuesAndGeneratesAsOneRank) {
+  const auto out = temp_dir("tp_lora_resume");
+  const std::string lora =
+      "lora.rank=4 lora.alpha=8 lora.dropout=0.1 trainer.save_interval=2 trainer.keep_last=0 ";
+  const std::string tp2 = lora + "trainer.tensor_parallel=2";
+  const auto one = run_aligner(sft_args(out / "one", lora));
+  ASSERT_EQ(one.status, 0) << one.output;
+  const auto two = launch(2, sft_args(out / "two", tp2));
+  if (no_gloo(two)) GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
+  ASSERT_EQ(two.status, 0) << two.output;
+  // The checkpoint's adapters are whole: row-parallel A has the whole input's columns.
+  {
+    const auto f = safetensors::File::open(
+        (out / "two" / "checkpoints" / "step_2" / "model" / "trainable.safetensors").string());
+    EXPECT_EQ(f.get("model.layers.0.mlp.down_proj.lora_A.weight").size(1), 128);
+    EXPECT_EQ(f.get("model.layers.0.mlp.up_proj.lora_B.weight").size(0), 128);
+  }
+
+  const auto killed = launch(2, sft_args(out / "killed", tp2), "ALIGNER_KILL_AT_STEP=3");
+  ASSERT_NE(killed.status, 0) << killed.output;
+  const auto resumed = launch(2, sft_args(out / "killed", tp2));
+  ASSERT_EQ(resumed.status, 0) << resumed.output;
+  EXPECT_NE(resumed.output.find("resuming from"), std::string::npos) << resumed.output;
+  expect_same_adapters(out / "two" / "final", out / "killed" / "final");
+  expect_same_losses(out / "two", out / "killed", 0);
+
+  const auto first = launch(2, sft_args(out / "two_then_one", tp2), "ALIGNER_KILL_AT_STEP=2");
+  ASSERT_NE(first.status, 0) << first.output;
+  const auto then_one = run_aligner(sft_args(out / "two_then_one", lora));
+  ASSERT_EQ(then_one.status, 0) << then_one.output;
+  EXPECT_NE(then_one.output.find("resuming from"), std::string::npos) << then_one.output;
+  expect_same_adapters(out / "one" / "final", out / "two_then_one" / "final", 1e-5);
+  expect_same_losses(out / "one", out / "two_then_one", 1e-5);
+
+  const auto second = run_aligner(sft_args(out / "one_then_two", lora), "ALIGNER_KILL_AT_STEP=2");
+  ASSERT_NE(second.status, 0) << second.output;
+  const auto then_two = launch(2, sft_args(out / "one_then_two", tp2));
+  ASSERT_EQ(then_two.status, 0) << then_two.output;
+  EXPECT_NE(then_two.output.find("resuming from"), std::string::npos) << then_two.output;
+  expect_same_adapters(out / "one" / "final", out / "one_then_two" / "final", 1e-5);
+  expect_same_losses(out / "one", out / "one_then_two", 1e-5);
+
+  const std::string from = "lora.from=" + (out / "one" / "final").string();
+  const auto c1 = run_aligner(sft_args(out / "from_one", from));
+  ASSERT_EQ(c1.status, 0) << c1.output;
+  const auto c2 = launch(2, sft_args(out / "from_two", from + " trainer.tensor_parallel=2"));
+  ASSERT_EQ(c2.status, 0) << c2.output;
+  expect_same_losses(out / "from_one", out / "from_two", 1e-5);
+  expect_same_adapters(out / "from_one" / "final", out / "from_two" / "final", 1e-5);
+
+  { std::ofstream(out / "prompts.jsonl") << "{\"prompt\": \"Hello there\"}\n{\"input_ids\": [5, 6, 7]}\n"; }
+  const std::string gen =
+      "generate --model " + tiny_model() + " --adapter " + (out / "one" / "final").string() + " --data " +
+      (out / "prompts.jsonl").string() +
+      " gen.greedy=true gen.max_new_tokens=8 model.device=cpu data.template=llama3 --out ";
+  const auto g1 = run_aligner(gen + (out / "g1.jsonl").string());
+  ASSERT_EQ(g1.status, 0) << g1.output;
+  const auto g2 = launch(2, gen + (out / "g2.jsonl").string() + " --tensor-parallel 2");
+  ASSERT_EQ(g2.status, 0) << g2.output;
+  const auto a = read_lines(out / "g1.jsonl"), b = read_lines(out / "g2.jsonl");
+  ASSERT_EQ(a.size(), 2u);
+  ASSERT_EQ(b.size(), a.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(b[i]["output_ids"], a[i]["output_ids"]) << i;
+    const auto la = a[i]["logprobs"].get<std::vector<double>>(),
+               lb = b[i]["logprobs"].get<std::vector<double>>();
+    ASSERT_EQ(la.size(), lb.size()) << i;
+    for (size_t j = 0; j < la.size(); ++j) EXPECT_NEAR(lb[j], la[j], 1e-5) << i << " token " << j;
   }
   fs::remove_all(out);
 }
@@ -387,13 +634,6 @@ TEST(TensorParallel, ResumeOnTheSameOrAnotherTensorParallelSize) {
   fs::remove_all(out);
 }
 
-std::vector<nlohmann::json> read_lines(const fs::path& path) {
-  std::ifstream f(path);
-  std::vector<nlohmann::json> rows;
-  for (std::string line; std::getline(f, line);) rows.push_back(nlohmann::json::parse(line));
-  return rows;
-}
-
 TEST(TensorParallel, GreedyGenerationAndPerplexityMatchOneProcess) {
   const auto out = temp_dir("tp_generate");
   {
@@ -473,8 +713,6 @@ TEST(TensorParallel, WhatIsNotBuiltIsAOneLineError) {
   const auto r = launch(2, sft_args(out / "a", "trainer.tensor_parallel=3"));
   if (no_gloo(r)) GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
   expect_error_line(r, "trainer.tensor_parallel=3 must divide the number of ranks (2)");
-  expect_error_line(launch(2, sft_args(out / "c", "trainer.tensor_parallel=2 lora.rank=4")),
-                    "LoRA adapters (lora.rank, lora.from) do not run tensor parallel yet");
   { std::ofstream(out / "p.jsonl") << "{\"input_ids\": [5, 6, 7]}\n"; }
   expect_error_line(
       run_aligner("generate --model " + tiny_model() + " --data " + (out / "p.jsonl").string() + " --out " +

@@ -1,12 +1,14 @@
 #include "io/peft_adapter.h"
 
 #include <algorithm>
+#include <cstring>
 #include <filesystem>
 #include <map>
 
 #include "core/error.h"
 #include "core/json.h"
 #include "io/safetensors.h"
+#include "model/tensor_parallel.h"
 
 namespace aligner {
 namespace fs = std::filesystem;
@@ -117,10 +119,14 @@ LoraConfig load_peft_adapter(Transformer& m, const std::string& dir) {
           "{}: tensor '{}' matches nothing in the base model (an adapter for another model, or of modules "
           "aligner does not adapt?)",
           weights, info.name);
-    if (!it->second.sizes().equals(info.shape))
+    // A tensor-parallel model takes its slice of each whole tensor.
+    const SliceSpec slice = m.tp ? tensor_slice(*m.tp, info.name.substr(std::strlen(kPrefix))) : SliceSpec{};
+    auto whole = it->second.sizes().vec();
+    if (slice.dim >= 0) whole[slice.dim] = slice.full_length;
+    if (!at::IntArrayRef(whole).equals(info.shape))
       fail("{}: tensor '{}' is [{}], the base model needs [{}] (an adapter for another model?)", weights,
-           info.name, fmt::join(info.shape, ", "), fmt::join(it->second.sizes(), ", "));
-    it->second.copy_(file.get(info.name));
+           info.name, fmt::join(info.shape, ", "), fmt::join(whole, ", "));
+    it->second.copy_(take_slice(file.get(info.name), slice));
     expected.erase(it);
   }
   for (const auto& [name, t] : expected)
@@ -139,6 +145,7 @@ Transformer load_adapted_model(const std::string& dir, const std::string& adapte
 
 void save_peft_adapter(const Transformer& m, const LoraConfig& c, const std::string& dir,
                        const std::string& base_model, const std::string& tokenizer_from, Replace replace) {
+  if (m.tp) fail("cannot save one rank's slice of a tensor-parallel model's adapters as {}", dir);
   safetensors::NamedTensors tensors;
   for (const auto& [name, t] : adapter_parameters(m))
     tensors.emplace_back(kPrefix + name, t.detach().to(at::kCPU, at::kFloat));

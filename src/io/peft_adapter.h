@@ -15,7 +15,8 @@ namespace aligner {
 // classifier's score head when the folder has one; returns their settings. An adapter whose base
 // does not match (a target module m lacks, a tensor of another shape, a tensor missing or unknown)
 // or that uses what aligner does not run (DoRA, per-module ranks, bias training, regex targets) is
-// an error naming the folder and the key or tensor.
+// an error naming the folder and the key or tensor. A tensor-parallel model takes its slices of the
+// adapters (model/tensor_parallel.h).
 LoraConfig load_peft_adapter(Transformer& m, const std::string& dir);
 
 // load_transformer(dir, ...) with the adapter of the PEFT folder `adapter_dir` on it, unless that
@@ -24,7 +25,8 @@ Transformer load_adapted_model(const std::string& dir, const std::string& adapte
                                std::optional<at::ScalarType> dtype);
 
 // Writes m's adapters (and a classifier's score head) as a PEFT folder at `dir`, with save_folder's
-// guarantees; base_model goes into adapter_config.json's base_model_name_or_path.
+// guarantees; base_model goes into adapter_config.json's base_model_name_or_path. A tensor-parallel
+// model is gathered whole first (gather_transformer).
 void save_peft_adapter(const Transformer& m, const LoraConfig& c, const std::string& dir,
                        const std::string& base_model, const std::string& tokenizer_from, Replace replace);
 

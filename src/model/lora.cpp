@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "model/tensor_parallel.h"
 
 namespace aligner {
 
@@ -45,6 +46,12 @@ std::vector<std::pair<std::string, Linear*>> layer_linears(Transformer& m) {
   return out;
 }
 
+std::vector<std::pair<std::string, const Linear*>> layer_linears(const Transformer& m) {
+  std::vector<std::pair<std::string, const Linear*>> out;
+  for_each_linear(m, [&](const std::string& name, const Linear& l) { out.emplace_back(name, &l); });
+  return out;
+}
+
 void add_adapters(Transformer& m, const LoraConfig& c, uint64_t seed) {
   if (c.rank <= 0) fail("LoRA rank must be positive, got {}", c.rank);
   for (const auto& t : c.targets)
@@ -57,12 +64,15 @@ void add_adapters(Transformer& m, const LoraConfig& c, uint64_t seed) {
     if (!l->weight.defined() ||  // Nemotron has no gate_proj
         std::find(c.targets.begin(), c.targets.end(), projection(name)) == c.targets.end())
       continue;
-    const int64_t out = l->weight.size(0), in = l->weight.size(1);
+    // Tensor parallel: A is drawn whole, as one rank draws it, and this rank's part of it kept (a
+    // row-parallel projection's input columns), so that the generator's draws and A's values match.
+    const SliceSpec spec = l->tp ? tensor_slice(*l->tp, name + ".lora_A.weight") : SliceSpec{};
+    const int64_t out = l->weight.size(0), in = spec.dim == 1 ? spec.full_length : l->weight.size(1);
     // Kaiming-uniform with a = sqrt(5), nn.Linear's init that PEFT keeps: bound 1 / sqrt(in).
     auto a = c.gaussian_init ? at::normal(0.0, 1.0 / double(c.rank), {c.rank, in}, gen, f32)
                              : at::empty({c.rank, in}, f32)
                                    .uniform_(-1.0 / std::sqrt(double(in)), 1.0 / std::sqrt(double(in)), gen);
-    l->lora.a = a.to(l->weight.device());
+    l->lora.a = take_slice(a, spec).contiguous().to(l->weight.device());
     l->lora.b = at::zeros({out, c.rank}, f32.device(l->weight.device()));
     l->lora.scale = lora_scale(c);
     l->lora.dropout = c.dropout;

@@ -31,7 +31,8 @@ extern const std::vector<std::string> kLoraTargets;
 double lora_scale(const LoraConfig& c);
 
 // Adds zero-effect adapters (B = 0) to every targeted projection, A drawn in float32 on the CPU
-// from `seed` so that every rank and device starts alike, on the model's device.
+// from `seed` so that every rank and device starts alike, on the model's device. A tensor-parallel
+// model's adapters are this rank's slices of the whole model's (model/tensor_parallel.h).
 void add_adapters(Transformer& m, const LoraConfig& c, uint64_t seed);
 bool has_adapters(const Transformer& m);
 // The settings of m's adapters as they are (rank, alpha = scale x rank, dropout, targets).
@@ -45,6 +46,7 @@ std::vector<std::pair<std::string, at::Tensor*>> adapter_slots(Transformer& m);
 // The projections of `m` as (module name, Linear), e.g. ("model.layers.0.mlp.up_proj", up), in
 // layer order; the name's last part is the projection's kLoraTargets entry.
 std::vector<std::pair<std::string, Linear*>> layer_linears(Transformer& m);
+std::vector<std::pair<std::string, const Linear*>> layer_linears(const Transformer& m);
 
 // The same model without its adapters: the frozen base, sharing its tensors. What DPO, PPO,
 // REINFORCE and SPIN use as the reference when training adapters: no second copy in memory.

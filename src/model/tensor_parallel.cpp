@@ -6,6 +6,7 @@
 #include <map>
 
 #include "core/error.h"
+#include "model/lora.h"
 #include "model/transformer.h"
 
 namespace aligner {
@@ -144,6 +145,14 @@ ModelConfig local_config(const TensorSplit& s) {
 }
 
 SliceSpec tensor_slice(const TensorSplit& s, const std::string& name, int rank) {
+  // An adapter (model/lora.h) is split where its projection's weight is: a column-parallel one's B
+  // holds the weight's rows, a row-parallel one's A its columns; the other factor is replicated.
+  for (const auto& [factor, dim] :
+       {std::pair<std::string, int64_t>{".lora_A.weight", 1}, {".lora_B.weight", 0}})
+    if (ends_with(name, factor)) {
+      const SliceSpec weight = tensor_slice(s, name.substr(0, name.size() - factor.size()) + ".weight", rank);
+      return weight.dim == dim ? weight : SliceSpec{};
+    }
   const auto& c = s.full;
   const int64_t n = s.size(), D = c.head_dim;
   const auto rows = [&](int64_t dim, int64_t per_rank, int64_t total) {
@@ -196,15 +205,51 @@ at::Tensor tp_gather_vocab(const at::Tensor& x, const TensorSplit& s) {
   return gather_vocab(x, s);
 }
 
+namespace {
+
+// The adapter's input: x with its dropout where apply() (model/linear.h) draws it. A row-parallel
+// projection's x is this rank's columns of the input: the mask is drawn for the whole input, as one
+// rank draws it, and this rank's columns of it taken.
+at::Tensor adapter_input(const Linear& l, const at::Tensor& x) {
+  const double p = l.lora.dropout;
+  if (!(p > 0 && (at::GradMode::is_enabled() || adapter_dropout_forced))) return x;
+  if (l.split != Split::kRow) return at::dropout(x, p, true);
+  const int64_t n = x.size(-1);
+  auto sizes = x.sizes().vec();
+  sizes.back() = n * l.tp->size();
+  const auto mask = at::dropout(at::ones(sizes, x.options()), p, true);
+  return x * mask.narrow(-1, l.tp->rank() * n, n).contiguous();
+}
+
+// y + scale B (A xd), as apply() adds it.
+at::Tensor add_adapter(const at::Tensor& y, const at::Tensor& xd, const at::Tensor& a, const at::Tensor& b,
+                       double scale) {
+  const auto t = xd.scalar_type();
+  const auto xa = at::linear(xd, (a * scale).to(t));
+  const int64_t out = y.size(-1);
+  return at::addmm(y.reshape({-1, out}), xa.reshape({-1, xa.size(-1)}), b.to(t).t()).view(y.sizes());
+}
+
+}  // namespace
+
+// With an adapter: column-parallel, the replicated A meets this rank's rows of B, so its gradient is
+// this rank's part of the whole one; row-parallel, this rank's columns of A give a partial product
+// that the replicated B carries into the partial sum, so B's gradient is partial. Both replicated
+// factors go through tp_copy.
 at::Tensor tensor_parallel_apply(const Linear& l, const at::Tensor& x) {
   const TensorSplit& s = *l.tp;
-  if (l.lora.a.defined()) fail("LoRA adapters do not run tensor parallel yet");
+  const bool adapted = l.lora.a.defined();
   if (l.split == Split::kColumn) {
     const auto w = l.shared ? tp_copy_shared(l.weight, s) : l.weight;
     const auto b = l.bias.defined() && l.shared ? tp_copy_shared(l.bias, s) : l.bias;
-    return at::linear(x, w, b.defined() ? c10::optional<at::Tensor>(b) : c10::nullopt);
+    const auto y = at::linear(x, w, b.defined() ? c10::optional<at::Tensor>(b) : c10::nullopt);
+    if (!adapted) return y;
+    return add_adapter(y, adapter_input(l, x), tp_copy(l.lora.a, s),
+                       l.shared ? tp_copy_shared(l.lora.b, s) : l.lora.b, l.lora.scale);
   }
-  auto y = tp_sum(at::linear(x, l.weight), s);
+  auto y = at::linear(x, l.weight);
+  if (adapted) y = add_adapter(y, adapter_input(l, x), l.lora.a, tp_copy(l.lora.b, s), l.lora.scale);
+  y = tp_sum(y, s);
   return l.bias.defined() ? y + l.bias : y;
 }
 
@@ -306,6 +351,17 @@ Transformer gather_transformer(const Transformer& m) {
   for (size_t i = 0; i < parts.size(); ++i) {
     if (slots[i].first != parts[i].first) fail("gather_transformer: parameters out of order");
     slots[i].second->copy_(gather_one(*m.tp, parts[i].first, parts[i].second));
+  }
+  // The adapters whole too: the copy saves them, or merges them, as one rank's model does.
+  const auto local = layer_linears(m);
+  const auto linears = layer_linears(whole);
+  for (size_t i = 0; i < local.size(); ++i) {
+    const auto& [name, l] = local[i];
+    if (!l->lora.a.defined()) continue;
+    Lora& lora = linears[i].second->lora;
+    lora = l->lora;
+    lora.a = gather_one(*m.tp, name + ".lora_A.weight", l->lora.a);
+    lora.b = gather_one(*m.tp, name + ".lora_B.weight", l->lora.b);
   }
   return whole;
 }

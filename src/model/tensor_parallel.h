@@ -10,6 +10,11 @@
 // results summed forward, identity backward) where they leave it. Replicated weights used inside the
 // split region (Qwen3's per-head norms, a shared key/value head) go through tp_copy too, so that every
 // rank's replicated gradients are whole and equal. Every rank computes the same loss.
+//
+// A LoRA adapter (model/lora.h) splits as its projection: column-parallel, B holds the weight's rows and
+// A is replicated; row-parallel, A holds the weight's columns and B is replicated. The replicated factor
+// goes through tp_copy (tp_copy_shared for a shared key/value head's B), as its gradient is each rank's
+// part of the whole one.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -60,8 +65,9 @@ std::shared_ptr<const TensorSplit> make_tensor_split(const ModelConfig& full, co
 // size stays the model's).
 ModelConfig local_config(const TensorSplit& s);
 
-// Which part of the whole model's tensor `name` (a Hugging Face name) rank `rank` holds: rows
-// [start, start + length) of dimension `dim` of `full_length`; dim -1: all of it (replicated).
+// Which part of the whole model's tensor `name` (a Hugging Face name, or an adapter's as
+// adapter_parameters names it) rank `rank` holds: rows [start, start + length) of dimension `dim` of
+// `full_length`; dim -1: all of it (replicated).
 struct SliceSpec {
   int64_t dim = -1, start = 0, length = 0, full_length = 0;
 };

@@ -17,10 +17,6 @@ RunContext init_run(const Config& cfg) {
   dist::Dist world = env.world_size > 1 ? dist::Dist::init(env, device) : dist::Dist();
   const int64_t tp = cfg.has("trainer.tensor_parallel") ? cfg.get_int("trainer.tensor_parallel") : 1;
   RunContext ctx{split_tensor_parallel(std::move(world), tp, "trainer.tensor_parallel"), device};
-  if (tp > 1 && cfg.has("lora.rank") &&
-      (cfg.get_int("lora.rank") > 0 || !cfg.get_string("lora.from").empty()))
-    fail(
-        "LoRA adapters (lora.rank, lora.from) do not run tensor parallel yet: set trainer.tensor_parallel=1");
   at::manual_seed(cfg.get_int("trainer.seed"));
   return ctx;
 }
@@ -33,8 +29,6 @@ bool init_inference_ranks(const Config& cfg, at::Device& device) {
     fail("model.tensor_parallel={} (--tensor-parallel) needs as many ranks, and {} were started{}", tp,
          env.world_size, tp > 1 ? fmt::format(": run it under aligner launch --nproc-per-node {}", tp) : "");
   if (tp == 1) return true;
-  if (cfg.has("model.adapter") && !cfg.get_string("model.adapter").empty())
-    fail("model.adapter does not run tensor parallel yet: merge the adapter into the model first");
   set_log_rank(env.rank);
   if (device.is_cuda()) device = at::Device(at::kCUDA, env.local_rank);
   static dist::Dist group;  // the ranks' own group, for the process's lifetime

@@ -25,6 +25,7 @@
 #include "train/checkpoint.h"
 #include "train/optimizer.h"
 #include "train/schedule.h"
+#include "train/step_profiler.h"
 
 namespace aligner {
 namespace fs = std::filesystem;
@@ -324,7 +325,8 @@ NamedParams read_split_optimizer(const std::string& ckpt, const Running& r) {
 // the replicated ones' (the same on every rank of it) counted once, and then over the data-parallel
 // ranks that hold the other pieces (`over_data`).
 double clip_split_grad_norm(const std::vector<at::Tensor>& grads, const std::vector<std::string>& names,
-                            const TensorSplit& s, double max_norm, const std::function<double(double)>& over_data) {
+                            const TensorSplit& s, double max_norm,
+                            const std::function<double(double)>& over_data) {
   std::vector<at::Tensor> split, replicated;
   for (size_t i = 0; i < grads.size(); ++i)
     (tensor_slice(s, names[i]).dim >= 0 ? split : replicated).push_back(grads[i]);
@@ -744,6 +746,7 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
   const int kill_signal = kill_name == "TERM" ? SIGTERM : kill_name == "INT" ? SIGINT : SIGKILL;
 
   const StopSignals signals;
+  StepProfiler profiler(opt.output_dir, dist.world_rank());
   Progress progress(total_steps, main_rank && ::isatty(STDERR_FILENO), opt.log_interval, step);
   if (step == 0 && opt.val_interval > 0) validate(0);
   while (step < total_steps) {
@@ -756,6 +759,7 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
            stop_signal != 0 ? strsignal(stop_signal) : "a signal to another rank", step,
            (fs::path(opt.output_dir) / "checkpoints" / fmt::format("step_{}", step)).string());
     }
+    profiler.before_step(step + 1);
     const auto t0 = Clock::now();
     const bool offload = algo.offload_optimizer_in_next_step();
     if (offload)
@@ -884,6 +888,7 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
     if (step % opt.log_interval == 0 || step == total_steps) log_row("train", step, values);
     if (opt.val_interval > 0 && step % opt.val_interval == 0) validate(step);
     if (opt.save_interval > 0 && step % opt.save_interval == 0) save();
+    profiler.after_step(step);
     if (step == kill_at) std::raise(kill_signal);
   }
   progress.finish();
@@ -900,7 +905,8 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
     if (r.module.export_final && r.sharded_model) copy = r.sharded_model->host_copy();
     // Tensor parallel: the data-parallel root's slices put together over its tensor group.
     const bool root = !r.sharded_model || copy;
-    if (r.module.export_final && r.module.model->tp && root) copy = gather_transformer(copy ? *copy : *r.module.model);
+    if (r.module.export_final && r.module.model->tp && root)
+      copy = gather_transformer(copy ? *copy : *r.module.model);
     copies.push_back(std::move(copy));
   }
   if (main_rank) {

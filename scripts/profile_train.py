@@ -1,0 +1,134 @@
+"""Where one SFT step's GPU time goes, by kernel family, from the torch profiler (Kineto) in aligner.
+
+Run on the GPU machine after scripts/build_cuda.sh:  python3 scripts/profile_train.py [BUILD_DIR] [1b] [8b-tp2]
+  1b      the 1.1B TinyLlama shape on one GPU, 8 x 2048 packed tokens a step (bench/sft_bench's step)
+  8b-tp2  the Llama-3-8B shape split over 2 GPUs (trainer.tensor_parallel=2), 4 x 4096 tokens a step in
+          micro-batches of 2 (bench/tp_bench's step); rank 0 is profiled
+Each runs `aligner sft` for --steps steps with ALIGNER_PROFILE_STEPS=3:N (src/train/step_profiler.h),
+which writes rank 0's kernels of steps 3..N as a Chrome trace; their times are summed per family
+(GEMMs, attention, norms, loss, optimizer, NCCL, elementwise, copies) per step and set against the
+mean step time of the same steps from metrics.jsonl: what the kernels do not cover is time the GPU
+waits on the host (NCCL kernels overlapping compute on another stream are counted in full).
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+import tp_bench  # noqa: E402
+
+# First match wins: names as cuBLAS(Lt), cuDNN, flash attention, ATen and NCCL give their kernels.
+FAMILIES = [
+    ("NCCL", r"nccl"),
+    ("GEMM", r"gemm|cutlass|nvjet|xmma|sm90_|sm80_|cublas|splitK"),
+    ("attention", r"flash|fmha|attention|attn|cudnn"),
+    ("optimizer", r"multi_tensor|foreach|adam"),
+    ("norm", r"rms|norm"),
+    ("loss / softmax", r"softmax|logsumexp|nll|cross_entropy|log_softmax"),
+    ("copy / cat / index", r"copy|cat|index|gather|scatter|embedding|fill"),
+    ("elementwise / reduce", r"elementwise|vectorized|unrolled|reduce|silu|mul|add"),
+]
+
+
+def family(name):
+    for fam, pattern in FAMILIES:
+        if re.search(pattern, name, re.I):
+            return fam
+    return "other"
+
+
+def kernel_sums(trace):
+    """{family: total µs}, {kernel name: total µs} and {host event: (total µs, calls)} from a Chrome trace."""
+    with open(trace) as f:
+        events = json.load(f)["traceEvents"]
+    by_family, by_name, host = {}, {}, {}
+    for e in events:
+        cat = e.get("cat", "")
+        if cat in ("cpu_op", "cuda_runtime", "cuda_driver") and "dur" in e:
+            key = f"{cat}: {e.get('name', '?')}"
+            total, count = host.get(key, (0.0, 0))
+            host[key] = (total + e["dur"], count + 1)
+        if cat not in ("kernel", "gpu_memcpy", "gpu_memset") or "dur" not in e:
+            continue
+        name = e.get("name", "?")
+        fam = family(name) if cat == "kernel" else "memcpy / memset"
+        by_family[fam] = by_family.get(fam, 0.0) + e["dur"]
+        by_name[name] = by_name.get(name, 0.0) + e["dur"]
+    return by_family, by_name, host
+
+
+def profile(build, name, folder, data, ranks, extra, steps, micro, length):
+    a = os.path.abspath(os.path.join(build, "aligner"))
+    out = tempfile.mkdtemp(prefix="profile_train_")
+    sft = ["sft", f"model.path={folder}", "model.device=cuda", "model.dtype=bfloat16", f"data.train={data}",
+           "data.packing=true", f"data.max_length={length}", f"trainer.micro_batch_size={micro}",
+           f"trainer.max_steps={steps}", "optim.lr=1e-5", "optim.scheduler=constant", f"output_dir={out}/run",
+           "trainer.val_interval=0", *extra]
+    cmd = tp_bench.launched(a, sft, ranks)
+    tp_bench.log(f"{name}: profiling steps 3..{steps}")
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=420,
+                       env={**os.environ, "ALIGNER_PROFILE_STEPS": f"3:{steps}"})
+    if p.returncode != 0:
+        tp_bench.log(f"{name}: exit {p.returncode}\n{tp_bench.tail(p.stdout + p.stderr)}")
+        return None
+    rows = tp_bench.train_rows(os.path.join(out, "run", "metrics.jsonl"))
+    timed = rows[2:]
+    step_ms = 1e3 * sum(r["step_seconds"] for r in timed) / len(timed)
+    tokens = sum(r["tokens_per_s"] * r["step_seconds"] for r in timed) / len(timed)
+    by_family, by_name, host = kernel_sums(os.path.join(out, "run", "profile.rank-0.json"))
+    shutil.rmtree(out, ignore_errors=True)
+    n = len(timed)
+    per_step = {k: v / 1e3 / n for k, v in by_family.items()}
+    busy = sum(per_step.values())
+    print(f"\n{name}: {step_ms:.0f} ms per step (steps 3..{steps}), {tokens:,.0f} tokens a step, "
+          f"GPU kernels {busy:.0f} ms a step")
+    print("| kernels | ms per step | share of the step |")
+    print("|---|---|---|")
+    for fam, ms in sorted(per_step.items(), key=lambda kv: -kv[1]):
+        print(f"| {fam} | {ms:.1f} | {100 * ms / step_ms:.1f}% |")
+    print(f"| GPU idle (step minus kernels) | {max(0.0, step_ms - busy):.1f} | "
+          f"{100 * max(0.0, step_ms - busy) / step_ms:.1f}% |")
+    print("top kernels:")
+    for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"  {v / 1e3 / n:7.2f} ms  {k[:110]}")
+    print("host: operators and CUDA calls by total time (nested ones counted in their callers too):")
+    for k, (v, c) in sorted(host.items(), key=lambda kv: -kv[1][0])[:25]:
+        print(f"  {v / 1e3 / n:8.2f} ms  {c / n:7.0f} calls  {k[:100]}")
+    sys.stdout.flush()
+    return per_step
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("build", nargs="?", default="build-cuda")
+    ap.add_argument("which", nargs="*", default=["1b", "8b-tp2"])
+    ap.add_argument("--steps", type=int, default=6)
+    args = ap.parse_args()
+    if "1b" in args.which:
+        import torch
+        from tinyllama import make_model
+        model, folder = make_model(torch.bfloat16)
+        del model
+        torch.cuda.empty_cache()
+        tok = os.path.join(tp_bench.REPO, "tests", "fixtures", "tokenizers", "llama3-style-bpe6k")
+        for f in os.listdir(tok):
+            shutil.copy(os.path.join(tok, f), folder)
+        data = os.path.join(folder, "sft_data.jsonl")
+        tp_bench.data_file(data)
+        profile(args.build, "1.1B, 1 GPU, 8 x 2048", folder, data, 1, ["trainer.global_batch_size=8"], args.steps, 8, 2048)
+    if "8b-tp2" in args.which:
+        folder = tp_bench.ensure_model("/tmp/tp_bench_llama3_8b")
+        data = os.path.join(folder, "sft_data.jsonl")
+        if not os.path.exists(data):
+            tp_bench.data_file(data)
+        profile(args.build, "8B, trainer.tensor_parallel=2, 4 x 4096", folder, data, 2,
+                ["trainer.tensor_parallel=2", "trainer.global_batch_size=4"], args.steps, 2, 4096)
+
+
+if __name__ == "__main__":
+    main()
