@@ -753,5 +753,39 @@ TEST(TensorParallel, GrpoOnTwoTensorRanksMatchesOneRank) {
   fs::remove_all(out);
 }
 
+// SPIN's reference snapshots are whole models gathered over the group: a two-iteration run on two
+// tensor ranks trains as one rank does, and killed inside its second iteration it resumes from the
+// snapshot (read back as this rank's slices) to the same weights.
+TEST(TensorParallel, SpinSnapshotsWholeModelsAndResumes) {
+  const auto out = temp_dir("tp_spin");
+  copy_lines(kSftData, out / "train.jsonl", 0, 8);
+  const auto args = [&](const fs::path& dir, const std::string& extra) {
+    return "spin model.path=" + tiny_model() + " data.train=" + (out / "train.jsonl").string() +
+           " model.device=cpu data.max_length=128 spin.max_new_tokens=16 trainer.micro_batch_size=2"
+           " trainer.global_batch_size=4 optim.lr=1e-3 optim.scheduler=constant trainer.seed=5 "
+           "spin.iterations=2"
+           " spin.beta=[0.1,0.1] trainer.save_interval=1 output_dir=" +
+           dir.string() + " " + extra;
+  };
+  const auto one = run_aligner(args(out / "one", ""));
+  ASSERT_EQ(one.status, 0) << one.output;
+  const auto two = launch(2, args(out / "two", "trainer.tensor_parallel=2"));
+  if (no_gloo(two)) GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
+  ASSERT_EQ(two.status, 0) << two.output;
+  // Adam's normalised steps move a weight whose gradient is rounding noise by up to lr (1e-3) a step:
+  // a tenth of that bounds what the split's rounding makes of four steps.
+  expect_same_losses(out / "one", out / "two", 1e-5);
+  expect_same_weights(out / "one" / "final", out / "two" / "final", 1e-4);
+  expect_same_weights(out / "one" / "reference" / "step_2", out / "two" / "reference" / "step_2", 1e-4);
+
+  const auto killed = launch(2, args(out / "killed", "trainer.tensor_parallel=2"), "ALIGNER_KILL_AT_STEP=3");
+  ASSERT_NE(killed.status, 0) << killed.output;
+  const auto resumed = launch(2, args(out / "killed", "trainer.tensor_parallel=2"));
+  ASSERT_EQ(resumed.status, 0) << resumed.output;
+  EXPECT_NE(resumed.output.find("read from"), std::string::npos) << resumed.output;
+  expect_same_weights(out / "two" / "final", out / "killed" / "final");
+  fs::remove_all(out);
+}
+
 }  // namespace
 }  // namespace aligner::test

@@ -267,12 +267,16 @@ class Spin final : public Algorithm {
     const bool adapters = has_adapters(policy_);
     if (start == step_) {
       reference_.assign(adapters ? adapter_parameters(policy_) : named_parameters(policy_));
+      // A tensor-parallel policy is written whole, gathered over its group (every rank of it takes part).
+      const std::optional<Transformer> whole =
+          policy_.tp ? std::optional<Transformer>(gather_transformer(policy_)) : std::nullopt;
+      const Transformer& policy = whole ? *whole : policy_;
       if (dist_.is_main()) {
         if (adapters)
-          save_peft_adapter(policy_, adapter_config(policy_), snapshot_dir(start).string(), model_dir_,
+          save_peft_adapter(policy, adapter_config(policy), snapshot_dir(start).string(), model_dir_,
                             model_dir_, Replace::ours);
         else
-          save_transformer(policy_, snapshot_dir(start).string(), std::nullopt, 0, model_dir_);
+          save_transformer(policy, snapshot_dir(start).string(), std::nullopt, 0, model_dir_);
         prune_snapshots(start);
       }
       log_info("SPIN iteration {} of {}: the reference is now the policy after step {}", iteration() + 1,

@@ -32,9 +32,13 @@ inline at::Tensor sdpa(const at::Tensor& q, const at::Tensor& k_in, const at::Te
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 5)
   // With a mask torch picks cuDNN's attention on Hopper, which builds its execution plan on the host
   // at every call (~25 ms a layer, measured with scripts/profile_train.py: three quarters of an SFT
-  // step on packed rows); the memory-efficient kernel takes the same masks without that.
+  // step on packed rows). The memory-efficient kernel takes the same masks without that, but not
+  // grouped key/value heads (those it leaves to the unfused math): they are repeated for it.
   static const bool no_cudnn = (at::globalContext().setSDPUseCuDNN(false), true);
   (void)no_cudnn;
+  if (mask && groups > 1)
+    return at::scaled_dot_product_attention(q, repeat_kv(k_in, groups), repeat_kv(v_in, groups), mask, 0.0,
+                                            is_causal, scale);
   return at::scaled_dot_product_attention(q, k_in, v_in, mask, 0.0, is_causal, scale,
                                           /*enable_gqa=*/groups > 1);
 #elif ALIGNER_TORCH_2
