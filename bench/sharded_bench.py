@@ -15,7 +15,6 @@ and peak memory per GPU, steps 3..8 timed (aligner: its metrics.jsonl; FSDP2: wa
 """
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tinyllama import CONFIG, LLAMA3_8B, add_tokenizer, make_8b, make_model  # noqa: E402
+from tinyllama import CONFIG, LLAMA3_8B, add_tokenizer, make_8b, make_model, sft_data_file  # noqa: E402
 
 BIG = "--8b" in sys.argv
 # --ckpt: the 1.1B model run as the 8B one is (two micro-batches of 8192 tokens, activation
@@ -78,15 +77,6 @@ def fsdp_worker(rank, folder, port, result):
     dist.destroy_process_group()
 
 
-def data_file(path, n=3000):
-    rng = random.Random(0)
-    words = [f"w{i}" for i in range(2000)] + ["the", "of", "and", "model", "token", "shard", "rank", "grad"]
-    with open(path, "w") as f:
-        for _ in range(n):
-            f.write(json.dumps({"input": " ".join(rng.choices(words, k=20)),
-                                "output": " ".join(rng.choices(words, k=500))}) + "\n")
-
-
 def ours(build, folder, data, sharding, port):
     out = tempfile.mkdtemp(prefix="shard_bench_")
     a = os.path.abspath(os.path.join(build, "aligner"))
@@ -123,7 +113,7 @@ def main():
     torch.cuda.empty_cache()
     add_bpe_tokenizer(folder) if BIG else add_tokenizer(folder)
     data = os.path.join(folder, "data.jsonl")
-    data_file(data)
+    sft_data_file(data)
     flops_per_token = 6 * n_params + 6 * CFG.num_hidden_layers * T * CFG.hidden_size
     print(f"\nSFT, {'Llama-3-8B shape' if BIG else '1.1B Llama'} ({n_params / 1e9:.1f}B parameters besides the "
           f"embeddings), 2 x {torch.cuda.get_device_name()}, {B} x {T} tokens per GPU per step, "

@@ -126,3 +126,15 @@ def run_online(cmd, out_dir, steps, extra_keys=()):
     for k in extra_keys:  # for a look at whether both did the same thing; not timed
         ours[k] = sum(r[k] for r in timed) / len(timed) if all(k in r for r in timed) else None
     return ours
+
+
+def sft_data_file(path, n=3000):
+    """n SFT examples of random words (20 in the input, 500 in the output), the same for every bench."""
+    import json
+    import random
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(2000)] + ["the", "of", "and", "model", "token", "shard", "rank", "grad"]
+    with open(path, "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"input": " ".join(rng.choices(words, k=20)),
+                                "output": " ".join(rng.choices(words, k=500))}) + "\n")

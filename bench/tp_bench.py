@@ -47,7 +47,7 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tinyllama import LLAMA3_8B as CFG  # noqa: E402
+from tinyllama import LLAMA3_8B as CFG, sft_data_file  # noqa: E402
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 PEAK = 989e12
@@ -260,16 +260,6 @@ def gen_table(args, results):
 B, T, MB = 4, 4096, 2  # per rank per step: 4 x 4096 tokens in micro-batches of 2 x 4096
 
 
-def data_file(path, n=3000):
-    import random
-    rng = random.Random(0)
-    words = [f"w{i}" for i in range(2000)] + ["the", "of", "and", "model", "token", "shard", "rank", "grad"]
-    with open(path, "w") as f:
-        for _ in range(n):
-            f.write(json.dumps({"input": " ".join(rng.choices(words, k=20)),
-                                "output": " ".join(rng.choices(words, k=500))}) + "\n")
-
-
 def train_rows(metrics):
     """The training rows of a metrics.jsonl being written (a line not finished yet is left out)."""
     rows = []
@@ -331,7 +321,7 @@ def ours_sft(args, a, folder, data, name, extra):
 def sft_phase(args, a, folder, results):
     data = os.path.join(folder, "sft_data.jsonl")
     if not os.path.exists(data):
-        data_file(data)
+        sft_data_file(data)
     runs = {
         "full": ("aligner trainer.sharding=full, checkpointing", 2,
                  ["trainer.sharding=full", f"trainer.global_batch_size={2 * B}",

@@ -25,8 +25,8 @@ import tp_bench  # noqa: E402
 # First match wins: names as cuBLAS(Lt), cuDNN, flash attention, ATen and NCCL give their kernels.
 FAMILIES = [
     ("NCCL", r"nccl"),
+    ("attention", r"flash|fmha|attention|attn|sdpa"),
     ("GEMM", r"gemm|cutlass|nvjet|xmma|sm90_|sm80_|cublas|splitK"),
-    ("attention", r"flash|fmha|attention|attn|cudnn"),
     ("optimizer", r"multi_tensor|foreach|adam"),
     ("norm", r"rms|norm"),
     ("loss / softmax", r"softmax|logsumexp|nll|cross_entropy|log_softmax"),
@@ -119,13 +119,13 @@ def main():
         for f in os.listdir(tok):
             shutil.copy(os.path.join(tok, f), folder)
         data = os.path.join(folder, "sft_data.jsonl")
-        tp_bench.data_file(data)
+        tp_bench.sft_data_file(data)
         profile(args.build, "1.1B, 1 GPU, 8 x 2048", folder, data, 1, ["trainer.global_batch_size=8"], args.steps, 8, 2048)
     if "8b-tp2" in args.which:
         folder = tp_bench.ensure_model("/tmp/tp_bench_llama3_8b")
         data = os.path.join(folder, "sft_data.jsonl")
         if not os.path.exists(data):
-            tp_bench.data_file(data)
+            tp_bench.sft_data_file(data)
         profile(args.build, "8B, trainer.tensor_parallel=2, 4 x 4096", folder, data, 2,
                 ["trainer.tensor_parallel=2", "trainer.global_batch_size=4"], args.steps, 2, 4096)
 

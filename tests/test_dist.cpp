@@ -5,9 +5,6 @@
 // finished it cleanly.
 #include <dirent.h>
 #include <gtest/gtest.h>
-#include <netinet/in.h>
-#include <spawn.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -24,8 +21,7 @@
 #include "core/torch_compat.h"
 #include "dist/ddp.h"
 #include "dist/process_group.h"
-
-extern char** environ;
+#include "test_ranks.h"
 
 namespace aligner::dist {
 namespace {
@@ -253,22 +249,6 @@ TEST(DataParallel, BucketsInReverseOrderByDtypeAndSize) {
 
 // ---- two ranks ----
 
-int free_port() {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = 0;
-  socklen_t len = sizeof(addr);
-  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
-      getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
-    close(fd);
-    return 0;
-  }
-  close(fd);
-  return ntohs(addr.sin_port);
-}
-
 // The loss of micro-batch k (1-based) on rank r: sum(base * (r + 1) * k), per parameter. The
 // unused parameter only appears on rank 1, so its bucket is complete at different times on the
 // two ranks.
@@ -381,62 +361,11 @@ TEST(DistWorker, TwoRanks) {
 
 // Starts DistWorker.TwoRanks twice as ranks 0 and 1 on `device` and checks that both passed.
 void run_two_ranks(const std::string& device) {
-  const int port = free_port();
-  ASSERT_GT(port, 0);
   ScratchDir dir;
   ASSERT_FALSE(dir.path().empty());
-
-  std::vector<pid_t> pids;
-  for (int rank = 0; rank < 2; ++rank) {
-    const std::vector<std::string> ours = {"RANK=" + std::to_string(rank),
-                                           "LOCAL_RANK=" + std::to_string(rank),
-                                           "WORLD_SIZE=2",
-                                           "MASTER_ADDR=127.0.0.1",
-                                           "MASTER_PORT=" + std::to_string(port),
-                                           "ALIGNER_DIST_TEST_DONE=" + dir.path(),
-                                           "ALIGNER_DIST_TEST_DEVICE=" + device,
-                                           "OMP_NUM_THREADS=1"};
-    std::vector<std::string> env;
-    for (char** e = environ; *e; ++e) {
-      const std::string entry(*e), name = entry.substr(0, entry.find('=') + 1);
-      bool replaced = false;
-      for (const auto& kv : ours) replaced = replaced || kv.rfind(name, 0) == 0;
-      if (!replaced) env.push_back(entry);
-    }
-    env.insert(env.end(), ours.begin(), ours.end());
-    std::vector<char*> envp;
-    for (auto& kv : env) envp.push_back(kv.data());
-    envp.push_back(nullptr);
-    std::string exe = "/proc/self/exe", filter = "--gtest_filter=DistWorker.TwoRanks";
-    char* argv[] = {exe.data(), filter.data(), nullptr};
-    pid_t pid = -1;
-    ASSERT_EQ(posix_spawn(&pid, exe.c_str(), nullptr, nullptr, argv, envp.data()), 0);
-    pids.push_back(pid);
-  }
-
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(150);
-  std::vector<int> status(2, -1);
-  for (size_t done = 0; done < pids.size();) {
-    for (size_t r = 0; r < pids.size(); ++r) {
-      if (status[r] == -1 && waitpid(pids[r], &status[r], WNOHANG) == pids[r]) ++done;
-    }
-    if (done < pids.size() && std::chrono::steady_clock::now() > deadline) {
-      for (size_t r = 0; r < pids.size(); ++r) {
-        if (status[r] == -1) {
-          kill(pids[r], SIGKILL);
-          waitpid(pids[r], &status[r], 0);
-        }
-      }
-      FAIL() << "the ranks did not finish in time";
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  for (int r = 0; r < 2; ++r) {
-    EXPECT_TRUE(WIFEXITED(status[r]) && WEXITSTATUS(status[r]) == 0)
-        << "rank " << r << " status " << status[r];
-    EXPECT_TRUE(file_exists(dir.file("rank" + std::to_string(r))))
-        << "rank " << r << " did not finish its checks";
-  }
+  aligner::test::run_test_ranks(
+      "DistWorker.TwoRanks", 2, dir.path(),
+      {"ALIGNER_DIST_TEST_DONE=" + dir.path(), "ALIGNER_DIST_TEST_DEVICE=" + device});
 }
 
 TEST(DistGloo, TwoRanks) {

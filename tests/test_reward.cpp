@@ -22,6 +22,7 @@
 #include "reward/reward.h"
 #include "reward/reward_model.h"
 #include "reward/reward_server.h"
+#include "test_ranks.h"
 #include "test_util.h"
 
 namespace aligner {
@@ -29,6 +30,7 @@ namespace {
 
 namespace fs = std::filesystem;
 using test::error_of;
+using test::free_port;
 using test::kRoot;
 using test::tiny_model;
 
@@ -145,19 +147,6 @@ std::unique_ptr<RewardServer> serve(const RewardModelOptions& o, RewardServerOpt
   auto server = std::make_unique<RewardServer>(load_reward_scorer(o), opt);
   server->start("127.0.0.1", 0);
   return server;
-}
-
-// A port nothing listens on now (the kernel's pick, released).
-int free_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a = {};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  EXPECT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
-  socklen_t len = sizeof a;
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  ::close(fd);
-  return ntohs(a.sin_port);
 }
 
 TEST(RewardModel, InProcessRewardIsTheModelsScoreOfPromptThenResponse) {

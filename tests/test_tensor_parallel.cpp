@@ -8,9 +8,6 @@
 // model's (forward, gradients, dropout, initialisation, PEFT folders), and SFT and DPO with adapters,
 // a resumed run, a continued adapter and generation with one train and run as one rank does.
 #include <gtest/gtest.h>
-#include <netinet/in.h>
-#include <spawn.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -18,6 +15,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <sstream>
 #include <thread>
@@ -26,12 +24,12 @@
 #include "io/peft_adapter.h"
 #include "io/safetensors.h"
 #include "model/tensor_parallel.h"
+#include "model/transformer.h"
 #include "online_fixtures.h"
 #include "run_outputs.h"
+#include "test_ranks.h"
 #include "test_util.h"
 #include "train/run_setup.h"
-
-extern char** environ;
 
 namespace aligner::test {
 namespace {
@@ -41,18 +39,6 @@ namespace fs = std::filesystem;
 const std::string kModels = kRoot + "/tests/fixtures/models/";
 const std::string kSftData = kRoot + "/examples/data/code-alpaca/code-alpaca-300.jsonl";
 const std::string kDpoData = kRoot + "/examples/data/nemo-aligner/dummy-dpo.jsonl";
-
-int free_port() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof(addr);
-  const bool ok = bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 &&
-                  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0;
-  close(fd);
-  return ok ? ntohs(addr.sin_port) : 0;
-}
 
 // ---- two ranks of this binary: each family whole and split ----
 
@@ -170,13 +156,11 @@ TEST(TensorParallelWorker, Families) {
     check_family(family, tp);
     set_process_tensor_parallel(tp);
   }
-  // Mixtral's experts are not split: an error naming them, and the folder when loading.
-  const auto mixtral =
-      parse_model_config(nlohmann::json::parse(std::ifstream(kModels + "mixtral/config.json")), "mixtral");
-  EXPECT_NE(error_of([&] { make_tensor_split(mixtral, tp); }).find("experts"), std::string::npos);
-  const auto loading = error_of([&] { load_transformer(kModels + "mixtral", at::kCPU); });
-  EXPECT_NE(loading.find("experts"), std::string::npos) << loading;
-  EXPECT_NE(loading.find(kModels + "mixtral"), std::string::npos) << loading;
+  // Mixtral: each expert split as a gated MLP, the router replicated; with the load-balancing loss's
+  // gradient, which every rank gives its router whole.
+  router_aux_loss() = {0.05, 0, 0};
+  check_family("mixtral", tp);
+  router_aux_loss() = {};
   set_process_tensor_parallel(std::nullopt);
   if (!HasFailure()) std::ofstream(std::string(done) + "/rank" + std::to_string(tp.rank())) << "ok\n";
 }
@@ -296,56 +280,8 @@ TEST(TensorParallelWorker, Adapters) {
 // `filter`'s test run by `ranks` copies of this binary as the ranks of one group; whether each exited
 // cleanly and wrote DONE/rank<r>.
 void run_worker_ranks(const std::string& filter, int ranks) {
-  const int port = free_port();
-  ASSERT_GT(port, 0);
   const auto dir = temp_dir("tp_worker");
-  std::vector<pid_t> pids;
-  for (int rank = 0; rank < ranks; ++rank) {
-    const std::vector<std::string> ours = {"RANK=" + std::to_string(rank),
-                                           "LOCAL_RANK=" + std::to_string(rank),
-                                           "WORLD_SIZE=" + std::to_string(ranks),
-                                           "MASTER_ADDR=127.0.0.1",
-                                           "MASTER_PORT=" + std::to_string(port),
-                                           "ALIGNER_TP_TEST_DONE=" + dir.string(),
-                                           "OMP_NUM_THREADS=1"};
-    // Without gtest's variables: a shard index could skip the worker, an output file be overwritten.
-    std::vector<std::string> env;
-    for (char** e = environ; *e; ++e) {
-      const std::string entry(*e), name = entry.substr(0, entry.find('=') + 1);
-      bool replaced = name.rfind("GTEST_", 0) == 0;
-      for (const auto& kv : ours) replaced = replaced || kv.rfind(name, 0) == 0;
-      if (!replaced) env.push_back(entry);
-    }
-    env.insert(env.end(), ours.begin(), ours.end());
-    std::vector<char*> envp;
-    for (auto& kv : env) envp.push_back(kv.data());
-    envp.push_back(nullptr);
-    std::string exe = "/proc/self/exe", flag = "--gtest_filter=" + filter;
-    char* argv[] = {exe.data(), flag.data(), nullptr};
-    pid_t pid = -1;
-    ASSERT_EQ(posix_spawn(&pid, exe.c_str(), nullptr, nullptr, argv, envp.data()), 0);
-    pids.push_back(pid);
-  }
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(150);
-  std::vector<int> status(pids.size(), -1);
-  for (size_t finished = 0; finished < pids.size();) {
-    for (size_t r = 0; r < pids.size(); ++r)
-      if (status[r] == -1 && waitpid(pids[r], &status[r], WNOHANG) == pids[r]) ++finished;
-    if (finished < pids.size() && std::chrono::steady_clock::now() > deadline) {
-      for (size_t r = 0; r < pids.size(); ++r)
-        if (status[r] == -1) {
-          kill(pids[r], SIGKILL);
-          waitpid(pids[r], &status[r], 0);
-        }
-      FAIL() << "the ranks did not finish in time";
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  for (int r = 0; r < ranks; ++r) {
-    EXPECT_TRUE(WIFEXITED(status[r]) && WEXITSTATUS(status[r]) == 0)
-        << "rank " << r << " status " << status[r];
-    EXPECT_TRUE(fs::exists(dir / ("rank" + std::to_string(r)))) << "rank " << r << " did not pass its checks";
-  }
+  run_test_ranks(filter, ranks, dir.string(), {"ALIGNER_TP_TEST_DONE=" + dir.string()});
   fs::remove_all(dir);
 }
 
@@ -395,6 +331,38 @@ void expect_same_losses(const fs::path& a, const fs::path& b, double tolerance) 
     for (const char* key : {"loss", "grad_norm"})
       EXPECT_NEAR(ma[i][key].get<double>(), mb[i][key].get<double>(), tolerance)
           << b << " step " << i + 1 << " " << key;
+}
+
+// SFT (checkpoints every 2 steps) on two tensor ranks killed at step 3 and resumed ends exactly as the
+// uninterrupted run out/`two` did; a two-rank checkpoint continued on one rank, and a one-rank checkpoint
+// on two tensor ranks, end as the one-rank run out/one did (within 1e-5). `same` compares two final/.
+void expect_resumes_across_layouts(
+    const fs::path& out, const std::string& one_args, const std::string& tp2_args, const std::string& two,
+    const std::function<void(const fs::path&, const fs::path&, double)>& same) {
+  const auto killed = launch(2, sft_args(out / "killed", tp2_args), "ALIGNER_KILL_AT_STEP=3");
+  ASSERT_NE(killed.status, 0) << killed.output;
+  ASSERT_FALSE(fs::exists(out / "killed" / "final"));
+  const auto resumed = launch(2, sft_args(out / "killed", tp2_args));
+  ASSERT_EQ(resumed.status, 0) << resumed.output;
+  EXPECT_NE(resumed.output.find("resuming from"), std::string::npos) << resumed.output;
+  same(out / two / "final", out / "killed" / "final", 0);
+  expect_same_losses(out / two, out / "killed", 0);
+
+  const auto first_two = launch(2, sft_args(out / "two_then_one", tp2_args), "ALIGNER_KILL_AT_STEP=2");
+  ASSERT_NE(first_two.status, 0) << first_two.output;
+  const auto then_one = run_aligner(sft_args(out / "two_then_one", one_args));
+  ASSERT_EQ(then_one.status, 0) << then_one.output;
+  EXPECT_NE(then_one.output.find("resuming from"), std::string::npos) << then_one.output;
+  same(out / "one" / "final", out / "two_then_one" / "final", 1e-5);
+  expect_same_losses(out / "one", out / "two_then_one", 1e-5);
+
+  const auto first_one = run_aligner(sft_args(out / "one_then_two", one_args), "ALIGNER_KILL_AT_STEP=2");
+  ASSERT_NE(first_one.status, 0) << first_one.output;
+  const auto then_two = launch(2, sft_args(out / "one_then_two", tp2_args));
+  ASSERT_EQ(then_two.status, 0) << then_two.output;
+  EXPECT_NE(then_two.output.find("resuming from"), std::string::npos) << then_two.output;
+  same(out / "one" / "final", out / "one_then_two" / "final", 1e-5);
+  expect_same_losses(out / "one", out / "one_then_two", 1e-5);
 }
 
 TEST(TensorParallel, SftAndDpoOnTwoTensorRanksTrainAsOneRank) {
@@ -486,29 +454,10 @@ TEST(TensorParallel, LoraResumesContinuesAndGeneratesAsOneRank) {
     EXPECT_EQ(f.get("model.layers.0.mlp.up_proj.lora_B.weight").size(0), 128);
   }
 
-  const auto killed = launch(2, sft_args(out / "killed", tp2), "ALIGNER_KILL_AT_STEP=3");
-  ASSERT_NE(killed.status, 0) << killed.output;
-  const auto resumed = launch(2, sft_args(out / "killed", tp2));
-  ASSERT_EQ(resumed.status, 0) << resumed.output;
-  EXPECT_NE(resumed.output.find("resuming from"), std::string::npos) << resumed.output;
-  expect_same_adapters(out / "two" / "final", out / "killed" / "final");
-  expect_same_losses(out / "two", out / "killed", 0);
-
-  const auto first = launch(2, sft_args(out / "two_then_one", tp2), "ALIGNER_KILL_AT_STEP=2");
-  ASSERT_NE(first.status, 0) << first.output;
-  const auto then_one = run_aligner(sft_args(out / "two_then_one", lora));
-  ASSERT_EQ(then_one.status, 0) << then_one.output;
-  EXPECT_NE(then_one.output.find("resuming from"), std::string::npos) << then_one.output;
-  expect_same_adapters(out / "one" / "final", out / "two_then_one" / "final", 1e-5);
-  expect_same_losses(out / "one", out / "two_then_one", 1e-5);
-
-  const auto second = run_aligner(sft_args(out / "one_then_two", lora), "ALIGNER_KILL_AT_STEP=2");
-  ASSERT_NE(second.status, 0) << second.output;
-  const auto then_two = launch(2, sft_args(out / "one_then_two", tp2));
-  ASSERT_EQ(then_two.status, 0) << then_two.output;
-  EXPECT_NE(then_two.output.find("resuming from"), std::string::npos) << then_two.output;
-  expect_same_adapters(out / "one" / "final", out / "one_then_two" / "final", 1e-5);
-  expect_same_losses(out / "one", out / "one_then_two", 1e-5);
+  expect_resumes_across_layouts(out, lora, tp2, "two", [](const fs::path& a, const fs::path& b, double tol) {
+    expect_same_adapters(a, b, tol);
+  });
+  if (HasFatalFailure()) return;
 
   const std::string from = "lora.from=" + (out / "one" / "final").string();
   const auto c1 = run_aligner(sft_args(out / "from_one", from));
@@ -607,30 +556,9 @@ TEST(TensorParallel, ResumeOnTheSameOrAnotherTensorParallelSize) {
       EXPECT_EQ(got[i].second.sizes(), base[i].second.sizes()) << got[i].first;
   }
 
-  const auto killed = launch(2, sft_args(out / "killed", tp2), "ALIGNER_KILL_AT_STEP=3");
-  ASSERT_NE(killed.status, 0) << killed.output;
-  ASSERT_FALSE(fs::exists(out / "killed" / "final"));
-  const auto resumed = launch(2, sft_args(out / "killed", tp2));
-  ASSERT_EQ(resumed.status, 0) << resumed.output;
-  EXPECT_NE(resumed.output.find("resuming from"), std::string::npos) << resumed.output;
-  expect_same_weights(out / "whole" / "final", out / "killed" / "final");
-  expect_same_losses(out / "whole", out / "killed", 0);
-
-  const auto two = launch(2, sft_args(out / "two_then_one", tp2), "ALIGNER_KILL_AT_STEP=2");
-  ASSERT_NE(two.status, 0) << two.output;
-  const auto then_one = run_aligner(sft_args(out / "two_then_one", save));
-  ASSERT_EQ(then_one.status, 0) << then_one.output;
-  EXPECT_NE(then_one.output.find("resuming from"), std::string::npos) << then_one.output;
-  expect_same_weights(out / "one" / "final", out / "two_then_one" / "final", 1e-5);
-  expect_same_losses(out / "one", out / "two_then_one", 1e-5);
-
-  const auto first = run_aligner(sft_args(out / "one_then_two", save), "ALIGNER_KILL_AT_STEP=2");
-  ASSERT_NE(first.status, 0) << first.output;
-  const auto then_two = launch(2, sft_args(out / "one_then_two", tp2));
-  ASSERT_EQ(then_two.status, 0) << then_two.output;
-  EXPECT_NE(then_two.output.find("resuming from"), std::string::npos) << then_two.output;
-  expect_same_weights(out / "one" / "final", out / "one_then_two" / "final", 1e-5);
-  expect_same_losses(out / "one", out / "one_then_two", 1e-5);
+  expect_resumes_across_layouts(
+      out, save, tp2, "whole",
+      [](const fs::path& a, const fs::path& b, double tol) { expect_same_weights(a, b, tol); });
   fs::remove_all(out);
 }
 

@@ -109,9 +109,6 @@ void set_process_tensor_parallel(std::optional<TensorParallel> tp) {
 
 std::shared_ptr<const TensorSplit> make_tensor_split(const ModelConfig& full, const TensorParallel& tp) {
   const int64_t n = tp.size();
-  if (full.num_experts > 0)
-    fail("tensor parallelism does not split {}'s experts yet: run it with trainer.sharding instead",
-         full.model_type);
   if (full.num_heads % n != 0)
     fail("tensor_parallel={} must divide num_attention_heads ({})", n, full.num_heads);
   if (full.intermediate_size % n != 0)
@@ -171,6 +168,14 @@ SliceSpec tensor_slice(const TensorSplit& s, const std::string& name, int rank) 
   }
   if (is(".mlp.gate_proj.") || is(".mlp.up_proj."))
     return rows(0, c.intermediate_size / n, c.intermediate_size);
+  // Mixtral's experts, each split as a gated MLP: w1 and w3 by rows, w2 by columns; stacked
+  // ("...experts.w1", [experts, ...]) one dimension further in than per expert ("...experts.3.w1.weight").
+  const size_t experts = name.find(".block_sparse_moe.experts.");
+  if (experts != std::string::npos) {
+    const bool stacked = !weight;
+    const bool down = name.find(".w2") != std::string::npos;
+    return rows((down ? 1 : 0) + (stacked ? 1 : 0), c.intermediate_size / n, c.intermediate_size);
+  }
   // Row-parallel: the weight's input columns; the bias is added once, after the sum.
   if (weight && name.find(".self_attn.o_proj.") != std::string::npos)
     return rows(1, c.num_heads / n * D, c.num_heads * D);

@@ -59,7 +59,8 @@ struct TensorSplit {
 };
 
 // The split of a model of config `full` over `tp`; a config that does not divide (heads,
-// intermediate size, key/value heads) is an error naming the numbers. Mixtral's experts are not split.
+// intermediate size, key/value heads) is an error naming the numbers. Mixtral's experts are each split
+// as a gated MLP (their intermediate columns), the router replicated.
 std::shared_ptr<const TensorSplit> make_tensor_split(const ModelConfig& full, const TensorParallel& tp);
 // The config of this rank's slice: its query and key/value heads and intermediate columns (the vocabulary
 // size stays the model's).

@@ -180,8 +180,11 @@ struct RouterAuxGrad : torch::autograd::Function<RouterAuxGrad> {
 at::Tensor moe_mlp(const ModelConfig& c, const Moe& moe, const at::Tensor& h,
                    const c10::intrusive_ptr<RouterStats>& stats) {
   const int64_t H = h.size(-1), k = c.experts_per_token;
-  const auto x = h.reshape({-1, H});
-  const auto probs = at::softmax(apply(moe.router, x).to(at::kFloat), -1);
+  // Tensor parallel: every rank routes alike, and its experts' slices add partial outputs (summed at the
+  // end) and partial gradients of the routing weights, which the entered input and router sum.
+  const auto x = (moe.tp ? tp_copy(h, *moe.tp) : h).reshape({-1, H});
+  const auto logits = moe.tp ? at::linear(x, tp_copy(moe.router.weight, *moe.tp)) : apply(moe.router, x);
+  const auto probs = at::softmax(logits.to(at::kFloat), -1);
   auto [weights, experts] = probs.topk(k, -1);
   weights = (weights / weights.sum(-1, true)).to(x.scalar_type());
   const auto flat = experts.reshape({-1});
@@ -195,6 +198,7 @@ at::Tensor moe_mlp(const ModelConfig& c, const Moe& moe, const at::Tensor& h,
   const auto ys = compat::grouped_mm(at::silu(gate) * up, moe.down.transpose(1, 2), ends);
   const auto y = ys * weights.reshape({-1}).index_select(0, order).unsqueeze(1);
   auto out = at::zeros_like(x).index_add(0, token, y).view(h.sizes());
+  if (moe.tp) out = tp_sum(out, *moe.tp);
   if (!stats) return out;
   const auto& m = stats->mask;
   const auto prob_sum = (m.defined() ? probs * m.unsqueeze(1) : probs).sum(0);
@@ -334,7 +338,8 @@ at::Tensor forward_hidden(const Transformer& m, const ForwardInput& in) {
   c10::intrusive_ptr<RouterStats> stats;
   if (c.num_experts > 0 && at::GradMode::is_enabled() && router_aux_loss().weight > 0) {
     stats = c10::make_intrusive<RouterStats>();
-    stats->weight = router_aux_loss().weight;
+    // Tensor parallel: each rank gives the router the loss's whole gradient, which tp_copy then sums.
+    stats->weight = router_aux_loss().weight / (m.tp ? m.tp->size() : 1);
     if (in.attention_mask.defined()) stats->mask = in.attention_mask.reshape({-1}).to(at::kFloat);
     stats->tokens = stats->mask.defined() ? stats->mask.sum().item<double>() : double(B * T);
   }
@@ -494,6 +499,7 @@ Transformer allocate_transformer(const ModelConfig& full, const at::TensorOption
       l.tp = split;
     };
     for (auto& b : m.layers) {
+      if (cfg.num_experts > 0) b.moe.tp = split;
       for (Linear* l : {&b.q, &b.k, &b.v, &b.gate, &b.up}) set(*l, Split::kColumn);
       for (Linear* l : {&b.o, &b.down}) set(*l, Split::kRow);
       b.k.shared = b.v.shared = split->kv_slots > 0;

@@ -18,9 +18,10 @@ namespace aligner {
 // A sparse mixture of experts: the router and each expert's gated SiLU feed-forward, stacked along a
 // leading expert dimension (where expert or tensor parallelism will split them).
 struct Moe {
-  Linear router;        // [experts, hidden]
-  at::Tensor gate, up;  // [experts, intermediate, hidden]: Mixtral's w1, w3
-  at::Tensor down;      // [experts, hidden, intermediate]: w2
+  Linear router;                          // [experts, hidden]; replicated under tensor parallelism
+  at::Tensor gate, up;                    // [experts, intermediate, hidden]: Mixtral's w1, w3
+  at::Tensor down;                        // [experts, hidden, intermediate]: w2
+  std::shared_ptr<const TensorSplit> tp;  // tensor parallel: each expert's intermediate columns split
 };
 
 struct Block {

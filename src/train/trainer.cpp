@@ -287,9 +287,11 @@ void check_memory(const std::vector<Running>& modules, const std::vector<at::Ten
                                                              : "";
   log_info(
       "memory per rank before activations: weights {:.3g} GB, gradients {:.3g} GB, optimizer state {:.3g} GB "
-      "({} ranks{}{})",
-      weights / GB, grads / GB, state / GB, dist.world_size(), how,
-      largest > 0 ? fmt::format(", largest gathered layer {:.3g} GB", largest / GB) : "");
+      "({} data-parallel ranks{}{}{})",
+      weights / GB, grads / GB, state / GB, dist.world_size(),
+      process_tensor_parallel() ? fmt::format(" x {} tensor-parallel", process_tensor_parallel()->size())
+                                : "",
+      how, largest > 0 ? fmt::format(", largest gathered layer {:.3g} GB", largest / GB) : "");
   const at::Device device = leaves.front().device();
   const double available = device_memory_available(device);
   if (available >= 0 && grads + state > available)
