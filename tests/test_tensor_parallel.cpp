@@ -651,32 +651,44 @@ TEST(TensorParallel, WhatIsNotBuiltIsAOneLineError) {
 
 // GRPO: the rollouts (the split policy generating, the split reward model scoring), the reference's
 // KL and the updates as one rank's.
-TEST(TensorParallel, GrpoOnTwoTensorRanksMatchesOneRank) {
-  const auto out = temp_dir("tp_grpo");
-  const auto args = [&](const fs::path& dir) {
-    return online_args("reinforce model.path=" + tiny_model(), dir) +
+// Online training on two tensor ranks: generation, the reward model, the reference (and PPO's critic)
+// all split, every metric as on one rank.
+TEST(TensorParallel, GrpoAndPpoOnTwoTensorRanksMatchOneRank) {
+  const auto out = temp_dir("tp_online");
+  const std::map<std::string, std::string> runs = {
+      {"grpo",
+       online_args("reinforce model.path=" + tiny_model(), out / "grpo_DIR") +
            " rollout.prompts_per_step=4 rollout.samples_per_prompt=4 trainer.micro_batch_size=4"
-           " reinforce.mask_unfinished=false optim.lr=2e-3 reinforce.advantage=grpo trainer.max_steps=2";
-  };
-  const auto one = run_aligner(args(out / "one"));
-  ASSERT_EQ(one.status, 0) << one.output;
-  const auto two = launch(2, args(out / "two") + " trainer.tensor_parallel=2");
-  if (no_gloo(two)) GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
-  ASSERT_EQ(two.status, 0) << two.output;
-  for (const std::string split : {"train", "validation"}) {
-    const auto a = metrics(out / "one", split), b = metrics(out / "two", split);
-    ASSERT_EQ(a.size(), split == "train" ? 2u : 1u);
-    ASSERT_EQ(b.size(), a.size());
-    for (size_t i = 0; i < a.size(); ++i)
-      for (const auto& [key, value] : a[i].items()) {
-        // Timings and throughputs differ from run to run.
-        if (!value.is_number_float() || key.find("time") != std::string::npos ||
-            key.find("seconds") != std::string::npos || key.find("per_s") != std::string::npos)
-          continue;
-        const double x = value.get<double>();
-        EXPECT_NEAR(b[i][key].get<double>(), x, 1e-4 * (1 + std::abs(x)))
-            << split << " step " << i + 1 << " " << key;
-      }
+           " reinforce.mask_unfinished=false optim.lr=2e-3 reinforce.advantage=grpo trainer.max_steps=2"},
+      {"ppo", online_args("ppo actor.path=" + tiny_model(), out / "ppo_DIR") +
+                  " rollout.prompts_per_step=4 rollout.samples_per_prompt=2 trainer.micro_batch_size=4"
+                  " ppo.minibatches=2 ppo.mask_unfinished=false actor.optim.lr=2e-3 critic.optim.lr=2e-3"
+                  " trainer.max_steps=2"}};
+  for (const auto& [name, args] : runs) {
+    const auto at = [&](const std::string& dir) {
+      std::string a = args;
+      return a.replace(a.find("DIR"), 3, dir);
+    };
+    const auto one = run_aligner(at("one"));
+    ASSERT_EQ(one.status, 0) << one.output;
+    const auto two = launch(2, at("two") + " trainer.tensor_parallel=2");
+    if (no_gloo(two)) GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
+    ASSERT_EQ(two.status, 0) << two.output;
+    for (const std::string split : {"train", "validation"}) {
+      const auto a = metrics(out / (name + "_one"), split), b = metrics(out / (name + "_two"), split);
+      ASSERT_EQ(a.size(), split == "train" ? 2u : 1u) << name;
+      ASSERT_EQ(b.size(), a.size()) << name;
+      for (size_t i = 0; i < a.size(); ++i)
+        for (const auto& [key, value] : a[i].items()) {
+          // Timings and throughputs differ from run to run.
+          if (!value.is_number_float() || key.find("time") != std::string::npos ||
+              key.find("seconds") != std::string::npos || key.find("per_s") != std::string::npos)
+            continue;
+          const double x = value.get<double>();
+          EXPECT_NEAR(b[i][key].get<double>(), x, 1e-4 * (1 + std::abs(x)))
+              << name << " " << split << " step " << i + 1 << " " << key;
+        }
+    }
   }
   fs::remove_all(out);
 }
