@@ -534,6 +534,32 @@ TEST(TensorParallel, ShardingOverTheDataRanksOfAMesh) {
   fs::remove_all(out);
 }
 
+// A data-parallel run's sharded checkpoint (pieces of whole tensors) continues on two tensor ranks; a
+// sharded tensor-parallel one, whose shards are per tensor rank, refuses another layout in one line.
+TEST(TensorParallel, ShardedCheckpointsAcrossLayouts) {
+  const auto out = temp_dir("tp_zero_layouts");
+  const std::string save = "trainer.save_interval=2 trainer.keep_last=0 ";
+  const auto one = run_aligner(sft_args(out / "one", save));
+  ASSERT_EQ(one.status, 0) << one.output;
+  const auto first =
+      launch(2, sft_args(out / "zero_then_tp", save + "trainer.sharding=full"), "ALIGNER_KILL_AT_STEP=2");
+  if (no_gloo(first)) GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
+  ASSERT_NE(first.status, 0) << first.output;
+  const auto then_tp = launch(2, sft_args(out / "zero_then_tp", save + "trainer.tensor_parallel=2"));
+  ASSERT_EQ(then_tp.status, 0) << then_tp.output;
+  EXPECT_NE(then_tp.output.find("resuming from"), std::string::npos) << then_tp.output;
+  expect_same_weights(out / "one" / "final", out / "zero_then_tp" / "final", 1e-5);
+
+  const auto mesh =
+      launch(4, sft_args(out / "mesh", save + "trainer.sharding=optimizer trainer.tensor_parallel=2"),
+             "ALIGNER_KILL_AT_STEP=2");
+  ASSERT_NE(mesh.status, 0) << mesh.output;
+  const auto other = launch(2, sft_args(out / "mesh", save + "trainer.sharding=optimizer"));
+  EXPECT_NE(other.status, 0);
+  EXPECT_NE(other.output.find("holds no optimizer state for 'model'"), std::string::npos) << other.output;
+  fs::remove_all(out);
+}
+
 // Checkpoints hold whole tensors (gathered over the group): a killed tensor-parallel run resumes as
 // it was, and a checkpoint of either layout goes on in the other.
 TEST(TensorParallel, ResumeOnTheSameOrAnotherTensorParallelSize) {

@@ -235,7 +235,8 @@ void run_kd_prepare(const Config& cfg) {
   const int64_t batch_size = cfg.get_int("trainer.micro_batch_size");
   if (batch_size < 1) fail("config key 'trainer.micro_batch_size' must be at least 1");
   auto ctx = init_run(cfg);
-  if (ctx.dist.world_size() > 1) fail("kd-prepare runs as one process: start it without aligner launch");
+  if (ctx.dist.world_size() > 1 || process_tensor_parallel())
+    fail("kd-prepare runs as one process: start it without aligner launch (and trainer.tensor_parallel=1)");
   const auto dtype = parse_compute_dtype(cfg.get_string("model.dtype"), ctx.device, "model.dtype");
   const Transformer teacher = load_transformer(teacher_dir, ctx.device, dtype);
   // sft tokenizes with the student's tokenizer; the teacher's stands in for it when none is named.

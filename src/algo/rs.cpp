@@ -236,11 +236,11 @@ void generate_selected(const Config& cfg) {
     fail("{} exists; overwrite=true replaces it", out_path.string());
   check_reward_config(cfg);
   auto ctx = init_run(cfg);
-  if (ctx.dist.world_size() > 1)
+  if (ctx.dist.world_size() > 1 || process_tensor_parallel())
     fail(
         "rs.generate_only runs in one process, not {} ranks: start it without aligner launch, torchrun or "
-        "srun",
-        ctx.dist.world_size());
+        "srun (and trainer.tensor_parallel=1)",
+        ctx.dist.world_size() * (process_tensor_parallel() ? process_tensor_parallel()->size() : 1));
   const auto dtype = parse_compute_dtype(cfg.get_string("model.dtype"), ctx.device, "model.dtype");
   const Policy policy = load_policy(cfg.get_string("model.path"), "model.path", ctx.device, dtype);
   gen.tokenizer = policy.tok.get();

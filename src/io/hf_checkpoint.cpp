@@ -70,8 +70,7 @@ void read_weights(Transformer& m, const safetensors::Checkpoint& ckpt, const std
     if (!ckpt.contains(name)) fail("{}: missing tensor '{}'", dir, name);
     const auto& info = ckpt.info(name);
     const SliceSpec slice = m.tp ? tensor_slice(*m.tp, name) : SliceSpec{};
-    auto expected = t.sizes().vec();
-    if (slice.dim >= 0) expected[slice.dim] = slice.full_length;
+    const auto expected = whole_sizes(t.sizes(), slice);
     if (at::IntArrayRef(info.shape) != at::IntArrayRef(expected))
       fail("{}: tensor '{}' has shape {} but config.json implies {}", dir, name, fmt::join(info.shape, "x"),
            fmt::join(expected, "x"));
@@ -87,7 +86,8 @@ void read_weights(Transformer& m, const safetensors::Checkpoint& ckpt, const std
 }
 
 // The process's tensor-parallel split of a model of `cfg`, if any; errors name the folder.
-std::shared_ptr<const TensorSplit> split_of(const ModelConfig& cfg, const std::string& dir, at::ScalarType dtype) {
+std::shared_ptr<const TensorSplit> split_of(const ModelConfig& cfg, const std::string& dir,
+                                            at::ScalarType dtype) {
   const TensorParallel* tp = process_tensor_parallel();
   if (!tp) return nullptr;
   // torch's Gloo sums no 16-bit floats.
@@ -113,8 +113,9 @@ Transformer load_transformer(const std::string& dir, at::Device device, std::opt
       log_warn("{}: eos_token_id {} is outside the vocabulary (vocab_size {}); generation never stops at it",
                config_path, id, cfg.vocab_size);
   auto ckpt = safetensors::Checkpoint::open_dir(dir);
-  Transformer m = allocate_transformer(
-      cfg, at::TensorOptions().dtype(dtype.value_or(cfg.dtype)).device(device), split_of(cfg, dir, dtype.value_or(cfg.dtype)));
+  Transformer m =
+      allocate_transformer(cfg, at::TensorOptions().dtype(dtype.value_or(cfg.dtype)).device(device),
+                           split_of(cfg, dir, dtype.value_or(cfg.dtype)));
   // Some tied checkpoints still carry lm_head, derived from the embedding as transformers treats it.
   std::set<std::string> ignore;
   if (cfg.tie_word_embeddings && cfg.num_labels == 0) ignore.insert("lm_head.weight");
@@ -137,8 +138,9 @@ Transformer load_reward_model(const std::string& dir, at::Device device, std::op
     return m;
   }
   const ModelConfig cfg = sequence_classifier_config(lm, labels, pad_token_id);
-  Transformer m = allocate_transformer(
-      cfg, at::TensorOptions().dtype(dtype.value_or(cfg.dtype)).device(device), split_of(cfg, dir, dtype.value_or(cfg.dtype)));
+  Transformer m =
+      allocate_transformer(cfg, at::TensorOptions().dtype(dtype.value_or(cfg.dtype)).device(device),
+                           split_of(cfg, dir, dtype.value_or(cfg.dtype)));
   read_weights(m, safetensors::Checkpoint::open_dir(dir), dir, {"score.weight"}, {"lm_head.weight"});
   // std 1/sqrt(hidden + 1), as Ziegler et al. (lm-human-preferences) start their reward head: each
   // output starts with about unit variance for unit-RMS hidden states (the final RMSNorm's), so the

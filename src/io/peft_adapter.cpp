@@ -121,8 +121,7 @@ LoraConfig load_peft_adapter(Transformer& m, const std::string& dir) {
           weights, info.name);
     // A tensor-parallel model takes its slice of each whole tensor.
     const SliceSpec slice = m.tp ? tensor_slice(*m.tp, info.name.substr(std::strlen(kPrefix))) : SliceSpec{};
-    auto whole = it->second.sizes().vec();
-    if (slice.dim >= 0) whole[slice.dim] = slice.full_length;
+    const auto whole = whole_sizes(it->second.sizes(), slice);
     if (!at::IntArrayRef(whole).equals(info.shape))
       fail("{}: tensor '{}' is [{}], the base model needs [{}] (an adapter for another model?)", weights,
            info.name, fmt::join(info.shape, ", "), fmt::join(whole, ", "));

@@ -121,10 +121,11 @@ std::shared_ptr<const TensorSplit> make_tensor_split(const ModelConfig& full, co
   s->tp = tp;
   s->full = full;
   s->vocab_chunk = (full.vocab_size + n - 1) / n;
-  s->vocab_start = std::min<int64_t>(full.vocab_size, tp.rank() * s->vocab_chunk);
+  // Checked alike on every rank, so that all fail together.
+  if ((n - 1) * s->vocab_chunk >= full.vocab_size)
+    fail("tensor_parallel={}: the last rank would hold none of the vocabulary's {} rows", n, full.vocab_size);
+  s->vocab_start = tp.rank() * s->vocab_chunk;
   s->vocab_rows = std::min(s->vocab_chunk, full.vocab_size - s->vocab_start);
-  if (s->vocab_rows <= 0)
-    fail("tensor_parallel={}: rank {} would hold no vocabulary rows of {}", n, tp.rank(), full.vocab_size);
   if (full.num_kv_heads < n) {
     s->kv_slots = full.num_kv_heads;
     s->kv_slot = tp.rank() / (n / full.num_kv_heads);
@@ -187,6 +188,12 @@ SliceSpec tensor_slice(const TensorSplit& s, const std::string& name, int rank) 
 at::Tensor take_slice(const at::Tensor& full, const SliceSpec& spec) {
   if (spec.dim < 0) return full;
   return full.narrow(spec.dim, spec.start, spec.length);
+}
+
+std::vector<int64_t> whole_sizes(at::IntArrayRef local, const SliceSpec& spec) {
+  auto sizes = local.vec();
+  if (spec.dim >= 0) sizes[spec.dim] = spec.full_length;
+  return sizes;
 }
 
 at::Tensor tp_copy(const at::Tensor& x, const TensorSplit& s) {
@@ -347,15 +354,23 @@ std::vector<std::pair<std::string, at::Tensor>> slice_named(
 
 Transformer gather_transformer(const Transformer& m) {
   if (!m.tp) fail("gather_transformer: the model is not tensor parallel");
-  Transformer whole = allocate_transformer(m.tp->full, at::TensorOptions().dtype(m.embed.scalar_type()));
-  whole.cfg = m.tp->full;
-  whole.cfg.dtype = m.cfg.dtype;
+  // The model's config as it is now (labels and pad id set after loading), with the whole model's
+  // head and column counts.
+  ModelConfig cfg = m.cfg;
+  cfg.num_heads = m.tp->full.num_heads;
+  cfg.num_kv_heads = m.tp->full.num_kv_heads;
+  cfg.intermediate_size = m.tp->full.intermediate_size;
+  Transformer whole = allocate_transformer(cfg, at::TensorOptions().dtype(m.embed.scalar_type()));
   const auto parts = named_parameters(m);
   auto slots = parameter_slots(whole);
   at::NoGradGuard no_grad;
   for (size_t i = 0; i < parts.size(); ++i) {
     if (slots[i].first != parts[i].first) fail("gather_transformer: parameters out of order");
-    slots[i].second->copy_(gather_one(*m.tp, parts[i].first, parts[i].second));
+    const auto t = gather_one(*m.tp, parts[i].first, parts[i].second);
+    if (!t.sizes().equals(slots[i].second->sizes()))
+      fail("gather_transformer: '{}' gathers to [{}], its config says [{}]", parts[i].first,
+           fmt::join(t.sizes(), ", "), fmt::join(slots[i].second->sizes(), ", "));
+    slots[i].second->copy_(t);
   }
   // The adapters whole too: the copy saves them, or merges them, as one rank's model does.
   const auto local = layer_linears(m);

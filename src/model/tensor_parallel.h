@@ -77,6 +77,8 @@ inline SliceSpec tensor_slice(const TensorSplit& s, const std::string& name) {
   return tensor_slice(s, name, s.rank());
 }
 at::Tensor take_slice(const at::Tensor& full, const SliceSpec& spec);
+// The whole tensor's sizes, of a slice of `local` sizes.
+std::vector<int64_t> whole_sizes(at::IntArrayRef local, const SliceSpec& spec);
 
 // The autograd operators above; without a group (one rank) both are the identity.
 at::Tensor tp_copy(const at::Tensor& x, const TensorSplit& s);

@@ -395,6 +395,7 @@ at::Tensor at_least_float(const at::Tensor& t) {
 }  // namespace
 
 at::Tensor token_logprobs(const Transformer& m, const at::Tensor& hidden, const at::Tensor& targets) {
+  if (!m.lm_head.weight.defined()) fail("this model is a sequence classifier: it has no lm_head");
   const int64_t H = hidden.size(-1);
   auto h = hidden.reshape({-1, H});
   auto t = targets.reshape({-1});
@@ -402,7 +403,6 @@ at::Tensor token_logprobs(const Transformer& m, const at::Tensor& hidden, const 
   // Rows per chunk keep the float32 log-softmax around 256 MB whatever the vocabulary.
   const int64_t chunk = std::max<int64_t>(1, (int64_t(64) << 20) / std::max<int64_t>(1, m.cfg.vocab_size));
   if (m.tp) {
-    if (!m.lm_head.weight.defined()) fail("this model is a sequence classifier: it has no lm_head");
     // Each rank's share of the vocabulary: as many rows per chunk for the same memory.
     return tensor_parallel_logprobs(m, h, t, chunk * m.tp->size()).view(targets.sizes());
   }

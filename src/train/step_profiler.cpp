@@ -52,9 +52,19 @@ void StepProfiler::after_step(int64_t step) {
   on_ = false;
   log_info("profiled steps {}..{}: {}", first_, last_, path_);
 }
+
+StepProfiler::~StepProfiler() {
+  if (!on_) return;
+  try {
+    torch::autograd::profiler::disableProfiler()->save(path_);
+  } catch (const std::exception& e) {
+    log_warn("the profile of steps {}..{} could not be written to {}: {}", first_, last_, path_, e.what());
+  }
+}
 #else
 void StepProfiler::before_step(int64_t) {}
 void StepProfiler::after_step(int64_t) {}
+StepProfiler::~StepProfiler() = default;
 #endif
 
 }  // namespace aligner

@@ -11,6 +11,7 @@ namespace aligner {
 class StepProfiler {
  public:
   StepProfiler(const std::string& output_dir, int rank);
+  ~StepProfiler();                 // a run that ends inside the range still writes what was recorded
   void before_step(int64_t step);  // `step`: the step about to run, from 1
   void after_step(int64_t step);
 

@@ -314,10 +314,8 @@ NamedParams read_split_optimizer(const std::string& ckpt, const Running& r) {
   const TensorSplit& s = *r.module.model->tp;
   NamedParams whole;
   for (const auto& [key, t] : r.optimizer->state()) {
-    const SliceSpec spec = tensor_slice(s, state_param(key));
-    auto sizes = t.sizes().vec();
-    if (spec.dim >= 0) sizes[spec.dim] = spec.full_length;
-    whole.emplace_back(key, at::empty(sizes, t.options().device(at::kCPU)));
+    whole.emplace_back(key, at::empty(whole_sizes(t.sizes(), tensor_slice(s, state_param(key))),
+                                      t.options().device(at::kCPU)));
   }
   return slice_named(s, read_module_optimizer(ckpt, r.module.name, whole, r.offsets), state_param);
 }
@@ -350,7 +348,12 @@ std::string rank_files_stem(const Running& r) {
 void load_module_params(const std::string& ckpt, const TrainableModule& m, const std::string& stem) {
   std::map<std::string, at::Tensor> saved;
   const std::string from = fs::is_directory(fs::path(ckpt) / stem) ? stem : m.name;
-  for (auto& [name, t] : read_module_params(ckpt, from, m.params)) saved.emplace(name, t);
+  // A tensor-parallel run reads whole tensors (but this rank's own pieces) and slices them below.
+  NamedParams expected = m.params;
+  if (m.model->tp && from != stem)
+    for (auto& [name, t] : expected)
+      t = at::empty(whole_sizes(t.sizes(), tensor_slice(*m.model->tp, name)), t.options().device(at::kCPU));
+  for (auto& [name, t] : read_module_params(ckpt, from, expected)) saved.emplace(name, t);
   at::NoGradGuard no_grad;
   for (const auto& [name, param] : m.params) {
     auto it = saved.find(name);
@@ -630,6 +633,20 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
     r.optimizer = std::make_unique<AdamW>(std::move(pieces), r.module.optim.adam, decay);
   }
   if (!ckpt.empty()) {
+    for (auto& r : modules) {
+      // Sharded runs write per-rank files named by their tensor-parallel rank (rank_files_stem).
+      const std::string stem = rank_files_stem(r) + ".optimizer.";
+      bool found = !sharded;
+      for (const auto& e : fs::directory_iterator(ckpt))
+        found = found || e.path().filename().string().rfind(stem, 0) == 0;
+      if (!found)
+        fail(
+            "checkpoint {} holds no optimizer state for '{}': another trainer.sharding or "
+            "trainer.tensor_parallel "
+            "wrote it (a sharded run resumes on the same tensor_parallel); resume with that layout, or "
+            "resume=false",
+            ckpt, rank_files_stem(r));
+    }
     for (auto& r : modules)
       r.optimizer->load_state(
           r.module.model->tp && !sharded
@@ -711,16 +728,19 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
       }
       barrier();
     }
-    // Tensor parallel: whole tensors, gathered over the group, so that any layout resumes from them.
+    // Tensor parallel: whole tensors, gathered over the tensor group of the first data replica (the
+    // main rank's), so that any layout resumes from them.
     std::vector<std::optional<Transformer>> whole(modules.size());
     std::vector<NamedParams> params(modules.size()), states(modules.size());
-    for (size_t k = 0; k < modules.size(); ++k) {
+    for (size_t k = 0; k < modules.size() && dist.rank() == 0; ++k) {
       const auto& r = modules[k];
       const auto* split = r.module.model->tp.get();
       // Fully sharded weights are written by each rank as pieces, the optimizer state of any sharding so.
       if (r.sharded_model) continue;
-      params[k] = split ? gather_named(*split, r.module.params, [](const std::string& n) { return n; })
-                        : r.module.params;
+      // A whole model is written from its gathered copy.
+      if (!(split && r.whole_model))
+        params[k] = split ? gather_named(*split, r.module.params, [](const std::string& n) { return n; })
+                          : r.module.params;
       if (!sharded)
         states[k] = split ? gather_named(*split, r.optimizer->state(), state_param) : r.optimizer->state();
       if (split && r.whole_model) whole[k] = gather_transformer(*r.module.model);
@@ -905,8 +925,8 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
   for (auto& r : modules) {
     std::optional<Transformer> copy;
     if (r.module.export_final && r.sharded_model) copy = r.sharded_model->host_copy();
-    // Tensor parallel: the data-parallel root's slices put together over its tensor group.
-    const bool root = !r.sharded_model || copy;
+    // Tensor parallel: the first data replica's slices put together over its tensor group.
+    const bool root = r.sharded_model ? bool(copy) : dist.rank() == 0;
     if (r.module.export_final && r.module.model->tp && root)
       copy = gather_transformer(copy ? *copy : *r.module.model);
     copies.push_back(std::move(copy));
