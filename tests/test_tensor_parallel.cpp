@@ -691,8 +691,10 @@ TEST(TensorParallel, GrpoAndPpoOnTwoTensorRanksMatchOneRank) {
                   " ppo.minibatches=2 ppo.mask_unfinished=false actor.optim.lr=2e-3 critic.optim.lr=2e-3"
                   " trainer.max_steps=2"}};
   for (const auto& [name, args] : runs) {
-    const auto at = [&](const std::string& dir) {
-      std::string a = args;
+    // A copy: C++17 lambdas cannot capture a structured binding (clang refuses it).
+    const std::string base = args;
+    const auto at = [&base](const std::string& dir) {
+      std::string a = base;
       return a.replace(a.find("DIR"), 3, dir);
     };
     const auto one = run_aligner(at("one"));
