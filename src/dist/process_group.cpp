@@ -281,26 +281,24 @@ void Dist::trace(const char* op, const at::Tensor& t) const {
                std::hash<std::thread::id>{}(std::this_thread::get_id()) % 1000);
 }
 
-Work Dist::all_reduce_sum_async(at::Tensor& flat) {
+Work Dist::all_reduce_async(at::Tensor& flat, bool max) {
   if (!group_) return Work();
-  check_device(flat, "all_reduce_sum");
-  if (!flat.is_contiguous()) fail("all_reduce_sum: the buffer must be contiguous");
+  const char* op = max ? "all_reduce_max" : "all_reduce_sum";
+  check_device(flat, op);
+  if (!flat.is_contiguous()) fail("{}: the buffer must be contiguous", op);
   std::vector<at::Tensor> tensors{flat};
   c10d::AllreduceOptions opts;
-  opts.reduceOp = c10d::ReduceOp::SUM;
-  trace("all_reduce_sum", flat);
+  opts.reduceOp = max ? c10d::ReduceOp::MAX : c10d::ReduceOp::SUM;
+  trace(op, flat);
   return Work(group_->backend->allreduce(tensors, opts));
 }
 
+Work Dist::all_reduce_sum_async(at::Tensor& flat) {
+  return all_reduce_async(flat, false);
+}
+
 Work Dist::all_reduce_max_async(at::Tensor& flat) {
-  if (!group_) return Work();
-  check_device(flat, "all_reduce_max");
-  if (!flat.is_contiguous()) fail("all_reduce_max: the buffer must be contiguous");
-  std::vector<at::Tensor> tensors{flat};
-  c10d::AllreduceOptions opts;
-  opts.reduceOp = c10d::ReduceOp::MAX;
-  trace("all_reduce_max", flat);
-  return Work(group_->backend->allreduce(tensors, opts));
+  return all_reduce_async(flat, true);
 }
 
 Work Dist::broadcast_async(at::Tensor& flat, int root) {
@@ -456,11 +454,7 @@ std::map<std::string, double> Dist::mean(const std::map<std::string, double>& va
 void Dist::check_same_on_all_ranks(uint64_t value, const char* what) {
   const double v = static_cast<double>(value & ((1ull << 52) - 1));
   at::Tensor t = at::tensor(std::vector<double>{v, -v}, at::kDouble).to(device_);
-  std::vector<at::Tensor> tensors{t};
-  c10d::AllreduceOptions opts;
-  opts.reduceOp = c10d::ReduceOp::MAX;
-  trace("all_reduce_max", t);
-  Work(group_->backend->allreduce(tensors, opts)).wait();
+  all_reduce_max_async(t).wait();
   t = t.cpu();
   if (t[0].item<double>() != v || t[1].item<double>() != -v) {
     fail("mean: the ranks passed different {}", what);

@@ -107,6 +107,7 @@ class Dist {
   struct Group;
   void check_device(const at::Tensor& t, const char* op) const;
   void trace(const char* op, const at::Tensor& t) const;
+  Work all_reduce_async(at::Tensor& flat, bool max);
   void check_same_on_all_ranks(uint64_t value, const char* what);
   void for_each_packed(std::vector<at::Tensor>& tensors, const char* op,
                        const std::function<Work(at::Tensor&)>& collective);

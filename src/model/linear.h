@@ -44,18 +44,27 @@ struct Linear {
 
 at::Tensor tensor_parallel_apply(const Linear& l, const at::Tensor& x);  // model/tensor_parallel.cpp
 
+// Whether the adapter's dropout acts in this pass.
+inline bool adapter_dropout_on(const Lora& lora) {
+  return lora.dropout > 0 && (at::GradMode::is_enabled() || adapter_dropout_forced);
+}
+
+// y + scale B (A xd), xd the (dropped-out) input. The scale rides on the small A, and B's product adds
+// into y inside one GEMM (addmm): no extra passes over the [tokens, out] activations.
+inline at::Tensor add_adapter(const at::Tensor& y, const at::Tensor& xd, const at::Tensor& a,
+                              const at::Tensor& b, double scale) {
+  const auto t = xd.scalar_type();
+  const auto xa = at::linear(xd, (a * scale).to(t));
+  const int64_t out = y.size(-1);
+  return at::addmm(y.reshape({-1, out}), xa.reshape({-1, xa.size(-1)}), b.to(t).t()).view(y.sizes());
+}
+
 inline at::Tensor apply(const Linear& l, const at::Tensor& x) {
   if (l.split != Split::kNone) return tensor_parallel_apply(l, x);
   auto y = at::linear(x, l.weight, l.bias.defined() ? c10::optional<at::Tensor>(l.bias) : c10::nullopt);
   if (!l.lora.a.defined()) return y;
-  const bool train = l.lora.dropout > 0 && (at::GradMode::is_enabled() || adapter_dropout_forced);
-  const auto xd = train ? at::dropout(x, l.lora.dropout, true) : x;
-  const auto t = x.scalar_type();
-  // The scale rides on the small A, and B's product adds into y inside one GEMM (addmm): no extra
-  // passes over the [tokens, out] activations.
-  const auto xa = at::linear(xd, (l.lora.a * l.lora.scale).to(t));
-  const int64_t out = y.size(-1);
-  return at::addmm(y.reshape({-1, out}), xa.reshape({-1, xa.size(-1)}), l.lora.b.to(t).t()).view(y.sizes());
+  const auto xd = adapter_dropout_on(l.lora) ? at::dropout(x, l.lora.dropout, true) : x;
+  return add_adapter(y, xd, l.lora.a, l.lora.b, l.lora.scale);
 }
 
 // Projections of one input as a single Linear whose output rows are theirs in order, when their

@@ -224,22 +224,13 @@ namespace {
 // rank draws it, and this rank's columns of it taken.
 at::Tensor adapter_input(const Linear& l, const at::Tensor& x) {
   const double p = l.lora.dropout;
-  if (!(p > 0 && (at::GradMode::is_enabled() || adapter_dropout_forced))) return x;
+  if (!adapter_dropout_on(l.lora)) return x;
   if (l.split != Split::kRow) return at::dropout(x, p, true);
   const int64_t n = x.size(-1);
   auto sizes = x.sizes().vec();
   sizes.back() = n * l.tp->size();
   const auto mask = at::dropout(at::ones(sizes, x.options()), p, true);
   return x * mask.narrow(-1, l.tp->rank() * n, n).contiguous();
-}
-
-// y + scale B (A xd), as apply() adds it.
-at::Tensor add_adapter(const at::Tensor& y, const at::Tensor& xd, const at::Tensor& a, const at::Tensor& b,
-                       double scale) {
-  const auto t = xd.scalar_type();
-  const auto xa = at::linear(xd, (a * scale).to(t));
-  const int64_t out = y.size(-1);
-  return at::addmm(y.reshape({-1, out}), xa.reshape({-1, xa.size(-1)}), b.to(t).t()).view(y.sizes());
 }
 
 }  // namespace
