@@ -212,6 +212,16 @@ TEST(Jinja, HostileTemplatesFailWithoutHarm) {
       error_of("{% set ns = namespace(x=[]) %}{% for i in range(10000) %}{% set ns.x = [ns.x] %}{% endfor %}")
           .find("nested"),
       std::string::npos);
+  // Found by fuzz/jinja.cpp: a namespace that holds itself printed without end (and never freed).
+  EXPECT_NE(
+      error_of("{% set ns = namespace(a=1) %}{% set ns.a = ns %}{{ ns }}").find("cannot hold a namespace"),
+      std::string::npos);
+  EXPECT_NE(
+      error_of("{% set ns = namespace(a=1) %}{% set ns.a = [{'k': ns}] %}").find("cannot hold a namespace"),
+      std::string::npos);
+  EXPECT_EQ(
+      render("{% set ns = namespace(a=1) %}{% set ns.a = [2, {'k': 3}] %}{{ ns }} {{ [namespace(b=ns.a)] }}"),
+      "<Namespace {'a': [2, {'k': 3}]}> [<Namespace {'b': [2, {'k': 3}]}>]");
   EXPECT_NE(error_of("{{ " + std::string(5000, '(') + "1" + std::string(5000, ')') + " }}")
                 .find("nests too deeply"),
             std::string::npos);

@@ -185,6 +185,7 @@ struct Value {
   int64_t i = 0;
   double f = 0;
   uint32_t depth = 0;                // how deeply lists and dicts nest inside this one
+  bool has_namespace = false;        // is a namespace or holds one
   std::string s;                     // kString; kUndefined: what is undefined, for the error if it is used
   std::shared_ptr<const List> list;  // kList, kTuple
   std::shared_ptr<Dict> dict;        // kDict (never changed once made), kNamespace (set changes it)
@@ -249,7 +250,10 @@ Value sequence(List items, bool tuple = false) {
     raise("the template builds more than {} list items in all", kMaxBuiltItems);
   Value v;
   v.kind = tuple ? Value::kTuple : Value::kList;
-  for (const Value& x : items) v.depth = std::max(v.depth, x.depth + 1);
+  for (const Value& x : items) {
+    v.depth = std::max(v.depth, x.depth + 1);
+    v.has_namespace |= x.has_namespace;
+  }
   if (v.depth > kMaxNesting) raise("lists and dicts nested more than {} deep", kMaxNesting);
   v.list = std::make_shared<const List>(std::move(items));
   return v;
@@ -257,7 +261,11 @@ Value sequence(List items, bool tuple = false) {
 Value mapping(Dict d, Value::Kind kind = Value::kDict) {
   Value v;
   v.kind = kind;
-  for (const auto& [k, x] : d.items) v.depth = std::max({v.depth, k.depth + 1, x.depth + 1});
+  v.has_namespace = kind == Value::kNamespace;
+  for (const auto& [k, x] : d.items) {
+    v.depth = std::max({v.depth, k.depth + 1, x.depth + 1});
+    v.has_namespace |= k.has_namespace || x.has_namespace;
+  }
   if (v.depth > kMaxNesting) raise("lists and dicts nested more than {} deep", kMaxNesting);
   v.dict = std::make_shared<Dict>(std::move(d));
   return v;
@@ -472,30 +480,35 @@ void py_repr_string(const std::string& s, std::string& out) {
   out += quote;
 }
 
-void repr(const Value& v, std::string& out);
+// `level` counts the containers around v. Lists and dicts cannot nest deeper than kMaxNesting, but
+// a namespace changes after it is made, so one can hold itself: the count stops that.
+void repr(const Value& v, std::string& out, uint32_t level = 0);
 std::string to_str(const Value& v);
 
-void repr_items(const List& items, std::string& out) {
+void repr_items(const List& items, std::string& out, uint32_t level) {
   for (size_t k = 0; k < items.size(); ++k) {
     if (k) out += ", ";
-    repr(items[k], out);
+    repr(items[k], out, level);
     check_text_size(out.size());
   }
 }
 
-void repr_dict(const Dict& d, std::string& out) {
+void repr_dict(const Dict& d, std::string& out, uint32_t level) {
   out += '{';
   for (size_t k = 0; k < d.items.size(); ++k) {
     if (k) out += ", ";
-    repr(d.items[k].first, out);
+    repr(d.items[k].first, out, level);
     out += ": ";
-    repr(d.items[k].second, out);
+    repr(d.items[k].second, out, level);
     check_text_size(out.size());
   }
   out += '}';
 }
 
-void repr(const Value& v, std::string& out) {
+void repr(const Value& v, std::string& out, uint32_t level) {
+  if (level > kMaxNesting)
+    raise("lists, dicts and namespaces nested more than {} deep (does a namespace hold itself?)",
+          kMaxNesting);
   switch (v.kind) {
     case Value::kUndefined:
       out += "Undefined";
@@ -505,17 +518,22 @@ void repr(const Value& v, std::string& out) {
       return;
     case Value::kList:
       out += '[';
-      repr_items(*v.list, out);
+      repr_items(*v.list, out, level + 1);
       out += ']';
       return;
     case Value::kTuple:
       out += '(';
-      repr_items(*v.list, out);
+      repr_items(*v.list, out, level + 1);
       if (v.list->size() == 1) out += ',';
       out += ')';
       return;
     case Value::kDict:
-      repr_dict(*v.dict, out);
+      repr_dict(*v.dict, out, level + 1);
+      return;
+    case Value::kNamespace:
+      out += "<Namespace ";
+      repr_dict(*v.dict, out, level + 1);
+      out += '>';
       return;
     default:
       out += to_str(v);
@@ -537,11 +555,6 @@ std::string to_str(const Value& v) {
       return py_float(v.f);
     case Value::kString:
       return v.s;
-    case Value::kNamespace: {
-      std::string out = "<Namespace ";
-      repr_dict(*v.dict, out);
-      return out + ">";
-    }
     case Value::kFunction:
       return "<function " + v.fn->name + ">";
     default: {
@@ -3317,6 +3330,9 @@ class Renderer {
         if (!s.attr.empty()) {
           const Value* ns = scope.find(s.targets[0]);
           if (!ns || ns->kind != Value::kNamespace) raise("cannot assign attribute on non-namespace object");
+          // Unlike jinja2: a namespace changed after it is made could come to hold itself (a cycle
+          // that never frees) or nest without bound, so what is assigned holds no namespace.
+          if (v.has_namespace) raise("a namespace attribute cannot hold a namespace");
           set_key(*ns->dict, string(s.attr), std::move(v));
         } else {
           assign(s.targets, std::move(v), scope);
