@@ -2,6 +2,8 @@
 // the same per-token log-probabilities, and so the same loss, as one example per padded row.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "data/packing.h"
@@ -85,6 +87,45 @@ TEST(PackingWithModel, PackedRowsGiveThePaddedLogprobsAndLoss) {
   double loss_packed = -lp_packed.sum().item<double>() / static_cast<double>(tokens_packed);
   EXPECT_NEAR(loss_padded, loss_packed, 1e-5);
   EXPECT_GT(loss_padded, 0.0);
+}
+
+// The same holds for training: the loss's gradients are the padded rows'. With ALIGNER_TEST_DEVICE=cuda
+// this runs in bfloat16 on the GPU's fused attention kernels.
+TEST(PackingWithModel, PackedRowsGiveThePaddedGradients) {
+  const char* d = std::getenv("ALIGNER_TEST_DEVICE");
+  const bool cuda = d && std::string(d) == "cuda";
+  const at::Device device = cuda ? at::Device(at::kCUDA) : at::Device(at::kCPU);
+  const auto dtype = cuda ? at::kBFloat16 : at::kFloat;
+  ModelConfig cfg = tiny_llama();
+  cfg.hidden_size = 128;  // head_dim 32: a size flash attention takes
+  cfg.head_dim = 32;
+  Transformer m = init_transformer(cfg, device, 0);
+  for (auto& [name, p] : named_parameters(m)) p.set_data(p.to(dtype)), p.requires_grad_(true);
+  std::vector<Sequence> seqs = make_sequences({7, 12, 5, 9, 16, 3, 11});
+  std::vector<int64_t> lengths;
+  for (const auto& s : seqs) lengths.push_back(static_cast<int64_t>(s.input_ids.size()));
+  const auto rows = plan_packing(lengths, 24);
+  ASSERT_LT(rows.size(), seqs.size());
+
+  const auto grads = [&](Batch b) {
+    for (at::Tensor* t : {&b.input_ids, &b.attention_mask, &b.position_ids, &b.segment_ids, &b.labels})
+      if (t->defined()) *t = t->to(device);
+    for (auto& [name, p] : named_parameters(m)) p.mutable_grad() = at::Tensor();
+    label_logprobs(m, b).sum().backward();
+    std::vector<at::Tensor> g;
+    for (auto& [name, p] : named_parameters(m)) g.push_back(p.grad().to(at::kCPU, at::kDouble));
+    return g;
+  };
+  const auto padded = grads(collate_padded(seqs, 0));
+  const auto packed = grads(collate_packed(seqs, rows, 0));
+  ASSERT_EQ(padded.size(), packed.size());
+  const double tol = cuda ? 2e-2 : 1e-5;  // relative to the gradient's size
+  for (size_t i = 0; i < padded.size(); ++i) {
+    const double scale = padded[i].abs().max().item<double>();
+    ASSERT_GT(scale, 0) << i;
+    EXPECT_LE((padded[i] - packed[i]).abs().max().item<double>(), tol * scale)
+        << named_parameters(m)[i].first;
+  }
 }
 
 }  // namespace
