@@ -195,11 +195,16 @@ struct Running {
   std::shared_ptr<dist::ShardedModel> sharded_model;  // trainer.sharding=full
 };
 
-// The model's weights and its adapters.
-NamedParams model_parameters(const Transformer& m) {
-  auto all = named_parameters(m);
-  for (auto& p : adapter_parameters(m)) all.push_back(std::move(p));
+// The module's model's weights and its adapters.
+NamedParams model_parameters(const TrainableModule& m) {
+  if (!m.model) return m.other.parameters();
+  auto all = named_parameters(*m.model);
+  for (auto& p : adapter_parameters(*m.model)) all.push_back(std::move(p));
   return all;
+}
+
+const TensorSplit* split_of(const TrainableModule& m) {
+  return m.model ? m.model->tp.get() : nullptr;
 }
 
 // Checks the modules, freezes what they do not train, and says which train a whole model.
@@ -207,13 +212,14 @@ std::vector<Running> prepare_modules(std::vector<TrainableModule> modules, int64
   if (modules.empty()) fail("an algorithm must train at least one module");
   std::set<std::string> names;
   std::map<const void*, std::string> owner;  // parameter -> module
-  std::set<Transformer*> models;
   for (const auto& m : modules) {
     if (!names.insert(m.name).second) fail("two trainable modules are named '{}'", m.name);
-    if (!m.model) fail("trainable module '{}' has no model", m.name);
+    if (!m.model && !(m.other.parameters && m.other.save)) fail("trainable module '{}' has no model", m.name);
     if (m.params.empty()) fail("trainable module '{}' has no parameters", m.name);
+    if (!m.model && process_tensor_parallel())
+      fail("trainer.tensor_parallel splits transformer models only, not module '{}'", m.name);
     std::map<std::string, const void*> known;
-    for (const auto& [name, t] : model_parameters(*m.model)) known.emplace(name, t.unsafeGetTensorImpl());
+    for (const auto& [name, t] : model_parameters(m)) known.emplace(name, t.unsafeGetTensorImpl());
     for (const auto& [name, t] : m.params) {
       auto it = known.find(name);
       if (it == known.end() || it->second != t.unsafeGetTensorImpl())
@@ -221,15 +227,14 @@ std::vector<Running> prepare_modules(std::vector<TrainableModule> modules, int64
       auto [at, fresh] = owner.emplace(t.unsafeGetTensorImpl(), m.name);
       if (!fresh) fail("parameter '{}' is in trainable modules '{}' and '{}'", name, at->second, m.name);
     }
-    models.insert(m.model);
   }
-  for (Transformer* model : models)
-    for (auto& [name, t] : model_parameters(*model)) t.requires_grad_(false);
+  for (const auto& m : modules)
+    for (auto& [name, t] : model_parameters(m)) t.requires_grad_(false);
   std::vector<Running> out;
   for (auto& m : modules) {
     for (auto& [name, t] : m.params) t.requires_grad_(true);
     Running r;
-    r.whole_model = m.lora.rank == 0 && m.params.size() == named_parameters(*m.model).size();
+    r.whole_model = m.model && m.lora.rank == 0 && m.params.size() == named_parameters(*m.model).size();
     const auto& o = m.optim;
     r.schedule = Schedule{o.schedule, o.adam.lr, o.min_lr, o.warmup_steps, total_steps};
     if (o.schedule != ScheduleKind::kConstant && o.warmup_steps > total_steps)
@@ -250,11 +255,11 @@ void check_memory(const std::vector<Running>& modules, const std::vector<at::Ten
                   const std::vector<dist::ShardPiece>& pieces, const dist::Dist& dist,
                   dist::Sharding sharding) {
   constexpr double GB = 1e9;
-  std::set<const Transformer*> models;
+  std::set<const void*> seen;  // models may share weights (a LoRA critic on the actor's base)
   double weights = 0, grads = 0, state = 0, largest = 0;
   for (const auto& r : modules)
-    if (models.insert(r.module.model).second)
-      for (const auto& [name, t] : model_parameters(*r.module.model)) weights += double(t.nbytes());
+    for (const auto& [name, t] : model_parameters(r.module))
+      if (seen.insert(t.unsafeGetTensorImpl()).second) weights += double(t.nbytes());
   const auto state_bytes = [](const at::Tensor& t, int64_t numel) {
     const bool master = t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
     return double(numel) * (master ? 12 : 2 * double(t.element_size()));
@@ -264,7 +269,7 @@ void check_memory(const std::vector<Running>& modules, const std::vector<at::Ten
     // full gradients (two while the next one's gather overlaps).
     for (const auto& r : modules) {
       double whole = 0;
-      for (const auto& [name, t] : model_parameters(*r.module.model)) whole += double(t.nbytes());
+      for (const auto& [name, t] : model_parameters(r.module)) whole += double(t.nbytes());
       const double unit = double(r.sharded_model->largest_unit_bytes()),
                    shard = double(r.sharded_model->shard_bytes());
       weights += shard + 2 * unit - whole;
@@ -311,7 +316,7 @@ std::string state_param(const std::string& key) {
 
 // Tensor parallel: a module's optimizer state from a checkpoint of whole tensors, sliced for this rank.
 NamedParams read_split_optimizer(const std::string& ckpt, const Running& r) {
-  const TensorSplit& s = *r.module.model->tp;
+  const TensorSplit& s = *split_of(r.module);
   NamedParams whole;
   for (const auto& [key, t] : r.optimizer->state()) {
     whole.emplace_back(key, at::empty(whole_sizes(t.sizes(), tensor_slice(s, state_param(key))),
@@ -338,7 +343,7 @@ double clip_split_grad_norm(const std::vector<at::Tensor>& grads, const std::vec
 // Where a module's per-rank files (sharded optimizer state and weights) go: its name, and with tensor
 // parallelism each tensor rank's own, as they hold different slices.
 std::string rank_files_stem(const Running& r) {
-  const auto* s = r.module.model->tp.get();
+  const auto* s = split_of(r.module);
   return s ? fmt::format("{}.tp-{}-of-{}", r.module.name, s->rank(), s->size()) : r.module.name;
 }
 
@@ -350,9 +355,10 @@ void load_module_params(const std::string& ckpt, const TrainableModule& m, const
   const std::string from = fs::is_directory(fs::path(ckpt) / stem) ? stem : m.name;
   // A tensor-parallel run reads whole tensors (but this rank's own pieces) and slices them below.
   NamedParams expected = m.params;
-  if (m.model->tp && from != stem)
+  const TensorSplit* split = split_of(m);
+  if (split && from != stem)
     for (auto& [name, t] : expected)
-      t = at::empty(whole_sizes(t.sizes(), tensor_slice(*m.model->tp, name)), t.options().device(at::kCPU));
+      t = at::empty(whole_sizes(t.sizes(), tensor_slice(*split, name)), t.options().device(at::kCPU));
   for (auto& [name, t] : read_module_params(ckpt, from, expected)) saved.emplace(name, t);
   at::NoGradGuard no_grad;
   for (const auto& [name, param] : m.params) {
@@ -360,9 +366,9 @@ void load_module_params(const std::string& ckpt, const TrainableModule& m, const
     if (it == saved.end())
       fail("checkpoint {}: module '{}' has no tensor '{}' (a checkpoint of another configuration?)", ckpt,
            m.name, name);
-    if (m.model->tp && !it->second.sizes().equals(param.sizes()))
+    if (split && !it->second.sizes().equals(param.sizes()))
       it->second =
-          slice_named(*m.model->tp, {{name, it->second}}, [](const std::string& n) { return n; })[0].second;
+          slice_named(*split, {{name, it->second}}, [](const std::string& n) { return n; })[0].second;
     if (it->second.scalar_type() != param.scalar_type() || !it->second.sizes().equals(param.sizes()))
       fail("checkpoint {}: tensor '{}' of module '{}' is {} [{}], this run trains {} [{}]", ckpt, name,
            m.name, dtype_name(it->second.scalar_type()), fmt::join(it->second.sizes(), ", "),
@@ -492,7 +498,7 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
   // mean loss per micro-batch averaged over accumulation and ranks would.
   double router_coef = 0;
   for (const auto& r : modules)
-    if (r.module.model->cfg.num_experts > 0) {
+    if (r.module.model && r.module.model->cfg.num_experts > 0) {
       const char* key = "model.router_aux_loss_coef";  // null (a string key): config.json's
       const std::string text = cfg.has(key) ? cfg.get_string(key) : "";
       router_coef = r.module.model->cfg.router_aux_loss_coef;
@@ -589,7 +595,9 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
   std::map<const void*, std::string> sharded_by;
   for (auto& r : modules) {
     if (!full) break;
-    for (const auto& [name, t] : model_parameters(*r.module.model)) {
+    if (!r.module.model)
+      fail("trainer.sharding=full shards transformer models only, not module '{}'", r.module.name);
+    for (const auto& [name, t] : model_parameters(r.module)) {
       const auto [at, fresh] = sharded_by.emplace(t.unsafeGetTensorImpl(), r.module.name);
       if (!fresh)
         fail(
@@ -649,7 +657,7 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
     }
     for (auto& r : modules)
       r.optimizer->load_state(
-          r.module.model->tp && !sharded
+          split_of(r.module) && !sharded
               ? read_split_optimizer(ckpt, r)
               : read_module_optimizer(ckpt, rank_files_stem(r), r.optimizer->state(), r.offsets));
     step = saved.step;
@@ -734,7 +742,7 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
     std::vector<NamedParams> params(modules.size()), states(modules.size());
     for (size_t k = 0; k < modules.size() && dist.rank() == 0; ++k) {
       const auto& r = modules[k];
-      const auto* split = r.module.model->tp.get();
+      const auto* split = split_of(r.module);
       // Fully sharded weights are written by each rank as pieces, the optimizer state of any sharding so.
       if (r.sharded_model) continue;
       // A whole model is written from its gathered copy.
@@ -844,7 +852,7 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
         auto& r = modules[k];
         const double clip = r.module.optim.grad_clip;
         const double limit = clip > 0 ? clip : INFINITY;
-        const auto* split = r.module.model->tp.get();
+        const auto* split = split_of(r.module);
         double norm = 0;
         if (sharded && split) {
           norm = clip_split_grad_norm(piece_grads[k], r.piece_names, *split, limit, sum_over_ranks);
@@ -927,7 +935,7 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
     if (r.module.export_final && r.sharded_model) copy = r.sharded_model->host_copy();
     // Tensor parallel: the first data replica's slices put together over its tensor group.
     const bool root = r.sharded_model ? bool(copy) : dist.rank() == 0;
-    if (r.module.export_final && r.module.model->tp && root)
+    if (r.module.export_final && split_of(r.module) && root)
       copy = gather_transformer(copy ? *copy : *r.module.model);
     copies.push_back(std::move(copy));
   }
@@ -941,6 +949,11 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
       if (exported > 1) dir /= r.module.name;
       // The run owns output_dir (it holds the lock): final/ is replaced whatever it holds.
       const auto& mod = r.module;
+      if (!mod.model) {
+        mod.other.save(dir.string());
+        log_info("wrote {} after {} steps", dir.string(), step);
+        continue;
+      }
       const Transformer& model = copies[k] ? *copies[k] : *mod.model;
       if (mod.lora.rank > 0 && !mod.merge_on_save)
         save_peft_adapter(model, mod.lora, dir.string(), mod.tokenizer_dir, mod.tokenizer_dir,

@@ -5,6 +5,7 @@
 #pragma once
 #include <nlohmann/json.hpp>
 
+#include <functional>
 #include <optional>
 #include <string>
 #include <utility>
@@ -147,12 +148,20 @@ struct OptimizerSettings {
 OptimizerSettings read_optimizer_settings(const Config& cfg, const std::string& prefix,
                                           const std::string& grad_clip_key);
 
+// A model that is not a Transformer (the diffusion models): what the trainer needs of it. Its modules
+// train on one rank or data parallel (not trainer.sharding=full, not tensor parallel), their
+// checkpoints hold the trained tensors, and final/ is written by `save`.
+struct OtherModel {
+  std::function<NamedParams()> parameters;           // all of the model's, adapters included
+  std::function<void(const std::string& dir)> save;  // the model (or its adapters) as a folder
+};
+
 struct TrainableModule {
   // Names the module's checkpoint entry, its metrics ("<name>/lr", "<name>/grad_norm" when there
   // are several modules) and its folder in final/.
   std::string name;
-  Transformer* model = nullptr;
-  // What trains: a subset of named_parameters(*model), by its names. A parameter may belong to one
+  Transformer* model = nullptr;  // or null, and `other` below
+  // What trains: a subset of the model's parameters, by their names. A parameter may belong to one
   // module only.
   NamedParams params;
   OptimizerSettings optim;
@@ -164,6 +173,7 @@ struct TrainableModule {
   // final/ is a PEFT adapter folder, or with merge_on_save the model with the adapters merged.
   LoraConfig lora;
   bool merge_on_save = false;
+  OtherModel other;  // when model is null
 };
 
 // Every parameter of `model` trains: what SFT, RM, DPO and KD use (module "model").
