@@ -1,5 +1,6 @@
 // The trainer's outputs: TensorBoard event files, metrics.jsonl, progress lines and log lines.
 #include <gtest/gtest.h>
+
 #include <unistd.h>
 #include <nlohmann/json.hpp>
 
@@ -12,6 +13,7 @@
 #include <ctime>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <regex>
 #include <sstream>
 #include <stdexcept>
@@ -136,6 +138,12 @@ struct Event {
   int64_t step = -1;  // -1: field absent
   std::string file_version;
   std::vector<std::pair<std::string, float>> values;
+  struct Image {
+    std::string tag;
+    int64_t height = 0, width = 0, colorspace = 0;
+    std::string encoded;
+  };
+  std::vector<Image> images;
 };
 
 Event decode_event(const std::string& data) {
@@ -151,17 +159,37 @@ Event decode_event(const std::string& data) {
       for (const Field& value : decode_message(f.bytes)) {
         EXPECT_EQ(value.number, 1u);
         std::pair<std::string, float> tv;
+        std::optional<Event::Image> image;
         for (const Field& vf : decode_message(value.bytes)) {
           if (vf.number == 1 && vf.wire_type == 2) {
             tv.first = vf.bytes;
           } else if (vf.number == 2 && vf.wire_type == 5) {
             auto bits = static_cast<uint32_t>(vf.value);
             std::memcpy(&tv.second, &bits, 4);
+          } else if (vf.number == 4 && vf.wire_type == 2) {
+            image.emplace();
+            for (const Field& f : decode_message(vf.bytes)) {
+              if (f.number == 1 && f.wire_type == 0)
+                image->height = int64_t(f.value);
+              else if (f.number == 2 && f.wire_type == 0)
+                image->width = int64_t(f.value);
+              else if (f.number == 3 && f.wire_type == 0)
+                image->colorspace = int64_t(f.value);
+              else if (f.number == 4 && f.wire_type == 2)
+                image->encoded = f.bytes;
+              else
+                ADD_FAILURE() << "unexpected Image field " << f.number;
+            }
           } else {
             ADD_FAILURE() << "unexpected Summary.Value field " << vf.number;
           }
         }
-        e.values.push_back(tv);
+        if (image) {
+          image->tag = tv.first;
+          e.images.push_back(*image);
+        } else {
+          e.values.push_back(tv);
+        }
       }
     } else {
       ADD_FAILURE() << "unexpected Event field " << f.number << " of wire type " << f.wire_type;
@@ -220,6 +248,24 @@ TEST(TensorBoard, WritesVersionThenScalarEventsThatDecodeBack) {
   Event e3 = decode_event(records[3]);
   EXPECT_EQ(e3.step, int64_t(1) << 40);
   EXPECT_EQ(e3.values, (Values{{"train/loss", 1e30f}}));
+}
+
+TEST(TensorBoard, ImagesDecodeBack) {
+  std::string dir = fresh_dir("tb_image");
+  TensorBoardWriter writer(dir);
+  const std::string png("\x89PNG\r\n\x1a\n and the rest", 24);
+  writer.add_image(7, "validation/images", png, 64, 128, 3);
+  const auto records = read_records(writer.path());
+  ASSERT_EQ(records.size(), 2u);
+  const Event e = decode_event(records[1]);
+  EXPECT_EQ(e.step, 7);
+  EXPECT_TRUE(e.values.empty());
+  ASSERT_EQ(e.images.size(), 1u);
+  EXPECT_EQ(e.images[0].tag, "validation/images");
+  EXPECT_EQ(e.images[0].height, 64);
+  EXPECT_EQ(e.images[0].width, 128);
+  EXPECT_EQ(e.images[0].colorspace, 3);
+  EXPECT_EQ(e.images[0].encoded, png);
 }
 
 TEST(TensorBoard, FileNameHasTimeAndHostAndDirectoryIsCreated) {

@@ -385,7 +385,12 @@ class Regression final : public Algorithm {
     out.units = units(i);
     return out;
   }
-  ValidationSums validate() override { return {}; }
+  // No metrics; an "image" (any bytes do for the trainer) of the current weights.
+  ValidationSums validate() override {
+    ValidationSums v;
+    v.images.push_back({"weights", fmt::format("{:.6f}", w_[0].item<double>()), 1, 1, 3});
+    return v;
+  }
   nlohmann::json state() const override { return {{"position", sampler_.position}}; }
   void load_state(const nlohmann::json& s) override { sampler_.position = s.at("position").get<int64_t>(); }
 
@@ -435,6 +440,10 @@ TEST(Trainer, TrainsAModelThatIsNotATransformer) {
   // final/ is what the model's own save writes.
   auto final_file = safetensors::File::open((whole / "final" / "model.safetensors").string());
   EXPECT_TRUE(final_file.tensors().size() == 2u);
+  // Validation images go to images/step_N/ (and TensorBoard).
+  std::ifstream image(whole / "images" / "step_40" / "weights.png");
+  std::string text((std::istreambuf_iterator<char>(image)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(text, fmt::format("{:.6f}", a.w[0].item<double>()));
   // Checkpoints hold its trained tensors, and a resumed run ends where the whole one did.
   run_regression(parts, 20);
   EXPECT_TRUE(fs::exists(parts / "checkpoints" / "step_20" / "regression" / "trainable.safetensors"));

@@ -63,7 +63,8 @@ void put_bytes(std::string& out, uint32_t field, std::string_view bytes) {
 // Field numbers from tensorflow/core/util/event.proto and framework/summary.proto.
 constexpr uint32_t kEventWallTime = 1, kEventStep = 2, kEventFileVersion = 3, kEventSummary = 5;
 constexpr uint32_t kSummaryValue = 1;
-constexpr uint32_t kValueTag = 1, kValueSimpleValue = 2;
+constexpr uint32_t kValueTag = 1, kValueSimpleValue = 2, kValueImage = 4;
+constexpr uint32_t kImageHeight = 1, kImageWidth = 2, kImageColorspace = 3, kImageEncoded = 4;
 
 // An Event's common head. Step 0 is written out although proto3 encoders omit zero fields:
 // decoders read either, and one code path serves every event.
@@ -113,6 +114,23 @@ void TensorBoardWriter::add_scalars(int64_t step, const std::vector<std::pair<st
     put_float(v, kValueSimpleValue, static_cast<float>(value));
     put_bytes(summary, kSummaryValue, v);
   }
+  std::string event = event_head(step);
+  put_bytes(event, kEventSummary, summary);
+  write_record(event);
+}
+
+void TensorBoardWriter::add_image(int64_t step, const std::string& tag, const std::string& png,
+                                  int64_t height, int64_t width, int64_t channels) {
+  std::string image;
+  put_int64(image, kImageHeight, height);
+  put_int64(image, kImageWidth, width);
+  put_int64(image, kImageColorspace, channels);
+  put_bytes(image, kImageEncoded, png);
+  std::string v;
+  put_bytes(v, kValueTag, tag);
+  put_bytes(v, kValueImage, image);
+  std::string summary;
+  put_bytes(summary, kSummaryValue, v);
   std::string event = event_head(step);
   put_bytes(event, kEventSummary, summary);
   write_record(event);

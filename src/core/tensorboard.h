@@ -28,6 +28,11 @@ class TensorBoardWriter {
   // that is killed keeps every step it logged. Values are stored as float, as TensorBoard does.
   void add_scalars(int64_t step, const std::vector<std::pair<std::string, double>>& values);
 
+  // An image (TensorBoard's Images tab) at `step`: `png` holds an encoded PNG of height x width
+  // pixels with `channels` colour channels (1 grey, 3 RGB, 4 RGBA).
+  void add_image(int64_t step, const std::string& tag, const std::string& png, int64_t height, int64_t width,
+                 int64_t channels);
+
   const std::string& path() const { return path_; }
 
  private:

@@ -383,6 +383,22 @@ void load_module_params(const std::string& ckpt, const TrainableModule& m, const
         ckpt, m.name, saved.begin()->first);
 }
 
+void write_validation_images(const std::string& output_dir, int64_t step,
+                             const std::vector<ValidationImage>& images, TensorBoardWriter& tensorboard) {
+  if (images.empty()) return;
+  const fs::path dir = fs::path(output_dir) / "images" / fmt::format("step_{}", step);
+  fs::create_directories(dir);
+  for (const auto& im : images) {
+    if (im.name.empty() ||
+        im.name.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                                  "0123456789_-.") != std::string::npos ||
+        im.name[0] == '.')
+      fail("a validation image's name must be letters, digits, '_', '-' or '.', not '{}'", im.name);
+    write_text(dir / (im.name + ".png"), im.png);
+    tensorboard.add_image(step, "validation/" + im.name, im.png, im.height, im.width, im.channels);
+  }
+}
+
 }  // namespace
 
 OptimizerSettings read_optimizer_settings(const Config& cfg, const std::string& prefix,
@@ -703,6 +719,7 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
     hold(algo.generates());
     const auto val = algo.validate();
     hold(false);
+    if (main_rank) write_validation_images(opt.output_dir, at_step, val.images, *tensorboard);
     // Every rank must join the reduction, even one whose share of the validation set is empty.
     const bool any = dist.sum({double(val.parts.size())})[0] > 0;
     if (!any) return std::nullopt;

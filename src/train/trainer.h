@@ -82,9 +82,18 @@ struct LossSums {
 // This rank's share of the validation set, and the names its micro-batches' metrics carry, in their
 // order. The names are the same on every rank, also on one whose share is empty, because the
 // trainer sums the metrics over ranks position by position and every rank must send as many.
+// An image the validation made (a text-to-image model's samples): the main rank's are written to
+// OUTPUT_DIR/images/step_N/<name>.png and to TensorBoard under validation/<name>.
+struct ValidationImage {
+  std::string name;  // letters, digits, '_', '-', '.'
+  std::string png;   // an encoded PNG
+  int64_t height = 0, width = 0, channels = 3;
+};
+
 struct ValidationSums {
   std::vector<std::string> metric_names;
   std::vector<LossSums> parts;
+  std::vector<ValidationImage> images;
 };
 
 class Algorithm {
