@@ -1,8 +1,12 @@
-// `aligner init`: a randomly initialised model folder from a config.json and a tokenizer, the
-// starting point for training a model from scratch (the demo model is made this way).
+// `aligner init`: a randomly initialised model folder from a config.json and a tokenizer (or a
+// diffusion model's folder of configs), the starting point for training a model from scratch (the
+// demo models are made this way).
+
+#include <filesystem>
 
 #include "commands.h"
 #include "core/error.h"
+#include "diffusion/pipeline.h"
 #include "io/hf_checkpoint.h"
 #include "text/tokenizer.h"
 
@@ -16,14 +20,28 @@ void add_init(CLI::App& app) {
   auto out = std::make_shared<std::string>();
   auto seed = std::make_shared<uint64_t>(1234);
   auto overwrite = std::make_shared<bool>(false);
-  cmd->add_option("--config", *config, "A Hugging Face config.json describing the model")->required();
-  cmd->add_option("--tokenizer", *tokenizer, "Folder with tokenizer.json / tokenizer_config.json")
+  cmd->add_option("--config", *config,
+                  "A Hugging Face config.json describing the model, or a diffusion model's folder of configs "
+                  "(unet/, vae/ and text_encoder/ config.json, tokenizer/, scheduler/)")
       ->required();
+  cmd->add_option(
+      "--tokenizer", *tokenizer,
+      "Folder with tokenizer.json / tokenizer_config.json (a diffusion model's is in its folder)");
   cmd->add_option("--out", *out, "Output model folder")->required();
   cmd->add_option("--seed", *seed, "Seed of the random weights");
   cmd->add_flag("--overwrite", *overwrite,
                 "Replace --out whatever it holds (without it, only a model folder aligner wrote)");
   cmd->callback([=] {
+    if (std::filesystem::is_directory(*config)) {
+      if (!tokenizer->empty()) fail("--tokenizer: a diffusion model's tokenizer is its folder's tokenizer/");
+      const DiffusionPipeline p = init_pipeline(*config, *seed);
+      save_pipeline(p, *out, *overwrite ? Replace::anything : Replace::ours);
+      int64_t n = 0;
+      for (const auto& [name, t] : named_parameters(p.unet)) n += t.numel();
+      fmt::print("wrote {} (UNet {:.2f}M parameters)\n", *out, n / 1e6);
+      return;
+    }
+    if (tokenizer->empty()) fail("--tokenizer must be given for a language model");
     const Replace replace = *overwrite ? Replace::anything : Replace::ours;
     check_model_folder_target(*out, replace, *tokenizer);
     const ModelConfig cfg = load_model_config(*config);

@@ -25,5 +25,9 @@ void add_spin(CLI::App& app);
 void add_cai(CLI::App& app);
 void add_steerlm2(CLI::App& app);
 void add_steerlm(CLI::App& app);
+void add_draftp(CLI::App& app);
+void add_diffuse(CLI::App& app);
+void add_shapes(CLI::App& app);
+void add_diffusion_train(CLI::App& app);
 
 }  // namespace aligner::cli

@@ -49,6 +49,10 @@ int main(int argc, char** argv) {
   aligner::cli::add_cai(app);
   aligner::cli::add_steerlm2(app);
   aligner::cli::add_steerlm(app);
+  aligner::cli::add_draftp(app);
+  aligner::cli::add_diffuse(app);
+  aligner::cli::add_shapes(app);
+  aligner::cli::add_diffusion_train(app);
   if (argc > 1 && argv[1][0] != '-') {
     if (const std::string error = unknown_command(app, argv[1]); !error.empty()) {
       std::fprintf(stderr, "error: %s\n", error.c_str());

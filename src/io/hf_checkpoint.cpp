@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -173,14 +174,30 @@ void write_text(const std::filesystem::path& path, const std::string& text) {
   if (!f) fail("{}: write failed: {}", path.string(), std::strerror(errno));
 }
 
+void write_text_atomically(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp";
+  std::FILE* f = std::fopen(tmp.c_str(), "wb");
+  if (!f) fail("{}: cannot create {}: {}", path, tmp, std::strerror(errno));
+  bool ok = std::fwrite(text.data(), 1, text.size(), f) == text.size();
+  ok = std::fclose(f) == 0 && ok;
+  if (!ok || std::rename(tmp.c_str(), path.c_str()) != 0) {
+    const int err = errno;
+    std::remove(tmp.c_str());
+    fail("{}: write failed: {}", path, std::strerror(err));
+  }
+}
+
 namespace {
 
-// Whether save_transformer writes files of this name.
+// Whether save_folder writes files (or a diffusion model's folders) of this name.
 bool written_by_save(const std::string& name) {
   if (name == kMarker || name == "config.json" || name == "model.safetensors" ||
       name == "model.safetensors.index.json" || name == "adapter_config.json" ||
       name == "adapter_model.safetensors")
     return true;
+  for (const char* diffusers : {"model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler",
+                                "pytorch_lora_weights.safetensors"})
+    if (name == diffusers) return true;
   if (name.rfind("model-", 0) == 0 && name.size() > 18 &&
       name.compare(name.size() - 12, 12, ".safetensors") == 0)
     return true;

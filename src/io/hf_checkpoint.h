@@ -48,8 +48,12 @@ void save_transformer(const Transformer& m, const std::string& dir,
 
 // Writes `text` to `path`; a failed write is an error naming the file.
 void write_text(const std::filesystem::path& path, const std::string& text);
+// The same, written to "<path>.tmp" and renamed, so that a crash never leaves a partial file under
+// `path` (no fsync: for files that are cheap to make again, such as images and data sets).
+void write_text_atomically(const std::string& path, const std::string& text);
 
-// How save_transformer writes its folder, for other folders of model files (PEFT adapters):
+// How save_transformer writes its folder, for other folders of model files (PEFT adapters, diffusion
+// models):
 // `write(tmp)` fills a new folder, which gets the marker file and the tokenizer files and then
 // replaces `dir`, with save_transformer's checks and guarantees. Files other than a model's or an
 // adapter's make a folder one that only Replace::anything replaces.

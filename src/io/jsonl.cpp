@@ -228,4 +228,11 @@ template std::optional<int64_t> get_optional_field<int64_t>(const nlohmann::json
 template std::optional<bool> get_optional_field<bool>(const nlohmann::json&, std::string_view,
                                                       std::string_view, std::string_view);
 
+std::vector<std::string> read_string_field(const std::string& path, const std::string& field) {
+  const JsonlFile f(path);
+  std::vector<std::string> out;
+  for (int64_t i = 0; i < f.size(); ++i) out.push_back(get_field<std::string>(f.read(i), field, f.where(i)));
+  return out;
+}
+
 }  // namespace aligner

@@ -41,6 +41,10 @@ class JsonlFile {
   std::vector<uint32_t> lines_;
 };
 
+// The string field `field` of every record of the JSONL file at `path`, in order (prompts); a record
+// without it is an error naming the file and line.
+std::vector<std::string> read_string_field(const std::string& path, const std::string& field);
+
 // Typed access to fields of a record. `where` is the record's "path:line"; `parent` names the
 // object inside the record ("messages[2]") so errors give the full field path. A wrong type or a
 // missing required field is an aligner::Error naming the field; an optional field that is absent

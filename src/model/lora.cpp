@@ -58,25 +58,28 @@ void add_adapters(Transformer& m, const LoraConfig& c, uint64_t seed) {
     if (std::find(kLoraTargets.begin(), kLoraTargets.end(), t) == kLoraTargets.end())
       fail("unknown LoRA target module '{}' (known: {}, or all-linear)", t, fmt::join(kLoraTargets, ", "));
   auto gen = at::detail::createCPUGenerator(seed);
-  const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  at::NoGradGuard no_grad;
   for (auto& [name, l] : layer_linears(m)) {
     if (!l->weight.defined() ||  // Nemotron has no gate_proj
         std::find(c.targets.begin(), c.targets.end(), projection(name)) == c.targets.end())
       continue;
     // Tensor parallel: A is drawn whole, as one rank draws it, and this rank's part of it kept (a
     // row-parallel projection's input columns), so that the generator's draws and A's values match.
-    const SliceSpec spec = l->tp ? tensor_slice(*l->tp, name + ".lora_A.weight") : SliceSpec{};
-    const int64_t out = l->weight.size(0), in = spec.dim == 1 ? spec.full_length : l->weight.size(1);
-    // Kaiming-uniform with a = sqrt(5), nn.Linear's init that PEFT keeps: bound 1 / sqrt(in).
-    auto a = c.gaussian_init ? at::normal(0.0, 1.0 / double(c.rank), {c.rank, in}, gen, f32)
-                             : at::empty({c.rank, in}, f32)
-                                   .uniform_(-1.0 / std::sqrt(double(in)), 1.0 / std::sqrt(double(in)), gen);
-    l->lora.a = take_slice(a, spec).contiguous().to(l->weight.device());
-    l->lora.b = at::zeros({out, c.rank}, f32.device(l->weight.device()));
-    l->lora.scale = lora_scale(c);
-    l->lora.dropout = c.dropout;
+    init_adapter(*l, c, gen, l->tp ? tensor_slice(*l->tp, name + ".lora_A.weight") : SliceSpec{});
   }
+}
+
+void init_adapter(Linear& l, const LoraConfig& c, at::Generator& gen, const SliceSpec& spec) {
+  at::NoGradGuard no_grad;
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  const int64_t out = l.weight.size(0), in = spec.dim == 1 ? spec.full_length : l.weight.size(1);
+  // Kaiming-uniform with a = sqrt(5), nn.Linear's init that PEFT keeps: bound 1 / sqrt(in).
+  auto a = c.gaussian_init ? at::normal(0.0, 1.0 / double(c.rank), {c.rank, in}, gen, f32)
+                           : at::empty({c.rank, in}, f32)
+                                 .uniform_(-1.0 / std::sqrt(double(in)), 1.0 / std::sqrt(double(in)), gen);
+  l.lora.a = take_slice(a, spec).contiguous().to(l.weight.device());
+  l.lora.b = at::zeros({out, c.rank}, f32.device(l.weight.device()));
+  l.lora.scale = lora_scale(c);
+  l.lora.dropout = c.dropout;
 }
 
 bool has_adapters(const Transformer& m) {

@@ -34,6 +34,9 @@ double lora_scale(const LoraConfig& c);
 // from `seed` so that every rank and device starts alike, on the model's device. A tensor-parallel
 // model's adapters are this rank's slices of the whole model's (model/tensor_parallel.h).
 void add_adapters(Transformer& m, const LoraConfig& c, uint64_t seed);
+// One projection's adapter as add_adapters makes it, A drawn from `gen` (float32, CPU): whole, then
+// `spec`'s slice of it kept (a tensor-parallel rank's).
+void init_adapter(Linear& l, const LoraConfig& c, at::Generator& gen, const SliceSpec& spec = {});
 bool has_adapters(const Transformer& m);
 // The settings of m's adapters as they are (rank, alpha = scale x rank, dropout, targets).
 LoraConfig adapter_config(const Transformer& m);

@@ -14,6 +14,7 @@
 #include "core/json.h"
 #include "text/flat_map.h"
 #include "text/regex.h"
+#include "text/unicode.h"
 #include "text/utf8.h"
 
 namespace aligner {
@@ -31,9 +32,10 @@ constexpr size_t kMaxCachedWordBytes = 256;
 constexpr size_t kCacheCapacity = 1 << 16;
 
 constexpr const char* kSupported =
-    "supported: normalizer null/Prepend/Replace/Sequence; pre_tokenizer null/Split/Metaspace/"
-    "ByteLevel (last)/Sequence; model BPE; post_processor null/TemplateProcessing/ByteLevel/"
-    "Sequence; decoder null/ByteLevel/Metaspace/Replace/ByteFallback/Fuse/Strip/Sequence";
+    "supported: normalizer null/Prepend/Replace/NFC/Lowercase/Sequence; pre_tokenizer null/Split/"
+    "Metaspace/ByteLevel (last)/Sequence; model BPE; post_processor null/TemplateProcessing/"
+    "RobertaProcessing/ByteLevel/Sequence; decoder null/ByteLevel/Metaspace/Replace/ByteFallback/Fuse/"
+    "Strip/Sequence";
 
 // GPT-2's bytes_to_unicode: each byte stands for a printable character so that BPE never sees
 // spaces or control bytes.
@@ -80,9 +82,10 @@ struct Pattern {
 };
 
 struct NormalizerStep {
-  bool prepend = false;  // else Replace
-  std::string text;      // Prepend: what; Replace: the replacement
-  Pattern pattern;       // Replace
+  enum class Kind { kPrepend, kReplace, kNfc, kLowercase };
+  Kind kind;
+  std::string text;  // Prepend: what; Replace: the replacement
+  Pattern pattern;   // Replace
 };
 
 struct PreTokenizerStep {
@@ -320,10 +323,15 @@ struct JsonReader {
     if (type == "Sequence") {
       for (const json& child : node.at("normalizers")) normalizers(child, out);
     } else if (type == "Prepend") {
-      out.push_back(NormalizerStep{true, node.at("prepend").get<std::string>(), {}});
+      out.push_back(
+          NormalizerStep{NormalizerStep::Kind::kPrepend, node.at("prepend").get<std::string>(), {}});
     } else if (type == "Replace") {
-      out.push_back(NormalizerStep{false, node.at("content").get<std::string>(),
+      out.push_back(NormalizerStep{NormalizerStep::Kind::kReplace, node.at("content").get<std::string>(),
                                    pattern(node.at("pattern"), "Replace normalizer")});
+    } else if (type == "NFC") {
+      out.push_back(NormalizerStep{NormalizerStep::Kind::kNfc, {}, {}});
+    } else if (type == "Lowercase") {
+      out.push_back(NormalizerStep{NormalizerStep::Kind::kLowercase, {}, {}});
     } else {
       unsupported("normalizer", node);
     }
@@ -425,6 +433,17 @@ struct JsonReader {
       for (const json& child : node.at("processors")) post_processors(child, templates);
     } else if (type == "ByteLevel") {
       // Only adjusts offsets.
+    } else if (type == "RobertaProcessing") {
+      // CLIP's converter uses it as a template that also suits ByteLevel: cls $A sep (offsets aside).
+      const auto special_id = [&](const char* key) {
+        const json& pair = node.at(key);
+        if (!pair.is_array() || pair.size() != 2)
+          fail("{}: RobertaProcessing {} {} is not [token, id]", path, key, pair.dump());
+        return static_cast<int32_t>(
+            integer(pair[1], "RobertaProcessing special token id", std::numeric_limits<int32_t>::max()));
+      };
+      templates.push_back({TemplateItem{false, {special_id("cls")}}, TemplateItem{true, {}},
+                           TemplateItem{false, {special_id("sep")}}});
     } else if (type == "TemplateProcessing") {
       const json& specials = node.at("special_tokens");
       std::vector<TemplateItem> items;
@@ -496,6 +515,8 @@ class BpeTokenizer final : public Tokenizer {
   IntMap<int32_t> char_ids_;                  // code point -> id of that one-character token
   IntMap<bool> joinable_;                     // (code point << 32 | code point) some merge joins
   std::array<int32_t, 256> byte_ids_{};       // byte-level: byte -> id of its character
+  std::array<int32_t, 256> last_byte_ids_{};  // the same with suffix_: a word's last byte
+  std::string suffix_;                        // end_of_word_suffix, on a word's last unit (CLIP's "</w>")
   std::array<int32_t, 256> byte_fallback_{};  // byte -> id of <0xNN>
   std::optional<int32_t> unk_id_;
   bool fuse_unk_ = false, byte_fallback_enabled_ = false, ignore_merges_ = false;
@@ -538,9 +559,13 @@ void BpeTokenizer::load_model(const json& model, const JsonReader& reader, size_
   std::string type = model.value("type", std::string());
   if (type != "BPE") reader.unsupported("model type", model.value("type", json()));
   if (!model.value("dropout", json()).is_null()) reader.unsupported("BPE dropout", model["dropout"]);
-  for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"}) {
-    json v = model.value(key, json());
-    if (!v.is_null() && v != "") reader.unsupported(std::string("BPE ") + key, v);
+  const json prefix = model.value("continuing_subword_prefix", json());
+  if (!prefix.is_null() && prefix != "") reader.unsupported("BPE continuing_subword_prefix", prefix);
+  const json suffix = model.value("end_of_word_suffix", json());
+  if (suffix.is_string()) {
+    suffix_ = suffix.get<std::string>();
+  } else if (!suffix.is_null()) {
+    reader.unsupported("BPE end_of_word_suffix", suffix);
   }
 
   const json& vocab = model.at("vocab");
@@ -611,6 +636,8 @@ void BpeTokenizer::load_model(const json& model, const JsonReader& reader, size_
   for (int b = 0; b < 256; ++b) {
     const int32_t* id = vocab_.find(table.byte_to_char[b]);
     byte_ids_[b] = id ? *id : -1;
+    const int32_t* last = vocab_.find(table.byte_to_char[b] + suffix_);
+    last_byte_ids_[b] = last ? *last : -1;
     const int32_t* fallback = vocab_.find(fmt::format("<0x{:02X}>", b));
     byte_fallback_[b] = fallback ? *fallback : -1;
   }
@@ -763,8 +790,16 @@ std::string BpeTokenizer::normalize(std::string_view text) const {
   std::string out(text);
   std::vector<std::pair<size_t, size_t>> matches;
   for (const NormalizerStep& step : normalizers_) {
-    if (step.prepend) {
+    if (step.kind == NormalizerStep::Kind::kPrepend) {
       if (!out.empty()) out.insert(0, step.text);
+      continue;
+    }
+    if (step.kind == NormalizerStep::Kind::kNfc) {
+      out = unicode::nfc(out);
+      continue;
+    }
+    if (step.kind == NormalizerStep::Kind::kLowercase) {
+      out = unicode::lowercase(out);
       continue;
     }
     matches.clear();
@@ -914,7 +949,7 @@ void BpeTokenizer::encode_word(std::string_view word, std::vector<int32_t>& ids,
   // pieces merge alone exactly as within the line, and they repeat. Characters without a token of
   // their own (byte fallback, unk) are never cut around. With ignore_merges a piece that is a
   // token would come out whole, which the line would not.
-  if (!byte_level_ && !ignore_merges_) {
+  if (!byte_level_ && !ignore_merges_ && suffix_.empty()) {
     auto encode_piece = [&](std::string_view piece) {
       if (!cache_.append_to(piece, ids)) merge_and_cache(piece, ids, scratch);
     };
@@ -988,15 +1023,21 @@ void BpeTokenizer::merge_word(std::string_view word, std::vector<int32_t>& ids, 
   symbols.clear();
   std::optional<int32_t> pending_unk;
   if (byte_level_) {
-    for (char c : word) {
-      auto b = static_cast<unsigned char>(c);
-      add_unit(table.byte_to_char[b], byte_ids_[b], pending_unk, scratch);
+    for (size_t i = 0; i < word.size(); ++i) {
+      auto b = static_cast<unsigned char>(word[i]);
+      const bool last = i + 1 == word.size() && !suffix_.empty();
+      add_unit(table.byte_to_char[b], last ? last_byte_ids_[b] : byte_ids_[b], pending_unk, scratch);
     }
   } else {
     for (size_t i = 0; i < word.size();) {
       size_t begin = i;
       uint32_t cp = utf8::next(word, i);
-      const int32_t* id = char_ids_.find(cp);
+      const int32_t* id = nullptr;
+      if (i == word.size() && !suffix_.empty()) {
+        id = vocab_.find(std::string(word.substr(begin, i - begin)) + suffix_);
+      } else {
+        id = char_ids_.find(cp);
+      }
       add_unit(word.substr(begin, i - begin), id ? *id : -1, pending_unk, scratch);
     }
   }
@@ -1221,7 +1262,20 @@ std::string BpeTokenizer::decode(const std::vector<int32_t>& ids, bool skip_spec
   for (const DecoderStep& step : decoders_) apply_decoder(step, tokens);
   std::string joined;
   for (const std::string& token : tokens) joined += token;
-  return joined;
+  if (suffix_.empty()) return joined;
+  // What transformers' CLIPTokenizerFast wraps HF's decode with: the suffix ends a word, so it
+  // becomes a space, and the text is stripped.
+  std::string spaced;
+  size_t prev = 0;
+  for (size_t pos = joined.find(suffix_); pos != std::string::npos; pos = joined.find(suffix_, prev)) {
+    spaced.append(joined, prev, pos - prev);
+    spaced += ' ';
+    prev = pos + suffix_.size();
+  }
+  spaced.append(joined, prev, std::string::npos);
+  const size_t first = spaced.find_first_not_of(" \t\n\r\f\v");
+  if (first == std::string::npos) return {};
+  return spaced.substr(first, spaced.find_last_not_of(" \t\n\r\f\v") + 1 - first);
 }
 
 }  // namespace

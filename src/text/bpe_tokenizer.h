@@ -11,11 +11,11 @@
 namespace aligner {
 
 // Supported pieces, as HF `tokenizers` 0.23 runs them:
-//   normalizer: null, Prepend, Replace, Sequence of these
+//   normalizer: null, Prepend, Replace, NFC, Lowercase, Sequence of these
 //   pre_tokenizer: null, Split, Metaspace, ByteLevel (last), Sequence of these
-//   model: BPE (dropout null, no subword prefix or word suffix; byte_fallback, fuse_unk,
-//          ignore_merges as given)
-//   post_processor: null, TemplateProcessing, ByteLevel, Sequence of these
+//   model: BPE (dropout null, no subword prefix; end_of_word_suffix (CLIP's "</w>"), byte_fallback,
+//          fuse_unk, ignore_merges as given)
+//   post_processor: null, TemplateProcessing, RobertaProcessing, ByteLevel, Sequence of these
 //   decoder: null, ByteLevel, Metaspace, Replace, ByteFallback, Fuse, Strip, Sequence of these
 //   added_tokens with special, single_word, lstrip, rstrip and normalized.
 // Anything else is an error naming the file and this list. Special ids (bos/eos/unk) default to

@@ -10,6 +10,7 @@
 #include "core/error.h"
 #include "core/json.h"
 #include "text/bpe_tokenizer.h"
+#include "text/clip_tokenizer.h"
 #include "text/sentencepiece_tokenizer.h"
 
 namespace aligner {
@@ -78,18 +79,39 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
   std::error_code error;
   fs::path file(path);
   if (!fs::exists(file, error)) fail("tokenizer {} does not exist", path);
+  // Slow tokenizer files (vocab.json + merges.txt) only as CLIPTokenizer has them: Stable
+  // Diffusion's tokenizer/ folder.
+  bool clip_slow = false;
   if (fs::is_directory(file, error)) {
     if (fs::exists(file / "tokenizer.json", error)) {
       file /= "tokenizer.json";
     } else if (fs::exists(file / "tokenizer.model", error)) {
       file /= "tokenizer.model";
+    } else if (fs::exists(file / "vocab.json", error) && fs::exists(file / "merges.txt", error)) {
+      const fs::path config_path = file / "tokenizer_config.json";
+      const json config =
+          fs::exists(config_path, error) ? read_json_file(config_path.string()) : json::object();
+      const std::string cls =
+          config.is_object() && config.contains("tokenizer_class") && config["tokenizer_class"].is_string()
+              ? config["tokenizer_class"].get<std::string>()
+              : "";
+      if (cls != "CLIPTokenizer" && cls != "CLIPTokenizerFast")
+        fail(
+            "{}: vocab.json and merges.txt are read only as CLIPTokenizer's (tokenizer_class is \"{}\"); "
+            "other tokenizers need a tokenizer.json",
+            path, cls);
+      clip_slow = true;
+      file /= "vocab.json";
     } else {
-      fail("{}: folder has neither tokenizer.json nor tokenizer.model", path);
+      fail("{}: folder has neither tokenizer.json nor tokenizer.model (nor CLIP's vocab.json and merges.txt)",
+           path);
     }
   }
 
   std::unique_ptr<Tokenizer> tokenizer;
-  if (file.extension() == ".json") {
+  if (clip_slow) {
+    tokenizer = load_clip_tokenizer(file.parent_path().string());
+  } else if (file.extension() == ".json") {
     tokenizer = load_bpe_tokenizer(file.string());
   } else if (file.extension() == ".model") {
     tokenizer = load_sentencepiece_tokenizer(file.string());
@@ -106,6 +128,18 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
     resolve_special(*tokenizer, config, config_path, "pad_token", special.pad, special.pad_text);
     resolve_special(*tokenizer, config, config_path, "unk_token", special.unk, special.unk_text);
     special.chat_template = chat_template(config, config_path);
+  }
+  // transformers lets special_tokens_map.json override tokenizer_config.json. Read for CLIP's slow
+  // files alone, which Stable Diffusion ships with both.
+  const fs::path map_path = file.parent_path() / "special_tokens_map.json";
+  if (clip_slow && fs::exists(map_path, error)) {
+    json map = read_json_file(map_path.string());
+    if (!map.is_object()) fail("{}: not a JSON object", map_path.string());
+    SpecialTokens& special = tokenizer->special_;
+    resolve_special(*tokenizer, map, map_path, "bos_token", special.bos, special.bos_text);
+    resolve_special(*tokenizer, map, map_path, "eos_token", special.eos, special.eos_text);
+    resolve_special(*tokenizer, map, map_path, "pad_token", special.pad, special.pad_text);
+    resolve_special(*tokenizer, map, map_path, "unk_token", special.unk, special.unk_text);
   }
   return tokenizer;
 }
