@@ -13,6 +13,7 @@
 #include "io/safetensors.h"
 #include "run_outputs.h"
 #include "test_util.h"
+#include "tiny_diffusion.h"
 
 namespace aligner {
 namespace {
@@ -24,16 +25,10 @@ using test::metrics;
 using test::run_aligner;
 using test::temp_dir;
 
-const std::string kConfigs = kRoot + "/tests/fixtures/tiny-sd-configs";
+const std::string& kConfigs = test::kTinyDiffusionConfigs;
 
-// A random tiny model and the shapes set, made once per test binary.
 const fs::path& model_dir() {
-  static const fs::path dir = [] {
-    const auto d = temp_dir("diffusion_train_model") / "model";
-    save_pipeline(init_pipeline(kConfigs, 21), d.string(), Replace::ours);
-    return d;
-  }();
-  return dir;
+  return test::tiny_diffusion_model(21);
 }
 
 const fs::path& data_dir() {

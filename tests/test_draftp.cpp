@@ -14,6 +14,7 @@
 #include "io/safetensors.h"
 #include "run_outputs.h"
 #include "test_util.h"
+#include "tiny_diffusion.h"
 
 namespace aligner {
 namespace {
@@ -25,16 +26,10 @@ using test::metrics;
 using test::run_aligner;
 using test::temp_dir;
 
-const std::string kConfigs = kRoot + "/tests/fixtures/tiny-sd-configs";
+const std::string& kConfigs = test::kTinyDiffusionConfigs;
 
-// A random tiny model folder, made once per test binary.
 const fs::path& model_dir() {
-  static const fs::path dir = [] {
-    const auto d = temp_dir("tiny_sd") / "model";
-    save_pipeline(init_pipeline(kConfigs, 11), d.string(), Replace::ours);
-    return d;
-  }();
-  return dir;
+  return test::tiny_diffusion_model(11);
 }
 
 fs::path prompts_file(const fs::path& dir) {

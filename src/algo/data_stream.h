@@ -122,6 +122,24 @@ std::vector<std::vector<Indexed<ExampleOf<Read>>>> next_micro_batches(Sampler& s
   return out;
 }
 
+// A recipe whose micro-batches are indices into its own data (prompts, images held in memory), taken
+// in sampler order, and whose random draws are keyed by position_, where the sampler stood when the
+// step began: the same when the run resumes, new at every step.
+class IndexedAlgorithm : public SampledAlgorithm {
+ public:
+  bool next_step(int64_t n) override {
+    position_ = sampler_.position;
+    step_ =
+        next_micro_batches(sampler_, epochs_, micro_, n, [](int64_t i) { return std::optional<int64_t>(i); });
+    return !step_.empty();
+  }
+  double units(int64_t i) const override { return double(step_.at(i).size()); }
+
+ protected:
+  int64_t micro_ = 1, epochs_ = 1, position_ = 0;  // trainer.micro_batch_size, data_epochs
+  std::vector<std::vector<Indexed<int64_t>>> step_;
+};
+
 // The validation set in file order, cut into micro-batches of n examples (the last may be short);
 // rank r takes micro-batches r, r + world, ... Every rank reads the whole set to cut it the same way.
 template <class Read>

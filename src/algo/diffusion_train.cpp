@@ -53,7 +53,7 @@ at::Tensor diffusion_latents(const Vae& v, const at::Tensor& images, std::option
   return scaled_latents(v, vae_encode(v, images), gen);
 }
 
-class DiffusionTrain final : public SampledAlgorithm {
+class DiffusionTrain final : public IndexedAlgorithm {
  public:
   DiffusionTrain(const Config& cfg, const DiffusionPipeline& p, Part part,
                  const std::vector<CaptionedImage>& train, int rank, int world)
@@ -94,16 +94,6 @@ class DiffusionTrain final : public SampledAlgorithm {
   }
 
   int64_t train_examples() const override { return int64_t(train_.size()); }
-
-  bool next_step(int64_t n) override {
-    // Where the sampler stands keys the step's draws: the same on resume, new at every step.
-    position_ = sampler_.position;
-    step_ =
-        next_micro_batches(sampler_, epochs_, micro_, n, [](int64_t i) { return std::optional<int64_t>(i); });
-    return !step_.empty();
-  }
-
-  double units(int64_t i) const override { return double(step_.at(i).size()); }
 
   LossSums loss(int64_t i) override {
     const auto& batch = step_.at(i);
@@ -223,14 +213,12 @@ class DiffusionTrain final : public SampledAlgorithm {
   const std::vector<CaptionedImage>& train_;
   int rank_ = 0, world_ = 1;
   uint64_t seed_ = 0;
-  int64_t micro_ = 1, epochs_ = 1, position_ = 0;
   GuidedSampling infer_;
   bool flip_ = false, l1_ = false;
   double caption_dropout_ = 0, kl_weight_ = 0;
   std::vector<CaptionedImage> val_;
   std::vector<std::string> prompts_;  // the validation grid's
   at::Tensor uncond_;
-  std::vector<std::vector<Indexed<int64_t>>> step_;
 };
 
 }  // namespace

@@ -89,7 +89,7 @@ LoraConfig read_unet_lora(const Config& cfg) {
 constexpr int64_t kNoiseSalt = 0, kEtaSalt = 1 << 20;
 constexpr int64_t kValidationImages = 8;  // prompts shown in the validation grid
 
-class Draftp final : public SampledAlgorithm {
+class Draftp final : public IndexedAlgorithm {
  public:
   Draftp(const Config& cfg, const DiffusionPipeline& p, const UNet& base, ImageReward reward, DraftpOptions o,
          int rank, int world)
@@ -110,16 +110,6 @@ class Draftp final : public SampledAlgorithm {
   }
 
   int64_t train_examples() const override { return int64_t(train_.size()); }
-
-  bool next_step(int64_t n) override {
-    // Where the sampler stands keys the step's noise: the same on resume, new at every step.
-    position_ = sampler_.position;
-    step_ =
-        next_micro_batches(sampler_, epochs_, micro_, n, [](int64_t i) { return std::optional<int64_t>(i); });
-    return !step_.empty();
-  }
-
-  double units(int64_t i) const override { return double(step_.at(i).size()); }
 
   LossSums loss(int64_t i) override {
     std::vector<std::string> prompts;
@@ -196,10 +186,8 @@ class Draftp final : public SampledAlgorithm {
   DraftpOptions o_;
   int rank_ = 0, world_ = 1;
   uint64_t seed_ = 0;
-  int64_t micro_ = 1, epochs_ = 1, position_ = 0;
   std::vector<std::string> train_, val_;
   at::Tensor uncond_;
-  std::vector<std::vector<Indexed<int64_t>>> step_;
   std::vector<std::pair<at::Tensor, double>> base_images_;  // per validation batch: images, summed reward
 };
 
