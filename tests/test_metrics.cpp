@@ -253,7 +253,7 @@ TEST(TensorBoard, WritesVersionThenScalarEventsThatDecodeBack) {
 TEST(TensorBoard, ImagesDecodeBack) {
   std::string dir = fresh_dir("tb_image");
   TensorBoardWriter writer(dir);
-  const std::string png("\x89PNG\r\n\x1a\n and the rest", 24);
+  const std::string png = std::string("\x89PNG\r\n\x1a\n\0", 9) + " and the rest";
   writer.add_image(7, "validation/images", png, 64, 128, 3);
   const auto records = read_records(writer.path());
   ASSERT_EQ(records.size(), 2u);
