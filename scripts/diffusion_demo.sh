@@ -12,9 +12,9 @@ cd "$(dirname "$0")/.."
 A=build/aligner
 R=runs/sd-demo
 DEVICE=${DEVICE:-auto}
-STEPS_VAE=${STEPS_VAE:-600}
-STEPS_UNET=${STEPS_UNET:-2500}
-STEPS_DRAFTP=${STEPS_DRAFTP:-60}
+STEPS_VAE=${STEPS_VAE:-400}
+STEPS_UNET=${STEPS_UNET:-1200}
+STEPS_DRAFTP=${STEPS_DRAFTP:-40}
 common="model.device=$DEVICE data.image_size=32 trainer.micro_batch_size=32 trainer.global_batch_size=32 overwrite=true resume=false"
 
 mkdir -p $R
@@ -33,10 +33,11 @@ $A diffusion-train train.part=unet model.path=$R/vae/final data.train=$R/data/ca
   optim.warmup_steps=100 $common output_dir=$R/unet
 rm -rf $R/model && cp -r $R/unet/final $R/model
 
-# DRaFT+: LoRA on the UNet, gradients through the last 2 of 25 DDIM steps, a small KL term.
+# DRaFT+: LoRA on the UNet, gradients through the last 2 of 25 DDIM steps; the KL term keeps the
+# shapes (with draftp.kl_coeff=0.1 every image turns plain red within ten steps: reward hacking).
 $A draftp --model $R/model data.train=$R/data/prompts.jsonl data.validation=$R/heldout/prompts.jsonl \
   reward.kind=redness model.device=$DEVICE infer.height=32 infer.width=32 infer.inference_steps=25 \
-  infer.guidance_scale=3 draftp.truncation_steps=2 draftp.kl_coeff=0.1 lora.rank=8 lora.alpha=8 optim.lr=3e-3 \
+  infer.guidance_scale=3 draftp.truncation_steps=2 draftp.kl_coeff=2 lora.rank=8 lora.alpha=8 optim.lr=2e-3 \
   optim.warmup_steps=0 trainer.micro_batch_size=8 trainer.global_batch_size=8 trainer.max_steps=$STEPS_DRAFTP \
   trainer.val_interval=$STEPS_DRAFTP overwrite=true resume=false output_dir=$R/draftp
 
