@@ -71,10 +71,7 @@ LoraConfig read_unet_lora(const Config& cfg) {
   c.rank = cfg.get_int("lora.rank");
   c.alpha = cfg.get_float("lora.alpha");
   c.targets = cfg.get_string_list("lora.target_modules");
-  const std::string init = cfg.get_string("lora.init");
-  if (init != "default" && init != "gaussian")
-    fail("config key 'lora.init' expects default or gaussian, got '{}'", init);
-  c.gaussian_init = init == "gaussian";
+  c.gaussian_init = read_lora_gaussian_init(cfg);
   if (c.rank < 1) fail("config key 'lora.rank' must be >= 1: DRaFT+ trains LoRA adapters on the UNet");
   if (!(c.alpha > 0)) fail("config key 'lora.alpha' must be > 0, got {}", c.alpha);
   if (c.targets.empty()) fail("config key 'lora.target_modules' is empty");

@@ -65,15 +65,19 @@ Policy load_policy(const std::string& dir, const std::string& key, at::Device de
   return p;
 }
 
+bool read_lora_gaussian_init(const Config& cfg) {
+  const std::string init = cfg.get_string("lora.init");
+  if (init != "default" && init != "gaussian")
+    fail("config key 'lora.init' expects default or gaussian, got '{}'", init);
+  return init == "gaussian";
+}
+
 LoraConfig read_lora_config(const Config& cfg) {
   LoraConfig c;
   c.rank = cfg.get_int("lora.rank");
   c.alpha = cfg.get_float("lora.alpha");
   c.dropout = cfg.get_float("lora.dropout");
-  const std::string init = cfg.get_string("lora.init");
-  if (init != "default" && init != "gaussian")
-    fail("config key 'lora.init' expects default or gaussian, got '{}'", init);
-  c.gaussian_init = init == "gaussian";
+  c.gaussian_init = read_lora_gaussian_init(cfg);
   for (const auto& t : cfg.get_string_list("lora.target_modules")) {
     if (t == "all-linear") {
       for (const auto& all : kLoraTargets)

@@ -42,6 +42,8 @@ Policy load_policy(const std::string& dir, const std::string& key, at::Device de
 // lora.* checked (errors name the key): rank, alpha, dropout, target_modules (all-linear for every
 // projection), init. Keys set while lora.rank is 0 and lora.from unset are an error: LoRA is off.
 LoraConfig read_lora_config(const Config& cfg);
+// lora.init: default (PEFT's Kaiming-uniform A) or gaussian (true); anything else names the key.
+bool read_lora_gaussian_init(const Config& cfg);
 
 // The module that trains `model` (loaded from model_dir): every weight, or with lora.rank > 0 or
 // lora.from the adapters, which this adds to the model (new ones seeded with trainer.seed, or
