@@ -90,7 +90,8 @@ TEST(PackingWithModel, PackedRowsGiveThePaddedLogprobsAndLoss) {
 }
 
 // The same holds for training: the loss's gradients are the padded rows'. With ALIGNER_TEST_DEVICE=cuda
-// this runs in bfloat16 on the GPU's fused attention kernels.
+// this runs in bfloat16 on the GPU, where packed rows take varlen flash attention and padded ones a
+// masked kernel: two different attention paths that must agree.
 TEST(PackingWithModel, PackedRowsGiveThePaddedGradients) {
   const char* d = std::getenv("ALIGNER_TEST_DEVICE");
   const bool cuda = d && std::string(d) == "cuda";

@@ -56,6 +56,34 @@ inline at::Tensor sdpa(const at::Tensor& q, const at::Tensor& k_in, const at::Te
 #endif
 }
 
+// Causal attention within each of several sequences packed into one run of tokens ("varlen" flash
+// attention): q [N, H, D], k and v [N, Hkv, D] (Hkv dividing H), the sequences given by int32 offsets
+// cu_seqlens [S + 1] into the N tokens, the longest max_len long. It never builds a [T, T] mask and
+// skips the blocks two sequences would share. Torch 2.5+ on CUDA in half precision and head sizes
+// flash takes; elsewhere callers use sdpa with a block-diagonal mask.
+inline bool has_varlen_attention(const at::Tensor& like, int64_t head_dim) {
+#if (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 5)) && \
+    defined(ALIGNER_WITH_CUDA)
+  return like.is_cuda() && (like.scalar_type() == at::kBFloat16 || like.scalar_type() == at::kHalf) &&
+         head_dim % 8 == 0 && head_dim <= 256 && at::cuda::getDeviceProperties(like.get_device())->major >= 8;
+#else
+  (void)like, (void)head_dim;
+  return false;
+#endif
+}
+
+inline at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const at::Tensor& cu_seqlens, int64_t max_len, double scale) {
+#if (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 5)) && \
+    defined(ALIGNER_WITH_CUDA)
+  return std::get<0>(at::_flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0,
+                                                  /*is_causal=*/true, /*return_debug_mask=*/false, scale));
+#else
+  (void)q, (void)k, (void)v, (void)cu_seqlens, (void)max_len, (void)scale;
+  TORCH_CHECK(false, "varlen attention needs torch 2.5+ with CUDA (see has_varlen_attention)");
+#endif
+}
+
 // RMSNorm as transformers' LlamaRMSNorm computes it: normalise in float32, then scale. Torch 2.8+
 // has a fused kernel (one read, one write); older versions get the same math op by op, rounding
 // to the input dtype before the scale exactly as transformers does.

@@ -98,13 +98,37 @@ at::Tensor split_input(const Linear& l, const at::Tensor& x) {
 
 namespace {
 
-// Which keys each query may see: [B, 1, T, T] booleans, or nullopt when plain causal attention
-// is exact (no padding, no packing, window not reached), which lets torch use flash attention.
-std::optional<at::Tensor> attention_mask(const ForwardInput& in, int64_t window, int64_t T) {
-  const bool padded = in.attention_mask.defined() && !in.attention_mask.all().item<bool>();
+// Which keys each query may see. Packed rows on a GPU with varlen flash attention: the runs of equal
+// segment id (padding, segment 0, is a run of its own whose outputs are never read) as offsets into
+// the flattened tokens. Otherwise a [B, 1, T, T] boolean mask, or none when plain causal attention is
+// exact (no padding, no packing, window not reached), which lets torch use flash attention.
+struct AttentionLayout {
+  std::optional<at::Tensor> mask;
+  at::Tensor cu_seqlens;  // int32 [runs + 1]; defined: varlen attention
+  int64_t max_len = 0;
+};
+
+AttentionLayout attention_layout(const ForwardInput& in, int64_t window, int64_t T, int64_t head_dim,
+                                 const at::Tensor& x) {
   const bool packed = in.segment_ids.defined();
   const bool windowed = window > 0 && window < T;
-  if (!padded && !packed && !windowed) return std::nullopt;
+  if (packed && !windowed && compat::has_varlen_attention(x, head_dim)) {
+    const auto seg = in.segment_ids.reshape({-1});
+    auto starts = at::ones_like(seg, seg.options().dtype(at::kBool));
+    starts.narrow(0, 1, seg.size(0) - 1)
+        .copy_(seg.narrow(0, 1, seg.size(0) - 1) != seg.narrow(0, 0, seg.size(0) - 1));
+    starts.view({-1, T}).select(1, 0).fill_(true);
+    const auto ends = at::full({1}, seg.size(0), seg.options());
+    AttentionLayout l;
+    l.cu_seqlens = at::cat({starts.nonzero().reshape({-1}), ends}).to(at::kInt);
+    l.max_len = (l.cu_seqlens.narrow(0, 1, l.cu_seqlens.size(0) - 1) -
+                 l.cu_seqlens.narrow(0, 0, l.cu_seqlens.size(0) - 1))
+                    .max()
+                    .item<int64_t>();
+    return l;
+  }
+  const bool padded = in.attention_mask.defined() && !in.attention_mask.all().item<bool>();
+  if (!padded && !packed && !windowed) return {};
   auto dev = in.input_ids.device();
   auto idx = at::arange(T, at::TensorOptions().dtype(at::kLong).device(dev));
   auto q = idx.unsqueeze(1), k = idx.unsqueeze(0);
@@ -116,15 +140,22 @@ std::optional<at::Tensor> attention_mask(const ForwardInput& in, int64_t window,
   // A padding query that may see nothing would give NaN; letting it see itself keeps every row
   // finite, and padding outputs are never read.
   allowed = allowed.logical_or(at::eye(T, at::TensorOptions().dtype(at::kBool).device(dev)).unsqueeze(0));
-  return allowed.unsqueeze(1);
+  return {allowed.unsqueeze(1)};
 }
 
 at::Tensor attention(const ModelConfig& c, const Block& b, const at::Tensor& x, const at::Tensor& cos,
-                     const at::Tensor& sin, const std::optional<at::Tensor>& mask) {
+                     const at::Tensor& sin, const AttentionLayout& layout) {
   const int64_t B = x.size(0), T = x.size(1), D = c.head_dim;
   const auto h = split_input(b.q, x);
   const auto [q, k, v] = attention_heads(c, b, apply(b.q, h), apply(b.k, h), apply(b.v, h), cos, sin);
-  auto out = compat::sdpa(q, k, v, mask, /*is_causal=*/!mask, 1.0 / std::sqrt((double)D));
+  const double scale = 1.0 / std::sqrt((double)D);
+  if (layout.cu_seqlens.defined()) {
+    const auto tokens = [&](const at::Tensor& t) { return t.transpose(1, 2).reshape({B * T, t.size(1), D}); };
+    auto out =
+        compat::varlen_attention(tokens(q), tokens(k), tokens(v), layout.cu_seqlens, layout.max_len, scale);
+    return apply(b.o, out.view({B, T, c.num_heads * D}));
+  }
+  auto out = compat::sdpa(q, k, v, layout.mask, /*is_causal=*/!layout.mask, scale);
   return apply(b.o, out.transpose(1, 2).reshape({B, T, c.num_heads * D}));
 }
 
@@ -231,9 +262,9 @@ at::Tensor mlp(const ModelConfig& c, const Block& b, const at::Tensor& h) {
 namespace {
 
 at::Tensor block_forward(const ModelConfig& c, const Block& b, const at::Tensor& x, const at::Tensor& cos,
-                         const at::Tensor& sin, const std::optional<at::Tensor>& mask,
+                         const at::Tensor& sin, const AttentionLayout& layout,
                          const c10::intrusive_ptr<RouterStats>& stats) {
-  auto h = x + attention(c, b, norm(c, x, b.input_norm, b.input_norm_bias), cos, sin, mask);
+  auto h = x + attention(c, b, norm(c, x, b.input_norm, b.input_norm_bias), cos, sin, layout);
   return h + feed_forward(c, b, norm(c, h, b.post_attention_norm, b.post_attention_norm_bias), stats);
 }
 
@@ -329,10 +360,10 @@ at::Tensor forward_hidden(const Transformer& m, const ForwardInput& in) {
   if (m.hooks) m.hooks->after_embedding();
   auto [cos, sin] = rope_cos_sin(c, positions, x.scalar_type());
 
-  // Layers share a mask when they share a window size.
-  std::map<int64_t, std::optional<at::Tensor>> masks;
+  // Layers share a layout when they share a window size.
+  std::map<int64_t, AttentionLayout> layouts;
   for (int64_t w : c.window)
-    if (!masks.count(w)) masks[w] = attention_mask(in, w, T);
+    if (!layouts.count(w)) layouts[w] = attention_layout(in, w, T, c.head_dim, x);
 
   const bool checkpoint = in.checkpoint_layers && at::GradMode::is_enabled();
   c10::intrusive_ptr<RouterStats> stats;
@@ -345,7 +376,7 @@ at::Tensor forward_hidden(const Transformer& m, const ForwardInput& in) {
   }
   for (int64_t i = 0; i < c.num_layers; ++i) {
     const Block& b = m.layers[i];
-    const auto& mask = masks[c.window[i]];
+    const auto& layout = layouts[c.window[i]];
     if (m.hooks) x = m.hooks->before_layer(i, x);
     if (checkpoint) {
       // A checkpointed layer's backward, which gives its weights their gradients, runs only if its
@@ -354,8 +385,8 @@ at::Tensor forward_hidden(const Transformer& m, const ForwardInput& in) {
       if (!x.requires_grad() && block_trains(b)) x = x.detach().requires_grad_(true);
       auto layer = c10::make_intrusive<Recompute>();
       layer->random = block_draws(b);
-      layer->fn = [&c, &b, cos = cos, sin = sin, mask, stats](const at::Tensor& h) {
-        return block_forward(c, b, h, cos, sin, mask, stats);
+      layer->fn = [&c, &b, cos = cos, sin = sin, layout, stats](const at::Tensor& h) {
+        return block_forward(c, b, h, cos, sin, layout, stats);
       };
       // GCC 13 sees an out-of-bounds memmove in libtorch's Function::apply (a false positive in
       // torch's header, not in this code).
@@ -364,7 +395,7 @@ at::Tensor forward_hidden(const Transformer& m, const ForwardInput& in) {
       x = CheckpointedLayer::apply(x, layer);
 #pragma GCC diagnostic pop
     } else {
-      x = block_forward(c, b, x, cos, sin, mask, stats);
+      x = block_forward(c, b, x, cos, sin, layout, stats);
     }
     if (m.hooks) x = m.hooks->after_layer(i, x);
   }
