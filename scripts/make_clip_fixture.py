@@ -166,8 +166,14 @@ def main():
 
     legacy = CLIPTextConfig(**dict(text_config, bos_token_id=0, eos_token_id=2, pad_token_id=1))
     text_encoder = CLIPTextModel(legacy).float().eval()
-    text_encoder.text_model.load_state_dict(model.text_model.state_dict())
-    text_encoder.save_pretrained(TEXT_ENCODER_DIR)
+    # The text tower's weights under Stable Diffusion's names (text_model.*), written directly: how
+    # CLIPTextModel nests its modules differs between transformers 4 and 5.
+    tower = {k: v for k, v in model.state_dict().items() if k.startswith("text_model.")}
+    own = text_encoder.state_dict()
+    text_encoder.load_state_dict({k: tower[k if k.startswith("text_model.") else "text_model." + k] for k in own})
+    legacy.save_pretrained(TEXT_ENCODER_DIR)
+    save_file({k: v.contiguous() for k, v in tower.items()}, os.path.join(TEXT_ENCODER_DIR, "model.safetensors"),
+              metadata={"format": "pt"})
 
     enc = slow(CAPTIONS, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
     enc_fast = fast(CAPTIONS, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")

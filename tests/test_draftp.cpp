@@ -69,6 +69,53 @@ TEST(DiffusionPipeline, InitSaveLoadRoundTrips) {
             std::string::npos);
 }
 
+// With ALIGNER_TEST_DEVICE=cuda: the models on the GPU (cuDNN convolutions, fused attention) follow
+// the CPU's through the whole chain DRaFT+ differentiates: prompts -> guided UNet -> DDIM step -> VAE
+// decoding -> reward, and the reward's gradient reaching the UNet's weights. In float32 to TF32's
+// rounding (cuDNN convolutions use it); in bfloat16 no further from float32 than bfloat16 on the
+// CPU is (twice that, as the GPU's fused kernels round in other places), so that rounding, which
+// grows through the chain, is told from a wrong kernel. Measured: bfloat16 errors of 1-9%.
+TEST(DiffusionPipeline, GpuFollowsTheCpu) {
+  const char* d = std::getenv("ALIGNER_TEST_DEVICE");
+  if (!d || std::string(d) != "cuda") GTEST_SKIP() << "set ALIGNER_TEST_DEVICE=cuda";
+  const auto run = [&](at::Device device, at::ScalarType dtype) {
+    auto p = load_pipeline(model_dir().string(), device, dtype);
+    for (auto& [name, w] : named_parameters(p.unet)) w.requires_grad_(true);
+    at::Tensor cond, uncond;
+    {
+      at::NoGradGuard g;
+      cond = encode_prompts(p, {"a red circle on a blue background", "a green square"});
+      uncond = encode_prompts(p, {""});
+    }
+    const auto x = initial_latents(p, 2, 16, 16, 5, device, dtype, "test");
+    const auto eps = guided_output(p.unet, x, 501, cond, uncond, 3.0);
+    const auto images =
+        decode_images(p.vae, ddim_step(p.scheduler, eps, 501, 481, x, 0.0).pred_original_sample);
+    redness_reward(images).sum().backward();
+    std::vector<std::pair<std::string, at::Tensor>> out{
+        {"prompt embeddings", cond}, {"guided eps", eps}, {"images", images}};
+    // The gradients as one vector: a small tensor's (a bias whose terms cancel) rounding error alone
+    // says little about a kernel.
+    std::vector<at::Tensor> grads;
+    for (auto& [name, w] : named_parameters(p.unet)) grads.push_back(w.grad().reshape({-1}).to(at::kFloat));
+    out.emplace_back("UNet gradients", at::cat(grads));
+    for (auto& [name, o] : out) o = o.detach().to(at::kCPU, at::kDouble);
+    return out;
+  };
+  const auto ref = run(at::kCPU, at::kFloat);
+  const auto error = [&](const std::vector<std::pair<std::string, at::Tensor>>& got, size_t i) {
+    return (got[i].second - ref[i].second).norm().item<double>() / ref[i].second.norm().item<double>();
+  };
+  const auto gpu32 = run(at::kCUDA, at::kFloat);
+  const auto cpu16 = run(at::kCPU, at::kBFloat16);
+  const auto gpu16 = run(at::kCUDA, at::kBFloat16);
+  for (size_t i = 0; i < ref.size(); ++i) {
+    EXPECT_LT(error(gpu32, i), 5e-3) << ref[i].first;
+    EXPECT_LT(error(gpu16, i), 2 * error(cpu16, i) + 0.01)
+        << ref[i].first << " (bfloat16 on the CPU: " << error(cpu16, i) << ")";
+  }
+}
+
 TEST(DiffusionPipeline, FoldersThatDoNotFitAreRefused) {
   const auto dir = temp_dir("tiny_sd_bad");
   fs::copy(kConfigs, dir / "configs", fs::copy_options::recursive);
