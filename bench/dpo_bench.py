@@ -16,12 +16,14 @@ token; reference forward: a third of that) against 989 TFLOP/s.
 """
 import copy
 import json
+import os
 import subprocess
 import sys
+import tempfile
 
 import torch
 import torch.nn.functional as F
-from tinyllama import CONFIG, make_model, time_steps
+from tinyllama import CONFIG, add_tokenizer, command_steps, hh_rlhf_file, make_model, time_steps
 
 PAIRS, T, PROMPT, BETA, WARMUP, ITERS = 8, 1024, 256, 0.1, 2, 6
 PEAK = 989e12
@@ -91,6 +93,25 @@ def main():
     print("|---|---|---|---|---|---|")
     for name, ms, pps, flops_per_s, peak in rows:
         print(f"| {name} | {ms:.0f} | {pps:.2f} | {flops_per_s / PEAK:.1%} | {peak:.1f} | {pps / hf_pps:.2f}x |")
+
+    # The command itself on real pairs of mixed lengths (hh-rlhf, Llama 2's tokenizer), 8 pairs a step
+    # with the cached reference: one row per pair, padded to the longest, against the responses
+    # packed into rows of 1024 tokens (data.packing).
+    add_tokenizer(d)
+    data = os.path.join(tempfile.mkdtemp(prefix="dpo_bench_data_"), "hh.jsonl")
+    hh_rlhf_file(data, sft=False)
+    print(f"\n`aligner dpo` on hh-rlhf pairs, 1.1B bf16, {PAIRS} pairs a step, cached reference")
+    print("| batches | ms/step | pairs/s | useful tokens/s | peak GB |")
+    print("|---|---|---|---|---|")
+    for packing in ("false", "true"):
+        ms, tps, peak = command_steps(build, "dpo", [
+            f"model.path={d}", "model.device=cuda", "model.dtype=bfloat16", f"data.train={data}",
+            f"data.packing={packing}", f"data.max_length={T}", "data.skip_bad_lines=true",
+            f"trainer.micro_batch_size={PAIRS}",
+            f"trainer.global_batch_size={PAIRS}", "optim.lr=1e-6", "optim.scheduler=constant",
+            "optim.warmup_steps=0"], steps=14, warmup=4)
+        print(f"| {'packed' if packing == 'true' else 'padded'} | {ms:.0f} | {PAIRS / ms * 1e3:.2f} | {tps:,.0f} | "
+              f"{peak:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

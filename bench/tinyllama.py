@@ -138,3 +138,32 @@ def sft_data_file(path, n=3000):
         for _ in range(n):
             f.write(json.dumps({"input": " ".join(rng.choices(words, k=20)),
                                 "output": " ".join(rng.choices(words, k=500))}) + "\n")
+
+
+def hh_rlhf_file(path, sft):
+    """examples/data/hh-rlhf's 600 pairs written to `path`: as SFT text lines of the chosen
+    conversations (sft), else as they are (hh-rlhf {chosen, rejected} pairs)."""
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "data", "hh-rlhf",
+                       "harmless-test-600.jsonl")
+    with open(src) as f, open(path, "w") as out:
+        for line in f:
+            out.write(json.dumps({"text": json.loads(line)["chosen"].strip()}) + "\n" if sft else line)
+
+
+def command_steps(build, command, args, steps, warmup):
+    """Runs `aligner COMMAND ARGS... trainer.max_steps=steps` in a scratch output folder and reads its
+    metrics.jsonl: (ms per step, tokens/s, peak GB) over steps warmup..steps, tokens being the
+    non-pad tokens the steps processed."""
+    out = tempfile.mkdtemp(prefix=f"bench_{command}_")
+    r = subprocess.run([f"{build}/aligner", command, *args, f"trainer.max_steps={steps}", "trainer.max_epochs=100",
+                        "trainer.val_interval=0", "trainer.save_interval=0", f"output_dir={out}"],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"aligner {command} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(l) for l in f if '"train"' in l]
+    shutil.rmtree(out, ignore_errors=True)
+    timed = rows[warmup:steps]
+    step_s = sum(x["step_seconds"] for x in timed) / len(timed)
+    tokens = sum(x["tokens_per_s"] * x["step_seconds"] for x in timed) / len(timed)
+    return step_s * 1e3, tokens / step_s, max(x.get("peak_memory_gb", float("nan")) for x in timed)

@@ -170,9 +170,9 @@ TEST(DiffusionTrain, ResumesToTheSameWeights) {
   expect_resumes_exactly("vae", "");
 }
 
-// A 16 x 16 RGB PNG whose image data is a deflate block compressed with fixed Huffman codes (its
-// header alone: the reader refuses it there), padded so that its size passes for stored data.
-std::string compressed_png() {
+// A 16 x 16 RGB PNG whose image data is a deflate block with fixed Huffman codes that ends at once
+// (no pixels), then zeros: a corrupt file, whose zlib checksum (of nothing) is wrong.
+std::string corrupt_png() {
   const auto be32 = [](uint32_t v) {
     return std::string{char(v >> 24), char(v >> 16), char(v >> 8), char(v)};
   };
@@ -190,7 +190,7 @@ TEST(DiffusionTrain, BadDataAreErrorsNamingTheFileAndLine) {
   fs::copy_file(data_dir() / "images" / "00000.png", dir / "images" / "ok.png");
   write_png((dir / "images" / "small.png").string(), at::zeros({8, 8, 3}, at::kByte));
   std::ofstream(dir / "images" / "bad.png") << "not a png";
-  std::ofstream(dir / "images" / "compressed.png", std::ios::binary) << compressed_png();
+  std::ofstream(dir / "images" / "corrupt.png", std::ios::binary) << corrupt_png();
   const auto error = [&](const std::string& second_line, const std::string& extra = "") {
     std::ofstream(dir / "data.jsonl") << "{\"image\": \"images/ok.png\", \"caption\": \"fine\"}\n"
                                       << second_line << "\n";
@@ -213,10 +213,10 @@ TEST(DiffusionTrain, BadDataAreErrorsNamingTheFileAndLine) {
   EXPECT_NE(error(R"({"image": "images/bad.png", "caption": "x"})").find(where + ": "), std::string::npos);
   EXPECT_NE(error(R"({"image": "images/bad.png", "caption": "x"})").find("not a PNG file"),
             std::string::npos);
-  EXPECT_NE(
-      error(R"({"image": "images/compressed.png", "caption": "x"})")
-          .find(where + ": " + (dir / "images" / "compressed.png").string() + ": compressed PNG image data"),
-      std::string::npos);
+  EXPECT_NE(error(R"({"image": "images/corrupt.png", "caption": "x"})")
+                .find(where + ": " + (dir / "images" / "corrupt.png").string() +
+                      ": decompressed data fails its Adler-32 checksum"),
+            std::string::npos);
   const auto no_caption = error(R"({"image": "images/ok.png", "text": "x"})");
   EXPECT_NE(no_caption.find(where), std::string::npos) << no_caption;
   EXPECT_NE(no_caption.find("caption"), std::string::npos) << no_caption;

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "algo/dpo.h"
 #include "data/packing.h"
 #include "model/transformer.h"
 
@@ -126,6 +127,46 @@ TEST(PackingWithModel, PackedRowsGiveThePaddedGradients) {
     ASSERT_GT(scale, 0) << i;
     EXPECT_LE((padded[i] - packed[i]).abs().max().item<double>(), tol * scale)
         << named_parameters(m)[i].first;
+  }
+}
+
+// DPO's packed batches: the chosen and rejected sequences of several pairs share rows, and each
+// sequence's summed response log-probability, its token count and their gradients are the padded
+// batch's. With ALIGNER_TEST_DEVICE=cuda in bfloat16 through varlen flash attention.
+TEST(PackingWithModel, PackedPreferencePairsGiveThePaddedResponseLogprobs) {
+  const char* d = std::getenv("ALIGNER_TEST_DEVICE");
+  const bool cuda = d && std::string(d) == "cuda";
+  const at::Device device = cuda ? at::Device(at::kCUDA) : at::Device(at::kCPU);
+  const auto dtype = cuda ? at::kBFloat16 : at::kFloat;
+  ModelConfig cfg = tiny_llama();
+  cfg.hidden_size = 128;
+  cfg.head_dim = 32;
+  Transformer m = init_transformer(cfg, device, 0);
+  for (auto& [name, p] : named_parameters(m)) p.set_data(p.to(dtype)), p.requires_grad_(true);
+  const auto seqs = make_sequences({9, 14, 6, 11, 20, 5, 8, 13});
+  std::vector<PreferenceExample> pairs;
+  for (size_t k = 0; k < seqs.size(); k += 2) pairs.push_back({seqs[k], seqs[k + 1], 2, {}, {}, {}});
+  const auto padded = collate_preferences(pairs, 0), packed = collate_preferences(pairs, 0, 32);
+  ASSERT_LT(packed.seqs.input_ids.size(0), padded.seqs.input_ids.size(0));
+  EXPECT_EQ(packed.seqs.source_index.max().item<int64_t>(), 7);
+  // Weights per sequence, so that a sum landing on the wrong sequence changes the gradient.
+  const auto weights = at::linspace(0.5, 2, 8, at::kDouble);
+  const auto run = [&](const Batch& b) {
+    for (auto& [name, p] : named_parameters(m)) p.mutable_grad() = at::Tensor();
+    const auto r = response_logprobs(m, b);
+    (r.sum.to(at::kCPU, at::kDouble) * weights).sum().backward();
+    std::vector<at::Tensor> out{r.sum.detach().to(at::kCPU, at::kDouble), r.count.to(at::kCPU, at::kDouble)};
+    for (auto& [name, p] : named_parameters(m)) out.push_back(p.grad().to(at::kCPU, at::kDouble));
+    return out;
+  };
+  const auto a = run(padded.seqs), b = run(packed.seqs);
+  ASSERT_EQ(a.size(), b.size());
+  EXPECT_TRUE(a[1].equal(b[1]));
+  const double tol = cuda ? 2e-2 : 1e-5;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double scale = a[i].abs().max().item<double>();
+    ASSERT_GT(scale, 0) << i;
+    EXPECT_LE((a[i] - b[i]).abs().max().item<double>(), tol * scale) << i;
   }
 }
 

@@ -14,6 +14,7 @@
 #include "algo/data_stream.h"
 #include "core/builtin_configs.h"
 #include "core/error.h"
+#include "core/json.h"
 #include "data/sampler.h"
 #include "dist/process_group.h"
 #include "io/hf_checkpoint.h"
@@ -154,7 +155,7 @@ NamedParams critic_layer(Transformer& critic, const std::string& prefix = "model
 TwoModelRun run_two_models(const fs::path& out, int64_t max_steps,
                            const std::string& critic_prefix = "model.layers.1.",
                            const std::string& critic_name = "critic", bool export_critic = true,
-                           dist::Dist* dist = nullptr) {
+                           dist::Dist* dist = nullptr, const std::string& async_checkpoint = "auto") {
   TwoModelRun run;
   const auto cfg = Config::load(builtin_config("sft"), "", {"output_dir=" + out.string()});
   TrainerOptions opt;
@@ -163,6 +164,7 @@ TwoModelRun run_two_models(const fs::path& out, int64_t max_steps,
   opt.global_batch_size = 4;
   opt.save_interval = 2;
   opt.keep_last = 0;
+  opt.async_checkpoint = async_checkpoint;
   opt.output_dir = out.string();
   TrainableModule actor{"actor", &run.actor, named_parameters(run.actor), settings(1e-2, 1.0)};
   TrainableModule critic{critic_name, &run.critic, critic_layer(run.critic, critic_prefix),
@@ -285,6 +287,28 @@ TEST(Trainer, CheckpointsHoldEveryModuleAndResumeByName) {
                        "has no trainable module 'value'"));
   fs::remove_all(whole);
   fs::remove_all(parts);
+}
+
+// Checkpoints written by the writer's thread (trainer.async_checkpoint=true) from snapshots, while
+// training goes on changing the weights, are the files a run writes in place, byte for byte; and a
+// run resumes from them to the weights of one never stopped.
+TEST(Trainer, AsyncCheckpointsAreTheFilesWrittenInPlace) {
+  const auto in_place = temp_dir("ckpt_in_place"), async = temp_dir("ckpt_async"),
+             parts = temp_dir("ckpt_parts");
+  const auto a = run_two_models(in_place, 6, "model.layers.1.", "critic", true, nullptr, "false");
+  run_two_models(async, 6, "model.layers.1.", "critic", true, nullptr, "true");
+  for (int step : {2, 4, 6}) {
+    const auto dir = fmt::format("checkpoints/step_{}", step);
+    const auto want = read_json_file((in_place / dir / "trainer_state.json").string());
+    const auto got = read_json_file((async / dir / "trainer_state.json").string());
+    EXPECT_GE(want["files"].size(), 4u);
+    EXPECT_EQ(got, want) << dir;  // every file's size and CRC-32C, the data positions
+  }
+  run_two_models(parts, 2, "model.layers.1.", "critic", true, nullptr, "true");
+  const auto b = run_two_models(parts, 6, "model.layers.1.", "critic", true, nullptr, "true");
+  const auto p1 = named_parameters(a.actor), p2 = named_parameters(b.actor);
+  for (size_t i = 0; i < p1.size(); ++i) EXPECT_TRUE(p1[i].second.equal(p2[i].second)) << p1[i].first;
+  for (const auto& dir : {in_place, async, parts}) fs::remove_all(dir);
 }
 
 // One rank of Trainer.TwoRanksMatchOne, started by `aligner launch`.

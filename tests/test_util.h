@@ -25,6 +25,13 @@ namespace aligner::test {
 
 inline const std::string kRoot = ALIGNER_SOURCE_DIR;
 
+// The bytes a hex string spells ("89504e47" -> "\x89PNG"): binary fixtures written inline.
+inline std::string from_hex(const std::string& hex) {
+  std::string out;
+  for (size_t i = 0; i + 1 < hex.size(); i += 2) out += char(std::stoi(hex.substr(i, 2), nullptr, 16));
+  return out;
+}
+
 // An empty folder of its own under the system's temp folder.
 inline std::filesystem::path temp_dir(const std::string& name) {
   auto d = std::filesystem::temp_directory_path() / ("aligner_" + name + "_" + std::to_string(::getpid()));

@@ -26,6 +26,7 @@ void add_cai(CLI::App& app);
 void add_steerlm2(CLI::App& app);
 void add_steerlm(CLI::App& app);
 void add_draftp(CLI::App& app);
+void add_pickscore(CLI::App& app);
 void add_diffuse(CLI::App& app);
 void add_shapes(CLI::App& app);
 void add_diffusion_train(CLI::App& app);

@@ -50,6 +50,7 @@ int main(int argc, char** argv) {
   aligner::cli::add_steerlm2(app);
   aligner::cli::add_steerlm(app);
   aligner::cli::add_draftp(app);
+  aligner::cli::add_pickscore(app);
   aligner::cli::add_diffuse(app);
   aligner::cli::add_shapes(app);
   aligner::cli::add_diffusion_train(app);

@@ -236,16 +236,21 @@ std::vector<CaptionedImage> read_captioned_images(const std::string& path, const
     c.caption = get_field<std::string>(line, caption_field, where);
     const fs::path file = folder / name;
     if (!fs::is_regular_file(file)) fail("{}: image {} does not exist", where, file.string());
-    auto px = decode_png(read_text_file(file.string()), fmt::format("{}: {}", where, file.string()));
-    if (px.size(0) != size || px.size(1) != size)
-      fail("{}: image {} is {} x {} pixels; data.image_size is {}", where, file.string(), px.size(1),
-           px.size(0), size);
-    // As PIL's convert("RGB"): gray repeated over the channels, alpha dropped.
-    px = px.size(2) < 3 ? px.narrow(2, 0, 1).expand({size, size, 3}) : px.narrow(2, 0, 3);
-    c.image = px.permute({2, 0, 1}).to(at::kFloat).div(127.5).sub(1).contiguous();
+    const auto px = read_rgb_png(file.string(), where);
+    if (px.size(1) != size || px.size(2) != size)
+      fail("{}: image {} is {} x {} pixels; data.image_size is {}", where, file.string(), px.size(2),
+           px.size(1), size);
+    c.image = px.to(at::kFloat).div(127.5).sub(1);
     out.push_back(std::move(c));
   }
   return out;
+}
+
+at::Tensor read_rgb_png(const std::string& file, const std::string& where) {
+  auto px = decode_png(read_text_file(file), fmt::format("{}: {}", where, file));
+  // As PIL's convert("RGB"): gray repeated over the channels, alpha dropped.
+  px = px.size(2) < 3 ? px.narrow(2, 0, 1).expand({px.size(0), px.size(1), 3}) : px.narrow(2, 0, 3);
+  return px.permute({2, 0, 1}).contiguous();
 }
 
 VaeLossTerms vae_loss_terms(const Vae& v, const at::Tensor& images, bool l1,

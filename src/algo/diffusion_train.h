@@ -22,11 +22,15 @@ struct CaptionedImage {
 };
 
 // Every line of the JSONL `path`: the PNG at image_field (relative to the file's folder) and the
-// caption at caption_field. A missing field or file, a PNG aligner cannot read (a compressed one) or
+// caption at caption_field. A missing field or file, a file that is not a valid PNG or
 // an image that is not size x size is an error naming the file and line. Gray images are repeated
 // over the three channels and alpha is dropped, as PIL's convert("RGB") does.
 std::vector<CaptionedImage> read_captioned_images(const std::string& path, const std::string& image_field,
                                                   const std::string& caption_field, int64_t size);
+
+// The PNG file `file` as uint8 [3, H, W]: gray repeated over the three channels and alpha dropped, as
+// PIL's convert("RGB") does. An unreadable file is an error naming `where` and the file.
+at::Tensor read_rgb_png(const std::string& file, const std::string& where);
 
 // The VAE's loss terms per image of images [N, 3, H, W] in [-1, 1]: the reconstruction error (mean
 // over the pixels of the squared, or with l1 the absolute, difference) of the decoded latent, drawn

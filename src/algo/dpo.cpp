@@ -56,17 +56,25 @@ at::Tensor preference_loss(const PreferenceLossOptions& o, const at::Tensor& pol
 ResponseLogprobs response_logprobs(const Transformer& m, const Batch& b, bool checkpoint_layers) {
   const auto device = m.embed.device();
   ForwardInput in{b.input_ids.to(device), b.attention_mask.to(device), b.position_ids.to(device)};
+  const bool packed = b.source_index.defined();
+  if (packed) in.segment_ids = b.segment_ids.to(device);
   in.checkpoint_layers = checkpoint_layers;
   const auto labels = b.labels.to(device);
   const auto hidden = forward_hidden(m, in);
   // Only response positions go through the vocabulary projection: prompts and padding, often
   // most of a preference batch, would cost as much there as in the rest of the model.
   const int64_t rows = labels.size(0), T = labels.size(1);
-  const auto positions = (labels.reshape({-1}) != kIgnoreIndex).nonzero().squeeze(1);
+  const auto trained = labels.reshape({-1}) != kIgnoreIndex;
+  const auto positions = trained.nonzero().squeeze(1);
   const auto logprobs = token_logprobs(m, hidden.reshape({rows * T, -1}).index_select(0, positions),
                                        labels.reshape({-1}).index_select(0, positions));
-  const auto sum = at::zeros({rows}, logprobs.options()).index_add(0, positions.div(T, "floor"), logprobs);
-  return {sum, (labels != kIgnoreIndex).sum(1)};
+  // Each token's sequence: its row, or in packed rows the sequence source_index names.
+  const int64_t n = packed ? b.source_index.max().item<int64_t>() + 1 : rows;
+  const auto owner =
+      packed ? b.source_index.reshape({-1}).to(device).index_select(0, positions) : positions.div(T, "floor");
+  const auto sum = at::zeros({n}, logprobs.options()).index_add(0, owner, logprobs);
+  const auto count = at::zeros({n}, owner.options()).index_add(0, owner, at::ones_like(owner));
+  return {sum, count};
 }
 
 namespace {
@@ -105,6 +113,7 @@ class Dpo final : public SampledAlgorithm {
     max_epochs_ = data_epochs(cfg);
     checkpoint_layers_ = cfg.get_bool("model.activation_checkpointing");
     pad_id_ = pad_id_for(tok);
+    if (cfg.get_bool("data.packing")) pack_length_ = options_.max_length;
   }
 
   // Computes the reference's log-probs of the pairs that this rank trains on in its first
@@ -120,7 +129,7 @@ class Dpo final : public SampledAlgorithm {
       bool missing = false;
       for (const auto& p : pairs) missing |= std::isnan(cache[2 * p.index]);
       if (!missing) return;  // a later epoch's micro-batch of pairs already computed
-      const auto b = collate_preferences(examples_of(pairs), pad_id_);
+      const auto b = collate_preferences(examples_of(pairs), pad_id_, pack_length_);
       const auto sums = response_logprobs(reference, b.seqs).sum.to(at::kFloat).cpu();
       const int64_t B = int64_t(pairs.size());
       for (int64_t k = 0; k < B; ++k) {
@@ -214,7 +223,7 @@ class Dpo final : public SampledAlgorithm {
 
   LossSums compute(const Pairs& pairs, const std::vector<float>& cache, const PreferenceDataset& ds) {
     const int64_t B = int64_t(pairs.size());
-    const auto b = collate_preferences(examples_of(pairs), pad_id_);
+    const auto b = collate_preferences(examples_of(pairs), pad_id_, pack_length_);
     const auto policy = response_logprobs(policy_, b.seqs, checkpoint_layers_);
     at::Tensor reference;
     if (reference_) {
@@ -268,6 +277,7 @@ class Dpo final : public SampledAlgorithm {
   std::unique_ptr<PreferenceDataset> train_, val_;
   int64_t micro_batch_size_ = 1, max_epochs_ = 1;
   int32_t pad_id_ = 0;
+  int64_t pack_length_ = 0;  // data.packing: the micro-batch's responses packed into rows this long
   std::vector<Pairs> step_;
   std::vector<float> cache_train_, cache_val_;  // chosen, rejected per pair index; NaN: not computed
 };

@@ -10,6 +10,7 @@
 #include "diffusion/unet_lora.h"
 #include "io/hf_checkpoint.h"
 #include "io/jsonl.h"
+#include "io/prompt_source.h"
 #include "io/png.h"
 #include "train/run_setup.h"
 #include "train/trainer.h"
@@ -94,8 +95,8 @@ class Draftp final : public IndexedAlgorithm {
     const std::string field = cfg.get_string("data.prompt_field");
     const std::string train = cfg.get_string("data.train"), val = cfg.get_string("data.validation");
     if (train.empty()) fail("config key 'data.train' must be set");
-    train_ = read_string_field(train, field);
-    if (!val.empty()) val_ = read_string_field(val, field);
+    train_ = read_prompts(train, field);
+    if (!val.empty()) val_ = read_prompts(val, field);
     seed_ = uint64_t(cfg.get_int("trainer.seed"));
     micro_ = cfg.get_int("trainer.micro_batch_size");
     epochs_ = data_epochs(cfg);

@@ -110,7 +110,9 @@ Batch collate_packed(const std::vector<Sequence>& seqs, const std::vector<std::v
   }
   Batch b = empty_batch(static_cast<int64_t>(rows.size()), cols, pad_id, true);
   b.segment_ids = at::zeros({static_cast<int64_t>(rows.size()), cols}, at::kLong);
+  b.source_index = at::full({static_cast<int64_t>(rows.size()), cols}, -1, at::kLong);
   int64_t* seg = b.segment_ids.data_ptr<int64_t>();
+  int64_t* source = b.source_index.data_ptr<int64_t>();
   for (size_t r = 0; r < rows.size(); ++r) {
     int64_t c = 0;
     for (size_t k = 0; k < rows[r].size(); ++k) {
@@ -118,6 +120,7 @@ Batch collate_packed(const std::vector<Sequence>& seqs, const std::vector<std::v
       place(b, static_cast<int64_t>(r), c, s.input_ids, &s.loss_mask);
       int64_t n = static_cast<int64_t>(s.input_ids.size());
       std::fill(seg + r * cols + c, seg + r * cols + c + n, static_cast<int64_t>(k) + 1);
+      std::fill(source + r * cols + c, source + r * cols + c + n, rows[r][k]);
       c += n;
     }
   }
@@ -130,13 +133,14 @@ Batch pack_sequences(const std::vector<Sequence>& seqs, int64_t max_length, int3
   return collate_packed(seqs, plan_packing(lengths, max_length), pad_id);
 }
 
-PreferenceBatch collate_preferences(const std::vector<PreferenceExample>& pairs, int32_t pad_id) {
+PreferenceBatch collate_preferences(const std::vector<PreferenceExample>& pairs, int32_t pad_id,
+                                    int64_t pack_length) {
   std::vector<Sequence> seqs;
   seqs.reserve(pairs.size() * 2);
   for (const auto& p : pairs) seqs.push_back(p.chosen);
   for (const auto& p : pairs) seqs.push_back(p.rejected);
   PreferenceBatch out;
-  out.seqs = collate_padded(seqs, pad_id);
+  out.seqs = pack_length > 0 ? pack_sequences(seqs, pack_length, pad_id) : collate_padded(seqs, pad_id);
   std::vector<int64_t> lengths;
   for (const auto& p : pairs) lengths.push_back(p.prompt_length);
   out.prompt_lengths = at::tensor(lengths, at::kLong);

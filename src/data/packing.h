@@ -21,6 +21,9 @@ struct Batch {
   at::Tensor position_ids;    // [B, T] int64; 0 on padding
   at::Tensor segment_ids;     // [B, T] int64, packed rows only: 1, 2, ... per example, 0 on padding
   at::Tensor attention_mask;  // [B, T] int64: 1 token, 0 padding
+  // Packed rows only: the index, in the collated list, of the sequence each token belongs to; -1 on
+  // padding. What sums a packed batch's per-token values per sequence (response_logprobs).
+  at::Tensor source_index;  // [B, T] int64
 };
 
 // The id padding is written with: the tokenizer's pad token, else EOS, else 0. Padding is masked
@@ -39,12 +42,16 @@ Batch collate_packed(const std::vector<Sequence>& seqs, const std::vector<std::v
 Batch pack_sequences(const std::vector<Sequence>& seqs, int64_t max_length, int32_t pad_id);
 
 struct PreferenceBatch {
-  Batch seqs;                 // rows [0, B) the chosen sequences, [B, 2B) the rejected ones
+  // Sequences [0, B) the chosen responses, [B, 2B) the rejected ones: one per row, or packed into
+  // rows (source_index says which tokens are which sequence's).
+  Batch seqs;
   at::Tensor prompt_lengths;  // [B] int64
   // [B] float32; undefined unless every pair of the batch has one.
   at::Tensor chosen_rewards, rejected_rewards, margins;
 };
-PreferenceBatch collate_preferences(const std::vector<PreferenceExample>& pairs, int32_t pad_id);
+// pack_length > 0: the 2B sequences packed (plan_packing) into rows of at most pack_length tokens.
+PreferenceBatch collate_preferences(const std::vector<PreferenceExample>& pairs, int32_t pad_id,
+                                    int64_t pack_length = 0);
 
 // Left-padded so that every prompt ends at the last column, where generation continues; labels
 // undefined.

@@ -268,19 +268,17 @@ ClipModel load_clip_model(const std::string& dir, at::Device device, std::option
 
 namespace {
 
-// Every tensor of a text model under transformers' names, with the standard deviation of its init
-// (0: zeros, -1: ones), after CLIPPreTrainedModel._init_weights with initializer_factor 1.
-template <class M, class F>
-void visit_text(M& m, F&& f) {
-  const auto& c = m.cfg;
-  const double hidden = double(c.hidden_size), layers = double(c.num_hidden_layers);
-  const double in_std = std::pow(hidden, -0.5) * std::pow(2 * layers, -0.5), out_std = std::pow(hidden, -0.5),
+// An encoder's layers under transformers' names (prefix "text_model" or "vision_model"), with the
+// standard deviation of each tensor's init (0: zeros, -1: ones), after CLIPPreTrainedModel's
+// _init_weights with initializer_factor 1.
+template <class Layers, class F>
+void visit_layers(const std::string& prefix, Layers& layers, double hidden, F&& f) {
+  const double n = double(layers.size());
+  const double in_std = std::pow(hidden, -0.5) * std::pow(2 * n, -0.5), out_std = std::pow(hidden, -0.5),
                fc_std = std::pow(2 * hidden, -0.5);
-  f("text_model.embeddings.token_embedding.weight", m.token_embedding, 0.02);
-  f("text_model.embeddings.position_embedding.weight", m.position_embedding, 0.02);
-  for (size_t i = 0; i < m.layers.size(); ++i) {
-    auto& l = m.layers[i];
-    const std::string p = fmt::format("text_model.encoder.layers.{}.", i);
+  for (size_t i = 0; i < layers.size(); ++i) {
+    auto& l = layers[i];
+    const std::string p = fmt::format("{}.encoder.layers.{}.", prefix, i);
     f(p + "layer_norm1.weight", l.norm1, -1.0);
     f(p + "layer_norm1.bias", l.norm1_bias, 0.0);
     for (auto& [name, lin, scale] :
@@ -293,9 +291,32 @@ void visit_text(M& m, F&& f) {
     f(p + "layer_norm2.weight", l.norm2, -1.0);
     f(p + "layer_norm2.bias", l.norm2_bias, 0.0);
   }
+}
+
+// Every tensor of a text model under transformers' names, with its init's standard deviation.
+template <class M, class F>
+void visit_text(M& m, F&& f) {
+  const double hidden = double(m.cfg.hidden_size);
+  f("text_model.embeddings.token_embedding.weight", m.token_embedding, 0.02);
+  f("text_model.embeddings.position_embedding.weight", m.position_embedding, 0.02);
+  visit_layers("text_model", m.layers, hidden, f);
   f("text_model.final_layer_norm.weight", m.final_norm, -1.0);
   f("text_model.final_layer_norm.bias", m.final_norm_bias, 0.0);
-  if (m.projection.weight.defined()) f("text_projection.weight", m.projection.weight, out_std);
+  if (m.projection.weight.defined()) f("text_projection.weight", m.projection.weight, std::pow(hidden, -0.5));
+}
+
+template <class M, class F>
+void visit_vision(M& m, F&& f) {
+  const double hidden = double(m.cfg.hidden_size);
+  f("vision_model.embeddings.class_embedding", m.class_embedding, std::pow(hidden, -0.5));
+  f("vision_model.embeddings.patch_embedding.weight", m.patch_embedding, 0.02);
+  f("vision_model.embeddings.position_embedding.weight", m.position_embedding, 0.02);
+  f("vision_model.pre_layrnorm.weight", m.pre_norm, -1.0);
+  f("vision_model.pre_layrnorm.bias", m.pre_norm_bias, 0.0);
+  visit_layers("vision_model", m.layers, hidden, f);
+  f("vision_model.post_layernorm.weight", m.post_norm, -1.0);
+  f("vision_model.post_layernorm.bias", m.post_norm_bias, 0.0);
+  f("visual_projection.weight", m.projection.weight, std::pow(hidden, -0.5));
 }
 
 }  // namespace
@@ -351,6 +372,32 @@ void save_clip_text_model(const ClipTextModel& m, const std::string& dir) {
   fs::create_directories(dir);
   write_text(fs::path(dir) / "config.json", config.dump(2) + "\n");
   safetensors::save((fs::path(dir) / "model.safetensors").string(), tensors);
+}
+
+std::vector<std::pair<std::string, at::Tensor>> named_parameters(const ClipModel& m) {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  const auto add = [&](const std::string& name, const at::Tensor& t, double) { out.emplace_back(name, t); };
+  visit_text(m.text, add);
+  if (m.cfg.has_vision) {
+    visit_vision(m.vision, add);
+    out.emplace_back("logit_scale", m.logit_scale);
+  }
+  return out;
+}
+
+void save_clip_model(const ClipModel& m, const std::string& source, const std::string& dir, Replace replace) {
+  const fs::path config_path = fs::path(source) / "config.json";
+  json config = read_json_file(config_path.string());
+  if (!config.is_object()) fail("{}: not a JSON object", config_path.string());
+  // transformers 5 writes "dtype", 4 "torch_dtype": the source's spelling is kept.
+  config[config.contains("dtype") ? "dtype" : "torch_dtype"] =
+      dtype_name(m.text.token_embedding.scalar_type());
+  safetensors::NamedTensors tensors;
+  for (auto& [name, t] : named_parameters(m)) tensors.emplace_back(name, t.detach());
+  save_folder(dir, replace, source, [&](const std::string& tmp) {
+    write_text(fs::path(tmp) / "config.json", config.dump(2) + "\n");
+    safetensors::save((fs::path(tmp) / "model.safetensors").string(), tensors);
+  });
 }
 
 ClipTextOutput clip_text_forward(const ClipTextModel& m, const at::Tensor& input_ids,
@@ -470,9 +517,13 @@ at::Tensor clip_score(const ClipModel& m, const at::Tensor& images, const at::Te
     fail("clip_score takes input_ids [1 or {}, tokens] for {} images, got [{}]", images.size(0),
          images.size(0), fmt::join(input_ids.sizes(), ", "));
   const auto pixels = clip_preprocess(images, m.vision.cfg.image_size);
-  const auto image = normalized(clip_image_embeds(m.vision, clip_vision_forward(m.vision, pixels)));
-  const auto text = normalized(clip_text_embeds(m.text, clip_text_forward(m.text, input_ids)));
-  return (image * text).sum(-1) * m.logit_scale.exp();
+  return clip_embedding_scores(m, clip_image_embeds(m.vision, clip_vision_forward(m.vision, pixels)),
+                               clip_text_embeds(m.text, clip_text_forward(m.text, input_ids)));
+}
+
+at::Tensor clip_embedding_scores(const ClipModel& m, const at::Tensor& image_embeds,
+                                 const at::Tensor& text_embeds) {
+  return (normalized(image_embeds) * normalized(text_embeds)).sum(-1) * m.logit_scale.exp();
 }
 
 at::Tensor clip_input_ids(const Tokenizer& tokenizer, const std::vector<std::string>& texts,

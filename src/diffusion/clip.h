@@ -6,8 +6,10 @@
 
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "io/hf_checkpoint.h"
 #include "model/linear.h"
 
 namespace aligner {
@@ -110,6 +112,16 @@ ClipTextModel init_clip_text_model(const ClipTextConfig& c, uint64_t seed);
 // text_encoder/ is: load_clip_model and transformers read it back exactly.
 void save_clip_text_model(const ClipTextModel& m, const std::string& dir);
 
+// Every weight of a CLIPModel under transformers' names: the text tower, and for a CLIPModel the
+// vision tower, both projections and logit_scale. What a trainer optimises.
+std::vector<std::pair<std::string, at::Tensor>> named_parameters(const ClipModel& m);
+
+// `m` as a CLIPModel folder that transformers and load_clip_model read: `source`'s config.json with
+// torch_dtype the weights' dtype, model.safetensors, and source's tokenizer and preprocessor files;
+// with save_folder's guarantees (a new folder renamed into place, `dir` replaced only as `replace`
+// allows).
+void save_clip_model(const ClipModel& m, const std::string& source, const std::string& dir, Replace replace);
+
 struct ClipTextOutput {
   at::Tensor last_hidden_state;  // [B, T, hidden], after final_layer_norm
   at::Tensor pooled;             // [B, hidden]: the hidden state at each row's eos token
@@ -151,6 +163,11 @@ at::Tensor clip_logits_per_image(const ClipModel& m, const at::Tensor& pixel_val
 // [N, 3, H, W] in [0, 1] (clip_preprocess) and input_ids [N, T] or [1, T] (one prompt for all).
 // Differentiable in the images. [N].
 at::Tensor clip_score(const ClipModel& m, const at::Tensor& images, const at::Tensor& input_ids);
+
+// exp(logit_scale) x cosine of image and text embeddings (clip_image_embeds, clip_text_embeds) along
+// their last dimension, broadcast as the product broadcasts them: clip_score's last step.
+at::Tensor clip_embedding_scores(const ClipModel& m, const at::Tensor& image_embeds,
+                                 const at::Tensor& text_embeds);
 
 // Padded ids [texts, max_length] (int64) for a batch of texts, as text/clip_tokenizer's
 // encode_padded makes them.

@@ -160,10 +160,12 @@ namespace {
 // without --overwrite. A hidden file, so that listings and uploads of the folder stay as they were.
 constexpr const char* kMarker = ".written-by-aligner";
 
-// Tokenizer files copied from `tokenizer_from`.
-constexpr const char* kTokenizerFiles[] = {"tokenizer.json",         "tokenizer_config.json",
-                                           "tokenizer.model",        "special_tokens_map.json",
-                                           "generation_config.json", "chat_template.jinja"};
+// Tokenizer files copied from `tokenizer_from` (vocab.json and merges.txt: GPT-2-style and CLIP
+// folders; preprocessor_config.json: how a CLIPModel folder's images are prepared).
+constexpr const char* kTokenizerFiles[] = {
+    "tokenizer.json",          "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "generation_config.json",  "chat_template.jinja",   "vocab.json",      "merges.txt",
+    "preprocessor_config.json"};
 
 }  // namespace
 

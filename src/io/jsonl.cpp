@@ -11,6 +11,7 @@
 
 #include "core/error.h"
 #include "core/json.h"
+#include "io/file_io.h"
 
 namespace aligner {
 
@@ -18,10 +19,6 @@ namespace {
 
 bool is_blank_byte(char c) {
   return c == ' ' || c == '\t' || c == '\r';
-}
-
-[[noreturn]] void fail_errno(const std::string& what, const std::string& path) {
-  fail("{}: cannot {}: {}", path, what, std::strerror(errno));
 }
 
 }  // namespace
@@ -122,15 +119,7 @@ std::string JsonlFile::where(int64_t i) const {
 std::string JsonlFile::read_text(int64_t i) const {
   line_number(i);  // range check
   std::string text(lengths_[static_cast<size_t>(i)], '\0');
-  uint64_t pos = starts_[static_cast<size_t>(i)];
-  size_t done = 0;
-  while (done < text.size()) {
-    ssize_t n = ::pread(fd_, text.data() + done, text.size() - done, static_cast<off_t>(pos + done));
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) fail_errno("read", path_);
-    if (n == 0) fail("{}: file shrank while in use", where(i));
-    done += static_cast<size_t>(n);
-  }
+  pread_exact(fd_, text.data(), text.size(), starts_[static_cast<size_t>(i)], path_);
   return text;
 }
 

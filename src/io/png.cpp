@@ -7,10 +7,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <string_view>
+#include <vector>
 
 #include "core/error.h"
 #include "core/json.h"
 #include "io/hf_checkpoint.h"
+#include "io/inflate.h"
 
 namespace aligner {
 
@@ -45,38 +49,56 @@ int paeth(int a, int b, int c) {
   return pa <= pb && pa <= pc ? a : pb <= pc ? b : c;
 }
 
-// The zlib stream of the image data, which must hold only stored blocks, into `expected` bytes.
-std::string inflate_stored(std::string_view z, size_t expected, const std::string& where) {
-  if (z.size() < 2) fail("{}: image data too short for a zlib header", where);
-  const auto cmf = uint8_t(z[0]), flg = uint8_t(z[1]);
-  if ((cmf & 0x0f) != 8 || (cmf >> 4) > 7 || (cmf * 256 + flg) % 31 != 0 || (flg & 0x20))
-    fail("{}: image data does not start with a valid zlib header", where);
-  std::string out;
-  size_t pos = 2;
-  for (bool final = false; !final;) {
-    if (pos >= z.size()) fail("{}: image data ends inside the deflate stream", where);
-    const auto header = uint8_t(z[pos]);
-    final = header & 1;
-    if (((header >> 1) & 3) != 0)
-      fail(
-          "{}: compressed PNG image data; only PNGs stored without compression (as aligner writes them) "
-          "can be read",
-          where);
-    if (pos + 5 > z.size()) fail("{}: image data ends inside a stored block header", where);
-    const size_t len = uint8_t(z[pos + 1]) | size_t(uint8_t(z[pos + 2])) << 8;
-    const size_t nlen = uint8_t(z[pos + 3]) | size_t(uint8_t(z[pos + 4])) << 8;
-    if ((len ^ nlen) != 0xffff) fail("{}: corrupt stored block length", where);
-    pos += 5;
-    if (len > z.size() - pos) fail("{}: image data ends inside a stored block", where);
-    if (len > expected - out.size()) fail("{}: more image data than the header's size needs", where);
-    out.append(z.substr(pos, len));
-    pos += len;
+const std::array<uint8_t, 4>& palette_entry(const std::vector<std::array<uint8_t, 4>>& palette, int index,
+                                            const std::string& where) {
+  if (size_t(index) >= palette.size())
+    fail("{}: pixel of palette index {}, the palette has {} entries", where, index, palette.size());
+  return palette[size_t(index)];
+}
+
+// Adam7's seven passes (first column, first row, column step, row step), and the one "pass" of a
+// non-interlaced image.
+struct Pass {
+  int64_t x0, y0, dx, dy;
+};
+constexpr Pass kAdam7[7] = {{0, 0, 8, 8}, {4, 0, 8, 8}, {0, 4, 4, 8}, {2, 0, 4, 4},
+                            {0, 2, 2, 4}, {1, 0, 2, 2}, {0, 1, 1, 2}};
+constexpr Pass kWhole[1] = {{0, 0, 1, 1}};
+
+// The largest image aligner reads, decoded and as filtered image data (16384 x 16384 RGBA): a header
+// cannot make it allocate more, whatever the compressed data would inflate to.
+constexpr size_t kMaxImageBytes = size_t(1) << 30;
+
+// Undoes the row filters of `rows` rows of `row_bytes` bytes, each after its filter-type byte, in
+// place; `bpp` is the filters' byte distance to the pixel on the left (at least 1).
+void unfilter(uint8_t* data, int64_t rows, size_t row_bytes, size_t bpp, const std::string& where) {
+  const std::vector<uint8_t> zeros(row_bytes);
+  for (int64_t y = 0; y < rows; ++y) {
+    uint8_t* cur = data + size_t(y) * (row_bytes + 1) + 1;
+    const uint8_t* up = y > 0 ? cur - (row_bytes + 1) : zeros.data();
+    const size_t left = std::min(bpp, row_bytes);
+    switch (cur[-1]) {
+      case 0:
+        break;
+      case 1:
+        for (size_t x = bpp; x < row_bytes; ++x) cur[x] = uint8_t(cur[x] + cur[x - bpp]);
+        break;
+      case 2:
+        for (size_t x = 0; x < row_bytes; ++x) cur[x] = uint8_t(cur[x] + up[x]);
+        break;
+      case 3:
+        for (size_t x = 0; x < left; ++x) cur[x] = uint8_t(cur[x] + up[x] / 2);
+        for (size_t x = bpp; x < row_bytes; ++x) cur[x] = uint8_t(cur[x] + (cur[x - bpp] + up[x]) / 2);
+        break;
+      case 4:
+        for (size_t x = 0; x < left; ++x) cur[x] = uint8_t(cur[x] + up[x]);
+        for (size_t x = bpp; x < row_bytes; ++x)
+          cur[x] = uint8_t(cur[x] + paeth(cur[x - bpp], up[x], up[x - bpp]));
+        break;
+      default:
+        fail("{}: row {} has unknown filter type {}", where, y, cur[-1]);
+    }
   }
-  if (pos + 4 > z.size()) fail("{}: image data ends before its Adler-32 checksum", where);
-  if (get_be32(z, pos) != adler32(out)) fail("{}: image data fails its Adler-32 checksum", where);
-  if (out.size() != expected)
-    fail("{}: {} bytes of image data, the header's size needs {}", where, out.size(), expected);
-  return out;
 }
 
 }  // namespace
@@ -163,7 +185,12 @@ void write_png(const std::string& path, const at::Tensor& image) {
 at::Tensor decode_png(std::string_view bytes, const std::string& where) {
   if (bytes.substr(0, kSignature.size()) != kSignature) fail("{}: not a PNG file (no PNG signature)", where);
   size_t pos = kSignature.size();
-  int64_t w = 0, h = 0, c = 0;
+  int64_t w = 0, h = 0;
+  int depth = 0, color = 0, samples = 0;  // samples per pixel in the file
+  bool interlaced = false;
+  // Palette entries as RGBA, the alpha from tRNS (opaque where it has none).
+  std::vector<std::array<uint8_t, 4>> palette;
+  bool transparent_palette = false;
   std::string z;
   bool header = false, end = false;
   while (!end) {
@@ -186,74 +213,111 @@ at::Tensor decode_png(std::string_view bytes, const std::string& where) {
       w = get_be32(data, 0);
       h = get_be32(data, 4);
       if (w < 1 || h < 1 || w > kMaxChunk || h > kMaxChunk) fail("{}: invalid image size {}x{}", where, w, h);
-      const auto depth = uint8_t(data[8]), color = uint8_t(data[9]);
-      if (depth != 8) fail("{}: bit depth {}; only 8-bit PNGs can be read", where, depth);
-      switch (color) {
-        case 0:
-          c = 1;
-          break;
-        case 4:
-          c = 2;
-          break;
-        case 2:
-          c = 3;
-          break;
-        case 6:
-          c = 4;
-          break;
-        default:
-          fail("{}: colour type {}; only gray, gray + alpha, RGB and RGBA PNGs can be read", where, color);
-      }
+      depth = uint8_t(data[8]);
+      color = uint8_t(data[9]);
+      // Each colour type's samples per pixel, and the bit depths PNG allows for it as a bit set.
+      static const std::map<int, std::pair<int, unsigned>> kColorTypes = {
+          {0, {1, 1u << 1 | 1u << 2 | 1u << 4 | 1u << 8 | 1u << 16}},
+          {2, {3, 1u << 8 | 1u << 16}},
+          {3, {1, 1u << 1 | 1u << 2 | 1u << 4 | 1u << 8}},
+          {4, {2, 1u << 8 | 1u << 16}},
+          {6, {4, 1u << 8 | 1u << 16}}};
+      const auto it = kColorTypes.find(color);
+      if (it == kColorTypes.end()) fail("{}: unknown colour type {}", where, color);
+      if (depth > 16 || !(it->second.second >> depth & 1))
+        fail("{}: bit depth {} is invalid for colour type {}", where, depth, color);
+      samples = it->second.first;
       if (data[10] != 0 || data[11] != 0) fail("{}: unknown compression or filter method", where);
-      if (data[12] != 0) fail("{}: interlaced PNGs cannot be read", where);
+      if (uint8_t(data[12]) > 1) fail("{}: unknown interlace method {}", where, uint8_t(data[12]));
+      interlaced = data[12] == 1;
+    } else if (type == "PLTE") {
+      if (!palette.empty()) fail("{}: two PLTE chunks", where);
+      if (!z.empty()) fail("{}: PLTE after image data", where);
+      if (len == 0 || len % 3 != 0 || len > 3 * 256) fail("{}: PLTE of {} bytes", where, len);
+      for (size_t i = 0; i < len; i += 3)
+        palette.push_back({uint8_t(data[i]), uint8_t(data[i + 1]), uint8_t(data[i + 2]), 255});
+    } else if (type == "tRNS" && color == 3) {
+      // Other colour types' single transparent colour is ignored: their pixels are read as they are.
+      if (palette.empty()) fail("{}: tRNS before PLTE", where);
+      if (len > palette.size())
+        fail("{}: tRNS of {} entries for a palette of {}", where, len, palette.size());
+      for (size_t i = 0; i < len; ++i) palette[i][3] = uint8_t(data[i]);
+      transparent_palette = true;
     } else if (type == "IDAT") {
       z.append(data);
     } else if (type == "IEND") {
       end = true;
-    } else if (std::isupper(uint8_t(type[0])) && type != "PLTE") {
+    } else if (std::isupper(uint8_t(type[0]))) {
       // A critical chunk changes how the image reads; one not known here cannot be skipped.
       fail("{}: unknown critical chunk {}", where, type);
     }
   }
+  if (color == 3 && palette.empty()) fail("{}: palette image without a PLTE chunk", where);
+  if (z.empty()) fail("{}: no image data (IDAT)", where);
 
-  // Both under 2^31, so neither product overflows 64 bits.
-  // inflate_stored reads no more than the file holds and checks that it is `expected` bytes, before
-  // anything of the header's size is allocated.
-  const size_t row = size_t(w) * size_t(c), expected = size_t(h) * (row + 1);
-  const std::string raw = inflate_stored(z, expected, where);
+  // Palette images become RGB (RGBA with tRNS); 16-bit samples keep their high byte, gray of 1, 2
+  // or 4 bits is scaled to 0..255.
+  const int64_t c = color == 3 ? (transparent_palette ? 4 : 3) : samples;
+  if (size_t(w) * size_t(h) > kMaxImageBytes / size_t(c))
+    fail("{}: image of {}x{} pixels is larger than aligner reads ({} bytes)", where, w, h, kMaxImageBytes);
+  const size_t bits_per_pixel = size_t(samples) * size_t(depth),
+               bpp = std::max<size_t>(1, bits_per_pixel / 8);
+  const Pass* const passes = interlaced ? kAdam7 : kWhole;
+  const int num_passes = interlaced ? 7 : 1;
+  // Each pass's size in pixels and its filtered data's row length; passes without pixels hold no data.
+  auto pass_size = [&](const Pass& p) {
+    const int64_t pw = w > p.x0 ? (w - p.x0 + p.dx - 1) / p.dx : 0,
+                  ph = h > p.y0 ? (h - p.y0 + p.dy - 1) / p.dy : 0;
+    return std::array<int64_t, 3>{pw, ph, int64_t((size_t(pw) * bits_per_pixel + 7) / 8)};
+  };
+  size_t expected = 0;  // under 2^30 pixels of at most 8 bytes: no overflow
+  for (int i = 0; i < num_passes; ++i) {
+    const auto [pw, ph, row_bytes] = pass_size(passes[i]);
+    if (pw > 0) expected += size_t(ph) * size_t(row_bytes + 1);
+  }
+  if (expected > kMaxImageBytes)
+    fail("{}: image of {}x{} pixels is larger than aligner reads ({} bytes)", where, w, h, kMaxImageBytes);
+  std::string raw = zlib_inflate(z, expected, where);
+  if (raw.size() != expected)
+    fail("{}: {} bytes of image data, the header's size needs {}", where, raw.size(), expected);
 
   auto image = at::empty({h, w, c}, at::kByte);
   uint8_t* out = image.data_ptr<uint8_t>();
-  const auto* in = reinterpret_cast<const uint8_t*>(raw.data());
-  for (int64_t y = 0; y < h; ++y) {
-    const uint8_t filter = in[y * (row + 1)];
-    const uint8_t* src = in + y * (row + 1) + 1;
-    uint8_t* dst = out + y * row;
-    const uint8_t* up = y > 0 ? dst - row : nullptr;
-    for (size_t x = 0; x < row; ++x) {
-      const int a = x >= size_t(c) ? dst[x - c] : 0, b = up ? up[x] : 0,
-                d = x >= size_t(c) && up ? up[x - c] : 0;
-      int pred = 0;
-      switch (filter) {
-        case 0:
-          pred = 0;
-          break;
-        case 1:
-          pred = a;
-          break;
-        case 2:
-          pred = b;
-          break;
-        case 3:
-          pred = (a + b) / 2;
-          break;
-        case 4:
-          pred = paeth(a, b, d);
-          break;
-        default:
-          fail("{}: row {} has unknown filter type {}", where, y, filter);
+  auto* data = reinterpret_cast<uint8_t*>(raw.data());
+  const int max_sample = (1 << std::min(depth, 8)) - 1;
+  for (int pass = 0; pass < num_passes; ++pass) {
+    const Pass& p = passes[pass];
+    const auto [pw, ph, row_bytes] = pass_size(p);
+    if (pw == 0 || ph == 0) continue;
+    unfilter(data, ph, size_t(row_bytes), bpp, where);
+    for (int64_t r = 0; r < ph; ++r, data += row_bytes + 1) {
+      const uint8_t* row = data + 1;
+      uint8_t* dst_row = out + size_t((p.y0 + r * p.dy) * w) * size_t(c);
+      if (depth == 8 && color != 3 && !interlaced) {
+        std::memcpy(dst_row, row, size_t(row_bytes));
+        continue;
       }
-      dst[x] = uint8_t(src[x] + pred);
+      for (int64_t i = 0; i < pw; ++i) {
+        uint8_t* dst = dst_row + size_t(p.x0 + i * p.dx) * size_t(c);
+        if (depth >= 8) {
+          // A 16-bit sample's high byte comes first.
+          const uint8_t* src = row + size_t(i) * size_t(samples) * size_t(depth / 8);
+          for (int k = 0; k < samples; ++k) {
+            const uint8_t v = src[k * (depth / 8)];
+            if (color == 3)
+              for (int j = 0; j < c; ++j) dst[j] = palette_entry(palette, v, where)[j];
+            else
+              dst[k] = v;
+          }
+          continue;
+        }
+        const size_t bit = size_t(i) * size_t(depth);
+        const int v = row[bit / 8] >> (8 - depth - int(bit % 8)) & max_sample;
+        if (color == 3)
+          for (int j = 0; j < c; ++j) dst[j] = palette_entry(palette, v, where)[j];
+        else
+          dst[0] = uint8_t(v * 255 / max_sample);
+      }
     }
   }
   return image;

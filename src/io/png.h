@@ -1,6 +1,6 @@
-// 8-bit PNG files without zlib: written with "stored" (uncompressed) deflate blocks, which every
-// PNG reader accepts, and read back when they are stored the same way. The images are small
-// (samples, a synthetic data set), so the missing compression costs little disk.
+// PNG files without zlib: written with "stored" (uncompressed) deflate blocks, which every PNG
+// reader accepts (the images are small: samples, a synthetic data set, so the missing compression
+// costs little disk), and read whatever wrote them, through io/inflate's own DEFLATE decoder.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -23,10 +23,12 @@ std::string encode_png(const at::Tensor& image);
 // half-written image under its name.
 void write_png(const std::string& path, const at::Tensor& image);
 
-// An 8-bit, non-interlaced gray, gray + alpha, RGB or RGBA PNG whose image data is stored
-// uncompressed (as encode_png writes it), as a uint8 CPU tensor [H, W, C]. Everything is checked
-// against the file's size (chunk lengths, CRCs, the zlib header and Adler-32, block lengths, row
-// filters); anything else, a compressed file included, is a one-line error that starts with `where`.
+// A PNG as a uint8 CPU tensor [H, W, C]: C = 1 gray, 2 gray + alpha, 3 RGB, 4 RGBA, palette images
+// as RGB (RGBA when tRNS gives the palette alpha; other colour types' tRNS is ignored). Every bit
+// depth and Adam7 interlacing are read: 16-bit samples keep their high byte, 1, 2 and 4-bit gray is
+// scaled to 0..255. Everything is checked against the file's size (chunk lengths, CRCs, the zlib
+// stream, row filters, palette indices) and an image over 1 GiB decoded is refused before anything
+// of its size is allocated; any of these is a one-line error that starts with `where`.
 at::Tensor decode_png(std::string_view bytes, const std::string& where);
 at::Tensor read_png(const std::string& path);
 

@@ -9,6 +9,7 @@
 
 #include "core/error.h"
 #include "core/json.h"
+#include "core/strings.h"
 
 namespace aligner {
 namespace {
@@ -98,10 +99,6 @@ int64_t size_field(const json& j, const char* key, const std::string& where,
   const auto v = fallback ? opt<int64_t>(j, key, where).value_or(*fallback) : req<int64_t>(j, key, where);
   if (v < 1 || v > kMaxSize) fail("{}: {} ({}) must be in [1, {}]", where, key, v, kMaxSize);
   return v;
-}
-
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 // A classifier is told by its class in "architectures"; its labels come from id2label, else

@@ -6,6 +6,7 @@
 #include <map>
 
 #include "core/error.h"
+#include "core/strings.h"
 #include "model/lora.h"
 #include "model/transformer.h"
 
@@ -15,10 +16,6 @@ namespace {
 std::optional<TensorParallel>& process_tp() {
   static std::optional<TensorParallel> tp;
   return tp;
-}
-
-bool ends_with(const std::string& s, const std::string& tail) {
-  return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
 }
 
 dist::Dist& group_of(const TensorSplit& s) {

@@ -121,6 +121,89 @@ void save_checkpoint(const std::string& output_dir, const std::vector<Checkpoint
   }
 }
 
+namespace {
+
+// A copy on the CPU that training cannot change (.to(kCPU) alone would alias CPU tensors); from a
+// GPU into pinned memory, which copies at the bus's speed and which torch's host allocator keeps
+// for the next checkpoint's copy.
+at::Tensor host_copy(const at::Tensor& t) {
+  auto out =
+      at::empty(t.sizes(), t.options().device(at::kCPU).pinned_memory(t.is_cuda()).requires_grad(false));
+  out.copy_(t.detach());
+  return out;
+}
+
+safetensors::NamedTensors host_copy(const safetensors::NamedTensors& tensors) {
+  safetensors::NamedTensors out;
+  out.reserve(tensors.size());
+  for (const auto& [name, t] : tensors) out.emplace_back(name, host_copy(t));
+  return out;
+}
+
+Transformer host_copy(const Transformer& m) {
+  const auto live = named_parameters(m);
+  const auto& first = live.front().second;
+  Transformer copy =
+      allocate_like(m, at::TensorOptions().dtype(first.scalar_type()).pinned_memory(first.is_cuda()));
+  const auto copied = named_parameters(copy);
+  if (copied.size() != live.size())
+    fail("checkpoint: a copy of the model has {} tensors, the model {}", copied.size(), live.size());
+  for (size_t i = 0; i < live.size(); ++i) {
+    const auto& from = live[i].second;
+    auto to = copied[i].second;
+    if (to.scalar_type() == from.scalar_type())
+      to.copy_(from.detach());
+    else  // a tensor kept in another dtype than the first (set_data reaches the model's own handle)
+      to.set_data(host_copy(from));
+  }
+  return copy;
+}
+
+}  // namespace
+
+CheckpointWriter::~CheckpointWriter() {
+  try {
+    wait();
+  } catch (const std::exception& e) {
+    log_warn("the last checkpoint was not written: {}", e.what());
+  }
+}
+
+void CheckpointWriter::wait() {
+  if (thread_.joinable()) thread_.join();
+  if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
+}
+
+void CheckpointWriter::write(const std::string& output_dir, const std::vector<CheckpointModule>& modules,
+                             const CheckpointState& state, int64_t keep_last) {
+  wait();
+  at::NoGradGuard no_grad;
+  auto models = std::make_shared<std::vector<Transformer>>();
+  models->reserve(modules.size());
+  std::vector<CheckpointModule> snapshot;
+  for (const auto& m : modules) {
+    // What save_checkpoint writes of the module, nothing more: the model of a whole one, else its
+    // trained tensors (or nothing, when each rank has written its pieces already).
+    CheckpointModule c = m;
+    c.params.clear();
+    c.optimizer_state = host_copy(m.optimizer_state);
+    if (m.whole_model && !m.sharded_params) {
+      models->push_back(host_copy(*m.model));
+      c.model = &models->back();
+    } else if (!m.sharded_params) {
+      c.params = host_copy(m.params);
+    }
+    snapshot.push_back(std::move(c));
+  }
+  thread_ = std::thread([this, output_dir, snapshot = std::move(snapshot), models, state, keep_last] {
+    try {
+      save_checkpoint(output_dir, snapshot, state, keep_last);
+    } catch (...) {
+      error_ = std::current_exception();
+    }
+  });
+}
+
 std::string checkpoint_problem(const std::string& dir) {
   const fs::path state = fs::path(dir) / "trainer_state.json";
   nlohmann::json files;

@@ -13,8 +13,11 @@
 #pragma once
 #include <nlohmann/json.hpp>
 
+#include <exception>
 #include <map>
+#include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "io/safetensors.h"
@@ -56,6 +59,26 @@ void write_weight_shard(const std::string& tmp_dir, const std::string& module, i
                         const std::map<std::string, int64_t>& offsets);
 void save_checkpoint(const std::string& output_dir, const std::vector<CheckpointModule>& modules,
                      const CheckpointState& state, int64_t keep_last);
+
+// save_checkpoint on a thread of its own, so that training goes on while the files are written.
+// write() takes a snapshot first (every tensor copied to the CPU, a whole model as a CPU copy of its
+// own) and returns once that copy is made; a write still under way is waited for before, so at most
+// one snapshot is held in host memory. wait() returns once nothing is being written and rethrows what
+// the last write failed with; the destructor waits too.
+class CheckpointWriter {
+ public:
+  CheckpointWriter() = default;
+  CheckpointWriter(const CheckpointWriter&) = delete;
+  CheckpointWriter& operator=(const CheckpointWriter&) = delete;
+  ~CheckpointWriter();
+  void write(const std::string& output_dir, const std::vector<CheckpointModule>& modules,
+             const CheckpointState& state, int64_t keep_last);
+  void wait();
+
+ private:
+  std::thread thread_;
+  std::exception_ptr error_;
+};
 
 // What is wrong with a checkpoint folder (unreadable state, a file missing or not of its recorded
 // size and checksum), or "" when it is whole.

@@ -458,6 +458,9 @@ TrainerOptions read_trainer_options(const Config& cfg) {
   o.val_interval = cfg.get_int("trainer.val_interval");
   o.save_interval = cfg.get_int("trainer.save_interval");
   o.keep_last = cfg.get_int("trainer.keep_last");
+  if (cfg.has("trainer.async_checkpoint")) o.async_checkpoint = cfg.get_string("trainer.async_checkpoint");
+  if (o.async_checkpoint != "auto" && o.async_checkpoint != "true" && o.async_checkpoint != "false")
+    fail("config key 'trainer.async_checkpoint' expects auto, true or false, got '{}'", o.async_checkpoint);
   o.log_interval = std::max<int64_t>(1, cfg.get_int("trainer.log_interval"));
   o.seed = uint64_t(cfg.get_int("trainer.seed"));
   o.output_dir = cfg.get_string("output_dir");
@@ -732,6 +735,11 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
 
   // The step of the newest checkpoint in output_dir; -1: none yet.
   int64_t saved_step = !ckpt.empty() && opt.resume != ckpt ? step : -1;
+  // A GPU's tensors are copied to host memory and written from there while training goes on; on
+  // the CPU that copy would double the memory the run needs, so there it is written in place.
+  const bool async_save =
+      opt.async_checkpoint == "true" || (opt.async_checkpoint == "auto" && leaves.front().device().is_cuda());
+  CheckpointWriter writer;
   auto save = [&] {
     saved_step = step;
     // Every rank's data position goes into the one checkpoint that rank 0 writes; with sharding
@@ -779,7 +787,10 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
                                  r.whole_model, states[k], bool(r.sharded_model), r.module.tokenizer_dir});
         state.modules.push_back(r.module.name);
       }
-      save_checkpoint(opt.output_dir, saved_modules, state, opt.keep_last);
+      if (async_save)
+        writer.write(opt.output_dir, saved_modules, state, opt.keep_last);
+      else
+        save_checkpoint(opt.output_dir, saved_modules, state, opt.keep_last);
     }
     barrier();
   };
@@ -802,6 +813,7 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
     if (stopping > 0) {
       progress.finish();
       if (saved_step != step) save();
+      writer.wait();
       fail("stopped by {} after step {}; the checkpoint {} holds it: run the same command to resume",
            stop_signal != 0 ? strsignal(stop_signal) : "a signal to another rank", step,
            (fs::path(opt.output_dir) / "checkpoints" / fmt::format("step_{}", step)).string());
@@ -936,7 +948,12 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
     if (opt.val_interval > 0 && step % opt.val_interval == 0) validate(step);
     if (opt.save_interval > 0 && step % opt.save_interval == 0) save();
     profiler.after_step(step);
-    if (step == kill_at) std::raise(kill_signal);
+    // As a kill after the step's checkpoint is on disk (a real one may lose a checkpoint still
+    // being written, never an older one).
+    if (step == kill_at) {
+      writer.wait();
+      std::raise(kill_signal);
+    }
   }
   progress.finish();
   if (step == 0)
@@ -981,6 +998,7 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
       log_info("wrote {} after {} steps", dir.string(), step);
     }
   }
+  writer.wait();
   barrier();
   // The models leave the trainer whole, as they came.
   for (auto& r : modules)

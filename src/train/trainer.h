@@ -202,6 +202,9 @@ struct TrainerOptions {
   int64_t val_interval = 0;  // 0: validate at the end only
   int64_t save_interval = 0;
   int64_t keep_last = 2;
+  // trainer.async_checkpoint: "auto" (when training on a GPU), "true" or "false": checkpoints
+  // written by a thread of their own (CheckpointWriter) while training goes on.
+  std::string async_checkpoint = "auto";
   int64_t log_interval = 1;
   uint64_t seed = 1234;
   std::string output_dir;
