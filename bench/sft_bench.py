@@ -52,18 +52,11 @@ def main():
     # bf16 weights, fused AdamW: the fastest plain-PyTorch step (it keeps no float32 master weights).
     model.to(torch.bfloat16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
-
-    def bf16_step(m):
-        loss = m(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    row("transformers, bf16 weights + fused AdamW + SDPA", *time_steps(lambda: bf16_step(model), WARMUP, ITERS))
+    row("transformers, bf16 weights + fused AdamW + SDPA",
+        *time_steps(lambda: hf_sft_step(model, opt, ids, autocast=False), WARMUP, ITERS))
     compiled = torch.compile(model)
-    row("the same under torch.compile", *time_steps(lambda: bf16_step(compiled), WARMUP + 1, ITERS))
+    row("the same under torch.compile",
+        *time_steps(lambda: hf_sft_step(compiled, opt, ids, autocast=False), WARMUP + 1, ITERS))
     del model, compiled, opt
     torch.cuda.empty_cache()
 

@@ -43,10 +43,11 @@ def make_8b():
     return model, folder
 
 
-def hf_sft_step(model, opt, ids):
-    """One SFT step as transformers' Trainer runs it with bf16=True: forward under bf16 autocast,
-    backward, global-norm clipping at 1.0, the optimizer's step; returns the loss."""
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+def hf_sft_step(model, opt, ids, autocast=True):
+    """One SFT step as transformers' Trainer runs it with bf16=True: forward under bf16 autocast
+    (without: a model already in bf16), backward, global-norm clipping at 1.0, the optimizer's step;
+    returns the loss."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

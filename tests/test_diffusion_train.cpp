@@ -202,7 +202,7 @@ TEST(DiffusionTrain, BadDataAreErrorsNamingTheFileAndLine) {
     return r.output;
   };
   const std::string where = (dir / "data.jsonl").string() + ":2";
-  EXPECT_NE(error(R"({"image": "images/none.png", "caption": "x"})").find(where + ": image"),
+  EXPECT_NE(error(R"({"image": "images/none.png", "caption": "x"})").find(where + ": field \"image\": image"),
             std::string::npos);
   EXPECT_NE(error(R"({"image": "images/none.png", "caption": "x"})").find("none.png does not exist"),
             std::string::npos);

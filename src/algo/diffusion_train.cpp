@@ -3,7 +3,9 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <filesystem>
+#include <fstream>
 #include <optional>
+#include <string_view>
 
 #include "algo/data_stream.h"
 #include "algo/rollout.h"
@@ -231,19 +233,28 @@ std::vector<CaptionedImage> read_captioned_images(const std::string& path, const
   for (int64_t i = 0; i < f.size(); ++i) {
     const auto where = f.where(i);
     const auto line = f.read(i);
-    const auto name = get_field<std::string>(line, image_field, where);
     CaptionedImage c;
     c.caption = get_field<std::string>(line, caption_field, where);
-    const fs::path file = folder / name;
-    if (!fs::is_regular_file(file)) fail("{}: image {} does not exist", where, file.string());
-    const auto px = read_rgb_png(file.string(), where);
+    const std::string file = png_field(line, image_field, folder.string(), where);
+    const auto px = read_rgb_png(file, where);
     if (px.size(1) != size || px.size(2) != size)
-      fail("{}: image {} is {} x {} pixels; data.image_size is {}", where, file.string(), px.size(2),
-           px.size(1), size);
+      fail("{}: image {} is {} x {} pixels; data.image_size is {}", where, file, px.size(2), px.size(1),
+           size);
     c.image = px.to(at::kFloat).div(127.5).sub(1);
     out.push_back(std::move(c));
   }
   return out;
+}
+
+std::string png_field(const nlohmann::json& line, const std::string& field, const std::string& folder,
+                      const std::string& where) {
+  const std::string file = (fs::path(folder) / get_field<std::string>(line, field, where)).string();
+  if (!fs::is_regular_file(file)) fail("{}: field \"{}\": image {} does not exist", where, field, file);
+  char magic[8] = {};
+  std::ifstream(file, std::ios::binary).read(magic, sizeof magic);
+  if (std::string_view(magic, sizeof magic) != std::string_view("\x89PNG\r\n\x1a\n", 8))
+    fail("{}: field \"{}\": {} is not a PNG file (convert JPEG and other images to PNG)", where, field, file);
+  return file;
 }
 
 at::Tensor read_rgb_png(const std::string& file, const std::string& where) {

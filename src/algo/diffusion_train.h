@@ -3,6 +3,7 @@
 // training do: the VAE on the images alone, or the UNet on their latents with the rest frozen.
 #pragma once
 #include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
 
 #include <optional>
 #include <string>
@@ -27,6 +28,11 @@ struct CaptionedImage {
 // over the three channels and alpha is dropped, as PIL's convert("RGB") does.
 std::vector<CaptionedImage> read_captioned_images(const std::string& path, const std::string& image_field,
                                                   const std::string& caption_field, int64_t size);
+
+// The PNG file that field `field` of a JSONL line names, relative to `folder`: a missing field or
+// file, or a file that does not start as a PNG does, is an error naming `where` and the field.
+std::string png_field(const nlohmann::json& line, const std::string& field, const std::string& folder,
+                      const std::string& where);
 
 // The PNG file `file` as uint8 [3, H, W]: gray repeated over the three channels and alpha dropped, as
 // PIL's convert("RGB") does. An unreadable file is an error naming `where` and the file.

@@ -2,8 +2,6 @@
 
 #include <cmath>
 #include <filesystem>
-#include <fstream>
-#include <string_view>
 
 #include "algo/data_stream.h"
 #include "algo/diffusion_train.h"
@@ -122,16 +120,7 @@ std::vector<ImagePair> read_image_pairs(const std::string& path, const Config& c
     p.where = where;
     p.caption = get_field<std::string>(line, caption_field, where);
     for (int k = 0; k < 2; ++k) {
-      const fs::path file = folder / get_field<std::string>(line, image_fields[size_t(k)], where);
-      if (!fs::is_regular_file(file))
-        fail("{}: field \"{}\": image {} does not exist", where, image_fields[size_t(k)], file.string());
-      // The images are decoded when a step reads them: what is not a PNG at all is found now.
-      char magic[8] = {};
-      std::ifstream(file, std::ios::binary).read(magic, sizeof magic);
-      if (std::string_view(magic, sizeof magic) != std::string_view("\x89PNG\r\n\x1a\n", 8))
-        fail("{}: field \"{}\": {} is not a PNG file (convert JPEG and other images to PNG)", where,
-             image_fields[size_t(k)], file.string());
-      p.images[k] = file.string();
+      p.images[k] = png_field(line, image_fields[size_t(k)], folder.string(), where);
       p.labels[k] = get_field<double>(line, label_fields[size_t(k)], where);
       if (!(p.labels[k] >= 0 && p.labels[k] <= 1))
         fail("{}: field \"{}\" must be in [0, 1], got {}", where, label_fields[size_t(k)], p.labels[k]);
