@@ -524,6 +524,9 @@ TEST(Progress, LineFormats) {
             "step 12/100 loss=2.3456 lr=1.00e-04 tok/s=5432 eta=3m12s kl=0.0123");
   EXPECT_EQ(progress_log_line(1, 100, {}, std::nan(""), -1), "step 1/100 tok/s=? eta=?");
   EXPECT_EQ(progress_tty_line(1, 100, {}, std::nan(""), -1), "step 1/100 | ? tok/s | ETA ?");
+  // A step that counts no tokens (an image recipe) shows no speed.
+  EXPECT_EQ(progress_log_line(3, 10, {{"reward", 0.5}}, 0.0, 5), "step 3/10 eta=5s reward=0.5000");
+  EXPECT_EQ(progress_tty_line(3, 10, {}, 0.0, 5), "step 3/10 | ETA 5s");
 }
 
 TEST(Progress, LogOutputPrintsEveryIntervalAndTheLastStep) {

@@ -46,7 +46,8 @@ std::string progress_line(int64_t step, int64_t total_steps, const MetricValues&
       parts.push_back(std::string(key) + pair + format_metric(key, *v));
     }
   }
-  parts.push_back(std::move(speed));
+  // No speed where a step counts no tokens (the image recipes).
+  if (!speed.empty()) parts.push_back(std::move(speed));
   parts.push_back(std::move(eta));
   for (const auto& [key, v] : values) {
     if (key != "loss" && key != "lr") parts.push_back(key + pair + format_metric(key, v));
@@ -92,15 +93,15 @@ std::string format_metric(const std::string& key, double value) {
 std::string progress_tty_line(int64_t step, int64_t total_steps, const MetricValues& values,
                               double tokens_per_s, double eta_s) {
   std::string speed = std::isfinite(tokens_per_s) ? format_thousands(std::llround(tokens_per_s)) : "?";
-  return progress_line(step, total_steps, values, " ", speed + " tok/s", "ETA " + format_duration(eta_s),
-                       " | ");
+  return progress_line(step, total_steps, values, " ", tokens_per_s == 0 ? "" : speed + " tok/s",
+                       "ETA " + format_duration(eta_s), " | ");
 }
 
 std::string progress_log_line(int64_t step, int64_t total_steps, const MetricValues& values,
                               double tokens_per_s, double eta_s) {
   std::string speed = std::isfinite(tokens_per_s) ? std::to_string(std::llround(tokens_per_s)) : "?";
-  return progress_line(step, total_steps, values, "=", "tok/s=" + speed, "eta=" + format_duration(eta_s),
-                       " ");
+  return progress_line(step, total_steps, values, "=", tokens_per_s == 0 ? "" : "tok/s=" + speed,
+                       "eta=" + format_duration(eta_s), " ");
 }
 
 JobProgress::JobProgress(int64_t total, double every_s)
