@@ -155,7 +155,7 @@ TEST(Pickscore, ResumesToTheSameWeights) {
 TEST(Pickscore, SaveAndLoadRoundTripExactly) {
   const auto dir = temp_dir("pickscore_save");
   const auto m = load_clip_model(kClip, at::kCPU);
-  save_clip_model(m, kClip, (dir / "copy").string(), Replace::ours);
+  save_clip_model(m, kClip + "/config.json", kClip, (dir / "copy").string(), Replace::ours);
   const auto again = load_clip_model((dir / "copy").string(), at::kCPU);
   const auto pa = named_parameters(m), pb = named_parameters(again);
   ASSERT_EQ(pa.size(), pb.size());
@@ -169,6 +169,39 @@ TEST(Pickscore, SaveAndLoadRoundTripExactly) {
   size_t weights = 0;
   for (const auto& t : src.tensors()) weights += t.name.find("position_ids") == std::string::npos;
   EXPECT_EQ(copy.tensors().size(), weights);
+  fs::remove_all(dir);
+}
+
+// `aligner init` makes a CLIPModel of random weights from a config.json, as transformers
+// initialises one, and `aligner pickscore` trains it from scratch.
+TEST(Pickscore, TrainsACLIPModelInitialisedFromAConfig) {
+  const auto dir = temp_dir("pickscore_init");
+  auto r = run_aligner(fmt::format("init --config {}/config.json --tokenizer {} --out {} --seed 5", kClip,
+                                   kClip, (dir / "model").string()));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("CLIPModel"), std::string::npos) << r.output;
+  const auto m = load_clip_model((dir / "model").string(), at::kCPU);
+  EXPECT_FLOAT_EQ(m.logit_scale.item<float>(), 2.6592f);
+  // transformers' init: embeddings N(0, 0.02), the projections N(0, hidden^-0.5), norms 1, biases 0.
+  EXPECT_NEAR(m.text.token_embedding.std().item<double>(), 0.02, 0.002);
+  EXPECT_NEAR(m.vision.projection.weight.std().item<double>(), 1 / std::sqrt(32.0), 0.03);
+  EXPECT_NEAR(m.text.projection.weight.std().item<double>(), 1 / std::sqrt(32.0), 0.03);
+  EXPECT_TRUE(m.vision.post_norm.eq(1).all().item<bool>());
+  EXPECT_TRUE(m.vision.layers[0].q.bias.eq(0).all().item<bool>());
+  EXPECT_FALSE(m.vision.projection.weight.equal(load_clip_model(kClip, at::kCPU).vision.projection.weight));
+
+  const auto train = write_pairs(dir / "train", 32, 6);
+  r = run_aligner(fmt::format(
+      "pickscore --model {} data.train={} trainer.micro_batch_size=8 trainer.global_batch_size=16 "
+      "trainer.max_epochs=100 trainer.max_steps=40 optim.lr=2e-3 optim.weight_decay=0 optim.warmup_steps=0 "
+      "output_dir={}",
+      (dir / "model").string(), train.string(), (dir / "run").string()));
+  ASSERT_EQ(r.status, 0) << r.output;
+  const auto rows = metrics(dir / "run");
+  ASSERT_EQ(rows.size(), 40u);
+  EXPECT_LT(rows.back()["loss"].get<double>(), 0.5 * rows.front()["loss"].get<double>()) << r.output;
+  r = run_aligner(fmt::format("init --config {}/config.json --out {}", kClip, (dir / "m2").string()));
+  EXPECT_NE(r.output.find("--tokenizer must be given"), std::string::npos) << r.output;
   fs::remove_all(dir);
 }
 

@@ -175,7 +175,7 @@ void run_pickscore(const Config& cfg) {
   module.optim = optim;
   module.other.parameters = [&m] { return named_parameters(m); };
   module.other.save = [&m, model_dir](const std::string& dir) {
-    save_clip_model(m, model_dir, dir, Replace::anything);
+    save_clip_model(m, (fs::path(model_dir) / "config.json").string(), model_dir, dir, Replace::anything);
   };
   module.params = module.other.parameters();
   Pickscore algo(cfg, m, *tok, std::move(train_data), ctx.dist.rank(), ctx.dist.world_size());

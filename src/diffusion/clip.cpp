@@ -200,6 +200,7 @@ ClipConfig load_clip_config(const std::string& config_path) {
     ClipConfigReader r{root, config_path, ""};
     const int64_t projection = r.integer("projection_dim", 512, 1);
     c.text.projection_dim = c.vision.projection_dim = projection;
+    c.logit_scale_init = r.positive("logit_scale_init_value", 2.6592);
     c.has_vision = c.has_text_projection = true;
   } else if (c.model_type == "clip_text_model") {
     c.text = parse_text(root, config_path, "");
@@ -349,6 +350,49 @@ ClipTextModel init_clip_text_model(const ClipTextConfig& c, uint64_t seed) {
   return m;
 }
 
+ClipModel init_clip_model(const ClipConfig& c, uint64_t seed) {
+  if (!c.has_vision) fail("init_clip_model: a CLIPModel config (model_type clip) is needed");
+  ClipModel m;
+  m.cfg = c;
+  m.text = init_clip_text_model(c.text, seed);
+  m.text.projection = Linear{at::empty({c.text.projection_dim, c.text.hidden_size}), {}};
+  const auto& v = c.vision;
+  const int64_t h = v.hidden_size,
+                positions = (v.image_size / v.patch_size) * (v.image_size / v.patch_size) + 1;
+  auto& vm = m.vision;
+  vm.cfg = v;
+  vm.class_embedding = at::empty({h});
+  vm.patch_embedding = at::empty({h, v.num_channels, v.patch_size, v.patch_size});
+  vm.position_embedding = at::empty({positions, h});
+  vm.pre_norm = at::empty({h}), vm.pre_norm_bias = at::empty({h});
+  for (int64_t i = 0; i < v.num_hidden_layers; ++i) {
+    const auto linear = [](int64_t out, int64_t in) {
+      return Linear{at::empty({out, in}), at::empty({out})};
+    };
+    ClipLayer l;
+    l.norm1 = at::empty({h}), l.norm1_bias = at::empty({h}), l.norm2 = at::empty({h}),
+    l.norm2_bias = at::empty({h});
+    l.q = linear(h, h), l.k = linear(h, h), l.v = linear(h, h), l.out = linear(h, h);
+    l.fc1 = linear(v.intermediate_size, h), l.fc2 = linear(h, v.intermediate_size);
+    vm.layers.push_back(std::move(l));
+  }
+  vm.post_norm = at::empty({h}), vm.post_norm_bias = at::empty({h});
+  vm.projection = Linear{at::empty({v.projection_dim, h}), {}};
+  // The text tower drew from `seed`; the vision tower and the text projection from a second stream.
+  auto gen = at::detail::createCPUGenerator(seed ^ 0x9E3779B97F4A7C15ull);
+  at::NoGradGuard no_grad;
+  const auto init = [&](const std::string&, at::Tensor& t, double std) {
+    if (std > 0)
+      t.normal_(0, std, gen);
+    else
+      t.fill_(std < 0 ? 1.0 : 0.0);
+  };
+  visit_vision(vm, init);
+  init("text_projection.weight", m.text.projection.weight, std::pow(double(c.text.hidden_size), -0.5));
+  m.logit_scale = at::scalar_tensor(c.logit_scale_init, at::kFloat);
+  return m;
+}
+
 void save_clip_text_model(const ClipTextModel& m, const std::string& dir) {
   const auto& c = m.cfg;
   safetensors::NamedTensors tensors;
@@ -385,16 +429,16 @@ std::vector<std::pair<std::string, at::Tensor>> named_parameters(const ClipModel
   return out;
 }
 
-void save_clip_model(const ClipModel& m, const std::string& source, const std::string& dir, Replace replace) {
-  const fs::path config_path = fs::path(source) / "config.json";
-  json config = read_json_file(config_path.string());
-  if (!config.is_object()) fail("{}: not a JSON object", config_path.string());
+void save_clip_model(const ClipModel& m, const std::string& config_path, const std::string& tokenizer_from,
+                     const std::string& dir, Replace replace) {
+  json config = read_json_file(config_path);
+  if (!config.is_object()) fail("{}: not a JSON object", config_path);
   // transformers 5 writes "dtype", 4 "torch_dtype": the source's spelling is kept.
   config[config.contains("dtype") ? "dtype" : "torch_dtype"] =
       dtype_name(m.text.token_embedding.scalar_type());
   safetensors::NamedTensors tensors;
   for (auto& [name, t] : named_parameters(m)) tensors.emplace_back(name, t.detach());
-  save_folder(dir, replace, source, [&](const std::string& tmp) {
+  save_folder(dir, replace, tokenizer_from, [&](const std::string& tmp) {
     write_text(fs::path(tmp) / "config.json", config.dump(2) + "\n");
     safetensors::save((fs::path(tmp) / "model.safetensors").string(), tensors);
   });

@@ -55,6 +55,7 @@ struct ClipConfig {
   bool has_vision = false;            // CLIPModel
   bool has_text_projection = false;   // CLIPModel, CLIPTextModelWithProjection
   at::ScalarType dtype = at::kFloat;  // config.json's torch_dtype
+  double logit_scale_init = 2.6592;   // CLIPModel: logit_scale_init_value, log(1 / 0.07)
 };
 
 // A CLIPModel folder's config.json (model_type "clip": text_config, vision_config, projection_dim,
@@ -116,11 +117,17 @@ void save_clip_text_model(const ClipTextModel& m, const std::string& dir);
 // vision tower, both projections and logit_scale. What a trainer optimises.
 std::vector<std::pair<std::string, at::Tensor>> named_parameters(const ClipModel& m);
 
-// `m` as a CLIPModel folder that transformers and load_clip_model read: `source`'s config.json with
-// torch_dtype the weights' dtype, model.safetensors, and source's tokenizer and preprocessor files;
-// with save_folder's guarantees (a new folder renamed into place, `dir` replaced only as `replace`
-// allows).
-void save_clip_model(const ClipModel& m, const std::string& source, const std::string& dir, Replace replace);
+// `m` as a CLIPModel folder that transformers and load_clip_model read: the config.json at
+// config_path with its dtype the weights', model.safetensors, and the tokenizer and preprocessor
+// files of tokenizer_from; with save_folder's guarantees (a new folder renamed into place, `dir`
+// replaced only as `replace` allows).
+void save_clip_model(const ClipModel& m, const std::string& config_path, const std::string& tokenizer_from,
+                     const std::string& dir, Replace replace);
+
+// A CLIPModel (config.json's model_type "clip") with random weights as transformers initialises one,
+// logit_scale at logit_scale_init_value; float32 on the CPU: a reward model trained from scratch
+// (`aligner init`, then `aligner pickscore`).
+ClipModel init_clip_model(const ClipConfig& c, uint64_t seed);
 
 struct ClipTextOutput {
   at::Tensor last_hidden_state;  // [B, T, hidden], after final_layer_norm
