@@ -2,6 +2,9 @@
 // scripts/make_model_fixtures.py), and its behaviour on padding, packing and bad input.
 #include <gtest/gtest.h>
 
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/csrc/autograd/autograd.h>
+
 #include <filesystem>
 #include <fstream>
 
@@ -355,4 +358,40 @@ TEST(Model, ProjectionsOfOneInputJoinForGenerationAndTrainSeparately) {
 
   b.v.weight = b.v.weight.detach().clone();
   EXPECT_FALSE(joined_linear({&b.q, &b.k, &b.v}).has_value());
+}
+
+// The LM head's chunked log-probs with their own backward: values and gradients (of the rows and the
+// weight, in float64) are autograd's through the full log-softmax, chunk boundaries anywhere, rows
+// without a target contributing nothing; and the weight's gradient arrives once, as data-parallel
+// hooks need it.
+TEST(Model, ChunkedHeadLogprobsMatchAutogradThroughTheFullSoftmax) {
+  auto gen = at::detail::createCPUGenerator(9);
+  const auto opts = at::TensorOptions().dtype(at::kDouble);
+  const auto rows = at::randn({11, 6}, gen, opts).requires_grad_(true);
+  const auto weight = (at::randn({13, 6}, gen, opts) * 0.7).requires_grad_(true);
+  const auto targets = at::tensor({3, 0, 12, -100, 7, 7, 1, -100, 5, 12, 2}, at::kLong);
+  const auto upstream = at::randn({11}, gen, opts);
+
+  const auto logp = at::log_softmax(at::mm(rows, weight.t()), 1);
+  const auto valid = (targets >= 0).to(at::kDouble);
+  const auto want = logp.gather(1, targets.clamp_min(0).unsqueeze(1)).squeeze(1) * valid;
+  const auto want_grads = torch::autograd::grad({want}, {rows, weight}, {upstream});
+  for (int64_t chunk : {1, 4, 11, 64}) {
+    int calls = 0;
+    const auto key = weight.register_hook([&](const at::Tensor&) { ++calls; });
+    const auto got = head_logprobs(rows, weight, targets, chunk);
+    EXPECT_TRUE(at::allclose(got, want, 1e-12, 1e-12)) << chunk;
+    rows.mutable_grad() = at::Tensor();
+    weight.mutable_grad() = at::Tensor();
+    got.backward(upstream);
+    EXPECT_TRUE(at::allclose(rows.grad(), want_grads[0], 1e-12, 1e-12)) << chunk;
+    EXPECT_TRUE(at::allclose(weight.grad(), want_grads[1], 1e-12, 1e-12)) << chunk;
+    EXPECT_EQ(calls, 1) << chunk;
+    weight.remove_hook(key);
+  }
+  // A frozen weight gets no gradient; the rows still do.
+  const auto frozen = weight.detach();
+  const auto g = torch::autograd::grad({head_logprobs(rows, frozen, targets, 4)}, {rows}, {upstream});
+  EXPECT_TRUE(at::allclose(g[0], want_grads[0], 1e-12, 1e-12));
+  EXPECT_THROW(head_logprobs(rows, weight, targets.narrow(0, 0, 5), 4), Error);
 }

@@ -425,6 +425,79 @@ at::Tensor at_least_float(const at::Tensor& t) {
 }
 }  // namespace
 
+namespace {
+
+// head_logprobs with its own backward: what autograd would keep of the chunks (their float32
+// log-softmax, 2 GB for 16k tokens of a 32k vocabulary) is not kept; the backward pass computes
+// each chunk's logits again, d log p(t) / d logits = onehot(t) - softmax, and returns the rows' and
+// the weight's gradients once each (a weight gradient per chunk would reach data-parallel hooks as
+// several gradients of one parameter).
+struct HeadLogprobs : torch::autograd::Function<HeadLogprobs> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& rows,
+                            const at::Tensor& weight, const at::Tensor& targets, int64_t chunk) {
+    const int64_t N = rows.size(0);
+    const auto fp = at::promote_types(rows.scalar_type(), at::kFloat);
+    auto out = at::empty({N}, rows.options().dtype(fp));
+    auto lse = at::empty({N}, rows.options().dtype(fp));
+    for (int64_t s = 0; s < N; s += chunk) {
+      const int64_t n = std::min(chunk, N - s);
+      const auto logits = at::mm(rows.narrow(0, s, n), weight.t()).to(fp);
+      const auto tt = targets.narrow(0, s, n);
+      const auto z = at::logsumexp(logits, 1);
+      lse.narrow(0, s, n).copy_(z);
+      const auto picked = logits.gather(1, tt.clamp_min(0).unsqueeze(1)).squeeze(1) - z;
+      out.narrow(0, s, n).copy_(picked * (tt >= 0).to(fp));
+    }
+    ctx->save_for_backward({rows, weight, targets, lse});
+    ctx->saved_data["chunk"] = chunk;
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &rows = saved[0], &weight = saved[1], &targets = saved[2], &lse = saved[3];
+    const int64_t chunk = ctx->saved_data["chunk"].toInt(), N = rows.size(0);
+    const auto g = grads[0];
+    const bool want_rows = ctx->needs_input_grad(0), want_weight = ctx->needs_input_grad(1);
+    at::Tensor grad_rows = want_rows ? at::empty_like(rows) : at::Tensor();
+    // The weight's gradient summed over the chunks in float32, rounded once.
+    at::Tensor grad_weight =
+        want_weight ? at::zeros_like(weight, weight.options().dtype(lse.scalar_type())) : at::Tensor();
+    for (int64_t s = 0; s < N; s += chunk) {
+      const int64_t n = std::min(chunk, N - s);
+      const auto r = rows.narrow(0, s, n);
+      const auto tt = targets.narrow(0, s, n);
+      const auto gs = g.narrow(0, s, n) * (tt >= 0).to(g.scalar_type());
+      auto d = at::exp(at::mm(r, weight.t()).to(lse.scalar_type()) - lse.narrow(0, s, n).unsqueeze(1));
+      d.mul_(gs.unsqueeze(1).neg());
+      d.scatter_add_(1, tt.clamp_min(0).unsqueeze(1), gs.unsqueeze(1));
+      const auto d_low = d.to(rows.scalar_type());
+      if (want_rows) grad_rows.narrow(0, s, n).copy_(at::mm(d_low, weight));
+      if (want_weight) grad_weight.addmm_(d_low.t(), r, 1, 1);
+    }
+    return {grad_rows, want_weight ? grad_weight.to(weight.scalar_type()) : at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+}  // namespace
+
+at::Tensor head_logprobs(const at::Tensor& rows, const at::Tensor& weight, const at::Tensor& targets,
+                         int64_t chunk_rows) {
+  if (rows.dim() != 2 || weight.dim() != 2 || rows.size(1) != weight.size(1) || targets.dim() != 1 ||
+      targets.size(0) != rows.size(0) || chunk_rows < 1)
+    fail(
+        "head_logprobs: rows [N, H], weight [V, H], targets [N] and chunk_rows >= 1, got [{}], [{}], [{}], "
+        "{}",
+        fmt::join(rows.sizes(), ", "), fmt::join(weight.sizes(), ", "), fmt::join(targets.sizes(), ", "),
+        chunk_rows);
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Warray-bounds"
+  return HeadLogprobs::apply(rows, weight, targets, chunk_rows);
+#pragma GCC diagnostic pop
+}
+
 at::Tensor token_logprobs(const Transformer& m, const at::Tensor& hidden, const at::Tensor& targets) {
   if (!m.lm_head.weight.defined()) fail("this model is a sequence classifier: it has no lm_head");
   const int64_t H = hidden.size(-1);
@@ -437,6 +510,9 @@ at::Tensor token_logprobs(const Transformer& m, const at::Tensor& hidden, const 
     // Each rank's share of the vocabulary: as many rows per chunk for the same memory.
     return tensor_parallel_logprobs(m, h, t, chunk * m.tp->size()).view(targets.sizes());
   }
+  const auto& head = m.lm_head;
+  if (!head.bias.defined() && !head.lora.a.defined() && head.split == Split::kNone)
+    return head_logprobs(h, head.weight, t, chunk).view(targets.sizes());
   std::vector<at::Tensor> out;
   for (int64_t s = 0; s < h.size(0); s += chunk) {
     const int64_t n = std::min(chunk, h.size(0) - s);

@@ -103,6 +103,11 @@ at::Tensor lm_logits(const Transformer& m, const at::Tensor& hidden);
 // log p(targets | context) per position, computed in float32 (float64 for a float64 model) and in
 // chunks so that the full [B, T, vocab] float32 log-softmax is never held at once: [B, T].
 at::Tensor token_logprobs(const Transformer& m, const at::Tensor& hidden, const at::Tensor& targets);
+// token_logprobs through a plain head (weight [V, H], no bias or adapter): rows [N, H], targets [N]
+// (negative: no target, 0 out), chunk_rows rows at a time. Its backward computes the chunks' logits
+// again instead of keeping their float32 log-softmax. [N] in float32 (float64 for float64 rows).
+at::Tensor head_logprobs(const at::Tensor& rows, const at::Tensor& weight, const at::Tensor& targets,
+                         int64_t chunk_rows);
 // A sequence classifier's outputs, [B, num_labels] in float32 (float64 for a float64 model): the
 // score head read at each row's last token that is neither padding (attention_mask 0) nor
 // cfg.pad_token_id. That is the token transformers' XxxForSequenceClassification reads (the
