@@ -7,12 +7,10 @@
 #include <optional>
 #include <string>
 
-
 #include "algo/dpo.h"
 #include "bench_util.h"
 #include "io/hf_checkpoint.h"
 #include "train/optimizer.h"
-
 
 int main(int argc, char** argv) {
   if (argc < 8) {

@@ -54,7 +54,7 @@ int main(int argc, char** argv) {
     const double n_targets = double(B * (T - 1));
     loss = [&m, ids, targets, n_targets, checkpoint] {
       aligner::ForwardInput in{ids};
-      in.checkpoint_layers = checkpoint;
+      in.checkpointed_layers = checkpoint ? aligner::kAllLayers : 0;
       return -aligner::token_logprobs(m, aligner::forward_hidden(m, in), targets).sum() / n_targets;
     };
   } else {

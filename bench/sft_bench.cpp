@@ -4,11 +4,9 @@
 #include <cstdlib>
 #include <string>
 
-
 #include "bench_util.h"
 #include "io/hf_checkpoint.h"
 #include "train/optimizer.h"
-
 
 int main(int argc, char** argv) {
   if (argc < 7) {
@@ -30,7 +28,7 @@ int main(int argc, char** argv) {
   const double n_targets = double(B * (T - 1));
   auto step = [&] {
     aligner::ForwardInput in{ids};
-    in.checkpoint_layers = checkpoint;
+    in.checkpointed_layers = checkpoint ? aligner::kAllLayers : 0;
     auto loss = -aligner::token_logprobs(m, aligner::forward_hidden(m, in), targets).sum() / n_targets;
     loss.backward();
     aligner::clip_grad_norm(params, 1.0);

@@ -10,7 +10,8 @@ next tokens, backward, global-norm clipping at 1.0, AdamW. The baselines (issue 
 aligner keeps bf16 weights with float32 master weights and moments (bench/sft_bench.cpp: the
 trainer's step on fixed random tokens). The last row is the command itself: `aligner sft` on real
 hh-rlhf chats (examples/data/hh-rlhf, Llama 2's tokenizer) packed into rows of 2048, 8 rows a step,
-counting useful (non-pad) tokens. MFU counts 6 x parameters x tokens plus attention (6 x layers x
+counting useful (non-pad) tokens; with two GPUs visible, again data parallel on both (per GPU: the
+scaling efficiency). MFU counts 6 x parameters x tokens plus attention (6 x layers x
 seq x hidden per token, causal) against 989 TFLOP/s.
 """
 import json
@@ -69,12 +70,17 @@ def main():
         add_tokenizer(folder)
         data = os.path.join(tempfile.mkdtemp(prefix="sft_bench_data_"), "hh.jsonl")
         hh_rlhf_file(data, sft=True)
-        ms, tps, peak = command_steps(build, "sft", [
-            f"model.path={folder}", "model.device=cuda", "model.dtype=bfloat16", f"data.train={data}",
-            "data.format=text", "data.packing=true", f"data.max_length={T}", f"trainer.micro_batch_size={B}",
-            f"trainer.global_batch_size={B}", "optim.lr=1e-5", "optim.scheduler=constant", "optim.warmup_steps=0"],
-            steps=12, warmup=3)
+        args = [f"model.path={folder}", "model.device=cuda", "model.dtype=bfloat16", f"data.train={data}",
+                "data.format=text", "data.packing=true", f"data.max_length={T}", f"trainer.micro_batch_size={B}",
+                "optim.lr=1e-5", "optim.scheduler=constant", "optim.warmup_steps=0"]
+        ms, tps, peak = command_steps(build, "sft", [*args, f"trainer.global_batch_size={B}"], steps=12, warmup=3)
         rows.append(("`aligner sft`, packed hh-rlhf chats, useful tokens/s", ms, tps, peak))
+        if torch.cuda.device_count() >= 2:
+            # Data parallel on 2 GPUs, the same rows per GPU: tokens/s per GPU, so that the ratio to
+            # the row above is the scaling efficiency.
+            ms2, tps2, peak2 = command_steps(build, "sft", [*args, f"trainer.global_batch_size={2 * B}"], steps=12,
+                                             warmup=3, ranks=2)
+            rows.append((f"the same on 2 GPUs, per GPU ({tps2 / 2 / tps:.1%} of linear scaling)", ms2, tps2 / 2, peak2))
 
     compiled_tps = rows[2][2]
     print(f"\nSFT step, 1.1B Llama bf16, {B}x{T} tokens, activation checkpointing {'on' if ckpt else 'off'}, "

@@ -4,8 +4,10 @@ float32 reductions, torch AdamW) in the same run.
   default: a 1.1B Llama (TinyLlama shape), 8 x 2048 tokens per GPU per step, aligner's
            trainer.sharding none | optimizer | gradients | full;
   --8b:    a Llama-3-8B shape, 4 x 4096 tokens per GPU per step in two micro-batches, activation
-           checkpointing in both,
-           trainer.sharding=full (the others do not fit).
+           checkpointing in both (FSDP2 needs it to fit), trainer.sharding=full (the others do not
+           fit); and aligner's run again without checkpointing, which its memory allows;
+  --largest: a Llama-2-13B shape (13.0B parameters) with trainer.sharding=full and checkpointing,
+           aligner alone: the largest common shape whose full fine-tuning fits 2 H200s.
 
   --ckpt:  the 1.1B model in two micro-batches with checkpointing, as the 8B; sharding none | full.
 
@@ -16,6 +18,7 @@ and peak memory per GPU, steps 3..8 timed (aligner: its metrics.jsonl; FSDP2: wa
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,19 +29,23 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tinyllama import CONFIG, LLAMA3_8B, add_tokenizer, make_8b, make_model, sft_data_file  # noqa: E402
+from tp_bench import train_rows  # noqa: E402
+from tinyllama import CONFIG, LLAMA2_13B, LLAMA3_8B, add_tokenizer, make_8b, make_model, sft_data_file  # noqa: E402
 
-BIG = "--8b" in sys.argv
+LARGEST = "--largest" in sys.argv
+BIG = "--8b" in sys.argv or LARGEST
 # --ckpt: the 1.1B model run as the 8B one is (two micro-batches of 8192 tokens, activation
 # checkpointing; 2048 is its context), to tell the cost of recomputation from that of size.
 CKPT = BIG or "--ckpt" in sys.argv
-CFG = LLAMA3_8B if BIG else CONFIG
+CFG = LLAMA2_13B if LARGEST else LLAMA3_8B if BIG else CONFIG
 B, T = (4, 4096) if BIG else (8, 2048)
 # Micro-batch: at 8B, 4 x 4096 tokens' float32 logits (8 GB, and their gradient) do not fit beside
 # FSDP2's shards, so both accumulate two micro-batches of 2 x 4096.
 MB = B // 2 if CKPT else B
 STEPS, WARMUP, PEAK = 8, 2, 989e12
-STAGES = ("full",) if BIG else ("none", "full") if CKPT else ("none", "optimizer", "gradients", "full")
+# (sharding, activation checkpointing) of aligner's rows.
+RUNS = ([("full", True)] if LARGEST else [("full", True), ("full", False)] if BIG else
+        [("none", True), ("full", True)] if CKPT else [(s, False) for s in ("none", "optimizer", "gradients", "full")])
 
 
 def fsdp_worker(rank, folder, port, result):
@@ -77,21 +84,31 @@ def fsdp_worker(rank, folder, port, result):
     dist.destroy_process_group()
 
 
-def ours(build, folder, data, sharding, port):
+def ours(build, folder, data, sharding, ckpt, port):
     out = tempfile.mkdtemp(prefix="shard_bench_")
     a = os.path.abspath(os.path.join(build, "aligner"))
     cmd = [a, "launch", "--nproc-per-node", "2", "--master-port", str(port), "--", a, "sft", f"model.path={folder}",
            "model.device=cuda", "model.dtype=bfloat16", f"data.train={data}", "data.packing=true",
            f"data.max_length={T}", f"trainer.micro_batch_size={MB}", f"trainer.global_batch_size={2 * B}",
            f"trainer.max_steps={STEPS}", "optim.lr=1e-5", "optim.scheduler=constant", f"trainer.sharding={sharding}",
-           f"output_dir={out}", "trainer.val_interval=0", f"model.activation_checkpointing={str(CKPT).lower()}"]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode != 0:
-        sys.exit(f"aligner sharding={sharding} failed:\n{(p.stdout + p.stderr)[-3000:]}")
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [r for r in map(json.loads, f) if r.get("split") == "train"][WARMUP:]
+           f"output_dir={out}", "trainer.val_interval=0", f"model.activation_checkpointing={str(ckpt).lower()}"]
+    metrics = os.path.join(out, "metrics.jsonl")
+    # Stopped once its last step is logged: the final export (16 GB at 8B) is not what is measured.
+    with open(out + ".log", "w") as log_file:
+        p = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        while p.poll() is None and not (os.path.exists(metrics) and len(train_rows(metrics)) >= STEPS):
+            time.sleep(2)
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    with open(out + ".log") as f:
+        text = f.read()
+    os.remove(out + ".log")
+    rows = train_rows(metrics)[WARMUP:STEPS] if os.path.exists(metrics) else []
     shutil.rmtree(out, ignore_errors=True)
-    memory = next((l for l in p.stderr.splitlines() if "memory per rank" in l), "")
+    if len(rows) < STEPS - WARMUP:
+        sys.exit(f"aligner sharding={sharding} failed:\n{text[-3000:]}")
+    memory = next((l for l in text.splitlines() if "memory per rank" in l), "")
     step_s = sum(r["step_seconds"] for r in rows) / len(rows)
     tokens = sum(r["tokens_per_s"] * r["step_seconds"] for r in rows) / len(rows)  # per step, both GPUs
     return tokens / 2 / step_s, max(r["peak_memory_gb"] for r in rows), memory.split("] ")[-1]
@@ -107,7 +124,7 @@ def add_bpe_tokenizer(folder):
 
 def main():
     build = next((a for a in sys.argv[1:] if not a.startswith("--")), "build-cuda")
-    model, folder = make_8b() if BIG else make_model(torch.bfloat16)
+    model, folder = make_8b(CFG) if BIG else make_model(torch.bfloat16)
     n_params = sum(p.numel() for p in model.parameters()) - CFG.vocab_size * CFG.hidden_size
     del model
     torch.cuda.empty_cache()
@@ -115,13 +132,16 @@ def main():
     data = os.path.join(folder, "data.jsonl")
     sft_data_file(data)
     flops_per_token = 6 * n_params + 6 * CFG.num_hidden_layers * T * CFG.hidden_size
-    print(f"\nSFT, {'Llama-3-8B shape' if BIG else '1.1B Llama'} ({n_params / 1e9:.1f}B parameters besides the "
+    shape = "Llama-2-13B shape" if LARGEST else "Llama-3-8B shape" if BIG else "1.1B Llama"
+    print(f"\nSFT, {shape} ({n_params / 1e9:.1f}B parameters besides the "
           f"embeddings), 2 x {torch.cuda.get_device_name()}, {B} x {T} tokens per GPU per step, "
           f"torch {torch.__version__}")
     print("| impl | tokens/s per GPU | MFU | peak GB per GPU | vs FSDP2 |")
     print("|---|---|---|---|---|", flush=True)
     result = mp.get_context("spawn").SimpleQueue()
     try:
+        if LARGEST:
+            raise RuntimeError("not run at this size")
         mp.spawn(fsdp_worker, args=(folder, 29700, result), nprocs=2)
         fsdp_s, fsdp_peak = result.get()
         fsdp_tps = B * T / fsdp_s
@@ -129,13 +149,13 @@ def main():
         print(f"| PyTorch FSDP2 | failed: {str(e).splitlines()[-1][:120]} | | | |", flush=True)
         fsdp_tps, fsdp_peak = float("nan"), float("nan")
     # Each row as soon as it is measured, so that a run cut short still says what it found.
-    row = lambda name, tps, peak: print(f"| {name} | {tps:,.0f} | {tps * flops_per_token / PEAK:.1%} | {peak:.1f} | "
-                                        f"{tps / fsdp_tps:.2f}x |", flush=True)
+    row = lambda name, tps, peak: print(f"| {name} | {tps:,.0f} | {tps * flops_per_token / PEAK:.1%} | {peak:.1f} | " +
+                                        (f"{tps / fsdp_tps:.2f}x" if fsdp_tps == fsdp_tps else "-") + " |", flush=True)
     if fsdp_tps == fsdp_tps:
-        row("PyTorch FSDP2 (fully_shard, bf16 mixed precision)", fsdp_tps, fsdp_peak)
-    for i, sharding in enumerate(STAGES):
-        tps, peak, memory = ours(build, folder, data, sharding, 29710 + i)
-        row(f"aligner trainer.sharding={sharding}", tps, peak)
+        row(f"PyTorch FSDP2 (fully_shard, bf16 mixed precision{', checkpointing' if CKPT else ''})", fsdp_tps, fsdp_peak)
+    for i, (sharding, ckpt) in enumerate(RUNS):
+        tps, peak, memory = ours(build, folder, data, sharding, ckpt, 29710 + i)
+        row(f"aligner trainer.sharding={sharding}{', checkpointing' if ckpt else ''}", tps, peak)
         print(f"  ({memory})", flush=True)
 
 

@@ -32,13 +32,17 @@ LLAMA3_8B = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_la
                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
                         tie_word_embeddings=False)
 
+LLAMA2_13B = LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                         num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                         tie_word_embeddings=False)
 
-def make_8b():
-    """(random-weight Llama 3 8B shape, made in bf16 on the GPU, folder holding its weights)."""
+
+def make_8b(cfg=LLAMA3_8B):
+    """(random-weight model of `cfg`'s shape (Llama 3 8B's), made in bf16 on the GPU, folder holding its weights)."""
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = LlamaForCausalLM._from_config(LLAMA3_8B, attn_implementation="sdpa", dtype=torch.bfloat16)
-    folder = tempfile.mkdtemp(prefix="llama3_8b_")
+        model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16)
+    folder = tempfile.mkdtemp(prefix="llama_big_")
     model.save_pretrained(folder)
     return model, folder
 
@@ -151,12 +155,14 @@ def hh_rlhf_file(path, sft):
             out.write(json.dumps({"text": json.loads(line)["chosen"].strip()}) + "\n" if sft else line)
 
 
-def command_steps(build, command, args, steps, warmup):
-    """Runs `aligner COMMAND ARGS... trainer.max_steps=steps` in a scratch output folder and reads its
-    metrics.jsonl: (ms per step, tokens/s, peak GB) over steps warmup..steps, tokens being the
-    non-pad tokens the steps processed."""
+def command_steps(build, command, args, steps, warmup, ranks=1):
+    """Runs `aligner COMMAND ARGS... trainer.max_steps=steps` (on `ranks` GPUs under `aligner launch`)
+    in a scratch output folder and reads its metrics.jsonl: (ms per step, tokens/s, peak GB) over
+    steps warmup..steps, tokens being the non-pad tokens the steps processed (over all ranks)."""
     out = tempfile.mkdtemp(prefix=f"bench_{command}_")
-    r = subprocess.run([f"{build}/aligner", command, *args, f"trainer.max_steps={steps}", "trainer.max_epochs=100",
+    a = os.path.abspath(f"{build}/aligner")
+    launch = [a, "launch", "--nproc-per-node", str(ranks), "--"] if ranks > 1 else []
+    r = subprocess.run([*launch, a, command, *args, f"trainer.max_steps={steps}", "trainer.max_epochs=100",
                         "trainer.val_interval=0", "trainer.save_interval=0", f"output_dir={out}"],
                        capture_output=True, text=True)
     if r.returncode != 0:

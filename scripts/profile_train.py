@@ -1,9 +1,14 @@
 """Where one SFT step's GPU time goes, by kernel family, from the torch profiler (Kineto) in aligner.
 
-Run on the GPU machine after scripts/build_cuda.sh:  python3 scripts/profile_train.py [BUILD_DIR] [1b] [8b-tp2]
-  1b      the 1.1B TinyLlama shape on one GPU, 8 x 2048 packed tokens a step (bench/sft_bench's step)
-  8b-tp2  the Llama-3-8B shape split over 2 GPUs (trainer.tensor_parallel=2), 4 x 4096 tokens a step in
-          micro-batches of 2 (bench/tp_bench's step); rank 0 is profiled
+Run on the GPU machine after scripts/build_cuda.sh:  python3 scripts/profile_train.py [BUILD_DIR] [WHICH...]
+  1b       the 1.1B TinyLlama shape on one GPU, 8 x 2048 packed tokens a step (bench/sft_bench's step)
+  1b-dp2   the same on each of 2 GPUs, data parallel (16 x 2048 a step)
+  8b-tp2   the Llama-3-8B shape split over 2 GPUs (trainer.tensor_parallel=2), 4 x 4096 tokens a step in
+           micro-batches of 2 (bench/tp_bench's step)
+  8b-full  the Llama-3-8B shape with trainer.sharding=full on 2 GPUs, 4 x 4096 tokens per GPU a step in
+           micro-batches of 2, activation checkpointing (bench/sharded_bench --8b's step); 8b-full-K: only
+           the first K layers checkpointed (8b-full-0: none)
+Rank 0 is profiled.
 Each runs `aligner sft` for --steps steps with ALIGNER_PROFILE_STEPS=3:N (src/train/step_profiler.h),
 which writes rank 0's kernels of steps 3..N as a Chrome trace; their times are summed per family
 (GEMMs, attention, norms, loss, optimizer, NCCL, elementwise, copies) per step and set against the
@@ -17,7 +22,9 @@ import re
 import shutil
 import subprocess
 import sys
+import signal
 import tempfile
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
 import tp_bench  # noqa: E402
@@ -67,17 +74,35 @@ def profile(build, name, folder, data, ranks, extra, steps, micro, length):
     out = tempfile.mkdtemp(prefix="profile_train_")
     sft = ["sft", f"model.path={folder}", "model.device=cuda", "model.dtype=bfloat16", f"data.train={data}",
            "data.packing=true", f"data.max_length={length}", f"trainer.micro_batch_size={micro}",
-           f"trainer.max_steps={steps}", "optim.lr=1e-5", "optim.scheduler=constant", f"output_dir={out}/run",
+           f"trainer.max_steps={steps + 1}", "optim.lr=1e-5", "optim.scheduler=constant", f"output_dir={out}/run",
            "trainer.val_interval=0", *extra]
     cmd = tp_bench.launched(a, sft, ranks)
     tp_bench.log(f"{name}: profiling steps 3..{steps}")
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=420,
-                       env={**os.environ, "ALIGNER_PROFILE_STEPS": f"3:{steps}"})
-    if p.returncode != 0:
-        tp_bench.log(f"{name}: exit {p.returncode}\n{tp_bench.tail(p.stdout + p.stderr)}")
+    metrics = os.path.join(out, "run", "metrics.jsonl")
+    # Stopped once a step after the profiled ones is logged (the trace is written by then): the final
+    # export (16 GB at 8B) is not what is measured.
+    with open(out + ".log", "w") as log_file:
+        p = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                             env={**os.environ, "ALIGNER_PROFILE_STEPS": f"3:{steps}"})
+        t0 = time.time()
+        while p.poll() is None and time.time() - t0 < 420:
+            time.sleep(2)
+            if os.path.exists(metrics) and len(tp_bench.train_rows(metrics)) > steps:
+                break
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    with open(out + ".log") as f:
+        text = f.read()
+    os.remove(out + ".log")
+    if not os.path.exists(metrics) or len(tp_bench.train_rows(metrics)) <= steps:
+        tp_bench.log(f"{name}: exit {p.returncode}\n{tp_bench.tail(text)}")
         return None
-    rows = tp_bench.train_rows(os.path.join(out, "run", "metrics.jsonl"))
-    timed = rows[2:]
+    memory = next((l.split("] ")[-1] for l in text.splitlines() if "memory per rank" in l), "")
+    if memory:
+        print(f"{name}: {memory}")
+    rows = tp_bench.train_rows(metrics)
+    timed = rows[2:steps]
     step_ms = 1e3 * sum(r["step_seconds"] for r in timed) / len(timed)
     tokens = sum(r["tokens_per_s"] * r["step_seconds"] for r in timed) / len(timed)
     by_family, by_name, host = kernel_sums(os.path.join(out, "run", "profile.rank-0.json"))
@@ -109,7 +134,7 @@ def main():
     ap.add_argument("which", nargs="*", default=["1b", "8b-tp2"])
     ap.add_argument("--steps", type=int, default=6)
     args = ap.parse_args()
-    if "1b" in args.which:
+    if "1b" in args.which or "1b-dp2" in args.which:
         import torch
         from tinyllama import make_model
         model, folder = make_model(torch.bfloat16)
@@ -120,15 +145,26 @@ def main():
             shutil.copy(os.path.join(tok, f), folder)
         data = os.path.join(folder, "sft_data.jsonl")
         tp_bench.sft_data_file(data)
-        profile(args.build, "1.1B, 1 GPU, 8 x 2048", folder, data, 1, ["trainer.global_batch_size=8"], args.steps, 8, 2048)
-    if "8b-tp2" in args.which:
+        for ranks in (1, 2):
+            if ("1b" if ranks == 1 else "1b-dp2") in args.which:
+                profile(args.build, f"1.1B, {ranks} GPU, 8 x 2048 each", folder, data, ranks,
+                        [f"trainer.global_batch_size={8 * ranks}"], args.steps, 8, 2048)
+    eight = [w for w in args.which if w.startswith("8b")]
+    if eight:
         folder = tp_bench.ensure_model("/tmp/tp_bench_llama3_8b")
         data = os.path.join(folder, "sft_data.jsonl")
         if not os.path.exists(data):
             tp_bench.sft_data_file(data)
-        profile(args.build, "8B, trainer.tensor_parallel=2, 4 x 4096", folder, data, 2,
-                ["trainer.tensor_parallel=2", "trainer.global_batch_size=4"], args.steps, 2, 4096)
-
+    for w in eight:
+        if w == "8b-tp2":
+            profile(args.build, "8B, trainer.tensor_parallel=2, 4 x 4096", folder, data, 2,
+                    ["trainer.tensor_parallel=2", "trainer.global_batch_size=4"], args.steps, 2, 4096)
+        elif w.startswith("8b-full"):
+            layers = w[len("8b-full-"):] or "null"
+            profile(args.build, f"8B, trainer.sharding=full, 4 x 4096 per GPU, checkpointed layers: {layers}", folder,
+                    data, 2, ["trainer.sharding=full", "trainer.global_batch_size=8",
+                              f"model.activation_checkpointing={str(layers != '0').lower()}",
+                              f"model.activation_checkpointing_layers={layers}"], args.steps, 2, 4096)
 
 if __name__ == "__main__":
     main()

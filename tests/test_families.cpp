@@ -123,7 +123,7 @@ TEST(Mixtral, LoadBalancingLossMatchesTransformers) {
       }
       in.input_ids = at::stack(id_rows);
       in.attention_mask = at::stack(mask_rows);
-      in.checkpoint_layers = checkpoint;
+      in.checkpointed_layers = checkpoint ? kAllLayers : 0;
       router_aux_loss() = {1.0, 0, 0};
       // A loss with no gradient of its own: what reaches the routers is the load-balancing loss's.
       (forward_hidden(m, in).sum() * 0).backward();

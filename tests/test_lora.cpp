@@ -102,7 +102,7 @@ TEST(Lora, GradientsReachTheAdaptersAlsoThroughCheckpointedLayers) {
       randomise_b(m, 2);
       for (auto& [n, t] : adapter_parameters(m)) t.requires_grad_(true);
       auto in = sample_input();
-      in.checkpoint_layers = checkpoint == 1;
+      in.checkpointed_layers = checkpoint == 1 ? kAllLayers : 0;
       at::manual_seed(11);
       forward_hidden(m, in).pow(2).sum().backward();
       for (auto& [n, t] : named_parameters(m)) EXPECT_FALSE(t.grad().defined()) << n;

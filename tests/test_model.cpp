@@ -303,16 +303,18 @@ TEST(HfCheckpoint, BadFoldersNameTheTensor) {
 
 namespace {
 
-// Recomputing layers in the backward pass must give exactly the gradients of the plain pass.
+// Recomputing layers (all of them, or only the first) in the backward pass must give exactly the
+// gradients of the plain pass.
 TEST(Model, ActivationCheckpointingGivesTheSameGradients) {
   auto m = init_transformer(tiny_config(), at::kCPU, 9);
   auto params = named_parameters(m);
   for (auto& [name, t] : params) t.requires_grad_(true);
   auto ids = ids_tensor({5, 9, 3, 7, 1, 12, 40, 2});
-  auto grads = [&](bool checkpoint) {
+  ASSERT_GE(m.cfg.num_layers, 2);
+  auto grads = [&](int64_t checkpointed) {
     for (auto& [name, t] : params) t.mutable_grad() = at::Tensor();
     ForwardInput in{ids};
-    in.checkpoint_layers = checkpoint;
+    in.checkpointed_layers = checkpointed;
     auto h = forward_hidden(m, in);
     auto targets = at::cat({ids.narrow(1, 1, 7), at::full({1, 1}, -100, ids.options())}, 1);
     (-token_logprobs(m, h, targets).sum()).backward();
@@ -320,11 +322,12 @@ TEST(Model, ActivationCheckpointingGivesTheSameGradients) {
     for (auto& [name, t] : params) out.push_back(t.grad().clone());
     return out;
   };
-  auto plain = grads(false), recomputed = grads(true);
+  auto plain = grads(0), recomputed = grads(kAllLayers), first = grads(1);
   for (size_t i = 0; i < plain.size(); ++i) {
     ASSERT_TRUE(plain[i].defined()) << params[i].first;
     EXPECT_GT(plain[i].abs().max().item<double>(), 0) << params[i].first;
     EXPECT_TRUE(at::allclose(plain[i], recomputed[i], 1e-6, 1e-7)) << params[i].first;
+    EXPECT_TRUE(at::allclose(plain[i], first[i], 1e-6, 1e-7)) << params[i].first;
   }
 }
 

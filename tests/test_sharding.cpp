@@ -60,25 +60,32 @@ void expect_same_losses(const fs::path& a, const fs::path& b, double tolerance) 
   }
 }
 
+// Final weights of two ranks against one: the ranks' gradients summed reorder one rank's float32
+// additions (the embedding's scatter-add most), a few roundings over a run, which depend on the
+// CPU's vector width.
+constexpr double kTwoRankWeights = 2e-6;
+
 TEST(Sharding, EveryStageOnTwoRanksTrainsAsOneRankSft) {
   const auto out = temp_dir("shard_sft");
   const auto one = run_aligner(sft_args(out / "one", ""));
   ASSERT_EQ(one.status, 0) << one.output;
   int port = 0;
-  // The last also with activation checkpointing: the recomputed layers gather their weights again.
+  // The last two also with activation checkpointing: the recomputed layers gather their weights
+  // again; with only the first layer recomputed, the other keeps its activations.
   const std::vector<std::pair<std::string, std::string>> runs = {
       {"none", ""},
       {"optimizer", ""},
       {"gradients", ""},
       {"full", ""},
-      {"full", "model.activation_checkpointing=true"}};
+      {"full", "model.activation_checkpointing=true"},
+      {"full", "model.activation_checkpointing=true model.activation_checkpointing_layers=1"}};
   for (const auto& [stage, extra] : runs) {
     const fs::path dir = out / (stage + std::to_string(port));
     const auto r = two_ranks(sft_args(dir, "trainer.sharding=" + stage + " " + extra), "", port++);
     if (no_gloo(r)) GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
     ASSERT_EQ(r.status, 0) << r.output;
     expect_same_losses(out / "one", dir, 1e-6);
-    expect_same_weights(out / "one" / "final", dir / "final", 1e-6);
+    expect_same_weights(out / "one" / "final", dir / "final", kTwoRankWeights);
     // The log says what each rank holds: sharded, half the optimizer state.
     EXPECT_NE(r.output.find("memory per rank before activations"), std::string::npos) << r.output;
   }
@@ -95,7 +102,7 @@ TEST(Sharding, EveryStageOnTwoRanksTrainsAsOneRankDpo) {
     if (no_gloo(r)) GTEST_SKIP() << "this libtorch has no Gloo for CPU ranks";
     ASSERT_EQ(r.status, 0) << r.output;
     expect_same_losses(out / "one", out / stage, 1e-6);
-    expect_same_weights(out / "one" / "final", out / stage / "final", 1e-6);
+    expect_same_weights(out / "one" / "final", out / stage / "final", kTwoRankWeights);
   }
   fs::remove_all(out);
 }
@@ -178,14 +185,14 @@ TEST(Sharding, ResumeOnAnotherNumberOfRanksReshards) {
   const auto then_one = run_aligner(sft_args(out / "two_then_one", save));
   ASSERT_EQ(then_one.status, 0) << then_one.output;
   EXPECT_NE(then_one.output.find("written by 2 ranks"), std::string::npos) << then_one.output;
-  expect_same_weights(out / "one" / "final", out / "two_then_one" / "final", 1e-6);
+  expect_same_weights(out / "one" / "final", out / "two_then_one" / "final", kTwoRankWeights);
   expect_same_losses(out / "one", out / "two_then_one", 1e-6);
 
   const auto first = run_aligner(sft_args(out / "one_then_two", save), "ALIGNER_KILL_AT_STEP=2");
   ASSERT_NE(first.status, 0) << first.output;
   const auto then_two = two_ranks(sft_args(out / "one_then_two", save + "trainer.sharding=full"), "", 1);
   ASSERT_EQ(then_two.status, 0) << then_two.output;
-  expect_same_weights(out / "one" / "final", out / "one_then_two" / "final", 1e-6);
+  expect_same_weights(out / "one" / "final", out / "one_then_two" / "final", kTwoRankWeights);
   expect_same_losses(out / "one", out / "one_then_two", 1e-6);
   fs::remove_all(out);
 }

@@ -73,7 +73,7 @@ at::Tensor sequence_logprob(const Transformer& m, const std::vector<at::Tensor>&
     targets[b].narrow(0, 0, n - 1).copy_(seqs[b][0].narrow(0, 1, n - 1));
   }
   ForwardInput in{ids, mask};
-  in.checkpoint_layers = checkpoint_layers;
+  in.checkpointed_layers = checkpoint_layers ? kAllLayers : 0;
   const auto hidden = forward_hidden(m, in).narrow(1, 0, T - 1);
   return token_logprobs(m, hidden, targets).sum();
 }

@@ -53,12 +53,12 @@ at::Tensor preference_loss(const PreferenceLossOptions& o, const at::Tensor& pol
   return log_q.exp() * (log_q - log_p) + log_not_q.exp() * (log_not_q - log_not_p);
 }
 
-ResponseLogprobs response_logprobs(const Transformer& m, const Batch& b, bool checkpoint_layers) {
+ResponseLogprobs response_logprobs(const Transformer& m, const Batch& b, int64_t checkpointed_layers) {
   const auto device = m.embed.device();
   ForwardInput in{b.input_ids.to(device), b.attention_mask.to(device), b.position_ids.to(device)};
   const bool packed = b.source_index.defined();
   if (packed) in.segment_ids = b.segment_ids.to(device);
-  in.checkpoint_layers = checkpoint_layers;
+  in.checkpointed_layers = checkpointed_layers;
   const auto labels = b.labels.to(device);
   const auto hidden = forward_hidden(m, in);
   // Only response positions go through the vocabulary projection: prompts and padding, often
@@ -111,7 +111,7 @@ class Dpo final : public SampledAlgorithm {
         [&](const std::string& path) { return open_preference_dataset(path, tok, tmpl, options_); });
     micro_batch_size_ = cfg.get_int("trainer.micro_batch_size");
     max_epochs_ = data_epochs(cfg);
-    checkpoint_layers_ = cfg.get_bool("model.activation_checkpointing");
+    checkpointed_layers_ = checkpointed_layers(cfg);
     pad_id_ = pad_id_for(tok);
     if (cfg.get_bool("data.packing")) pack_length_ = options_.max_length;
   }
@@ -224,7 +224,7 @@ class Dpo final : public SampledAlgorithm {
   LossSums compute(const Pairs& pairs, const std::vector<float>& cache, const PreferenceDataset& ds) {
     const int64_t B = int64_t(pairs.size());
     const auto b = collate_preferences(examples_of(pairs), pad_id_, pack_length_);
-    const auto policy = response_logprobs(policy_, b.seqs, checkpoint_layers_);
+    const auto policy = response_logprobs(policy_, b.seqs, checkpointed_layers_);
     at::Tensor reference;
     if (reference_) {
       at::NoGradGuard no_grad;
@@ -272,7 +272,8 @@ class Dpo final : public SampledAlgorithm {
   int rank_, world_;
   PreferenceLossOptions loss_;
   double sft_weight_ = 0;
-  bool average_ = false, needs_rewards_ = false, checkpoint_layers_ = false;
+  bool average_ = false, needs_rewards_ = false;
+  int64_t checkpointed_layers_ = 0;
   DataOptions options_;
   std::unique_ptr<PreferenceDataset> train_, val_;
   int64_t micro_batch_size_ = 1, max_epochs_ = 1;

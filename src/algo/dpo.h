@@ -47,6 +47,6 @@ struct ResponseLogprobs {
   at::Tensor sum;    // float32 (float64 for a float64 model)
   at::Tensor count;  // int64
 };
-ResponseLogprobs response_logprobs(const Transformer& m, const Batch& b, bool checkpoint_layers = false);
+ResponseLogprobs response_logprobs(const Transformer& m, const Batch& b, int64_t checkpointed_layers = 0);
 
 }  // namespace aligner

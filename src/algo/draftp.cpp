@@ -10,8 +10,8 @@
 #include "diffusion/unet_lora.h"
 #include "io/hf_checkpoint.h"
 #include "io/jsonl.h"
-#include "io/prompt_source.h"
 #include "io/png.h"
+#include "io/prompt_source.h"
 #include "train/run_setup.h"
 #include "train/trainer.h"
 

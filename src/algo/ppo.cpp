@@ -239,7 +239,7 @@ class Ppo final : public OnlineAlgorithm {
   LossSums loss(int64_t i) override {
     const auto& rows = micro_batches_.at(size_t(i));
     auto in = gather_rows(rollout_.batch, rows);
-    in.checkpoint_layers = checkpoint_layers_;
+    in.checkpointed_layers = checkpointed_layers_;
     auto take = [&](const at::Tensor& t) { return take_rows(t, rows, in); };
     const auto actor_mask = take(t_.actor_mask), mask = take(t_.response_mask);
     const auto old_logprobs = take(t_.old_logprobs), advantages = take(t_.advantages);

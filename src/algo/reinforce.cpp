@@ -266,7 +266,7 @@ class Reinforce final : public OnlineAlgorithm {
   LossSums loss(int64_t i) override {
     const auto& rows = micro_batches_.at(size_t(i));
     auto in = gather_rows(rollout_.batch, rows);
-    in.checkpoint_layers = checkpoint_layers_;
+    in.checkpointed_layers = checkpointed_layers_;
     auto take = [&](const at::Tensor& t) { return take_rows(t, rows, in); };
     const auto mask = take(actor_mask_), advantages = take(advantages_);
     const auto lp = labelled_logprobs(policy_, in, take(rollout_.batch.labels), true);

@@ -21,10 +21,10 @@ at::Tensor bradley_terry_loss(const at::Tensor& chosen, const at::Tensor& reject
   return -at::log_sigmoid(chosen - rejected - margin);
 }
 
-at::Tensor score_batch(const Transformer& m, const Batch& b, bool checkpoint_layers) {
+at::Tensor score_batch(const Transformer& m, const Batch& b, int64_t checkpointed_layers) {
   const auto device = m.embed.device();
   ForwardInput in{b.input_ids.to(device), b.attention_mask.to(device), b.position_ids.to(device)};
-  in.checkpoint_layers = checkpoint_layers;
+  in.checkpointed_layers = checkpointed_layers;
   return sequence_scores(m, forward_hidden(m, in), in);
 }
 
@@ -90,7 +90,7 @@ class RewardModelTraining : public SampledAlgorithm {
         world_(world),
         micro_batch_size_(cfg.get_int("trainer.micro_batch_size")),
         max_epochs_(data_epochs(cfg)),
-        checkpoint_layers_(cfg.get_bool("model.activation_checkpointing")),
+        checkpointed_layers_(checkpointed_layers(cfg)),
         pad_id_(pad_id_for(tok)),
         options_(read_data_options(cfg, model.cfg)),
         template_(resolve_chat_template(cfg.get_string("data.template"), tok)) {}
@@ -99,7 +99,7 @@ class RewardModelTraining : public SampledAlgorithm {
   Transformer& model_;
   int rank_, world_;
   int64_t micro_batch_size_, max_epochs_;
-  bool checkpoint_layers_;
+  int64_t checkpointed_layers_;
   int32_t pad_id_;
   DataOptions options_;
   ChatTemplate template_;
@@ -145,7 +145,7 @@ class PairwiseRewardModel final : public RewardModelTraining {
     // A pair without a margin needs none: 0 is the plain Bradley-Terry loss.
     std::vector<float> margins;
     for (const auto& e : examples) margins.push_back(float(e.margin.value_or(0.0)));
-    const auto scores = score_batch(model_, b.seqs, checkpoint_layers_).select(1, 0);
+    const auto scores = score_batch(model_, b.seqs, checkpointed_layers_).select(1, 0);
     const int64_t B = int64_t(examples.size());
     const auto chosen = scores.narrow(0, 0, B), rejected = scores.narrow(0, B, B);
     const auto margin = at::tensor(margins).to(scores.device(), scores.scalar_type());
@@ -210,7 +210,7 @@ class RegressionRewardModel final : public RewardModelTraining {
  private:
   LossSums compute(const Labelled& batch) {
     const auto b = collate_attributes(examples_of(batch), pad_id_);
-    const auto scores = score_batch(model_, b.seqs, checkpoint_layers_);
+    const auto scores = score_batch(model_, b.seqs, checkpointed_layers_);
     const auto present = b.present.to(scores.device(), scores.scalar_type());
     const auto values = b.values.to(scores.device(), scores.scalar_type());
     const auto squared = (scores - values).pow(2) * present;

@@ -26,7 +26,7 @@ void run_rm(const Config& cfg);
 at::Tensor bradley_terry_loss(const at::Tensor& chosen, const at::Tensor& rejected, const at::Tensor& margin);
 
 // The model's outputs for right-padded rows on the model's device: [B, num_labels].
-at::Tensor score_batch(const Transformer& m, const Batch& b, bool checkpoint_layers = false);
+at::Tensor score_batch(const Transformer& m, const Batch& b, int64_t checkpointed_layers = 0);
 
 // The model's outputs for each of `seqs`, in order, as doubles ([num_labels] each): batches of at
 // most batch_size sequences of similar lengths, so that little is spent on padding.

@@ -1,5 +1,7 @@
 #include "algo/rollout.h"
 
+#include "train/run_setup.h"
+
 #include <chrono>
 #include <map>
 
@@ -392,7 +394,7 @@ OnlineAlgorithm::OnlineAlgorithm(const Config& cfg, const GenerationOptions& gen
   seed_ = uint64_t(cfg.get_int("trainer.seed"));
   prompts_per_step_ = cfg.get_int("rollout.prompts_per_step");
   micro_batch_size_ = cfg.get_int("trainer.micro_batch_size");
-  checkpoint_layers_ = cfg.get_bool("model.activation_checkpointing");
+  checkpointed_layers_ = checkpointed_layers(cfg);
   val_greedy_ = cfg.get_bool("rollout.val_greedy");
   pad_id_ = pad_id_for(tok);
   prompts_ = open_online_prompts(cfg, tok, policy.cfg, gen_.max_new_tokens, shape, dist);

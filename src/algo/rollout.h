@@ -221,7 +221,8 @@ class OnlineAlgorithm : public Algorithm {
   GenerationOptions gen_;
   uint64_t seed_ = 0;  // trainer.seed
   int64_t prompts_per_step_ = 0, micro_batch_size_ = 1, step_ = 0;
-  bool checkpoint_layers_ = false, val_greedy_ = true;
+  int64_t checkpointed_layers_ = 0;
+  bool val_greedy_ = true;
   int32_t pad_id_ = 0;
   OnlinePrompts prompts_;
   Rollout rollout_;

@@ -147,7 +147,7 @@ class Rs final : public OnlineAlgorithm {
   LossSums loss(int64_t i) override {
     const auto& rows = micro_rows_.at(size_t(i));
     auto in = gather_rows(rollout_.batch, rows);
-    in.checkpoint_layers = checkpoint_layers_;
+    in.checkpointed_layers = checkpointed_layers_;
     auto take = [&](const at::Tensor& t) { return take_rows(t, rows, in); };
     const auto mask =
         take(rollout_.batch.response_mask) * weight_.index_select(0, rows.to(weight_.device())).unsqueeze(1);

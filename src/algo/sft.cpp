@@ -68,7 +68,7 @@ class Sft final : public Algorithm {
     max_epochs_ = data_epochs(cfg);
     max_length_ = opt.max_length;
     packing_ = cfg.get_bool("data.packing");
-    checkpoint_layers_ = cfg.get_bool("model.activation_checkpointing");
+    checkpointed_layers_ = checkpointed_layers(cfg);
     pad_id_ = pad_id_for(tok);
     kd_top_k_ = cfg.get_int("kd.top_k");
     kd_temperature_ = cfg.get_float("kd.temperature");
@@ -225,7 +225,7 @@ class Sft final : public Algorithm {
     const Batch& b = mb.batch;
     ForwardInput in{b.input_ids.to(device_), b.attention_mask.to(device_), b.position_ids.to(device_),
                     b.segment_ids.defined() ? b.segment_ids.to(device_) : at::Tensor()};
-    in.checkpoint_layers = checkpoint_layers_;
+    in.checkpointed_layers = checkpointed_layers_;
     const auto labels = b.labels.to(device_);
     const auto hidden = forward_hidden(model_, in);
     const auto ce = -token_logprobs(model_, hidden, labels).sum();
@@ -245,7 +245,7 @@ class Sft final : public Algorithm {
       at::Tensor teacher_logits;
       {
         at::NoGradGuard no_grad;
-        in.checkpoint_layers = false;
+        in.checkpointed_layers = 0;
         auto th = forward_hidden(*teacher_, in);
         teacher_logits = lm_logits(*teacher_, th.reshape({-1, th.size(-1)}).index_select(0, rows));
       }
@@ -271,7 +271,8 @@ class Sft final : public Algorithm {
   std::vector<MicroBatch> step_;
   int64_t micro_batch_size_ = 1, max_epochs_ = 1, max_length_ = 0, kd_top_k_ = 0;
   double kd_temperature_ = 1, ce_weight_ = 1, kd_weight_ = 0;
-  bool packing_ = false, checkpoint_layers_ = false;
+  bool packing_ = false;
+  int64_t checkpointed_layers_ = 0;
   int32_t pad_id_ = 0;
 };
 

@@ -117,7 +117,7 @@ class Spin final : public Algorithm {
       fail("data.train {}: {} records are plain text; SPIN needs prompts and their responses",
            train_->file.path(), text->second);
     micro_batch_size_ = cfg.get_int("trainer.micro_batch_size");
-    checkpoint_layers_ = cfg.get_bool("model.activation_checkpointing");
+    checkpointed_layers_ = checkpointed_layers(cfg);
     pad_id_ = pad_id_for(tok);
     output_dir_ = cfg.get_string("output_dir");
 
@@ -194,7 +194,7 @@ class Spin final : public Algorithm {
 
   LossSums loss(int64_t i) override {
     const auto& mb = micro_.at(i);
-    const auto policy = response_logprobs(policy_, mb.batch.seqs, checkpoint_layers_).sum;
+    const auto policy = response_logprobs(policy_, mb.batch.seqs, checkpointed_layers_).sum;
     const auto t = spin_terms(beta(), policy, mb.reference.to(policy.scalar_type()));
     LossSums out;
     out.loss = t.loss.sum();
@@ -325,7 +325,7 @@ class Spin final : public Algorithm {
   GenerationOptions gen_;
   std::unique_ptr<SftDataset> train_, val_;
   Sampler sampler_;
-  bool checkpoint_layers_ = false;
+  int64_t checkpointed_layers_ = 0;
   int32_t pad_id_ = 0;
   int64_t step_ = 0;            // steps done
   int64_t reference_step_ = 0;  // the step after which the reference's weights were the policy's

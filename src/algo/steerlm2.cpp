@@ -69,7 +69,7 @@ class Steerlm2 final : public SampledAlgorithm {
         [&](const std::string& path) { return open_steerlm2_dataset(path, tok, opt, attributes); });
     micro_batch_size_ = cfg.get_int("trainer.micro_batch_size");
     max_epochs_ = data_epochs(cfg);
-    checkpoint_layers_ = cfg.get_bool("model.activation_checkpointing");
+    checkpointed_layers_ = checkpointed_layers(cfg);
     pad_id_ = pad_id_for(tok);
   }
 
@@ -100,7 +100,7 @@ class Steerlm2 final : public SampledAlgorithm {
     for (const auto& g : groups)
       seqs.insert(seqs.end(), g.example.responses.begin(), g.example.responses.end());
     const auto batch = collate_padded(seqs, pad_id_);
-    const auto logq = response_logprobs(policy_, batch, checkpoint_layers_);
+    const auto logq = response_logprobs(policy_, batch, checkpointed_layers_);
     at::Tensor loss = at::zeros({}, logq.sum.options());
     double kl = 0;
     int64_t offset = 0;
@@ -127,7 +127,7 @@ class Steerlm2 final : public SampledAlgorithm {
   int rank_, world_;
   std::unique_ptr<Steerlm2Dataset> train_, val_;
   int64_t micro_batch_size_ = 1, max_epochs_ = 1;
-  bool checkpoint_layers_ = false;
+  int64_t checkpointed_layers_ = 0;
   int32_t pad_id_ = 0;
   std::vector<Groups> step_;
 };

@@ -155,6 +155,7 @@ ShardedModel::ShardedModel(Dist& dist, Transformer& m) : dist_(dist), model_(m) 
       piece_at_.emplace_back(u, from - begin);
     }
   }
+  got_gradient_.assign(params_.size(), false);
   for (size_t p = 0; p < params_.size(); ++p) {
     if (!params_[p].requires_grad()) continue;
     accumulators_.push_back(torch::autograd::impl::grad_accumulator(params_[p]));
@@ -265,14 +266,26 @@ void ShardedModel::on_gradient(size_t p) {
   Unit& x = units_[unit_of_[p]];
   at::Tensor& g = params_[p].mutable_grad();
   if (!g.defined()) return;
-  if (!x.grad_flat.defined()) x.grad_flat = at::zeros({x.chunk * dist_.world_size()}, x.shard.options());
+  if (!x.grad_flat.defined()) {
+    // Every element is written by a gradient's copy but the padding after the last parameter
+    // (and, in reduce(), the ranges of parameters that got none).
+    const int64_t n = x.chunk * dist_.world_size();
+    x.grad_flat = at::empty({n}, x.shard.options());
+    x.grad_flat.narrow(0, x.numel, n - x.numel).zero_();
+  }
   x.grad_flat.narrow(0, start_of_[p], g.numel()).copy_(g.reshape({-1}));
+  got_gradient_[p] = true;
   g = at::Tensor();
   if (++x.received == x.trainable) reduce(unit_of_[p]);
 }
 
 void ShardedModel::reduce(size_t u) {
   Unit& x = units_[u];
+  for (size_t p : x.params) {
+    if (x.received < x.trainable && !got_gradient_[p])
+      x.grad_flat.narrow(0, start_of_[p], params_[p].numel()).zero_();
+    got_gradient_[p] = false;
+  }
   Reduction r{u, x.grad_flat, at::empty({x.chunk}, x.grad_flat.options()), Work()};
   r.work = dist_.reduce_scatter_sum_async(r.flat, r.mine);
   reducing_.push_back(std::move(r));

@@ -100,8 +100,9 @@ class ShardedModel : public LayerHooks {
   Transformer& model_;
   std::vector<std::string> names_;
   std::vector<at::Tensor> params_;
-  std::vector<size_t> unit_of_;    // per parameter
-  std::vector<int64_t> start_of_;  // per parameter: its first element in its unit
+  std::vector<size_t> unit_of_;     // per parameter
+  std::vector<int64_t> start_of_;   // per parameter: its first element in its unit
+  std::vector<bool> got_gradient_;  // per parameter: copied into its unit's grad_flat this backward
   std::vector<Unit> units_;
   // Per group (layers 0 .. L-1, the head, the embeddings) its units.
   std::vector<std::vector<size_t>> groups_;

@@ -13,6 +13,7 @@
 #include <limits>
 
 #include "core/torch_compat.h"
+#include "kernels/aten_dtype.h"
 #include "kernels/decode_kernels.h"
 #include "model/layers.h"
 #endif
@@ -22,19 +23,6 @@ namespace aligner {
 #ifdef ALIGNER_WITH_CUDA
 
 namespace {
-
-kernels::DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return kernels::DType::kFloat32;
-    case at::kBFloat16:
-      return kernels::DType::kBFloat16;
-    case at::kHalf:
-      return kernels::DType::kFloat16;
-    default:
-      fail("CUDA decoding: no kernels for {}", c10::toString(t));
-  }
-}
 
 void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) fail("CUDA decoding: {} failed: {}", what, cudaGetErrorString(e));
@@ -46,7 +34,7 @@ void launch_sample(const at::Tensor& logits, const SamplingParams& p, const int6
                    at::Tensor& tokens, at::Tensor& logprobs) {
   if (logits.dim() != 2 || logits.stride(1) != 1) fail("CUDA sampling: logits must be [rows, vocab] rows");
   kernels::SampleArgs a{};
-  a.dtype = kernel_dtype(logits.scalar_type());
+  a.dtype = kernels::dtype_of(logits.scalar_type());
   a.logits = logits.data_ptr();
   a.rows = int(logits.size(0));
   a.vocab = int(logits.size(1));
@@ -128,8 +116,8 @@ struct CudaDecoder::Graphs {
       gate = apply(b.gate, h), up = apply(b.up, h);
       act = gate;  // elementwise: written where it is read
     }
-    check(kernels::silu_mul(kernel_dtype(h.scalar_type()), gate.data_ptr(), up.data_ptr(), gate.stride(0),
-                            act.data_ptr(), h.size(0), act.size(1), stream),
+    check(kernels::silu_mul(kernels::dtype_of(h.scalar_type()), gate.data_ptr(), up.data_ptr(),
+                            gate.stride(0), act.data_ptr(), h.size(0), act.size(1), stream),
           "silu_mul");
     return apply(b.down, act);
   }
@@ -139,7 +127,7 @@ struct CudaDecoder::Graphs {
   void step(int64_t n, at::Tensor& tokens, at::Tensor& logprobs) {
     const ModelConfig& c = m.cfg;
     const auto stream = at::cuda::getCurrentCUDAStream().stream();
-    const auto dtype = kernel_dtype(m.embed.scalar_type());
+    const auto dtype = kernels::dtype_of(m.embed.scalar_type());
     // x: the residual stream; h: its normalised copy, which the next projections read. RMSNorm is
     // one fused kernel with the residual add; other norms run as layers.h defines them.
     auto x = embed_tokens(m, tokens.narrow(0, 0, n));

@@ -365,7 +365,7 @@ at::Tensor forward_hidden(const Transformer& m, const ForwardInput& in) {
   for (int64_t w : c.window)
     if (!layouts.count(w)) layouts[w] = attention_layout(in, w, T, c.head_dim, x);
 
-  const bool checkpoint = in.checkpoint_layers && at::GradMode::is_enabled();
+  const int64_t checkpointed = at::GradMode::is_enabled() ? in.checkpointed_layers : 0;
   c10::intrusive_ptr<RouterStats> stats;
   if (c.num_experts > 0 && at::GradMode::is_enabled() && router_aux_loss().weight > 0) {
     stats = c10::make_intrusive<RouterStats>();
@@ -378,7 +378,7 @@ at::Tensor forward_hidden(const Transformer& m, const ForwardInput& in) {
     const Block& b = m.layers[i];
     const auto& layout = layouts[c.window[i]];
     if (m.hooks) x = m.hooks->before_layer(i, x);
-    if (checkpoint) {
+    if (i < checkpointed) {
       // A checkpointed layer's backward, which gives its weights their gradients, runs only if its
       // output needs one; when nothing before it trains (frozen embeddings, adapters only) its input
       // needs none, so it becomes a leaf that asks for one.

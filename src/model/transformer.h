@@ -4,6 +4,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <limits>
 #include <memory>
 #include <string>
 #include <utility>
@@ -61,15 +62,17 @@ struct Transformer {
   std::shared_ptr<const TensorSplit> tp;
 };
 
+inline constexpr int64_t kAllLayers = std::numeric_limits<int64_t>::max();
+
 // What one forward pass reads. Only input_ids is required.
 struct ForwardInput {
   at::Tensor input_ids;       // [B, T] int64
   at::Tensor attention_mask;  // [B, T], 1 = token, 0 = padding (left or right)
   at::Tensor position_ids;    // [B, T]; default: count of real tokens before each one
   at::Tensor segment_ids;     // [B, T]; packed rows: tokens attend only within their segment
-  // Keep only each layer's input for the backward pass and recompute the layer there: activation
-  // memory of one layer instead of all, for one extra forward.
-  bool checkpoint_layers = false;
+  // The first N layers keep only their input for the backward pass and recompute themselves there:
+  // activation memory of one layer instead of N, for N layers' extra forward (kAllLayers: every one).
+  int64_t checkpointed_layers = 0;
 };
 
 // Mixtral's load-balancing loss, as transformers computes it (load_balancing_loss_func over every

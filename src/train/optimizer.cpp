@@ -10,6 +10,14 @@
 #include "core/error.h"
 #include "core/strings.h"
 
+#ifdef ALIGNER_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "kernels/aten_dtype.h"
+#include "kernels/optimizer_kernels.h"
+#endif
+
 namespace aligner {
 
 namespace {
@@ -127,6 +135,9 @@ void AdamW::step(double lr, std::vector<at::Tensor> grads) {
   const double bias_correction1 = 1.0 - std::pow(cfg_.beta1, double(step_));
   const double bias_correction2 = 1.0 - std::pow(cfg_.beta2, double(step_));
 
+#ifdef ALIGNER_WITH_CUDA
+  if (fused_step(lr, bias_correction1, bias_correction2, grads)) return;
+#endif
   // The same operations in the same order as torch::optim::AdamW, so results match it exactly.
   if (cfg_.weight_decay != 0.0 && !decayed_.empty())
     at::_foreach_mul_(decayed_, 1.0 - lr * cfg_.weight_decay);
@@ -144,6 +155,45 @@ void AdamW::step(double lr, std::vector<at::Tensor> grads) {
   for (size_t i = 0; i < params_.size(); ++i)
     if (has_master_[i]) params_[i].copy_(working_[i]);  // round to nearest into bf16/fp16
 }
+
+#ifdef ALIGNER_WITH_CUDA
+bool AdamW::fused_step(double lr, double bias_correction1, double bias_correction2,
+                       const std::vector<at::Tensor>& grads) {
+  const auto supported = [](const at::Tensor& t) {
+    return t.is_cuda() && t.is_contiguous() &&
+           (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 ||
+            t.scalar_type() == at::kHalf);
+  };
+  for (size_t i = 0; i < params_.size(); ++i)
+    if (working_[i].scalar_type() != at::kFloat || !supported(working_[i]) || !supported(exp_avg_[i]) ||
+        !supported(exp_avg_sq_[i]) || !supported(params_[i]) || !grads[i].is_cuda())
+      return false;
+  kernels::AdamWArgs a{};
+  a.beta1 = float(cfg_.beta1);
+  a.one_minus_beta1 = float(1.0 - cfg_.beta1);
+  a.beta2 = float(cfg_.beta2);
+  a.one_minus_beta2 = float(1.0 - cfg_.beta2);
+  a.step_size = float(-lr / bias_correction1);
+  a.bias2_sqrt = float(std::sqrt(bias_correction2));
+  a.eps = float(cfg_.eps);
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const c10::cuda::CUDAGuard on_device(params_[i].device());
+    const at::Tensor g = supported(grads[i]) ? grads[i] : grads[i].to(at::kFloat).contiguous();
+    a.n = working_[i].numel();
+    a.weight = working_[i].data_ptr<float>();
+    a.exp_avg = exp_avg_[i].data_ptr<float>();
+    a.exp_avg_sq = exp_avg_sq_[i].data_ptr<float>();
+    a.grad = g.data_ptr();
+    a.grad_dtype = kernels::dtype_of(g.scalar_type());
+    a.param = has_master_[i] ? params_[i].data_ptr() : nullptr;
+    a.param_dtype = kernels::dtype_of(params_[i].scalar_type());
+    a.decay = decays_[i] && cfg_.weight_decay != 0.0 ? float(1.0 - lr * cfg_.weight_decay) : 1.f;
+    const cudaError_t e = kernels::adamw_step(a, at::cuda::getCurrentCUDAStream());
+    if (e != cudaSuccess) fail("AdamW: the update of '{}' failed: {}", names_[i], cudaGetErrorString(e));
+  }
+  return true;
+}
+#endif
 
 void AdamW::zero_grad() {
   for (auto& p : params_) p.mutable_grad() = at::Tensor();

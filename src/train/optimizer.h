@@ -61,6 +61,12 @@ class AdamW {
   void load_state(const NamedParams& state);
 
  private:
+#ifdef ALIGNER_WITH_CUDA
+  // The update as one kernel per tensor (kernels/adamw.cu) where every tensor is on a GPU and
+  // dense; false (nothing done) otherwise.
+  bool fused_step(double lr, double bias_correction1, double bias_correction2,
+                  const std::vector<at::Tensor>& grads);
+#endif
   AdamWConfig cfg_;
   std::vector<std::string> names_;
   std::vector<at::Tensor> params_;

@@ -1,6 +1,7 @@
 #include "train/run_setup.h"
 
 #include <algorithm>
+#include <charconv>
 
 #include "core/error.h"
 #include "core/log.h"
@@ -70,6 +71,18 @@ bool read_lora_gaussian_init(const Config& cfg) {
   if (init != "default" && init != "gaussian")
     fail("config key 'lora.init' expects default or gaussian, got '{}'", init);
   return init == "gaussian";
+}
+
+int64_t checkpointed_layers(const Config& cfg) {
+  if (!cfg.get_bool("model.activation_checkpointing")) return 0;
+  const char* key = "model.activation_checkpointing_layers";  // null: a string key
+  const std::string text = cfg.get_string(key);
+  if (text.empty()) return kAllLayers;
+  int64_t n = -1;
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), n);
+  if (ec != std::errc() || end != text.data() + text.size() || n < 0)
+    fail("config key '{}' expects a number of layers >= 0 or null, got '{}'", key, text);
+  return n;
 }
 
 LoraConfig read_lora_config(const Config& cfg) {

@@ -45,6 +45,10 @@ LoraConfig read_lora_config(const Config& cfg);
 // lora.init: default (PEFT's Kaiming-uniform A) or gaussian (true); anything else names the key.
 bool read_lora_gaussian_init(const Config& cfg);
 
+// How many layers recompute their activations in the backward pass (ForwardInput::checkpointed_layers):
+// none without model.activation_checkpointing, else model.activation_checkpointing_layers (null: all).
+int64_t checkpointed_layers(const Config& cfg);
+
 // The module that trains `model` (loaded from model_dir): every weight, or with lora.rank > 0 or
 // lora.from the adapters, which this adds to the model (new ones seeded with trainer.seed, or
 // lora.from's), plus a sequence classifier's score head. Add them before anything reads the model
