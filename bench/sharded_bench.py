@@ -18,7 +18,6 @@ and peak memory per GPU, steps 3..8 timed (aligner: its metrics.jsonl; FSDP2: wa
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tp_bench import train_rows  # noqa: E402
+from tp_bench import run_until_logged  # noqa: E402
 from tinyllama import CONFIG, LLAMA2_13B, LLAMA3_8B, add_tokenizer, make_8b, make_model, sft_data_file  # noqa: E402
 
 LARGEST = "--largest" in sys.argv
@@ -93,18 +92,8 @@ def ours(build, folder, data, sharding, ckpt, port):
            f"trainer.max_steps={STEPS}", "optim.lr=1e-5", "optim.scheduler=constant", f"trainer.sharding={sharding}",
            f"output_dir={out}", "trainer.val_interval=0", f"model.activation_checkpointing={str(ckpt).lower()}"]
     metrics = os.path.join(out, "metrics.jsonl")
-    # Stopped once its last step is logged: the final export (16 GB at 8B) is not what is measured.
-    with open(out + ".log", "w") as log_file:
-        p = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-        while p.poll() is None and not (os.path.exists(metrics) and len(train_rows(metrics)) >= STEPS):
-            time.sleep(2)
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-    with open(out + ".log") as f:
-        text = f.read()
-    os.remove(out + ".log")
-    rows = train_rows(metrics)[WARMUP:STEPS] if os.path.exists(metrics) else []
+    text, rows = run_until_logged(cmd, metrics, STEPS, timeout=600)
+    rows = rows[WARMUP:STEPS]
     shutil.rmtree(out, ignore_errors=True)
     if len(rows) < STEPS - WARMUP:
         sys.exit(f"aligner sharding={sharding} failed:\n{text[-3000:]}")

@@ -274,6 +274,36 @@ def train_rows(metrics):
     return rows
 
 
+def run_until_logged(cmd, metrics, steps, timeout, env=None):
+    """Runs `cmd` until `metrics` holds `steps` training rows (then kills it: a run's final export,
+    16 GB at 8B, is not what is measured), it exits, or `timeout` s pass; (its output, the rows)."""
+    fd, log_path = tempfile.mkstemp(suffix=".log")
+    os.close(fd)
+    t0 = time.perf_counter()
+    rows = []
+    with open(log_path, "w") as lf:
+        p = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        while p.poll() is None and time.perf_counter() - t0 < timeout:
+            time.sleep(2)
+            if os.path.exists(metrics):
+                rows = train_rows(metrics)
+                if len(rows) >= steps:
+                    break
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    with open(log_path) as f:
+        text = f.read()
+    os.remove(log_path)
+    if os.path.exists(metrics):
+        rows = train_rows(metrics)
+    return text, rows
+
+
 def ours_sft(args, a, folder, data, name, extra):
     """Runs one 2-GPU SFT until its last step is logged; (global tokens/s, peak GB, memory line)."""
     out = tempfile.mkdtemp(prefix="tp_bench_sft_")
@@ -282,31 +312,12 @@ def ours_sft(args, a, folder, data, name, extra):
                        f"data.train={data}", "data.packing=true", f"data.max_length={T}",
                        f"trainer.micro_batch_size={MB}", f"trainer.max_steps={args.steps}", "optim.lr=1e-5",
                        "optim.scheduler=constant", f"output_dir={out}", "trainer.val_interval=0", *extra], 2)
-    logfile = out + ".log"
     t0 = time.perf_counter()
-    rows = []
-    with open(logfile, "w") as lf:
-        p = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)
-        while p.poll() is None and time.perf_counter() - t0 < args.sft_timeout:
-            time.sleep(2)
-            if os.path.exists(metrics):
-                rows = train_rows(metrics)
-                if len(rows) >= args.steps:
-                    break  # the final export (16 GB gathered and written) is not what is measured
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-    with open(logfile) as f:
-        text = f.read()
+    text, rows = run_until_logged(cmd, metrics, args.steps, args.sft_timeout)
     shutil.rmtree(out, ignore_errors=True)
-    os.remove(logfile)
     if len(rows) < args.steps:
-        log(f"{name}: {len(rows)} of {args.steps} steps logged in {time.perf_counter() - t0:.0f} s "
-            f"(exit {p.returncode}); its output ends:\n{tail(text)}")
+        log(f"{name}: {len(rows)} of {args.steps} steps logged in {time.perf_counter() - t0:.0f} s; its output "
+            f"ends:\n{tail(text)}")
         return None
     timed = rows[args.warmup:args.steps]
     step_s = sum(r["step_seconds"] for r in timed) / len(timed)

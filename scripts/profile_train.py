@@ -22,9 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
-import signal
 import tempfile
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
 import tp_bench  # noqa: E402
@@ -79,29 +77,15 @@ def profile(build, name, folder, data, ranks, extra, steps, micro, length):
     cmd = tp_bench.launched(a, sft, ranks)
     tp_bench.log(f"{name}: profiling steps 3..{steps}")
     metrics = os.path.join(out, "run", "metrics.jsonl")
-    # Stopped once a step after the profiled ones is logged (the trace is written by then): the final
-    # export (16 GB at 8B) is not what is measured.
-    with open(out + ".log", "w") as log_file:
-        p = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-                             env={**os.environ, "ALIGNER_PROFILE_STEPS": f"3:{steps}"})
-        t0 = time.time()
-        while p.poll() is None and time.time() - t0 < 420:
-            time.sleep(2)
-            if os.path.exists(metrics) and len(tp_bench.train_rows(metrics)) > steps:
-                break
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-    with open(out + ".log") as f:
-        text = f.read()
-    os.remove(out + ".log")
-    if not os.path.exists(metrics) or len(tp_bench.train_rows(metrics)) <= steps:
-        tp_bench.log(f"{name}: exit {p.returncode}\n{tp_bench.tail(text)}")
+    # Until a step after the profiled ones is logged: the trace is written by then.
+    text, rows = tp_bench.run_until_logged(cmd, metrics, steps + 1, timeout=420,
+                                           env={**os.environ, "ALIGNER_PROFILE_STEPS": f"3:{steps}"})
+    if len(rows) <= steps:
+        tp_bench.log(f"{name}: {len(rows)} steps logged\n{tp_bench.tail(text)}")
         return None
     memory = next((l.split("] ")[-1] for l in text.splitlines() if "memory per rank" in l), "")
     if memory:
         print(f"{name}: {memory}")
-    rows = tp_bench.train_rows(metrics)
     timed = rows[2:steps]
     step_ms = 1e3 * sum(r["step_seconds"] for r in timed) / len(timed)
     tokens = sum(r["tokens_per_s"] * r["step_seconds"] for r in timed) / len(timed)
