@@ -129,7 +129,6 @@ void AdamW::step(double lr, std::vector<at::Tensor> grads) {
     if (!g.sizes().equals(params_[i].sizes()))
       fail("AdamW: step {}: the gradient of '{}' is {}, the parameter {}", step_ + 1, names_[i], shape_str(g),
            shape_str(params_[i]));
-    if (g.scalar_type() != working_[i].scalar_type()) g = g.to(working_[i].scalar_type());
   }
   ++step_;
   const double bias_correction1 = 1.0 - std::pow(cfg_.beta1, double(step_));
@@ -138,6 +137,8 @@ void AdamW::step(double lr, std::vector<at::Tensor> grads) {
 #ifdef ALIGNER_WITH_CUDA
   if (fused_step(lr, bias_correction1, bias_correction2, grads)) return;
 #endif
+  for (size_t i = 0; i < params_.size(); ++i)
+    if (grads[i].scalar_type() != working_[i].scalar_type()) grads[i] = grads[i].to(working_[i].scalar_type());
   // The same operations in the same order as torch::optim::AdamW, so results match it exactly.
   if (cfg_.weight_decay != 0.0 && !decayed_.empty())
     at::_foreach_mul_(decayed_, 1.0 - lr * cfg_.weight_decay);
