@@ -36,7 +36,7 @@ FAMILIES = [
     ("norm", r"rms|norm"),
     ("loss / softmax", r"softmax|logsumexp|nll|cross_entropy|log_softmax"),
     ("copy / cat / index", r"copy|cat|index|gather|scatter|embedding|fill"),
-    ("elementwise / reduce", r"elementwise|vectorized|unrolled|reduce|silu|mul|add"),
+    ("elementwise / reduce", r"elementwise|vectorized|unrolled|reduce|silu|mul|add|rotary"),
 ]
 
 
@@ -67,6 +67,34 @@ def kernel_sums(trace):
     return by_family, by_name, host
 
 
+def idle_gaps(trace, top=10, least_us=200):
+    """The longest stretches in which no kernel, copy or fill runs, each with what the host was doing
+    when it launched the work that ended it (the operators around that launch, outermost first)."""
+    with open(trace) as f:
+        events = json.load(f)["traceEvents"]
+    gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e),
+                 key=lambda e: e["ts"])
+    launches = {e["args"]["correlation"]: e["ts"] for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    ops = [e for e in events if e.get("cat") == "cpu_op" and "dur" in e]
+    gaps, end = [], None
+    for e in gpu:
+        if end is not None and e["ts"] - end >= least_us:
+            gaps.append((e["ts"] - end, e))
+        end = max(end or 0, e["ts"] + e["dur"])
+    total = sum(g for g, _ in gaps)
+    print(f"idle stretches of {least_us} µs or more: {len(gaps)}, {total / 1e3:.1f} ms in all; the longest:")
+    for g, e in sorted(gaps, key=lambda x: -x[0])[:top]:
+        at = launches.get(e.get("args", {}).get("correlation"))
+        around = sorted((o for o in ops if at is not None and o["ts"] <= at <= o["ts"] + o["dur"]),
+                        key=lambda o: -o["dur"])
+        calls = sorted((c for c in events if c.get("cat") in ("cuda_runtime", "cuda_driver") and "dur" in c
+                        and c["ts"] < e["ts"] and c["ts"] + c["dur"] > e["ts"] - g), key=lambda c: -c["dur"])
+        print(f"  {g / 1e3:6.2f} ms before {e.get('name', '?')[:50]}; host in: "
+              + " > ".join(o["name"] for o in around[:6]) + "; CUDA calls meanwhile: "
+              + ", ".join(f"{c['name']} {c['dur'] / 1e3:.2f} ms" for c in calls[:3]))
+
+
 def profile(build, name, folder, data, ranks, extra, steps, micro, length):
     a = os.path.abspath(os.path.join(build, "aligner"))
     out = tempfile.mkdtemp(prefix="profile_train_")
@@ -89,8 +117,8 @@ def profile(build, name, folder, data, ranks, extra, steps, micro, length):
     timed = rows[2:steps]
     step_ms = 1e3 * sum(r["step_seconds"] for r in timed) / len(timed)
     tokens = sum(r["tokens_per_s"] * r["step_seconds"] for r in timed) / len(timed)
-    by_family, by_name, host = kernel_sums(os.path.join(out, "run", "profile.rank-0.json"))
-    shutil.rmtree(out, ignore_errors=True)
+    trace = os.path.join(out, "run", "profile.rank-0.json")
+    by_family, by_name, host = kernel_sums(trace)
     n = len(timed)
     per_step = {k: v / 1e3 / n for k, v in by_family.items()}
     busy = sum(per_step.values())
@@ -103,11 +131,13 @@ def profile(build, name, folder, data, ranks, extra, steps, micro, length):
     print(f"| GPU idle (step minus kernels) | {max(0.0, step_ms - busy):.1f} | "
           f"{100 * max(0.0, step_ms - busy) / step_ms:.1f}% |")
     print("top kernels:")
-    for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:12]:
+    for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:20]:
         print(f"  {v / 1e3 / n:7.2f} ms  {k[:110]}")
     print("host: operators and CUDA calls by total time (nested ones counted in their callers too):")
     for k, (v, c) in sorted(host.items(), key=lambda kv: -kv[1][0])[:25]:
         print(f"  {v / 1e3 / n:8.2f} ms  {c / n:7.0f} calls  {k[:100]}")
+    idle_gaps(trace)
+    shutil.rmtree(out, ignore_errors=True)
     sys.stdout.flush()
     return per_step
 

@@ -15,6 +15,7 @@
 #include "core/torch_compat.h"
 #include "kernels/aten_dtype.h"
 #include "kernels/decode_kernels.h"
+#include "kernels/layer_kernels.h"
 #include "model/layers.h"
 #endif
 
@@ -140,7 +141,7 @@ struct CudaDecoder::Graphs {
       }
       check(kernels::add_rms_norm(dtype, x.data_ptr(), delta ? delta->data_ptr() : nullptr,
                                   delta ? delta->stride(0) : 0, weight.data_ptr(), float(c.rms_norm_eps),
-                                  h.data_ptr(), n, c.hidden_size, stream),
+                                  x.data_ptr(), h.data_ptr(), /*rstd=*/nullptr, n, c.hidden_size, stream),
             "rms_norm");
     };
     add_norm(nullptr, m.layers[0].input_norm, m.layers[0].input_norm_bias);

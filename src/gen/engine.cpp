@@ -53,13 +53,12 @@ Qkv project(const ModelConfig& c, const Block& b, const at::Tensor& x, const at:
 
 // The rest of the block after attention: output projection, residual, feed-forward.
 at::Tensor finish_block(const ModelConfig& c, const Block& b, const at::Tensor& x, const at::Tensor& attn) {
-  auto h = x + apply(b.o, attn);
-  const auto n = norm(c, h, b.post_attention_norm, b.post_attention_norm_bias);
+  const auto [h, n] = add_norm(c, x, apply(b.o, attn), b.post_attention_norm, b.post_attention_norm_bias);
   if (const auto gate_up =
           c.gated_mlp && c.num_experts == 0 ? joined_linear({&b.gate, &b.up}) : c10::nullopt) {
     const auto y = apply(*gate_up, n);
     const int64_t I = b.gate.weight.size(0);
-    return h + apply(b.down, at::silu(y.narrow(-1, 0, I)) * y.narrow(-1, I, I));
+    return h + apply(b.down, swiglu(y.narrow(-1, 0, I), y.narrow(-1, I, I)));
   }
   return h + mlp(c, b, n);
 }

@@ -33,17 +33,6 @@ struct DecodeAttentionArgs {
 bool decode_attention_supported(int head_dim);
 cudaError_t decode_attention(const DecodeAttentionArgs& a, cudaStream_t stream);
 
-// x += delta (when given; rows of delta at delta_stride elements), then out = rms_norm(x) * weight,
-// as transformers' LlamaRMSNorm computes it; x and out are [rows, cols], contiguous. cols and
-// delta_stride must be multiples of 8 and the pointers aligned to 8 elements (else an error).
-cudaError_t add_rms_norm(DType dtype, void* x, const void* delta, int64_t delta_stride, const void* weight,
-                         float eps, void* out, int64_t rows, int64_t cols, cudaStream_t stream);
-
-// out [rows, cols] (contiguous) = silu(gate) * up, computed in float32, for gate and up of
-// [rows, cols] with rows at in_stride elements (two halves of one projection's output, or two).
-cudaError_t silu_mul(DType dtype, const void* gate, const void* up, int64_t in_stride, void* out,
-                     int64_t rows, int64_t cols, cudaStream_t stream);
-
 // Chooses one token per row of logits [rows, vocab] and its log-probability, as gen/sampling.h
 // defines them (temperature, then top-k with ties kept, then top-p, as transformers' warpers;
 // greedy: the first maximum of the raw logits), by inverse-CDF sampling with the uniform

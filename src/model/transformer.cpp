@@ -88,7 +88,7 @@ Qkv attention_heads(const ModelConfig& c, const Block& b, const at::Tensor& q, c
     qh = head_norm(c, q, c.num_heads, replicated(b.q_norm));
     kh = head_norm(c, k, c.num_kv_heads, replicated(b.k_norm));
   }
-  return {apply_rope(qh.transpose(1, 2), cos, sin), apply_rope(kh.transpose(1, 2), cos, sin),
+  return {rotate_heads(qh, cos, sin), rotate_heads(kh, cos, sin),
           v.view({B, T, c.num_kv_heads, D}).transpose(1, 2)};
 }
 
@@ -226,7 +226,7 @@ at::Tensor moe_mlp(const ModelConfig& c, const Moe& moe, const at::Tensor& h,
   const auto xs = x.index_select(0, token);
   const auto gate = compat::grouped_mm(xs, moe.gate.transpose(1, 2), ends);
   const auto up = compat::grouped_mm(xs, moe.up.transpose(1, 2), ends);
-  const auto ys = compat::grouped_mm(at::silu(gate) * up, moe.down.transpose(1, 2), ends);
+  const auto ys = compat::grouped_mm(swiglu(gate, up), moe.down.transpose(1, 2), ends);
   const auto y = ys * weights.reshape({-1}).index_select(0, order).unsqueeze(1);
   auto out = at::zeros_like(x).index_add(0, token, y).view(h.sizes());
   if (moe.tp) out = tp_sum(out, *moe.tp);
@@ -256,7 +256,7 @@ at::Tensor mlp(const ModelConfig& c, const Block& b, const at::Tensor& h) {
   if (c.num_experts > 0) return moe_mlp(c, b.moe, h, {});
   const auto x = split_input(b.up, h);
   if (!c.gated_mlp) return apply(b.down, at::relu(apply(b.up, x)).square());
-  return apply(b.down, at::silu(apply(b.gate, x)) * apply(b.up, x));
+  return apply(b.down, swiglu(apply(b.gate, x), apply(b.up, x)));
 }
 
 namespace {
@@ -264,8 +264,10 @@ namespace {
 at::Tensor block_forward(const ModelConfig& c, const Block& b, const at::Tensor& x, const at::Tensor& cos,
                          const at::Tensor& sin, const AttentionLayout& layout,
                          const c10::intrusive_ptr<RouterStats>& stats) {
-  auto h = x + attention(c, b, norm(c, x, b.input_norm, b.input_norm_bias), cos, sin, layout);
-  return h + feed_forward(c, b, norm(c, h, b.post_attention_norm, b.post_attention_norm_bias), stats);
+  const auto [residual, n1] = add_norm(c, x, {}, b.input_norm, b.input_norm_bias);
+  const auto [h, n2] = add_norm(c, residual, attention(c, b, n1, cos, sin, layout), b.post_attention_norm,
+                                b.post_attention_norm_bias);
+  return h + feed_forward(c, b, n2, stats);
 }
 
 // The layer to recompute, carried through the autograd graph in a capsule. A layer that draws

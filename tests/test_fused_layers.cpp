@@ -1,0 +1,219 @@
+// The layer kernels of training (model/fused_layers.cpp: the residual add with RMSNorm, SwiGLU,
+// rotary embeddings) against their ATen reference, values and gradients, and a whole model's
+// forward and backward on the GPU (which takes them) against the CPU (which does not). GPU only.
+#include <ATen/CPUGeneratorImpl.h>
+#include <gtest/gtest.h>
+
+#include <functional>
+#include <map>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "core/torch_compat.h"
+#include "io/hf_checkpoint.h"
+#include "model/layers.h"
+#include "model/transformer.h"
+
+using namespace aligner;
+
+namespace {
+
+const std::string kFixtures = std::string(ALIGNER_SOURCE_DIR) + "/tests/fixtures/models/";
+
+double max_diff(const at::Tensor& a, const at::Tensor& b) {
+  return (a.to(at::kDouble).cpu() - b.to(at::kDouble).cpu()).abs().max().item<double>();
+}
+
+at::Tensor leaf(const at::Tensor& t) {
+  return t.detach().clone().requires_grad_(true);
+}
+
+// The inputs of one op, and what a check of it compares: its outputs and the inputs' gradients for
+// a fixed random weighting of the outputs.
+using Op = std::function<std::vector<at::Tensor>(const std::vector<at::Tensor>&)>;
+
+std::vector<at::Tensor> outputs_and_grads(const Op& op, const std::vector<at::Tensor>& inputs,
+                                          at::ScalarType dtype, uint64_t seed) {
+  std::vector<at::Tensor> in;
+  for (const auto& t : inputs) in.push_back(leaf(t.to(dtype)));
+  const auto outs = op(in);
+  at::Tensor loss = at::zeros({}, outs[0].options().dtype(at::kDouble));
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  std::vector<at::Tensor> result;
+  for (const auto& o : outs) {
+    loss = loss + (o.to(at::kDouble) * at::randn(o.sizes(), gen, at::kDouble).to(o.device())).sum();
+    result.push_back(o.detach());
+  }
+  loss.backward();
+  // An input the weighted outputs do not depend on has no gradient: zeros, on either path.
+  for (const auto& t : in) result.push_back(t.grad().defined() ? t.grad() : at::zeros_like(t));
+  return result;
+}
+
+// The op on the GPU in `dtype` (the kernels) against the same op in float64 (ATen, which the
+// kernels do not take): within `tolerance` relative to each tensor's largest value in float32;
+// in 16-bit types no further from float64 than the ATen path in that type (`aten`) is, plus a
+// rounding step, for every output and gradient.
+void expect_kernels_match(const Op& op, const Op& aten, const std::vector<at::Tensor>& inputs,
+                          const std::string& what) {
+  const auto exact = outputs_and_grads(aten, inputs, at::kDouble, 1);
+  for (const auto dtype : {at::kFloat, at::kBFloat16}) {
+    const auto fused = outputs_and_grads(op, inputs, dtype, 1);
+    const auto reference = outputs_and_grads(aten, inputs, dtype, 1);
+    ASSERT_EQ(fused.size(), exact.size());
+    for (size_t i = 0; i < exact.size(); ++i) {
+      const double scale = exact[i].abs().max().item<double>() + 1e-12;
+      const double err = max_diff(fused[i], exact[i]) / scale,
+                   aten_err = max_diff(reference[i], exact[i]) / scale;
+      const std::string where = what + ", " + c10::toString(dtype) + ", tensor " + std::to_string(i);
+      if (dtype == at::kFloat)
+        EXPECT_LT(err, 2e-5) << where;
+      else
+        EXPECT_LE(err, 1.5 * aten_err + 8e-3) << where << ": kernels " << err << ", ATen " << aten_err;
+    }
+  }
+}
+
+ModelConfig llama_config(int64_t head_dim, int64_t rotary_dim) {
+  ModelConfig c;
+  c.head_dim = head_dim;
+  c.rotary_dim = rotary_dim;
+  c.rms_norm_eps = 1e-5;
+  return c;
+}
+
+TEST(FusedLayers, AddRmsNormEqualsAten) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "needs a GPU";
+  const auto c = llama_config(64, 64);
+  // Rows of one partial pack per thread, of two packs, of the most the kernel keeps (8192).
+  for (const auto& [rows, cols] :
+       std::vector<std::pair<int64_t, int64_t>>{{7, 24}, {300, 2048 + 256}, {33, 8192}}) {
+    const auto opts = at::TensorOptions().device(at::kCUDA).dtype(at::kDouble);
+    const std::vector<at::Tensor> inputs = {at::randn({3, rows, cols}, opts),
+                                            at::randn({3, rows, cols}, opts),
+                                            1 + 0.1 * at::randn({cols}, opts)};
+    const auto fused = [&](const std::vector<at::Tensor>& t) {
+      const auto [sum, normed] = add_norm(c, t[0], t[1], t[2], {});
+      return std::vector<at::Tensor>{sum, normed};
+    };
+    const auto aten = [&](const std::vector<at::Tensor>& t) {
+      const auto sum = t[0] + t[1];
+      return std::vector<at::Tensor>{sum, compat::rms_norm(sum, t[2], c.rms_norm_eps)};
+    };
+    expect_kernels_match(fused, aten, inputs, std::to_string(rows) + " x " + std::to_string(cols));
+    // Without a residual to add: x passed through, its gradient summed with the norm's.
+    const auto alone = [&](bool kernels) {
+      return [&, kernels](const std::vector<at::Tensor>& t) {
+        if (!kernels) return std::vector<at::Tensor>{t[0], compat::rms_norm(t[0], t[2], c.rms_norm_eps)};
+        const auto [x, normed] = add_norm(c, t[0], {}, t[2], {});
+        return std::vector<at::Tensor>{x, normed};
+      };
+    };
+    expect_kernels_match(alone(true), alone(false), inputs, "no residual");
+    // Only the normed output, or only the sum, carrying a gradient.
+    for (int keep = 0; keep < 2; ++keep) {
+      const auto one = [&, keep](const Op& f) {
+        return [f, keep](const std::vector<at::Tensor>& t) { return std::vector<at::Tensor>{f(t)[keep]}; };
+      };
+      expect_kernels_match(one(fused), one(aten), inputs, "output " + std::to_string(keep) + " alone");
+    }
+  }
+}
+
+TEST(FusedLayers, SwigluEqualsAten) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "needs a GPU";
+  const auto opts = at::TensorOptions().device(at::kCUDA).dtype(at::kDouble);
+  const auto aten = [](const std::vector<at::Tensor>& t) {
+    return std::vector<at::Tensor>{at::silu(t[0]) * t[1]};
+  };
+  // Two projections' outputs (packs of 8), and an odd width (one element a thread).
+  for (int64_t cols : {5632, 13}) {
+    const std::vector<at::Tensor> inputs = {3 * at::randn({2, 50, cols}, opts),
+                                            at::randn({2, 50, cols}, opts)};
+    const auto fused = [](const std::vector<at::Tensor>& t) {
+      return std::vector<at::Tensor>{swiglu(t[0], t[1])};
+    };
+    expect_kernels_match(fused, aten, inputs, "width " + std::to_string(cols));
+  }
+  // The two halves of one joined projection's output (rows at twice their width).
+  const std::vector<at::Tensor> joined = {at::randn({40, 2 * 256}, opts)};
+  const auto halves = [](bool fused) {
+    return [fused](const std::vector<at::Tensor>& t) {
+      const auto gate = t[0].narrow(1, 0, 256), up = t[0].narrow(1, 256, 256);
+      return std::vector<at::Tensor>{fused ? swiglu(gate, up) : at::silu(gate) * up};
+    };
+  };
+  expect_kernels_match(halves(true), halves(false), joined, "halves of a joined projection");
+}
+
+TEST(FusedLayers, RotaryEmbeddingEqualsAten) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "needs a GPU";
+  const auto opts = at::TensorOptions().device(at::kCUDA).dtype(at::kDouble);
+  const int64_t B = 3, T = 37, H = 4;
+  // Whole heads rotating (eight pairs a thread, or one where 16 does not divide the head); half of
+  // each (Nemotron's partial rotary); positions per row or shared.
+  for (const auto& [D, R, shared] : std::vector<std::tuple<int64_t, int64_t, bool>>{
+           {64, 64, false}, {128, 128, true}, {16, 8, false}, {24, 24, true}}) {
+    auto c = llama_config(D, R);
+    c.rope.theta = 10000;
+    const auto positions = shared ? at::arange(T, opts.dtype(at::kLong)).unsqueeze(0)
+                                  : at::randint(0, 4000, {B, T}, opts.dtype(at::kLong));
+    // The projection's output [B, T, H x D] (contiguous), and heads in a strided layout.
+    for (bool strided : {false, true}) {
+      const std::vector<at::Tensor> inputs = {at::randn({B, T, H * D}, opts)};
+      const auto run = [&, strided](bool fused) {
+        return [&, strided, fused](const std::vector<at::Tensor>& t) {
+          const auto [cos, sin] = rope_cos_sin(c, positions, t[0].scalar_type());
+          auto x = t[0].view({B, T, H, D});
+          if (strided) x = x.transpose(0, 1).contiguous().transpose(0, 1);
+          auto out = fused ? rotate_heads(x, cos, sin) : apply_rope(x.transpose(1, 2), cos, sin);
+          if (fused && t[0].scalar_type() != at::kDouble) {
+            EXPECT_TRUE(out.transpose(1, 2).is_contiguous());
+          }
+          return std::vector<at::Tensor>{out};
+        };
+      };
+      expect_kernels_match(
+          run(true), run(false), inputs,
+          "head_dim " + std::to_string(D) + ", rotary " + std::to_string(R) + (strided ? ", strided" : ""));
+    }
+  }
+}
+
+// A model's loss and every gradient on the GPU (kernels, float32) equal the CPU's (ATen), for the
+// families whose layers differ: grouped heads, per-head norms, partial rotary with LayerNorm1P,
+// with and without recomputed layers.
+TEST(FusedLayers, ModelGradientsOnTheGpuEqualTheCpu) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "needs a GPU";
+  for (const std::string name : {"llama3", "qwen3", "nemotron", "mistral"}) {
+    for (int64_t checkpointed : {int64_t(0), kAllLayers}) {
+      std::map<std::string, at::Tensor> grads[2];
+      double losses[2];
+      for (int d = 0; d < 2; ++d) {
+        const at::Device device = d ? at::Device(at::kCUDA) : at::Device(at::kCPU);
+        auto m = load_transformer(kFixtures + name, device, at::kFloat);
+        for (auto& [n, p] : named_parameters(m)) p.requires_grad_(true);
+        auto gen = at::make_generator<at::CPUGeneratorImpl>(7);
+        ForwardInput in;
+        in.input_ids = at::randint(0, m.cfg.vocab_size, {2, 24}, gen, at::kLong).to(device);
+        in.checkpointed_layers = checkpointed;
+        const auto targets = in.input_ids.roll(-1, 1);
+        const auto loss = -token_logprobs(m, forward_hidden(m, in), targets).mean();
+        loss.backward();
+        losses[d] = loss.item<double>();
+        for (auto& [n, p] : named_parameters(m))
+          if (p.grad().defined()) grads[d][n] = p.grad().cpu();
+      }
+      const std::string where = name + (checkpointed ? ", recomputed" : "");
+      EXPECT_NEAR(losses[1], losses[0], 1e-5) << where;
+      ASSERT_EQ(grads[1].size(), grads[0].size()) << where;
+      for (const auto& [n, g] : grads[0]) {
+        const double scale = g.abs().max().item<double>() + 1e-8;
+        EXPECT_LT(max_diff(grads[1].at(n), g) / scale, 1e-4) << where << ": " << n;
+      }
+    }
+  }
+}
+
+}  // namespace
