@@ -7,7 +7,6 @@
 #include <functional>
 #include <map>
 #include <string>
-#include <tuple>
 #include <vector>
 
 #include "core/torch_compat.h"
@@ -153,8 +152,13 @@ TEST(FusedLayers, RotaryEmbeddingEqualsAten) {
   const int64_t B = 3, T = 37, H = 4;
   // Whole heads rotating (eight pairs a thread, or one where 16 does not divide the head); half of
   // each (Nemotron's partial rotary); positions per row or shared.
-  for (const auto& [D, R, shared] : std::vector<std::tuple<int64_t, int64_t, bool>>{
-           {64, 64, false}, {128, 128, true}, {16, 8, false}, {24, 24, true}}) {
+  struct Case {
+    int64_t head_dim, rotary_dim;
+    bool shared;
+  };
+  for (const Case& k : {Case{64, 64, false}, Case{128, 128, true}, Case{16, 8, false}, Case{24, 24, true}}) {
+    const int64_t D = k.head_dim, R = k.rotary_dim;
+    const bool shared = k.shared;
     auto c = llama_config(D, R);
     c.rope.theta = 10000;
     const auto positions = shared ? at::arange(T, opts.dtype(at::kLong)).unsqueeze(0)
