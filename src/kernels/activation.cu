@@ -87,11 +87,6 @@ __global__ void silu_mul_backward8_kernel(const T* gate, const T* up, int64_t in
   }
 }
 
-template <typename T>
-bool aligned8(const void* p) {
-  return reinterpret_cast<uintptr_t>(p) % sizeof(Pack8<T>) == 0;
-}
-
 // Grid-stride launches: a thread per element, or per pack of 8 where the rows allow.
 constexpr int kThreads = 256;
 int grid(int64_t work) {

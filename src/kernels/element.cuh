@@ -43,6 +43,12 @@ struct Pack8<float> {
   float4 a, b;
 };
 
+// Whether p (host side: a launcher choosing its kernel) may be read and written as Pack8<T>.
+template <typename T>
+inline bool aligned8(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % sizeof(Pack8<T>) == 0;
+}
+
 template <typename T>
 __device__ inline Pack8<T> load8(const T* p) {
   return {*reinterpret_cast<const uint4*>(p)};

@@ -142,11 +142,6 @@ int64_t backward_blocks(int64_t rows) {
   return std::min<int64_t>(rows, 1024);
 }
 
-template <typename T>
-bool aligned8(const void* p) {
-  return reinterpret_cast<uintptr_t>(p) % sizeof(Pack8<T>) == 0;
-}
-
 }  // namespace
 
 int64_t rms_norm_backward_workspace(int64_t rows, int64_t cols) {

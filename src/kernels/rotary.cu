@@ -82,10 +82,9 @@ cudaError_t rotary(const RotaryArgs& a, cudaStream_t stream) {
   const int blocks = int(std::min<int64_t>((n + threads - 1) / threads, 65536));
   dispatch(a.dtype, [&](auto* type) {
     using T = std::remove_pointer_t<decltype(type)>;
-    const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % sizeof(Pack8<T>) == 0; };
     const bool packed = a.rotary_dim == a.head_dim && a.head_dim % 16 == 0 && a.sb % 8 == 0 &&
-                        a.st % 8 == 0 && a.sh % 8 == 0 && a.cb % 8 == 0 && a.ct % 8 == 0 && aligned(a.x) &&
-                        aligned(a.cos) && aligned(a.sin) && aligned(a.out);
+                        a.st % 8 == 0 && a.sh % 8 == 0 && a.cb % 8 == 0 && a.ct % 8 == 0 &&
+                        aligned8<T>(a.x) && aligned8<T>(a.cos) && aligned8<T>(a.sin) && aligned8<T>(a.out);
     const auto *x = static_cast<const T*>(a.x), *cos = static_cast<const T*>(a.cos),
                *sin = static_cast<const T*>(a.sin);
     if (packed)
