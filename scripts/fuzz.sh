@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer targets (fuzz/*.cpp) in build-asan, the ASan + UBSan build that
-# scripts/sanitize.sh also uses, and runs each for FUZZ_SECONDS seconds (default 60), FUZZ_JOBS of
+# scripts/sanitize.sh also uses, and runs each for FUZZ_SECONDS seconds (default 30), FUZZ_JOBS of
 # them at a time (default: one per core). Usage: scripts/fuzz.sh [target ...] (default: all).
 #
 # Each target starts from its seeds in fuzz/corpus/<target> (small files made from tests/fixtures
@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/sanitizer_env.sh
 
-seconds=${FUZZ_SECONDS:-60}
+seconds=${FUZZ_SECONDS:-30}
 jobs=${FUZZ_JOBS:-$cores}
 build="build-asan"
 

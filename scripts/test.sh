@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Installs dependencies (if missing), builds everything and runs the test suite; then the tests
 # again under AddressSanitizer and UndefinedBehaviorSanitizer (scripts/sanitize.sh) and each fuzz
-# target for a minute (scripts/fuzz.sh). ALIGNER_QUICK=1 skips those two locally; CI (CI=true)
+# target for half a minute (scripts/fuzz.sh). ALIGNER_QUICK=1 skips those two locally; CI (CI=true)
 # always runs them. The last line counts every test, sanitizer test and fuzz target; the status is
 # non-zero if any failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install_deps.sh
-cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+# A new build folder is built with clang (installed for the sanitizer build): GCC reads its 320 MB
+# precompiled libtorch headers in full for every file, clang only what the file uses, which takes
+# the build from ~20 to ~13 minutes on two cores. A folder already configured keeps its compiler.
+compiler=()
+[ -f build/CMakeCache.txt ] || compiler=(-DCMAKE_CXX_COMPILER=clang++)
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo "${compiler[@]}" >/dev/null
 ninja -C build -j"$(nproc)"
 if [ "${ALIGNER_QUICK:-0}" = 1 ] && [ "${CI:-}" != true ]; then
   exec env OMP_NUM_THREADS=1 ctest --test-dir build --output-on-failure -j"$(nproc)"

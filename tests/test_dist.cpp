@@ -52,10 +52,6 @@ class ScratchDir {
   std::string path_;
 };
 
-bool file_exists(const std::string& path) {
-  return access(path.c_str(), F_OK) == 0;
-}
-
 void expect_error(const std::function<void()>& fn, const std::string& fragment) {
   try {
     fn();

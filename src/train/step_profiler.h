@@ -16,9 +16,10 @@ class StepProfiler {
   void after_step(int64_t step);
 
  private:
-  int64_t first_ = 0, last_ = -1;
+  // Read only by the CUDA build's profiler.
+  [[maybe_unused]] int64_t first_ = 0, last_ = -1;
   std::string path_;
-  bool on_ = false;
+  [[maybe_unused]] bool on_ = false;
 };
 
 }  // namespace aligner
