@@ -398,3 +398,35 @@ TEST(Model, ChunkedHeadLogprobsMatchAutogradThroughTheFullSoftmax) {
   EXPECT_TRUE(at::allclose(g[0], want_grads[0], 1e-12, 1e-12));
   EXPECT_THROW(head_logprobs(rows, weight, targets.narrow(0, 0, 5), 4), Error);
 }
+
+// The distillation loss through the head, chunked with its own backward, against autograd through
+// the full softmax (the formula topk_kd_loss_sum_from_topk sums), per row, values and gradients.
+TEST(Model, ChunkedHeadTopkKdMatchesAutogradThroughTheFullSoftmax) {
+  auto gen = at::detail::createCPUGenerator(10);
+  const auto opts = at::TensorOptions().dtype(at::kDouble);
+  const auto rows = at::randn({9, 6}, gen, opts).requires_grad_(true);
+  const auto weight = (at::randn({13, 6}, gen, opts) * 0.7).requires_grad_(true);
+  auto [values, ids] = at::randn({9, 13}, gen, opts).topk(4, -1);
+  const auto upstream = at::randn({9}, gen, opts);
+  const double T = 1.7;
+
+  const auto log_pt = at::log_softmax(values / T, 1);
+  const auto log_ps = at::log_softmax(at::mm(rows, weight.t()) / T, 1).gather(1, ids);
+  const auto want = (log_pt.exp() * (log_pt - log_ps)).sum(1) * (T * T);
+  const auto want_grads = torch::autograd::grad({want}, {rows, weight}, {upstream});
+  for (int64_t chunk : {1, 4, 9, 64}) {
+    int calls = 0;
+    const auto key = weight.register_hook([&](const at::Tensor&) { ++calls; });
+    const auto got = head_topk_kd(rows, weight, values, ids, T, chunk);
+    EXPECT_TRUE(at::allclose(got, want, 1e-12, 1e-12)) << chunk;
+    rows.mutable_grad() = at::Tensor();
+    weight.mutable_grad() = at::Tensor();
+    got.backward(upstream);
+    EXPECT_TRUE(at::allclose(rows.grad(), want_grads[0], 1e-10, 1e-12)) << chunk;
+    EXPECT_TRUE(at::allclose(weight.grad(), want_grads[1], 1e-10, 1e-12)) << chunk;
+    EXPECT_EQ(calls, 1) << chunk;
+    weight.remove_hook(key);
+  }
+  EXPECT_THROW(head_topk_kd(rows, weight, values.narrow(0, 0, 5), ids.narrow(0, 0, 5), T, 4), Error);
+  EXPECT_THROW(head_topk_kd(rows, weight, values, ids, 0.0, 4), Error);
+}

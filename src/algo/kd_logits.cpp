@@ -191,13 +191,11 @@ void write_topk(const std::string& path, SftDataset& ds, const Transformer& teac
     const Batch b = collate_padded(seqs, pad_id);
     ForwardInput in{b.input_ids.to(device), b.attention_mask.to(device), b.position_ids.to(device)};
     const auto hidden = forward_hidden(teacher, in);
-    // The loss tokens row by row, as the student's loss reads them; topk as topk_kd_loss_sum takes it.
+    // The loss tokens row by row, as the student's loss reads them.
     const auto rows = (b.labels.reshape({-1}) != kIgnoreIndex).nonzero().squeeze(1).to(device);
-    const auto top = lm_logits(teacher, hidden.reshape({-1, hidden.size(-1)}).index_select(0, rows))
-                         .to(at::kFloat)
-                         .topk(k, -1);
-    const auto values = std::get<0>(top).to(values_dtype).cpu().contiguous();
-    const auto ids = std::get<1>(top).to(at::kInt).cpu().contiguous();
+    const auto top = lm_topk(teacher, hidden.reshape({-1, hidden.size(-1)}).index_select(0, rows), k);
+    const auto values = top.first.to(values_dtype).cpu().contiguous();
+    const auto ids = top.second.to(at::kInt).cpu().contiguous();
     int64_t r = 0;
     for (size_t i = 0; i < examples.size(); ++i) {
       const size_t first = size_t(offsets[size_t(examples[i])]);

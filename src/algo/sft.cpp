@@ -17,16 +17,6 @@
 namespace aligner {
 namespace fs = std::filesystem;
 
-at::Tensor topk_kd_loss_sum(const at::Tensor& student_logits, const at::Tensor& teacher_logits, int64_t k,
-                            double temperature) {
-  if (student_logits.sizes() != teacher_logits.sizes())
-    fail("teacher logits {} do not match the student's {} (different vocabularies?)",
-         fmt::join(teacher_logits.sizes(), "x"), fmt::join(student_logits.sizes(), "x"));
-  k = std::min<int64_t>(k, teacher_logits.size(-1));
-  auto top = teacher_logits.to(at::kFloat).topk(k, -1);
-  return topk_kd_loss_sum_from_topk(student_logits, std::get<0>(top), std::get<1>(top), temperature);
-}
-
 at::Tensor topk_kd_loss_sum_from_topk(const at::Tensor& student_logits, const at::Tensor& topk_values,
                                       const at::Tensor& topk_ids, double temperature) {
   if (topk_values.sizes() != topk_ids.sizes() || topk_values.size(0) != student_logits.size(0))
@@ -40,6 +30,26 @@ at::Tensor topk_kd_loss_sum_from_topk(const at::Tensor& student_logits, const at
 }
 
 namespace {
+
+// topk_kd_loss_sum_from_topk of the student's logits at hidden rows [N, H], which are computed a
+// chunk of rows at a time; where keeping their float32 log-softmax for the backward pass would take
+// too much memory, the backward pass computes them again (head_topk_kd).
+at::Tensor student_kd_loss_sum(const Transformer& m, const at::Tensor& rows, const at::Tensor& topk_values,
+                               const at::Tensor& topk_ids, double temperature) {
+  const int64_t N = rows.size(0), chunk = logit_chunk_rows(m);
+  if (topk_values.size(0) != N || topk_ids.size(0) != N)
+    fail("teacher top-k values {} and ids {} do not match the student's {} loss tokens",
+         fmt::join(topk_values.sizes(), "x"), fmt::join(topk_ids.sizes(), "x"), N);
+  if (recompute_head_logits(m, N))
+    return head_topk_kd(rows, m.lm_head.weight, topk_values, topk_ids, temperature, chunk).sum();
+  auto sum = at::zeros({}, rows.options().dtype(at::kFloat));
+  for (int64_t s = 0; s < N; s += chunk) {
+    const int64_t n = std::min(chunk, N - s);
+    sum = sum + topk_kd_loss_sum_from_topk(lm_logits(m, rows.narrow(0, s, n)), topk_values.narrow(0, s, n),
+                                           topk_ids.narrow(0, s, n), temperature);
+  }
+  return sum;
+}
 
 struct MicroBatch {
   Batch batch;
@@ -238,21 +248,21 @@ class Sft final : public Algorithm {
     }
     // Distillation reads logits only where the loss does.
     const auto rows = (labels.reshape({-1}) != kIgnoreIndex).nonzero().squeeze(1);
-    const auto student_logits =
-        lm_logits(model_, hidden.reshape({-1, hidden.size(-1)}).index_select(0, rows));
+    const auto student_rows = hidden.reshape({-1, hidden.size(-1)}).index_select(0, rows);
     at::Tensor kd;
     if (teacher_) {
-      at::Tensor teacher_logits;
+      at::Tensor values, ids;
       {
         at::NoGradGuard no_grad;
         in.checkpointed_layers = 0;
         auto th = forward_hidden(*teacher_, in);
-        teacher_logits = lm_logits(*teacher_, th.reshape({-1, th.size(-1)}).index_select(0, rows));
+        std::tie(values, ids) =
+            lm_topk(*teacher_, th.reshape({-1, th.size(-1)}).index_select(0, rows), kd_top_k_);
       }
-      kd = topk_kd_loss_sum(student_logits, teacher_logits, kd_top_k_, kd_temperature_);
+      kd = student_kd_loss_sum(model_, student_rows, values, ids, kd_temperature_);
     } else {
-      kd = topk_kd_loss_sum_from_topk(student_logits, mb.teacher_values.to(device_),
-                                      mb.teacher_ids.to(device_), kd_temperature_);
+      kd = student_kd_loss_sum(model_, student_rows, mb.teacher_values.to(device_),
+                               mb.teacher_ids.to(device_), kd_temperature_);
     }
     out.loss = ce_weight_ * ce + kd_weight_ * kd;
     // Means per loss token.

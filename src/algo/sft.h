@@ -14,13 +14,10 @@ namespace aligner {
 void run_sft(const Config& cfg);
 
 // KL(p_teacher || p_student) summed over the rows, both at temperature T, where p_teacher is the
-// softmax of the teacher's k largest logits and p_student is the student's full-vocabulary softmax
-// read at those k ids; multiplied by T^2 so that gradients keep their scale as T changes (Hinton
-// et al.). Logits are [N, vocab].
-at::Tensor topk_kd_loss_sum(const at::Tensor& student_logits, const at::Tensor& teacher_logits, int64_t k,
-                            double temperature);
-// The same from the teacher's top-k alone: values [N, k] (its k largest logits) and ids [N, k]
-// (their token ids), as kd-prepare stores them. topk_kd_loss_sum is this after its topk.
+// softmax of the teacher's k largest logits, values [N, k] with their token ids [N, k] (lm_topk, or
+// as kd-prepare stores them), and p_student is the student's full-vocabulary softmax of
+// student_logits [N, vocab] read at those ids; multiplied by T^2 so that gradients keep their scale
+// as T changes (Hinton et al.).
 at::Tensor topk_kd_loss_sum_from_topk(const at::Tensor& student_logits, const at::Tensor& topk_values,
                                       const at::Tensor& topk_ids, double temperature);
 

@@ -429,11 +429,31 @@ at::Tensor at_least_float(const at::Tensor& t) {
 
 namespace {
 
+// The rows' and the weight's gradients of a loss read from a plain head's logits (rows x weight^T),
+// each chunk's logits computed again rather than kept: dlogits(s, n, logits) turns the logits of
+// rows s..s+n (float32, or float64) into d loss / d logits. The weight's gradient is summed over
+// the chunks in float32 and rounded once, so that it arrives once (a gradient per chunk would reach
+// data-parallel hooks as several gradients of one parameter).
+template <typename F>
+std::pair<at::Tensor, at::Tensor> head_backward(torch::autograd::AutogradContext* ctx, const at::Tensor& rows,
+                                                const at::Tensor& weight, int64_t chunk, at::ScalarType fp,
+                                                F&& dlogits) {
+  const bool want_rows = ctx->needs_input_grad(0), want_weight = ctx->needs_input_grad(1);
+  at::Tensor grad_rows = want_rows ? at::empty_like(rows) : at::Tensor();
+  at::Tensor grad_weight = want_weight ? at::zeros_like(weight, weight.options().dtype(fp)) : at::Tensor();
+  for (int64_t s = 0, N = rows.size(0); s < N; s += chunk) {
+    const int64_t n = std::min(chunk, N - s);
+    const auto r = rows.narrow(0, s, n);
+    const auto d = dlogits(s, n, at::mm(r, weight.t()).to(fp)).to(rows.scalar_type());
+    if (want_rows) grad_rows.narrow(0, s, n).copy_(at::mm(d, weight));
+    if (want_weight) grad_weight.add_(at::mm(d.t(), r));
+  }
+  return {grad_rows, want_weight ? grad_weight.to(weight.scalar_type()) : at::Tensor()};
+}
+
 // head_logprobs with its own backward: what autograd would keep of the chunks (their float32
 // log-softmax, 2 GB for 16k tokens of a 32k vocabulary) is not kept; the backward pass computes
-// each chunk's logits again, d log p(t) / d logits = onehot(t) - softmax, and returns the rows' and
-// the weight's gradients once each (a weight gradient per chunk would reach data-parallel hooks as
-// several gradients of one parameter).
+// each chunk's logits again, d log p(t) / d logits = onehot(t) - softmax.
 struct HeadLogprobs : torch::autograd::Function<HeadLogprobs> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& rows,
                             const at::Tensor& weight, const at::Tensor& targets, int64_t chunk) {
@@ -458,28 +478,61 @@ struct HeadLogprobs : torch::autograd::Function<HeadLogprobs> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const auto &rows = saved[0], &weight = saved[1], &targets = saved[2], &lse = saved[3];
-    const int64_t chunk = ctx->saved_data["chunk"].toInt(), N = rows.size(0);
-    const auto g = grads[0];
-    const bool want_rows = ctx->needs_input_grad(0), want_weight = ctx->needs_input_grad(1);
-    at::Tensor grad_rows = want_rows ? at::empty_like(rows) : at::Tensor();
-    // The weight's gradient summed over the chunks in float32, rounded once.
-    at::Tensor grad_weight =
-        want_weight ? at::zeros_like(weight, weight.options().dtype(lse.scalar_type())) : at::Tensor();
+    const auto &targets = saved[2], &lse = saved[3];
+    const auto& g = grads[0];
+    auto [grad_rows, grad_weight] =
+        head_backward(ctx, saved[0], saved[1], ctx->saved_data["chunk"].toInt(), lse.scalar_type(),
+                      [&](int64_t s, int64_t n, const at::Tensor& logits) {
+                        const auto tt = targets.narrow(0, s, n);
+                        const auto gs = (g.narrow(0, s, n) * (tt >= 0).to(g.scalar_type())).unsqueeze(1);
+                        auto d = at::exp(logits - lse.narrow(0, s, n).unsqueeze(1)).mul_(gs.neg());
+                        return d.scatter_add_(1, tt.clamp_min(0).unsqueeze(1), gs);
+                      });
+    return {grad_rows, grad_weight, at::Tensor(), at::Tensor()};
+  }
+};
+
+// head_topk_kd with its own backward, as HeadLogprobs: per row L = T^2 sum_j pt_j (log pt_j -
+// log ps_j), and as the pt sum to 1, d L / d logits = T (softmax(logits / T) - scatter(ids, pt)).
+struct HeadTopkKd : torch::autograd::Function<HeadTopkKd> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& rows,
+                            const at::Tensor& weight, const at::Tensor& topk_values,
+                            const at::Tensor& topk_ids, double temperature, int64_t chunk) {
+    const int64_t N = rows.size(0);
+    const auto fp = at::promote_types(rows.scalar_type(), at::kFloat);
+    auto out = at::empty({N}, rows.options().dtype(fp));
+    auto lse = at::empty({N}, rows.options().dtype(fp));
+    const auto log_pt = at::log_softmax(topk_values.to(fp) / temperature, 1);
+    const auto ids = topk_ids.to(at::kLong);
     for (int64_t s = 0; s < N; s += chunk) {
       const int64_t n = std::min(chunk, N - s);
-      const auto r = rows.narrow(0, s, n);
-      const auto tt = targets.narrow(0, s, n);
-      const auto gs = g.narrow(0, s, n) * (tt >= 0).to(g.scalar_type());
-      auto d = at::exp(at::mm(r, weight.t()).to(lse.scalar_type()) - lse.narrow(0, s, n).unsqueeze(1));
-      d.mul_(gs.unsqueeze(1).neg());
-      d.scatter_add_(1, tt.clamp_min(0).unsqueeze(1), gs.unsqueeze(1));
-      const auto d_low = d.to(rows.scalar_type());
-      if (want_rows) grad_rows.narrow(0, s, n).copy_(at::mm(d_low, weight));
-      if (want_weight) grad_weight.add_(at::mm(d_low.t(), r));
+      const auto z = at::mm(rows.narrow(0, s, n), weight.t()).to(fp).div_(temperature);
+      const auto zl = at::logsumexp(z, 1);
+      lse.narrow(0, s, n).copy_(zl);
+      const auto log_ps = z.gather(1, ids.narrow(0, s, n)) - zl.unsqueeze(1);
+      const auto lp = log_pt.narrow(0, s, n);
+      out.narrow(0, s, n).copy_((lp.exp() * (lp - log_ps)).sum(1) * (temperature * temperature));
     }
-    return {grad_rows, want_weight ? grad_weight.to(weight.scalar_type()) : at::Tensor(), at::Tensor(),
-            at::Tensor()};
+    ctx->save_for_backward({rows, weight, ids, log_pt, lse});
+    ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["chunk"] = chunk;
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &ids = saved[2], &log_pt = saved[3], &lse = saved[4];
+    const double T = ctx->saved_data["temperature"].toDouble();
+    const auto& g = grads[0];
+    auto [grad_rows, grad_weight] = head_backward(
+        ctx, saved[0], saved[1], ctx->saved_data["chunk"].toInt(), lse.scalar_type(),
+        [&](int64_t s, int64_t n, const at::Tensor& logits) {
+          const auto gs = g.narrow(0, s, n).unsqueeze(1) * T;
+          auto d = at::exp(logits / T - lse.narrow(0, s, n).unsqueeze(1)).mul_(gs);
+          return d.scatter_add_(1, ids.narrow(0, s, n), log_pt.narrow(0, s, n).exp() * gs.neg());
+        });
+    return {grad_rows, grad_weight, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -500,26 +553,63 @@ at::Tensor head_logprobs(const at::Tensor& rows, const at::Tensor& weight, const
 #pragma GCC diagnostic pop
 }
 
+at::Tensor head_topk_kd(const at::Tensor& rows, const at::Tensor& weight, const at::Tensor& topk_values,
+                        const at::Tensor& topk_ids, double temperature, int64_t chunk_rows) {
+  if (rows.dim() != 2 || weight.dim() != 2 || rows.size(1) != weight.size(1) || topk_values.dim() != 2 ||
+      topk_values.sizes() != topk_ids.sizes() || topk_values.size(0) != rows.size(0) || chunk_rows < 1 ||
+      temperature <= 0)
+    fail(
+        "head_topk_kd: rows [N, H], weight [V, H], top-k values and ids [N, k], temperature > 0 and "
+        "chunk_rows >= 1, got [{}], [{}], [{}], [{}], {}, {}",
+        fmt::join(rows.sizes(), ", "), fmt::join(weight.sizes(), ", "), fmt::join(topk_values.sizes(), ", "),
+        fmt::join(topk_ids.sizes(), ", "), temperature, chunk_rows);
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Warray-bounds"
+  return HeadTopkKd::apply(rows, weight, topk_values, topk_ids, temperature, chunk_rows);
+#pragma GCC diagnostic pop
+}
+
+int64_t logit_chunk_rows(const Transformer& m) {
+  return std::max<int64_t>(1, (int64_t(64) << 20) / std::max<int64_t>(1, m.cfg.vocab_size));
+}
+
+bool recompute_head_logits(const Transformer& m, int64_t rows) {
+  // Training with a large vocabulary: autograd would keep the float32 log-softmax of every row for
+  // the backward pass (8 GB for 16k tokens of Llama 3's 128k vocabulary). Below that the kept copy
+  // is the faster choice: on an H200 the recompute took a 1.1B model's step (16k tokens, 32k
+  // vocabulary: 2 GB) from 291 to 300 ms, for 1.3 GB less.
+  const auto& head = m.lm_head;
+  const double kept_bytes = double(rows) * double(m.cfg.vocab_size) * 4;
+  return at::GradMode::is_enabled() && kept_bytes > 4e9 && head.weight.defined() && !head.bias.defined() &&
+         !head.lora.a.defined() && !m.tp;
+}
+
+std::pair<at::Tensor, at::Tensor> lm_topk(const Transformer& m, const at::Tensor& rows, int64_t k) {
+  if (rows.dim() != 2 || k < 1)
+    fail("lm_topk: rows [N, H] and k >= 1, got [{}], {}", fmt::join(rows.sizes(), ", "), k);
+  k = std::min(k, m.cfg.vocab_size);
+  const int64_t chunk = logit_chunk_rows(m);
+  std::vector<at::Tensor> values{at_least_float(rows.new_empty({0, k}))},
+      ids{rows.new_empty({0, k}, at::kLong)};
+  for (int64_t s = 0; s < rows.size(0); s += chunk) {
+    auto top = at_least_float(lm_logits(m, rows.narrow(0, s, std::min(chunk, rows.size(0) - s)))).topk(k, -1);
+    values.push_back(std::get<0>(top));
+    ids.push_back(std::get<1>(top));
+  }
+  return {at::cat(values), at::cat(ids)};
+}
+
 at::Tensor token_logprobs(const Transformer& m, const at::Tensor& hidden, const at::Tensor& targets) {
   if (!m.lm_head.weight.defined()) fail("this model is a sequence classifier: it has no lm_head");
   const int64_t H = hidden.size(-1);
   auto h = hidden.reshape({-1, H});
   auto t = targets.reshape({-1});
   if (t.numel() != h.size(0)) fail("targets must have one entry per hidden state");
-  // Rows per chunk keep the float32 log-softmax around 256 MB whatever the vocabulary.
-  const int64_t chunk = std::max<int64_t>(1, (int64_t(64) << 20) / std::max<int64_t>(1, m.cfg.vocab_size));
-  if (m.tp) {
-    // Each rank's share of the vocabulary: as many rows per chunk for the same memory.
-    return tensor_parallel_logprobs(m, h, t, chunk * m.tp->size()).view(targets.sizes());
-  }
-  // Training with a large vocabulary: autograd would keep the float32 log-softmax of every token
-  // for the backward pass (8 GB for 16k tokens of Llama 3's 128k vocabulary), which head_logprobs
-  // computes again instead. Below that the kept copy is the faster choice: on an H200 the recompute
-  // took a 1.1B model's step (16k tokens, 32k vocabulary: 2 GB) from 291 to 300 ms, for 1.3 GB less.
-  const auto& head = m.lm_head;
-  const double kept_bytes = double(h.size(0)) * double(m.cfg.vocab_size) * 4;
-  if (at::GradMode::is_enabled() && kept_bytes > 4e9 && !head.bias.defined() && !head.lora.a.defined())
-    return head_logprobs(h, head.weight, t, chunk).view(targets.sizes());
+  const int64_t chunk = logit_chunk_rows(m);
+  // Each rank's share of the vocabulary: as many more rows per chunk for the same memory.
+  if (m.tp) return tensor_parallel_logprobs(m, h, t, chunk * m.tp->size()).view(targets.sizes());
+  if (recompute_head_logits(m, h.size(0)))
+    return head_logprobs(h, m.lm_head.weight, t, chunk).view(targets.sizes());
   std::vector<at::Tensor> out;
   for (int64_t s = 0; s < h.size(0); s += chunk) {
     const int64_t n = std::min(chunk, h.size(0) - s);

@@ -111,6 +111,22 @@ at::Tensor token_logprobs(const Transformer& m, const at::Tensor& hidden, const 
 // again instead of keeping their float32 log-softmax. [N] in float32 (float64 for float64 rows).
 at::Tensor head_logprobs(const at::Tensor& rows, const at::Tensor& weight, const at::Tensor& targets,
                          int64_t chunk_rows);
+// The distillation loss from a teacher's top-k through a plain head, per row: T^2 * sum_j pt_j
+// (log pt_j - log ps_j), pt the softmax of the top-k values / T and ps the student's softmax of
+// rows x weight^T / T (the whole vocabulary) read at the top-k ids. As head_logprobs: chunk_rows
+// rows at a time, the chunks' logits computed again in the backward pass. rows [N, H], weight
+// [V, H], topk_values and topk_ids [N, k]; [N] in float32 (float64 for float64 rows).
+at::Tensor head_topk_kd(const at::Tensor& rows, const at::Tensor& weight, const at::Tensor& topk_values,
+                        const at::Tensor& topk_ids, double temperature, int64_t chunk_rows);
+// Rows of hidden states whose float32 logits over the whole vocabulary take about 256 MB.
+int64_t logit_chunk_rows(const Transformer& m);
+// Whether a loss over `rows` rows of m's logits, under autograd, should compute them again in the
+// backward pass (head_logprobs, head_topk_kd) rather than keep them: a plain head, and more than
+// 4 GB to keep.
+bool recompute_head_logits(const Transformer& m, int64_t rows);
+// The k largest logits of each row of hidden states (rows [N, H]) and their token ids, computed a
+// chunk of rows at a time: [N, min(k, vocab)] in float32 (float64 for a float64 model) and int64.
+std::pair<at::Tensor, at::Tensor> lm_topk(const Transformer& m, const at::Tensor& rows, int64_t k);
 // A sequence classifier's outputs, [B, num_labels] in float32 (float64 for a float64 model): the
 // score head read at each row's last token that is neither padding (attention_mask 0) nor
 // cfg.pad_token_id. That is the token transformers' XxxForSequenceClassification reads (the
