@@ -353,6 +353,10 @@ TEST(Sft, ConfigTyposAreOneLineErrors) {
   r = aligner("sft model.path=" + tiny_model() + " data.train=/nonexistent.jsonl output_dir=/tmp/unused2");
   EXPECT_NE(r.status, 0);
   EXPECT_NE(r.output.find("/nonexistent.jsonl"), std::string::npos) << r.output;
+  // A count of checkpointed layers would do nothing without checkpointing.
+  r = aligner(sft_args("/tmp/unused", "model.activation_checkpointing_layers=2"));
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("needs model.activation_checkpointing=true"), std::string::npos) << r.output;
 }
 
 // Two ranks (Gloo, through `aligner launch`) with the same global batch give the losses of one.
@@ -471,12 +475,12 @@ TEST(Kd, TopKLossMatchesDirectComputation) {
     }
   }
   expected *= T * T;
-  EXPECT_NEAR(topk_kd_loss_sum(s.to(at::kFloat), t.to(at::kFloat), k, T).item<double>(), expected, 1e-5);
+  auto [tv, ti] = t.to(at::kFloat).topk(k, -1);
+  EXPECT_NEAR(topk_kd_loss_sum_from_topk(s.to(at::kFloat), tv, ti, T).item<double>(), expected, 1e-5);
   // A student equal to the teacher on the top-k and -inf elsewhere has zero KL.
   auto same = at::full({5, 11}, -1e9, at::kFloat);
-  auto [tv, ti] = t.to(at::kFloat).topk(k, -1);
   same.scatter_(1, ti, tv);
-  EXPECT_NEAR(topk_kd_loss_sum(same, t.to(at::kFloat), k, 1.0).item<double>(), 0.0, 1e-5);
+  EXPECT_NEAR(topk_kd_loss_sum_from_topk(same, tv, ti, 1.0).item<double>(), 0.0, 1e-5);
 }
 
 // Distillation from a teacher runs end to end and reports both terms.

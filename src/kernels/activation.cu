@@ -87,12 +87,6 @@ __global__ void silu_mul_backward8_kernel(const T* gate, const T* up, int64_t in
   }
 }
 
-// Grid-stride launches: a thread per element, or per pack of 8 where the rows allow.
-constexpr int kThreads = 256;
-int grid(int64_t work) {
-  return int(std::min<int64_t>((work + kThreads - 1) / kThreads, 8192));
-}
-
 }  // namespace
 
 cudaError_t silu_mul_backward(DType dtype, const void* gate, const void* up, int64_t in_stride,
@@ -110,10 +104,10 @@ cudaError_t silu_mul_backward(DType dtype, const void* gate, const void* up, int
                         aligned8<T>(d) && aligned8<T>(dg) && aligned8<T>(du);
     if (packed)
       silu_mul_backward8_kernel<T>
-          <<<grid(rows * cols / 8), kThreads, 0, stream>>>(g, u, in_stride, d, dg, du, rows, cols);
+          <<<grid_blocks(rows * cols / 8), kGridThreads, 0, stream>>>(g, u, in_stride, d, dg, du, rows, cols);
     else
       silu_mul_backward_kernel<T>
-          <<<grid(rows * cols), kThreads, 0, stream>>>(g, u, in_stride, d, dg, du, rows, cols);
+          <<<grid_blocks(rows * cols), kGridThreads, 0, stream>>>(g, u, in_stride, d, dg, du, rows, cols);
   });
   return cudaGetLastError();
 }
@@ -129,9 +123,11 @@ cudaError_t silu_mul(DType dtype, const void* gate, const void* up, int64_t in_s
     const bool packed =
         cols % 8 == 0 && in_stride % 8 == 0 && aligned8<T>(g) && aligned8<T>(u) && aligned8<T>(o);
     if (packed)
-      silu_mul8_kernel<T><<<grid(rows * cols / 8), kThreads, 0, stream>>>(g, u, in_stride, o, rows, cols);
+      silu_mul8_kernel<T>
+          <<<grid_blocks(rows * cols / 8), kGridThreads, 0, stream>>>(g, u, in_stride, o, rows, cols);
     else
-      silu_mul_kernel<T><<<grid(rows * cols), kThreads, 0, stream>>>(g, u, in_stride, o, rows, cols);
+      silu_mul_kernel<T>
+          <<<grid_blocks(rows * cols), kGridThreads, 0, stream>>>(g, u, in_stride, o, rows, cols);
   });
   return cudaGetLastError();
 }

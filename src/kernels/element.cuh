@@ -4,6 +4,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
+#include <cstdint>
+
 #include "kernels/decode_kernels.h"
 
 namespace aligner::kernels {
@@ -87,6 +90,13 @@ __device__ inline void unpack8(const Pack8<__half>& p, float (&o)[8]) {
 __device__ inline void unpack8(const Pack8<float>& p, float (&o)[8]) {
   o[0] = p.a.x, o[1] = p.a.y, o[2] = p.a.z, o[3] = p.a.w;
   o[4] = p.b.x, o[5] = p.b.y, o[6] = p.b.z, o[7] = p.b.w;
+}
+
+// Grid-stride launches: kGridThreads per block, and blocks for `work` items up to a cap past which each
+// thread takes several (the loops cover any count).
+constexpr int kGridThreads = 256;
+inline int grid_blocks(int64_t work) {
+  return int(std::min<int64_t>((work + kGridThreads - 1) / kGridThreads, 8192));
 }
 
 // Calls f with a null pointer of the element type that `dtype` names (f(static_cast<T*>(nullptr))).

@@ -78,8 +78,6 @@ cudaError_t rotary(const RotaryArgs& a, cudaStream_t stream) {
   const int64_t n = a.batch * a.tokens * a.heads * (a.head_dim / 2);
   if (n == 0) return cudaSuccess;
   if (a.head_dim % 2 != 0 || a.rotary_dim % 2 != 0 || a.rotary_dim > a.head_dim) return cudaErrorInvalidValue;
-  const int threads = 256;
-  const int blocks = int(std::min<int64_t>((n + threads - 1) / threads, 65536));
   dispatch(a.dtype, [&](auto* type) {
     using T = std::remove_pointer_t<decltype(type)>;
     const bool packed = a.rotary_dim == a.head_dim && a.head_dim % 16 == 0 && a.sb % 8 == 0 &&
@@ -89,10 +87,9 @@ cudaError_t rotary(const RotaryArgs& a, cudaStream_t stream) {
                *sin = static_cast<const T*>(a.sin);
     if (packed)
       rotary8_kernel<T>
-          <<<int(std::min<int64_t>((n / 8 + threads - 1) / threads, 65536)), threads, 0, stream>>>(
-              a, x, cos, sin, static_cast<T*>(a.out));
+          <<<grid_blocks(n / 8), kGridThreads, 0, stream>>>(a, x, cos, sin, static_cast<T*>(a.out));
     else
-      rotary_kernel<T><<<blocks, threads, 0, stream>>>(a, x, cos, sin, static_cast<T*>(a.out));
+      rotary_kernel<T><<<grid_blocks(n), kGridThreads, 0, stream>>>(a, x, cos, sin, static_cast<T*>(a.out));
   });
   return cudaGetLastError();
 }

@@ -74,9 +74,13 @@ bool read_lora_gaussian_init(const Config& cfg) {
 }
 
 int64_t checkpointed_layers(const Config& cfg) {
-  if (!cfg.get_bool("model.activation_checkpointing")) return 0;
   const char* key = "model.activation_checkpointing_layers";  // null: a string key
   const std::string text = cfg.get_string(key);
+  if (!cfg.get_bool("model.activation_checkpointing")) {
+    // A count without checkpointing turned on would be silently ignored.
+    if (!text.empty()) fail("config key '{}' needs model.activation_checkpointing=true", key);
+    return 0;
+  }
   if (text.empty()) return kAllLayers;
   int64_t n = -1;
   const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), n);
