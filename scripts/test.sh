@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install_deps.sh
 # A new build folder is built with clang (installed for the sanitizer build): GCC reads its 320 MB
 # precompiled libtorch headers in full for every file, clang only what the file uses, which takes
-# the build from ~20 to ~13 minutes on two cores. A folder already configured keeps its compiler.
+# the build from ~20 to ~9 minutes on two cores. A folder already configured keeps its compiler.
 compiler=()
 [ -f build/CMakeCache.txt ] || compiler=(-DCMAKE_CXX_COMPILER=clang++)
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo "${compiler[@]}" >/dev/null
