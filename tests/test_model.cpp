@@ -434,3 +434,21 @@ TEST(Model, ChunkedHeadTopkKdMatchesAutogradThroughTheFullSoftmax) {
   EXPECT_THROW(head_topk_kd(rows, weight, values.narrow(0, 0, 5), ids.narrow(0, 0, 5), T, 4), Error);
   EXPECT_THROW(head_topk_kd(rows, weight, values, ids, 0.0, 4), Error);
 }
+
+// A teacher's top-k read a chunk of rows at a time is the top-k of its whole logits; a k past the
+// vocabulary gives all of it, and no rows give none.
+TEST(Model, TopkLogitsByChunksAreTheWholeLogitsTopk) {
+  const auto m = init_transformer(tiny_config(), at::kCPU, 4);
+  auto gen = at::detail::createCPUGenerator(11);
+  const auto rows = at::randn({7, m.cfg.hidden_size}, gen);
+  const auto [want_values, want_ids] = lm_logits(m, rows).to(at::kFloat).topk(5, -1);
+  for (int64_t chunk : {1, 3, 7, 100}) {
+    const auto [values, ids] = lm_topk(m, rows, 5, chunk);
+    // A product of fewer rows may round differently (the BLAS blocks them otherwise).
+    EXPECT_TRUE(at::allclose(values, want_values, 1e-5, 1e-6)) << chunk;
+    EXPECT_TRUE(at::equal(ids, want_ids)) << chunk;
+  }
+  EXPECT_EQ(lm_topk(m, rows, m.cfg.vocab_size + 9, 3).first.size(1), m.cfg.vocab_size);
+  EXPECT_EQ(lm_topk(m, rows.narrow(0, 0, 0), 5, 3).second.sizes(), at::IntArrayRef({0, 5}));
+  EXPECT_THROW(lm_topk(m, rows, 5, 0), Error);
+}

@@ -193,7 +193,8 @@ void write_topk(const std::string& path, SftDataset& ds, const Transformer& teac
     const auto hidden = forward_hidden(teacher, in);
     // The loss tokens row by row, as the student's loss reads them.
     const auto rows = (b.labels.reshape({-1}) != kIgnoreIndex).nonzero().squeeze(1).to(device);
-    const auto top = lm_topk(teacher, hidden.reshape({-1, hidden.size(-1)}).index_select(0, rows), k);
+    const auto top = lm_topk(teacher, hidden.reshape({-1, hidden.size(-1)}).index_select(0, rows), k,
+                             logit_chunk_rows(teacher));
     const auto values = top.first.to(values_dtype).cpu().contiguous();
     const auto ids = top.second.to(at::kInt).cpu().contiguous();
     int64_t r = 0;

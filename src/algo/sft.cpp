@@ -256,8 +256,8 @@ class Sft final : public Algorithm {
         at::NoGradGuard no_grad;
         in.checkpointed_layers = 0;
         auto th = forward_hidden(*teacher_, in);
-        std::tie(values, ids) =
-            lm_topk(*teacher_, th.reshape({-1, th.size(-1)}).index_select(0, rows), kd_top_k_);
+        std::tie(values, ids) = lm_topk(*teacher_, th.reshape({-1, th.size(-1)}).index_select(0, rows),
+                                        kd_top_k_, logit_chunk_rows(*teacher_));
       }
       kd = student_kd_loss_sum(model_, student_rows, values, ids, kd_temperature_);
     } else {

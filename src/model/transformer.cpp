@@ -584,11 +584,12 @@ bool recompute_head_logits(const Transformer& m, int64_t rows) {
          !head.lora.a.defined() && !m.tp;
 }
 
-std::pair<at::Tensor, at::Tensor> lm_topk(const Transformer& m, const at::Tensor& rows, int64_t k) {
-  if (rows.dim() != 2 || k < 1)
-    fail("lm_topk: rows [N, H] and k >= 1, got [{}], {}", fmt::join(rows.sizes(), ", "), k);
+std::pair<at::Tensor, at::Tensor> lm_topk(const Transformer& m, const at::Tensor& rows, int64_t k,
+                                          int64_t chunk) {
+  if (rows.dim() != 2 || k < 1 || chunk < 1)
+    fail("lm_topk: rows [N, H], k >= 1 and chunk >= 1, got [{}], {}, {}", fmt::join(rows.sizes(), ", "), k,
+         chunk);
   k = std::min(k, m.cfg.vocab_size);
-  const int64_t chunk = logit_chunk_rows(m);
   std::vector<at::Tensor> values{at_least_float(rows.new_empty({0, k}))},
       ids{rows.new_empty({0, k}, at::kLong)};
   for (int64_t s = 0; s < rows.size(0); s += chunk) {

@@ -124,9 +124,11 @@ int64_t logit_chunk_rows(const Transformer& m);
 // backward pass (head_logprobs, head_topk_kd) rather than keep them: a plain head, and more than
 // 4 GB to keep.
 bool recompute_head_logits(const Transformer& m, int64_t rows);
-// The k largest logits of each row of hidden states (rows [N, H]) and their token ids, computed a
-// chunk of rows at a time: [N, min(k, vocab)] in float32 (float64 for a float64 model) and int64.
-std::pair<at::Tensor, at::Tensor> lm_topk(const Transformer& m, const at::Tensor& rows, int64_t k);
+// The k largest logits of each row of hidden states (rows [N, H]) and their token ids, computed
+// `chunk` rows at a time (logit_chunk_rows: about 256 MB of float32 logits): [N, min(k, vocab)] in
+// float32 (float64 for a float64 model) and int64.
+std::pair<at::Tensor, at::Tensor> lm_topk(const Transformer& m, const at::Tensor& rows, int64_t k,
+                                          int64_t chunk);
 // A sequence classifier's outputs, [B, num_labels] in float32 (float64 for a float64 model): the
 // score head read at each row's last token that is neither padding (attention_mask 0) nor
 // cfg.pad_token_id. That is the token transformers' XxxForSequenceClassification reads (the
