@@ -132,13 +132,15 @@ TEST(DiffusionTrain, UNetLossFallsAndValidationDrawsSamples) {
 }
 
 // The trained part's final weights, from a run that stops at step 2 and resumes, and from one that
-// does not; random flips on, so that every draw of a step is keyed by where the data stands.
+// does not; random flips on, so that every draw of a step is keyed by where the data stands. On a GPU
+// only deterministic kernels repeat a step bit for bit (cuDNN's convolution backward passes).
 void expect_resumes_exactly(const std::string& part, const std::string& extra) {
   const auto whole = temp_dir("diffusion_train_whole"), parts = temp_dir("diffusion_train_parts");
-  const std::string every = "train.part=" + part +
-                            " data.random_flip=true trainer.save_interval=2 trainer.keep_last=0 "
-                            "trainer.micro_batch_size=2 " +
-                            extra + " ";
+  const std::string every =
+      "train.part=" + part +
+      " data.random_flip=true trainer.save_interval=2 trainer.keep_last=0 trainer.deterministic=true "
+      "trainer.micro_batch_size=2 " +
+      extra + " ";
   auto r = run_aligner(train_args(whole, every + "trainer.max_steps=4"));
   ASSERT_EQ(r.status, 0) << r.output;
   r = run_aligner(train_args(parts, every + "trainer.max_steps=2"));

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 
@@ -22,6 +23,7 @@
 #include "model/transformer.h"
 #include "run_outputs.h"
 #include "test_util.h"
+#include "train/run_setup.h"
 #include "train/trainer.h"
 
 namespace fs = std::filesystem;
@@ -476,6 +478,30 @@ TEST(Trainer, TrainsAModelThatIsNotATransformer) {
   EXPECT_TRUE(a.b.equal(b.b));
   fs::remove_all(whole);
   fs::remove_all(parts);
+}
+
+// trainer.deterministic asks torch for deterministic kernels, with errors rather than warnings
+// where an op has none (warn-only keeps the memory-efficient attention's varying backward pass).
+TEST(Trainer, DeterministicKernelsAreAskedOfTorch) {
+  auto& ctx = at::globalContext();
+  const bool algorithms = ctx.deterministicAlgorithms(), warn_only = ctx.deterministicAlgorithmsWarnOnly(),
+             cudnn = ctx.deterministicCuDNN(), benchmark = ctx.benchmarkCuDNN();
+  const char* env = std::getenv("CUBLAS_WORKSPACE_CONFIG");
+  const std::string workspace = env ? env : "";
+  unsetenv("CUBLAS_WORKSPACE_CONFIG");  // a value already set would be kept
+  use_deterministic_kernels();
+  EXPECT_TRUE(ctx.deterministicAlgorithms());
+  EXPECT_FALSE(ctx.deterministicAlgorithmsWarnOnly());
+  EXPECT_TRUE(ctx.deterministicCuDNN());
+  EXPECT_FALSE(ctx.benchmarkCuDNN());
+  EXPECT_STREQ(std::getenv("CUBLAS_WORKSPACE_CONFIG"), ":4096:8");
+  ctx.setDeterministicAlgorithms(algorithms, warn_only);
+  ctx.setDeterministicCuDNN(cudnn);
+  ctx.setBenchmarkCuDNN(benchmark);
+  if (env)
+    setenv("CUBLAS_WORKSPACE_CONFIG", workspace.c_str(), 1);
+  else
+    unsetenv("CUBLAS_WORKSPACE_CONFIG");
 }
 
 // With frozen embeddings the first layer's input needs no gradient; a checkpointed layer must

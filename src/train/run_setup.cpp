@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <charconv>
+#include <cstdlib>
 
 #include "core/error.h"
 #include "core/log.h"
@@ -11,6 +12,8 @@
 namespace aligner {
 
 RunContext init_run(const Config& cfg) {
+  // First: it sets an environment variable, which is safe only before the process group's threads.
+  if (cfg.get_bool("trainer.deterministic")) use_deterministic_kernels();
   const auto env = dist::read_dist_env();
   set_log_rank(env.rank);
   at::Device device = parse_device_name(cfg.get_string("model.device"), "model.device");
@@ -20,6 +23,19 @@ RunContext init_run(const Config& cfg) {
   RunContext ctx{split_tensor_parallel(std::move(world), tp, "trainer.tensor_parallel"), device};
   at::manual_seed(cfg.get_int("trainer.seed"));
   return ctx;
+}
+
+void use_deterministic_kernels() {
+  // cuBLAS is deterministic on one stream only with a fixed workspace; it reads this variable when
+  // its first handle is made, after this (no GEMM has run yet). A value the user set is kept.
+  setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8", /*overwrite=*/0);
+  auto& ctx = at::globalContext();
+  ctx.setDeterministicCuDNN(true);
+  ctx.setBenchmarkCuDNN(false);
+  // Not warn_only: with it torch keeps some non-deterministic kernels (the memory-efficient
+  // attention's backward pass) and only warns; without it an op that has no deterministic kernel
+  // stops the run with an error naming it.
+  ctx.setDeterministicAlgorithms(true, /*warn_only=*/false);
 }
 
 bool init_inference_ranks(const Config& cfg, at::Device& device) {

@@ -18,7 +18,14 @@ struct RunContext {
 // model.device: auto (CUDA when present) | cpu | cuda; each rank takes GPU LOCAL_RANK. With
 // trainer.tensor_parallel N, the ranks form groups of N that split each model (the process's tensor
 // parallel group, model/tensor_parallel.h), and `dist` is the data-parallel group across them.
+// With trainer.deterministic: true, GPU kernels are chosen for run-to-run equality
+// (use_deterministic_kernels).
 RunContext init_run(const Config& cfg);
+
+// cuDNN's deterministic algorithms (its convolutions' backward passes otherwise add in varying
+// order), deterministic attention backward passes and a fixed cuBLAS workspace: a resumed GPU run
+// then repeats the uninterrupted one bit for bit, at some cost in speed. CPU kernels already are.
+void use_deterministic_kernels();
 
 // The process's tensor-parallel group of `tensor_parallel` consecutive ranks of `world`, set as the
 // process's; returns the data-parallel group across the groups (`world` itself for 1). `key` names the
