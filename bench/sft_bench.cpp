@@ -5,6 +5,7 @@
 #include <string>
 
 #include "bench_util.h"
+#include "core/torch_compat.h"
 #include "io/hf_checkpoint.h"
 #include "train/optimizer.h"
 
@@ -27,6 +28,7 @@ int main(int argc, char** argv) {
   auto targets = at::cat({ids.narrow(1, 1, T - 1), at::full({B, 1}, -100, ids.options())}, 1);
   const double n_targets = double(B * (T - 1));
   auto step = [&] {
+    aligner::compat::choose_attention_kernels();  // as the trainer does before each step
     aligner::ForwardInput in{ids};
     in.checkpointed_layers = checkpoint ? aligner::kAllLayers : 0;
     auto loss = -aligner::token_logprobs(m, aligner::forward_hidden(m, in), targets).sum() / n_targets;

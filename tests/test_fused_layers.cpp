@@ -1,11 +1,15 @@
 // The layer kernels of training (model/fused_layers.cpp: the residual add with RMSNorm, SwiGLU,
 // rotary embeddings) against their ATen reference, values and gradients, and a whole model's
-// forward and backward on the GPU (which takes them) against the CPU (which does not). GPU only.
+// forward and backward on the GPU (which takes them) against the CPU (which does not), and the
+// attention kernel compat::sdpa picks for repeated shapes. GPU only.
 #include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
+#include <torch/csrc/autograd/function.h>
 
+#include <cmath>
 #include <functional>
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -218,6 +222,59 @@ TEST(FusedLayers, ModelGradientsOnTheGpuEqualTheCpu) {
       }
     }
   }
+}
+
+// compat::sdpa sends causal, unmasked calls of one shape to cuDNN's attention once the time flash
+// attention has lost on that shape in training would have paid for cuDNN's plan, from the next
+// training step on: the first calls take another kernel, later ones cuDNN's, and both give the same
+// outputs and gradients within bf16 rounding.
+TEST(FusedLayers, CudnnAttentionTakesRepeatedShapesAndMatches) {
+#if ALIGNER_TORCH_2_5
+  if (!at::hasCUDA()) GTEST_SKIP() << "needs a GPU";
+  // The 1.1B step's layer, where flash attention loses ~0.7 ms a call: ~160 calls pay the plan.
+  const int64_t B = 8, H = 32, Hkv = 4, T = 2048, D = 64;
+  const auto opts = at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16);
+  at::manual_seed(3);
+  const auto q = leaf(at::randn({B, H, T, D}, opts)), k = leaf(at::randn({B, Hkv, T, D}, opts)),
+             v = leaf(at::randn({B, Hkv, T, D}, opts));
+  const auto weights = at::randn({B, H, T, D}, opts);
+  const double scale = 1.0 / std::sqrt(double(D));
+  {
+    // Torch itself prefers cuDNN's kernel only on some GPUs and cuDNN versions.
+    at::globalContext().setSDPUseCuDNN(true);
+    const auto out = at::scaled_dot_product_attention(q, k, v, std::nullopt, 0.0, true, scale, true);
+    if (out.grad_fn()->name().find("Cudnn") == std::string::npos)
+      GTEST_SKIP() << "torch takes " << out.grad_fn()->name() << " here even with cuDNN's allowed";
+  }
+  // The output, the inputs' gradients, and the name of the backward node (which kernel ran).
+  const auto call = [&] {
+    for (const auto* t : {&q, &k, &v}) t->mutable_grad() = at::Tensor();
+    const auto out = compat::sdpa(q, k, v, std::nullopt, /*is_causal=*/true, scale);
+    const std::string node = out.grad_fn()->name();
+    (out * weights).sum().backward();
+    return std::make_pair(std::vector<at::Tensor>{out.detach(), q.grad(), k.grad(), v.grad()}, node);
+  };
+  // A step of 22 layers' calls at a time, as the trainer runs them.
+  const auto first = call();
+  EXPECT_EQ(first.second.find("Cudnn"), std::string::npos) << first.second;
+  int steps = 0;
+  auto later = first;
+  while (later.second.find("Cudnn") == std::string::npos && steps < 30) {
+    compat::choose_attention_kernels();
+    ++steps;
+    std::set<std::string> kernels;
+    for (int layer = 0; layer < 22; ++layer) kernels.insert((later = call()).second);
+    EXPECT_EQ(kernels.size(), 1u) << "step " << steps << " mixes kernels";
+  }
+  ASSERT_NE(later.second.find("Cudnn"), std::string::npos) << "after " << steps << " steps: " << later.second;
+  EXPECT_GE(steps, 5);
+  for (size_t i = 0; i < first.first.size(); ++i) {
+    const double size = first.first[i].abs().max().item<double>();
+    EXPECT_LT(max_diff(later.first[i], first.first[i]) / size, 2e-2) << "tensor " << i;
+  }
+#else
+  GTEST_SKIP() << "cuDNN's attention is chosen on torch 2.5+";
+#endif
 }
 
 }  // namespace

@@ -110,7 +110,8 @@ TEST(PackingWithModel, PackedRowsGiveThePaddedGradients) {
   ASSERT_LT(rows.size(), seqs.size());
 
   const auto grads = [&](Batch b) {
-    for (at::Tensor* t : {&b.input_ids, &b.attention_mask, &b.position_ids, &b.segment_ids, &b.labels})
+    // Segment ids stay in host memory, as the commands pass them.
+    for (at::Tensor* t : {&b.input_ids, &b.attention_mask, &b.position_ids, &b.labels})
       if (t->defined()) *t = t->to(device);
     for (auto& [name, p] : named_parameters(m)) p.mutable_grad() = at::Tensor();
     label_logprobs(m, b).sum().backward();

@@ -57,7 +57,7 @@ ResponseLogprobs response_logprobs(const Transformer& m, const Batch& b, int64_t
   const auto device = m.embed.device();
   ForwardInput in{b.input_ids.to(device), b.attention_mask.to(device), b.position_ids.to(device)};
   const bool packed = b.source_index.defined();
-  if (packed) in.segment_ids = b.segment_ids.to(device);
+  if (packed) in.segment_ids = b.segment_ids;
   in.checkpointed_layers = checkpointed_layers;
   const auto labels = b.labels.to(device);
   const auto hidden = forward_hidden(m, in);

@@ -234,7 +234,7 @@ class Sft final : public Algorithm {
   LossSums compute(const MicroBatch& mb) {
     const Batch& b = mb.batch;
     ForwardInput in{b.input_ids.to(device_), b.attention_mask.to(device_), b.position_ids.to(device_),
-                    b.segment_ids.defined() ? b.segment_ids.to(device_) : at::Tensor()};
+                    b.segment_ids};
     in.checkpointed_layers = checkpointed_layers_;
     const auto labels = b.labels.to(device_);
     const auto hidden = forward_hidden(model_, in);

@@ -8,10 +8,14 @@
 #endif
 
 #include <cmath>
+#include <map>
+#include <mutex>
 #include <optional>
+#include <set>
 #include <vector>
 
 #define ALIGNER_TORCH_2 (TORCH_VERSION_MAJOR >= 2)
+#define ALIGNER_TORCH_2_5 (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 5))
 
 namespace aligner::compat {
 
@@ -26,16 +30,65 @@ inline at::Tensor repeat_kv(const at::Tensor& x, int64_t groups) {
   return x.unsqueeze(2).expand({B, H, groups, T, D}).reshape({B, H * groups, T, D});
 }
 
+// Which shapes of causal, unmasked attention on a GPU take cuDNN's kernel. Plain causal rows are its
+// best case on Hopper (the 1.1B step's 22 layers: 15 ms a step less than flash attention, sft_bench
+// 241 -> 226 ms on an H200), but it builds an execution plan for every new shape, ~110 ms of host
+// time (bench/attention_bench.py). A shape goes to cuDNN once the time flash attention has lost on
+// it in training passes would have paid for the plan (ski rental): rows of one length, as
+// fixed-length training repeats them, switch within a few steps, and lengths that vary from batch to
+// batch never cost more than about twice the better choice. The switch takes effect between
+// training steps (choose_attention_kernels), so that every pass of a step (the forward, recomputed
+// layers, PPO's old log-probs and its first update) runs one kernel.
+struct CudnnAttentionShapes {
+  std::mutex mutex;
+  std::map<std::vector<int64_t>, double> lost;  // per shape: ms flash attention has cost extra
+  std::set<std::vector<int64_t>> taken;
+};
+
+inline CudnnAttentionShapes& cudnn_attention_shapes() {
+  static CudnnAttentionShapes shapes;
+  return shapes;
+}
+
+#if ALIGNER_TORCH_2_5
+inline bool cudnn_attention_takes(const at::Tensor& q, const at::Tensor& k, bool training) {
+  constexpr double kSavedMsPerFlop = 15.0 / (22 * 4.81e11);  // the step above: 15 ms over 22 layer calls
+  std::vector<int64_t> shape = q.sizes().vec();
+  shape.insert(shape.end(), {k.size(1), k.size(2), int64_t(q.scalar_type())});
+  auto& s = cudnn_attention_shapes();
+  std::lock_guard<std::mutex> lock(s.mutex);
+  if (s.taken.count(shape)) return true;
+  // Forward (2 matmuls over the causal half of the scores) and backward (2.5 forwards).
+  if (training)
+    s.lost[shape] += kSavedMsPerFlop * 7.0 * double(q.size(0) * q.size(1)) * double(q.size(2) * k.size(2)) *
+                     double(q.size(3));
+  return false;
+}
+#endif
+
+// Called by the trainer before each step: shapes whose lost time has paid for a plan take cuDNN's
+// attention from this step on.
+inline void choose_attention_kernels() {
+  constexpr double kPlanMs = 110;
+  auto& s = cudnn_attention_shapes();
+  std::lock_guard<std::mutex> lock(s.mutex);
+  for (const auto& [shape, ms] : s.lost)
+    if (ms >= kPlanMs) s.taken.insert(shape);
+}
+
 inline at::Tensor sdpa(const at::Tensor& q, const at::Tensor& k_in, const at::Tensor& v_in,
                        const std::optional<at::Tensor>& mask, bool is_causal, double scale) {
   const int64_t groups = q.size(1) / k_in.size(1);
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 5)
+#if ALIGNER_TORCH_2_5
   // With a mask torch picks cuDNN's attention on Hopper, which builds its execution plan on the host
   // at every call (~25 ms a layer, measured with scripts/profile_train.py: three quarters of an SFT
   // step on packed rows). The memory-efficient kernel takes the same masks without that, but not
   // grouped key/value heads (those it leaves to the unfused math): they are repeated for it.
-  static const bool no_cudnn = (at::globalContext().setSDPUseCuDNN(false), true);
-  (void)no_cudnn;
+  // Never in deterministic runs: cuDNN's attention backward pass is not deterministic, and torch
+  // only warns of it.
+  at::globalContext().setSDPUseCuDNN(!mask && is_causal && q.is_cuda() &&
+                                     !at::globalContext().deterministicAlgorithms() &&
+                                     cudnn_attention_takes(q, k_in, at::GradMode::is_enabled()));
   if (mask && groups > 1)
     return at::scaled_dot_product_attention(q, repeat_kv(k_in, groups), repeat_kv(v_in, groups), mask, 0.0,
                                             is_causal, scale);
@@ -62,8 +115,7 @@ inline at::Tensor sdpa(const at::Tensor& q, const at::Tensor& k_in, const at::Te
 // skips the blocks two sequences would share. Torch 2.5+ on CUDA in half precision and head sizes
 // flash takes; elsewhere callers use sdpa with a block-diagonal mask.
 inline bool has_varlen_attention(const at::Tensor& like, int64_t head_dim) {
-#if (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 5)) && \
-    defined(ALIGNER_WITH_CUDA)
+#if ALIGNER_TORCH_2_5 && defined(ALIGNER_WITH_CUDA)
   return like.is_cuda() && (like.scalar_type() == at::kBFloat16 || like.scalar_type() == at::kHalf) &&
          head_dim % 8 == 0 && head_dim <= 256 && at::cuda::getDeviceProperties(like.get_device())->major >= 8;
 #else
@@ -74,8 +126,7 @@ inline bool has_varlen_attention(const at::Tensor& like, int64_t head_dim) {
 
 inline at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const at::Tensor& cu_seqlens, int64_t max_len, double scale) {
-#if (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 5)) && \
-    defined(ALIGNER_WITH_CUDA)
+#if ALIGNER_TORCH_2_5 && defined(ALIGNER_WITH_CUDA)
   return std::get<0>(at::_flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0,
                                                   /*is_causal=*/true, /*return_debug_mask=*/false, scale));
 #else

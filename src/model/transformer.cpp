@@ -44,7 +44,9 @@ at::Tensor rope_inv_freq(const ModelConfig& c, int64_t max_position, at::Device 
 // before use, so we do too).
 std::pair<at::Tensor, at::Tensor> rope_cos_sin(const ModelConfig& c, const at::Tensor& positions,
                                                at::ScalarType dtype) {
-  const int64_t max_position = positions.numel() ? positions.max().item<int64_t>() + 1 : 0;
+  // Only dynamic scaling reads the longest position; reading it waits for the GPU.
+  const int64_t max_position =
+      c.rope.type == "dynamic" && positions.numel() ? positions.max().item<int64_t>() + 1 : 0;
   auto inv_freq = rope_inv_freq(c, max_position, positions.device());
   auto freqs = positions.to(at::kFloat).unsqueeze(-1) * inv_freq;  // [B, T, dim/2]
   auto emb = at::cat({freqs, freqs}, -1).unsqueeze(1);
@@ -113,6 +115,8 @@ AttentionLayout attention_layout(const ForwardInput& in, int64_t window, int64_t
   const bool packed = in.segment_ids.defined();
   const bool windowed = window > 0 && window < T;
   if (packed && !windowed && compat::has_varlen_attention(x, head_dim)) {
+    // Computed where the ids are: from host memory, nonzero's count and the longest run need no
+    // read back from the GPU.
     const auto seg = in.segment_ids.reshape({-1});
     auto starts = at::ones_like(seg, seg.options().dtype(at::kBool));
     starts.narrow(0, 1, seg.size(0) - 1)
@@ -120,11 +124,11 @@ AttentionLayout attention_layout(const ForwardInput& in, int64_t window, int64_t
     starts.view({-1, T}).select(1, 0).fill_(true);
     const auto ends = at::full({1}, seg.size(0), seg.options());
     AttentionLayout l;
-    l.cu_seqlens = at::cat({starts.nonzero().reshape({-1}), ends}).to(at::kInt);
-    l.max_len = (l.cu_seqlens.narrow(0, 1, l.cu_seqlens.size(0) - 1) -
-                 l.cu_seqlens.narrow(0, 0, l.cu_seqlens.size(0) - 1))
+    const auto offsets = at::cat({starts.nonzero().reshape({-1}), ends}).to(at::kInt);
+    l.max_len = (offsets.narrow(0, 1, offsets.size(0) - 1) - offsets.narrow(0, 0, offsets.size(0) - 1))
                     .max()
                     .item<int64_t>();
+    l.cu_seqlens = offsets.to(x.device());
     return l;
   }
   const bool padded = in.attention_mask.defined() && !in.attention_mask.all().item<bool>();
@@ -136,7 +140,10 @@ AttentionLayout attention_layout(const ForwardInput& in, int64_t window, int64_t
   if (windowed) allowed = allowed.logical_and(q - k < window);
   allowed = allowed.unsqueeze(0);  // [1, T, T]
   if (padded) allowed = allowed.logical_and(in.attention_mask.to(at::kBool).unsqueeze(1));
-  if (packed) allowed = allowed.logical_and(in.segment_ids.unsqueeze(2) == in.segment_ids.unsqueeze(1));
+  if (packed) {
+    const auto seg = in.segment_ids.to(dev);
+    allowed = allowed.logical_and(seg.unsqueeze(2) == seg.unsqueeze(1));
+  }
   // A padding query that may see nothing would give NaN; letting it see itself keeps every row
   // finite, and padding outputs are never read.
   allowed = allowed.logical_or(at::eye(T, at::TensorOptions().dtype(at::kBool).device(dev)).unsqueeze(0));

@@ -69,7 +69,9 @@ struct ForwardInput {
   at::Tensor input_ids;       // [B, T] int64
   at::Tensor attention_mask;  // [B, T], 1 = token, 0 = padding (left or right)
   at::Tensor position_ids;    // [B, T]; default: count of real tokens before each one
-  at::Tensor segment_ids;     // [B, T]; packed rows: tokens attend only within their segment
+  // [B, T]; packed rows: tokens attend only within their segment. It may stay in host memory
+  // (the others go to the model's device), which spares reading the packed layout back from the GPU.
+  at::Tensor segment_ids;
   // The first N layers keep only their input for the backward pass and recompute themselves there:
   // activation memory of one layer instead of N, for N layers' extra forward (kAllLayers: every one).
   int64_t checkpointed_layers = 0;

@@ -18,6 +18,7 @@
 #include "core/metrics.h"
 #include "core/progress.h"
 #include "core/tensorboard.h"
+#include "core/torch_compat.h"
 #include "dist/ddp.h"
 #include "dist/sharded_model.h"
 #include "io/hf_checkpoint.h"
@@ -819,6 +820,7 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
            (fs::path(opt.output_dir) / "checkpoints" / fmt::format("step_{}", step)).string());
     }
     profiler.before_step(step + 1);
+    compat::choose_attention_kernels();
     const auto t0 = Clock::now();
     const bool offload = algo.offload_optimizer_in_next_step();
     if (offload)
