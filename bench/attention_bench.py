@@ -54,7 +54,8 @@ def main():
         rows.append((name, f, fb - f, 3.5 * flops / (fb * 1e-3) / 1e12, ""))
 
     q, k, v = leaves(B, H, T, D), leaves(B, HKV, T, D), leaves(B, HKV, T, D)
-    kr = lambda t: t.repeat_interleave(H // HKV, dim=1)  # noqa: E731 - heads repeated for kernels without GQA
+    # Heads repeated for kernels without grouped-query attention (dim 1: heads of [B, H, T, D] and of [N, H, D]).
+    kr = lambda t: t.repeat_interleave(H // HKV, dim=1)  # noqa: E731
     for name, backend in [("flash", SDPBackend.FLASH_ATTENTION), ("cuDNN", SDPBackend.CUDNN_ATTENTION),
                           ("memory-efficient", SDPBackend.EFFICIENT_ATTENTION)]:
         def whole(backend=backend):
@@ -82,10 +83,9 @@ def main():
     def cudnn_varlen(k, v):
         return torch.ops.aten._cudnn_attention_forward(qt, k, v, None, cu, cu, max(SEGMENTS), max(SEGMENTS), True,
                                                        0.0, True, False, scale=D ** -0.5)[0]
-    rep = lambda t: t.repeat_interleave(H // HKV, dim=1)  # noqa: E731
     row("cuDNN varlen (cumulative offsets), packed rows, grouped heads", packed_flops, lambda: cudnn_varlen(kt, vt))
     row("cuDNN varlen (cumulative offsets), packed rows, heads repeated", packed_flops,
-        lambda: cudnn_varlen(rep(kt), rep(vt)))
+        lambda: cudnn_varlen(kr(kt), kr(vt)))
 
     # cuDNN builds an execution plan per shape: what a row length not seen before costs once.
     plans = []
