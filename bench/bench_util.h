@@ -1,6 +1,9 @@
 // What the training benchmarks share: timing a step function and the device's peak memory.
 #pragma once
 #include <chrono>
+#include <vector>
+
+#include "train/optimizer.h"
 
 #ifdef ALIGNER_WITH_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -16,6 +19,15 @@ inline double peak_gb() {
 #else
   return 0;
 #endif
+}
+
+// The trainer's update: the gradients' global norm, then AdamW's step with clipping's coefficient
+// applied inside it.
+inline void clipped_step(AdamW& opt, const NamedParams& params, double lr, double max_norm) {
+  std::vector<at::Tensor> grads;
+  for (const auto& [name, p] : params)
+    if (p.grad().defined()) grads.push_back(p.grad());
+  opt.step(lr, clip_coefficient(grad_norm(grads, [](double x) { return x; }), max_norm));
 }
 
 struct Timing {

@@ -60,8 +60,7 @@ int main(int argc, char** argv) {
                                          ref.narrow(0, 0, P), ref.narrow(0, P, P))
                     .mean();
     loss.backward();
-    aligner::clip_grad_norm(params, 1.0);
-    opt.step(1e-6);
+    aligner::bench::clipped_step(opt, params, 1e-6, 1.0);
     opt.zero_grad();
     return loss.item<double>();  // waits for the GPU
   };

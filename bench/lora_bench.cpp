@@ -91,8 +91,7 @@ int main(int argc, char** argv) {
   auto step = [&] {
     auto l = loss();
     l.backward();
-    aligner::clip_grad_norm(params, 1.0);
-    opt.step(1e-4);
+    aligner::bench::clipped_step(opt, params, 1e-4, 1.0);
     opt.zero_grad();
     return l.item<double>();  // waits for the GPU
   };

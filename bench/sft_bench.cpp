@@ -8,6 +8,7 @@
 #include "core/torch_compat.h"
 #include "io/hf_checkpoint.h"
 #include "train/optimizer.h"
+#include "train/step_profiler.h"
 
 int main(int argc, char** argv) {
   if (argc < 7) {
@@ -27,16 +28,23 @@ int main(int argc, char** argv) {
   auto ids = at::randint(m.cfg.vocab_size, {B, T}, gen, at::TensorOptions().dtype(at::kLong)).to(device);
   auto targets = at::cat({ids.narrow(1, 1, T - 1), at::full({B, 1}, -100, ids.options())}, 1);
   const double n_targets = double(B * (T - 1));
+  // ALIGNER_PROFILE_STEPS=A:B (steps counted from 1, warmup included) writes their trace to
+  // ALIGNER_PROFILE_DIR (default /tmp) for scripts/profile_train.py.
+  const char* profile_dir = std::getenv("ALIGNER_PROFILE_DIR");
+  aligner::StepProfiler profiler(profile_dir ? profile_dir : "/tmp", 0);
+  int64_t n = 0;
   auto step = [&] {
+    profiler.before_step(++n);
     aligner::compat::choose_attention_kernels();  // as the trainer does before each step
     aligner::ForwardInput in{ids};
     in.checkpointed_layers = checkpoint ? aligner::kAllLayers : 0;
     auto loss = -aligner::token_logprobs(m, aligner::forward_hidden(m, in), targets).sum() / n_targets;
     loss.backward();
-    aligner::clip_grad_norm(params, 1.0);
-    opt.step(1e-5);
+    aligner::bench::clipped_step(opt, params, 1e-5, 1.0);
     opt.zero_grad();
-    return loss.item<double>();  // waits for the GPU
+    const double value = loss.item<double>();  // waits for the GPU
+    profiler.after_step(n);
+    return value;
   };
   const auto t = aligner::bench::time_steps(step, warmup, iters);
   std::printf("{\"ms_per_step\": %.3f, \"tokens_per_s\": %.1f, \"peak_gb\": %.3f, \"loss\": %.4f}\n",

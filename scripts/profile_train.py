@@ -1,7 +1,10 @@
 """Where one SFT step's GPU time goes, by kernel family, from the torch profiler (Kineto) in aligner.
 
 Run on the GPU machine after scripts/build_cuda.sh:  python3 scripts/profile_train.py [BUILD_DIR] [WHICH...]
-  1b       the 1.1B TinyLlama shape on one GPU, 8 x 2048 packed tokens a step (bench/sft_bench's step)
+  bench    bench/sft_bench's own step (1.1B TinyLlama shape, 8 x 2048 random tokens, rows of one length,
+           so that cuDNN's attention takes them from the 9th step): steps 12..14 profiled, then 6 steps
+           timed without the profiler, against which the kernels are set
+  1b       the 1.1B TinyLlama shape on one GPU, 8 x 2048 packed tokens a step (`aligner sft`)
   1b-dp2   the same on each of 2 GPUs, data parallel (16 x 2048 a step)
   8b-tp2   the Llama-3-8B shape split over 2 GPUs (trainer.tensor_parallel=2), 4 x 4096 tokens a step in
            micro-batches of 2 (bench/tp_bench's step)
@@ -95,6 +98,42 @@ def idle_gaps(trace, top=10, least_us=200):
               + ", ".join(f"{c['name']} {c['dur'] / 1e3:.2f} ms" for c in calls[:3]))
 
 
+def report(name, trace, n, step_ms, what):
+    """Prints the kernels of `n` profiled steps by family against a step of `step_ms`."""
+    by_family, by_name, host = kernel_sums(trace)
+    per_step = {k: v / 1e3 / n for k, v in by_family.items()}
+    busy = sum(per_step.values())
+    print(f"\n{name}: {step_ms:.0f} ms per step, {what}, GPU kernels {busy:.0f} ms a step")
+    print("| kernels | ms per step | share of the step |")
+    print("|---|---|---|")
+    for fam, ms in sorted(per_step.items(), key=lambda kv: -kv[1]):
+        print(f"| {fam} | {ms:.1f} | {100 * ms / step_ms:.1f}% |")
+    print(f"| GPU idle (step minus kernels) | {max(0.0, step_ms - busy):.1f} | "
+          f"{100 * max(0.0, step_ms - busy) / step_ms:.1f}% |")
+    print("top kernels:")
+    for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:40]:
+        print(f"  {v / 1e3 / n:7.2f} ms  {k[:110]}")
+    print("host: operators and CUDA calls by total time (nested ones counted in their callers too):")
+    for k, (v, c) in sorted(host.items(), key=lambda kv: -kv[1][0])[:25]:
+        print(f"  {v / 1e3 / n:8.2f} ms  {c / n:7.0f} calls  {k[:100]}")
+    idle_gaps(trace)
+    sys.stdout.flush()
+    return per_step
+
+
+def profile_bench(build, folder):
+    """bench/sft_bench's step: steps 12..14 profiled (cuDNN's attention chosen by then), then 6 timed."""
+    out = tempfile.mkdtemp(prefix="profile_bench_")
+    env = {**os.environ, "ALIGNER_PROFILE_STEPS": "12:14", "ALIGNER_PROFILE_DIR": out}
+    text = subprocess.run([os.path.join(build, "sft_bench"), folder, "8", "2048", "14", "6", "0"], env=env,
+                          capture_output=True, text=True, timeout=600).stdout
+    timed = json.loads(text.strip().splitlines()[-1])
+    per_step = report("bench/sft_bench step, 1 GPU, 8 x 2048", os.path.join(out, "profile.rank-0.json"), 3,
+                      timed["ms_per_step"], "timed without the profiler")
+    shutil.rmtree(out, ignore_errors=True)
+    return per_step
+
+
 def profile(build, name, folder, data, ranks, extra, steps, micro, length):
     a = os.path.abspath(os.path.join(build, "aligner"))
     out = tempfile.mkdtemp(prefix="profile_train_")
@@ -117,28 +156,9 @@ def profile(build, name, folder, data, ranks, extra, steps, micro, length):
     timed = rows[2:steps]
     step_ms = 1e3 * sum(r["step_seconds"] for r in timed) / len(timed)
     tokens = sum(r["tokens_per_s"] * r["step_seconds"] for r in timed) / len(timed)
-    trace = os.path.join(out, "run", "profile.rank-0.json")
-    by_family, by_name, host = kernel_sums(trace)
-    n = len(timed)
-    per_step = {k: v / 1e3 / n for k, v in by_family.items()}
-    busy = sum(per_step.values())
-    print(f"\n{name}: {step_ms:.0f} ms per step (steps 3..{steps}), {tokens:,.0f} tokens a step, "
-          f"GPU kernels {busy:.0f} ms a step")
-    print("| kernels | ms per step | share of the step |")
-    print("|---|---|---|")
-    for fam, ms in sorted(per_step.items(), key=lambda kv: -kv[1]):
-        print(f"| {fam} | {ms:.1f} | {100 * ms / step_ms:.1f}% |")
-    print(f"| GPU idle (step minus kernels) | {max(0.0, step_ms - busy):.1f} | "
-          f"{100 * max(0.0, step_ms - busy) / step_ms:.1f}% |")
-    print("top kernels:")
-    for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:20]:
-        print(f"  {v / 1e3 / n:7.2f} ms  {k[:110]}")
-    print("host: operators and CUDA calls by total time (nested ones counted in their callers too):")
-    for k, (v, c) in sorted(host.items(), key=lambda kv: -kv[1][0])[:25]:
-        print(f"  {v / 1e3 / n:8.2f} ms  {c / n:7.0f} calls  {k[:100]}")
-    idle_gaps(trace)
+    per_step = report(name, os.path.join(out, "run", "profile.rank-0.json"), steps - 2, step_ms,
+                      f"{tokens:,.0f} tokens a step")
     shutil.rmtree(out, ignore_errors=True)
-    sys.stdout.flush()
     return per_step
 
 
@@ -148,12 +168,14 @@ def main():
     ap.add_argument("which", nargs="*", default=["1b", "8b-tp2"])
     ap.add_argument("--steps", type=int, default=6)
     args = ap.parse_args()
-    if "1b" in args.which or "1b-dp2" in args.which:
+    if {"bench", "1b", "1b-dp2"} & set(args.which):
         import torch
         from tinyllama import make_model
         model, folder = make_model(torch.bfloat16)
         del model
         torch.cuda.empty_cache()
+        if "bench" in args.which:
+            profile_bench(args.build, folder)
         tok = os.path.join(tp_bench.REPO, "tests", "fixtures", "tokenizers", "llama3-style-bpe6k")
         for f in os.listdir(tok):
             shutil.copy(os.path.join(tok, f), folder)

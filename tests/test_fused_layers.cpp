@@ -1,7 +1,7 @@
 // The layer kernels of training (model/fused_layers.cpp: the residual add with RMSNorm, SwiGLU,
-// rotary embeddings) against their ATen reference, values and gradients, and a whole model's
-// forward and backward on the GPU (which takes them) against the CPU (which does not), and the
-// attention kernel compat::sdpa picks for repeated shapes. GPU only.
+// rotary embeddings, the head's target log-probabilities) against their ATen reference, values and gradients,
+// and a whole model's forward and backward on the GPU (which takes them) against the CPU (which does not),
+// and the attention kernel compat::sdpa picks for repeated shapes. GPU only.
 #include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
 #include <torch/csrc/autograd/function.h>
@@ -148,6 +148,37 @@ TEST(FusedLayers, SwigluEqualsAten) {
     };
   };
   expect_kernels_match(halves(true), halves(false), joined, "halves of a joined projection");
+}
+
+// The log-probability of each row's target (0 for rows not scored) and its gradient, against ATen in
+// float64 on the same (rounded) logits: a vocabulary in packs of eight and an odd one.
+TEST(FusedLayers, TargetLogprobsEqualAten) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "needs a GPU";
+  const auto opts = at::TensorOptions().device(at::kCUDA);
+  const int64_t rows = 37;
+  for (int64_t vocab : {32000, 1001}) {
+    const auto logits = 4 * at::randn({rows, vocab}, opts.dtype(at::kDouble));
+    auto targets = at::randint(vocab, {rows}, opts.dtype(at::kLong));
+    targets.index_fill_(0, at::arange(0, rows, 5, opts.dtype(at::kLong)), -100);
+    const auto weights = at::randn({rows}, opts.dtype(at::kDouble));
+    const auto run = [&](const at::Tensor& input) {
+      auto x = leaf(input);
+      const auto out = target_logprobs(x, targets);
+      (out.to(at::kDouble) * weights).sum().backward();
+      return std::make_pair(out.detach(), x.grad());
+    };
+    for (const auto dtype : {at::kFloat, at::kBFloat16}) {
+      const std::string where = "vocabulary " + std::to_string(vocab) + ", " + c10::toString(dtype);
+      const auto [exact, exact_grad] = run(logits.to(dtype).to(at::kDouble));
+      const auto [out, grad] = run(logits.to(dtype));
+      EXPECT_EQ(out.scalar_type(), at::kFloat) << where;
+      EXPECT_EQ(grad.scalar_type(), dtype) << where;
+      EXPECT_LT(max_diff(out, exact), 1e-4) << where;
+      EXPECT_EQ(out.index({targets < 0}).abs().sum().item<double>(), 0.0) << where;
+      const double scale = exact_grad.abs().max().item<double>();
+      EXPECT_LT(max_diff(grad, exact_grad), (dtype == at::kFloat ? 1e-5 : 8e-3) * scale) << where;
+    }
+  }
 }
 
 TEST(FusedLayers, RotaryEmbeddingEqualsAten) {

@@ -220,7 +220,7 @@ TEST(AdamW, StateMovedToTheHostAndBackStepsTheSame) {
 
 // On a GPU the update is one kernel per tensor (kernels/adamw.cu): it must follow torch's AdamW as
 // the ATen sequence does, for float32 parameters and for bf16 ones with their masters, over
-// tensors longer than the kernel's grid (a bf16 gradient read as is).
+// tensors longer than the kernel's grid (a bf16 gradient read as is), gradients scaled or not.
 TEST(AdamW, GpuKernelFollowsTheReference) {
   if (!at::hasCUDA()) GTEST_SKIP() << "needs a GPU";
   const at::Device cuda(at::kCUDA);
@@ -247,25 +247,38 @@ TEST(AdamW, GpuKernelFollowsTheReference) {
       }
     }
   }
-  // 3M elements, past the grid: the GPU against the CPU's ATen sequence.
+  // 3M elements, past the grid, of an odd count (one a thread) and of one in fours (four a thread),
+  // with the gradients scaled by a clipping coefficient (a power of two: exact on both sides): the
+  // GPU against the CPU's ATen sequence.
   at::manual_seed(13);
-  const NamedParams big_cpu = {{"w", at::randn({3'000'017}).to(at::kBFloat16).requires_grad_()}};
-  const NamedParams big_gpu = {{"w", big_cpu[0].second.detach().to(cuda).requires_grad_()}};
-  AdamW cpu_opt(big_cpu, kConfig, {true}), gpu_opt(big_gpu, kConfig, {true});
+  const std::vector<int64_t> sizes = {3'000'017, 3'000'016};
+  NamedParams big_cpu, big_gpu;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    const std::string name = i == 0 ? "w" : "u";
+    big_cpu.emplace_back(name, at::randn({sizes[i]}).to(at::kBFloat16).requires_grad_());
+    big_gpu.emplace_back(name, big_cpu.back().second.detach().to(cuda).requires_grad_());
+  }
+  AdamW cpu_opt(big_cpu, kConfig, {true, true}), gpu_opt(big_gpu, kConfig, {true, true});
   for (int s = 0; s < 3; ++s) {
-    const auto g = at::randn({3'000'017}).to(at::kBFloat16);
-    big_cpu[0].second.mutable_grad() = g;
-    big_gpu[0].second.mutable_grad() = g.to(cuda);
-    cpu_opt.step(kLrs[s]);
-    gpu_opt.step(kLrs[s]);
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      const auto g = at::randn({sizes[i]}).to(at::kBFloat16);
+      big_cpu[i].second.mutable_grad() = g;
+      big_gpu[i].second.mutable_grad() = g.to(cuda);
+    }
+    cpu_opt.step(kLrs[s], s == 1 ? 0.25 : 1.0);
+    gpu_opt.step(kLrs[s], s == 1 ? 0.25 : 1.0);
   }
   const auto cpu_state = state_map(cpu_opt), gpu_state = state_map(gpu_opt);
-  // A few float32 roundings apart (the kernel's fused multiply-adds), relative to the values.
-  for (const std::string key : {"master.w", "exp_avg.w", "exp_avg_sq.w"})
-    EXPECT_TRUE(at::allclose(gpu_state.at(key).cpu(), cpu_state.at(key), 1e-6, 1e-7)) << key;
-  // bf16 roundings of masters a rounding apart may differ by one bf16 step, rarely.
-  const auto differ = (big_gpu[0].second.cpu() != big_cpu[0].second).sum().item<int64_t>();
-  EXPECT_LE(differ, 3'000'017 / 1000) << differ;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    const std::string name = big_cpu[i].first;
+    // A few float32 roundings apart (the kernel's fused multiply-adds), relative to the values.
+    for (const std::string key : {"master.", "exp_avg.", "exp_avg_sq."})
+      EXPECT_TRUE(at::allclose(gpu_state.at(key + name).cpu(), cpu_state.at(key + name), 1e-6, 1e-7))
+          << key << name;
+    // bf16 roundings of masters a rounding apart may differ by one bf16 step, rarely.
+    const auto differ = (big_gpu[i].second.cpu() != big_cpu[i].second).sum().item<int64_t>();
+    EXPECT_LE(differ, sizes[i] / 1000) << name << ": " << differ;
+  }
 }
 
 TEST(AdamW, SaveLoadThroughSafetensorsResumesBitExactly) {
@@ -427,6 +440,37 @@ TEST(ClipGradNorm, MatchesDirectComputationAndScales) {
   NamedParams none = {{"x", at::zeros({2}).requires_grad_()}};
   EXPECT_EQ(clip_grad_norm(none, 1.0), 0.0);
   EXPECT_THROW(clip_grad_norm(params, 0.0), Error);
+
+  // The coefficient alone, for AdamW to apply: 1 below the limit and for a norm that is not finite.
+  EXPECT_EQ(clip_coefficient(3.0, 4.0), 1.0);
+  EXPECT_DOUBLE_EQ(clip_coefficient(8.0, 4.0), 4.0 / (8.0 + 1e-6));
+  EXPECT_EQ(clip_coefficient(NAN, 4.0), 1.0);
+  EXPECT_EQ(clip_coefficient(INFINITY, 4.0), 0.0);
+  EXPECT_THROW(clip_coefficient(1.0, 0.0), Error);
+}
+
+// AdamW's grad_scale is the clipping multiply done by the update: on the CPU the same as scaling
+// the gradients first, bit for bit.
+TEST(AdamW, GradScaleEqualsScalingTheGradients) {
+  const auto init = make_params(at::kBFloat16, 21);
+  const auto grads = make_grads(3, 22);
+  NamedParams a, b;
+  for (const auto& [name, t] : init) {
+    a.emplace_back(name, t.detach().clone().requires_grad_());
+    b.emplace_back(name, t.detach().clone().requires_grad_());
+  }
+  AdamW scaled_first(a, kConfig), scaled_inside(b, kConfig);
+  for (int s = 0; s < 3; ++s) {
+    std::vector<at::Tensor> first;
+    for (size_t i = 0; i < a.size(); ++i) {
+      first.push_back(a[i].second.mutable_grad() = grads[s][i].to(at::kBFloat16));
+      b[i].second.mutable_grad() = grads[s][i].to(at::kBFloat16);
+    }
+    at::_foreach_mul_(first, 0.3);  // as clip_grad_norm scales
+    scaled_first.step(kLrs[s]);
+    scaled_inside.step(kLrs[s], 0.3);
+  }
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(at::equal(a[i].second, b[i].second)) << a[i].first;
 }
 
 TEST(Schedule, ValuesAtKeySteps) {

@@ -142,6 +142,35 @@ TEST(Sft, KilledRunResumesToTheSameWeights) {
   fs::remove_all(b);
 }
 
+// With ALIGNER_TEST_DEVICE=cuda, in bfloat16 on the GPU with trainer.deterministic=true: a killed run
+// resumes bit for bit there too, with packed rows (varlen flash attention) and padded ones (the
+// masked kernel), whose backward passes would otherwise add in varying order.
+TEST(Sft, GpuRunResumesBitForBitWithDeterministicKernels) {
+  const char* d = std::getenv("ALIGNER_TEST_DEVICE");
+  if (!d || std::string(d) != "cuda") GTEST_SKIP() << "set ALIGNER_TEST_DEVICE=cuda";
+  for (const std::string packing : {"true", "false"}) {
+    SCOPED_TRACE("data.packing=" + packing);
+    const auto a = temp_dir("gpu_resume_a"), b = temp_dir("gpu_resume_b");
+    const std::string args =
+        "trainer.max_steps=6 trainer.micro_batch_size=2 trainer.global_batch_size=4 trainer.save_interval=2 "
+        "model.device=cuda model.dtype=bfloat16 trainer.deterministic=true data.packing=" +
+        packing;
+    auto ra = aligner(sft_args(a, args));
+    ASSERT_EQ(ra.status, 0) << ra.output;
+    auto killed = aligner(sft_args(b, args), "ALIGNER_KILL_AT_STEP=3");
+    ASSERT_EQ(killed.status, 128 + SIGKILL) << killed.output;
+    auto resumed = aligner(sft_args(b, args));
+    ASSERT_EQ(resumed.status, 0) << resumed.output;
+    EXPECT_NE(resumed.output.find("resuming from"), std::string::npos) << resumed.output;
+    EXPECT_EQ(max_diff(weights(a / "final"), weights(b / "final")), 0.0);
+    auto ma = metrics(a), mb = metrics(b);
+    ASSERT_EQ(mb.size(), 6u);
+    for (size_t i = 0; i < 6; ++i) EXPECT_EQ(ma[i]["loss"].get<double>(), mb[i]["loss"].get<double>()) << i;
+    fs::remove_all(a);
+    fs::remove_all(b);
+  }
+}
+
 // SIGTERM (Slurm's pre-emption) or SIGINT (Ctrl-C) ends the step under way, writes a checkpoint
 // and exits non-zero saying so; the same command then ends as a run never stopped.
 TEST(Sft, StopSignalWritesACheckpointToResumeFrom) {

@@ -147,6 +147,18 @@ inline at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double
   return weight * normed.to(x.scalar_type());
 }
 
+// Each tensor's L2 norm in float32 (accumulated in float32 also for bf16/fp16 tensors): one
+// multi-tensor kernel in torch 2.5+, a reduction per tensor before.
+inline std::vector<at::Tensor> float_norms(const std::vector<at::Tensor>& ts) {
+#if ALIGNER_TORCH_2_5
+  return at::_foreach_norm(ts, 2, at::kFloat);
+#else
+  std::vector<at::Tensor> out;
+  for (const auto& t : ts) out.push_back(at::linalg_vector_norm(t, 2, c10::nullopt, false, at::kFloat));
+  return out;
+#endif
+}
+
 inline constexpr bool kTorch2 = ALIGNER_TORCH_2;
 
 // Whether grouped_mm below runs as one fused kernel, without the host reading the group sizes

@@ -1,6 +1,7 @@
-// CUDA kernels of a transformer layer's elementwise pieces, forward and backward: the decoder
-// (gen/cuda_decoder.cpp) and the training forward (model/fused_layers.cpp) both run them, on raw
-// device pointers. Their reference is the ATen code of model/layers.h, which tests compare them with.
+// CUDA kernels of a transformer layer's elementwise pieces (and of the head's log-probabilities),
+// forward and backward: the decoder (gen/cuda_decoder.cpp) and the training forward
+// (model/fused_layers.cpp) both run them, on raw device pointers. Their reference is the ATen code
+// of model/layers.h, which tests compare them with.
 #pragma once
 #include <cuda_runtime_api.h>
 
@@ -56,5 +57,15 @@ struct RotaryArgs {
   bool inverse;
 };
 cudaError_t rotary(const RotaryArgs& a, cudaStream_t stream);
+
+// out[r] = log_softmax(logits[r])[targets[r]] in float32 (0 where the target is negative: not scored)
+// and lse[r] = logsumexp(logits[r]), for logits [rows, vocab] contiguous.
+cudaError_t target_logprobs(DType dtype, const void* logits, const int64_t* targets, float* out, float* lse,
+                            int64_t rows, int64_t vocab, cudaStream_t stream);
+// Its backward pass: grad_logits [rows, vocab] = grad[r] (onehot(targets[r]) - exp(logits - lse[r])),
+// zero for rows whose target is negative.
+cudaError_t target_logprobs_backward(DType dtype, const void* logits, const int64_t* targets,
+                                     const float* lse, const float* grad, void* grad_logits, int64_t rows,
+                                     int64_t vocab, cudaStream_t stream);
 
 }  // namespace aligner::kernels

@@ -10,7 +10,8 @@
 
 namespace aligner::kernels {
 
-// One AdamW update of n contiguous elements, in float32, in torch::optim::AdamW's order:
+// One AdamW update of n contiguous elements, in float32, in torch::optim::AdamW's order, of the
+// gradient g times grad_scale (gradient clipping's coefficient):
 //   w *= decay;  m = m * beta1 + (1 - beta1) g;  v = v * beta2 + (1 - beta2) g g;
 //   w += step_size * m / (sqrt(v) / bias2_sqrt + eps);  param = w rounded to param's type.
 // One pass over memory where ATen's sequence takes ten: g is read in its own type (no float32
@@ -27,6 +28,7 @@ struct AdamWArgs {
   float step_size;   // -lr / (1 - beta1^step)
   float bias2_sqrt;  // sqrt(1 - beta2^step)
   float eps;
+  float grad_scale;  // 1, or the clipping coefficient
 };
 cudaError_t adamw_step(const AdamWArgs& a, cudaStream_t stream);
 

@@ -128,13 +128,20 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// grad_weight[c] = the sum over the blocks' partial sums, a thread per column.
+// grad_weight[c] = the sum over the blocks' partial sums: a block per 32 columns, whose 8 warps
+// each sum every 8th partial of them (a warp reading 128 contiguous bytes), then one another's.
+constexpr int kPartialCols = 32, kPartialLanes = 8;
 template <typename T>
 __global__ void sum_partials_kernel(const float* workspace, int blocks, int cols, T* grad_weight) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= cols) return;
+  __shared__ float sums[kPartialLanes][kPartialCols];
+  const int c = blockIdx.x * kPartialCols + threadIdx.x % kPartialCols, lane = threadIdx.x / kPartialCols;
   float total = 0;
-  for (int b = 0; b < blocks; ++b) total += workspace[int64_t(b) * cols + c];
+  if (c < cols)
+    for (int b = lane; b < blocks; b += kPartialLanes) total += workspace[int64_t(b) * cols + c];
+  sums[lane][threadIdx.x % kPartialCols] = total;
+  __syncthreads();
+  if (lane != 0 || c >= cols) return;
+  for (int l = 1; l < kPartialLanes; ++l) total += sums[l][threadIdx.x];
   grad_weight[c] = from_float<T>(total);
 }
 
@@ -175,8 +182,9 @@ cudaError_t rms_norm_backward(DType dtype, const void* grad_out, const void* gra
     else
       launch(rms_norm_backward_kernel<T, kKept>);
     if (grad_weight)
-      sum_partials_kernel<T><<<unsigned((cols + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-          workspace, blocks, int(cols), static_cast<T*>(grad_weight));
+      sum_partials_kernel<T>
+          <<<unsigned((cols + kPartialCols - 1) / kPartialCols), kPartialCols * kPartialLanes, 0, stream>>>(
+              workspace, blocks, int(cols), static_cast<T*>(grad_weight));
   });
   return err != cudaSuccess ? err : cudaGetLastError();
 }

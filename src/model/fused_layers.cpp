@@ -166,8 +166,46 @@ struct RotateHeads : torch::autograd::Function<RotateHeads> {
   }
 };
 
+struct TargetLogprobs : torch::autograd::Function<TargetLogprobs> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits_in, const at::Tensor& targets_in) {
+    const auto logits = logits_in.contiguous();
+    const auto targets = targets_in.to(at::kLong).contiguous();
+    const int64_t rows = logits.size(0), vocab = logits.size(1);
+    auto out = at::empty({rows}, logits.options().dtype(at::kFloat)), lse = at::empty_like(out);
+    check(kernels::target_logprobs(kernels::dtype_of(logits.scalar_type()), logits.data_ptr(),
+                                   targets.data_ptr<int64_t>(), out.data_ptr<float>(), lse.data_ptr<float>(),
+                                   rows, vocab, stream()),
+          "target_logprobs");
+    ctx->save_for_backward({logits, targets, lse});
+    return out;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &logits = saved[0], &targets = saved[1], &lse = saved[2];
+    const auto grad = grads[0].to(at::kFloat).contiguous();
+    auto grad_logits = at::empty_like(logits);
+    check(kernels::target_logprobs_backward(kernels::dtype_of(logits.scalar_type()), logits.data_ptr(),
+                                            targets.data_ptr<int64_t>(), lse.data_ptr<float>(),
+                                            grad.data_ptr<float>(), grad_logits.data_ptr(), logits.size(0),
+                                            logits.size(1), stream()),
+          "target_logprobs_backward");
+    return {grad_logits, at::Tensor()};
+  }
+};
+
 }  // namespace
 #endif
+
+at::Tensor target_logprobs(const at::Tensor& logits, const at::Tensor& targets) {
+#ifdef ALIGNER_WITH_CUDA
+  if (on_kernels({logits}) && logits.dim() == 2 && targets.dim() == 1 && targets.is_cuda() &&
+      targets.size(0) == logits.size(0) && logits.size(1) > 0)
+    return TargetLogprobs::apply(logits, targets);
+#endif
+  const auto logp = at::log_softmax(logits.to(at::promote_types(logits.scalar_type(), at::kFloat)), -1);
+  const auto picked = logp.gather(1, targets.clamp_min(0).unsqueeze(1)).squeeze(1);
+  return picked * (targets >= 0).to(picked.scalar_type());
+}
 
 std::pair<at::Tensor, at::Tensor> add_norm(const ModelConfig& c, const at::Tensor& x, const at::Tensor& delta,
                                            const at::Tensor& weight, const at::Tensor& bias) {

@@ -42,6 +42,10 @@ Qkv attention_heads(const ModelConfig& c, const Block& b, const at::Tensor& q, c
 at::Tensor split_input(const Linear& l, const at::Tensor& x);
 // silu(gate) * up; on a GPU one kernel each way, which keeps no silu(gate) for the backward pass.
 at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up);
+// log_softmax(logits)[targets] per row of logits [N, V] (float32 at least; 0 where a target is
+// negative: not scored); on a GPU one kernel each way, which keeps the logits in their own type for
+// the backward pass where ATen keeps their float32 log-softmax.
+at::Tensor target_logprobs(const at::Tensor& logits, const at::Tensor& targets);
 // The feed-forward of a block: gated SiLU, or squared ReLU without a gate.
 at::Tensor mlp(const ModelConfig& c, const Block& b, const at::Tensor& h);
 

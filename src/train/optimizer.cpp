@@ -9,6 +9,7 @@
 
 #include "core/error.h"
 #include "core/strings.h"
+#include "core/torch_compat.h"
 
 #ifdef ALIGNER_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -106,7 +107,7 @@ void AdamW::move_state(at::Device device) {
   }
 }
 
-void AdamW::step(double lr) {
+void AdamW::step(double lr, double grad_scale) {
   std::vector<at::Tensor> grads;
   grads.reserve(params_.size());
   for (size_t i = 0; i < params_.size(); ++i) {
@@ -115,10 +116,10 @@ void AdamW::step(double lr) {
       fail("AdamW: step {}: parameter '{}' has no gradient (not used in the loss?)", step_ + 1, names_[i]);
     grads.push_back(g);
   }
-  step(lr, std::move(grads));
+  step(lr, std::move(grads), grad_scale);
 }
 
-void AdamW::step(double lr, std::vector<at::Tensor> grads) {
+void AdamW::step(double lr, std::vector<at::Tensor> grads, double grad_scale) {
   if (!(lr >= 0.0)) fail("AdamW: step {}: lr must be >= 0, got {}", step_ + 1, lr);
   if (grads.size() != params_.size())
     fail("AdamW: step {}: {} gradients for {} parameters", step_ + 1, grads.size(), params_.size());
@@ -135,10 +136,12 @@ void AdamW::step(double lr, std::vector<at::Tensor> grads) {
   const double bias_correction2 = 1.0 - std::pow(cfg_.beta2, double(step_));
 
 #ifdef ALIGNER_WITH_CUDA
-  if (fused_step(lr, bias_correction1, bias_correction2, grads)) return;
+  if (fused_step(lr, bias_correction1, bias_correction2, grads, grad_scale)) return;
 #endif
+  if (grad_scale != 1.0) at::_foreach_mul_(grads, grad_scale);
   for (size_t i = 0; i < params_.size(); ++i)
-    if (grads[i].scalar_type() != working_[i].scalar_type()) grads[i] = grads[i].to(working_[i].scalar_type());
+    if (grads[i].scalar_type() != working_[i].scalar_type())
+      grads[i] = grads[i].to(working_[i].scalar_type());
   // The same operations in the same order as torch::optim::AdamW, so results match it exactly.
   if (cfg_.weight_decay != 0.0 && !decayed_.empty())
     at::_foreach_mul_(decayed_, 1.0 - lr * cfg_.weight_decay);
@@ -159,7 +162,7 @@ void AdamW::step(double lr, std::vector<at::Tensor> grads) {
 
 #ifdef ALIGNER_WITH_CUDA
 bool AdamW::fused_step(double lr, double bias_correction1, double bias_correction2,
-                       const std::vector<at::Tensor>& grads) {
+                       const std::vector<at::Tensor>& grads, double grad_scale) {
   const auto supported = [](const at::Tensor& t) {
     return t.is_cuda() && t.is_contiguous() &&
            (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 ||
@@ -177,6 +180,7 @@ bool AdamW::fused_step(double lr, double bias_correction1, double bias_correctio
   a.step_size = float(-lr / bias_correction1);
   a.bias2_sqrt = float(std::sqrt(bias_correction2));
   a.eps = float(cfg_.eps);
+  a.grad_scale = float(grad_scale);
   for (size_t i = 0; i < params_.size(); ++i) {
     const c10::cuda::CUDAGuard on_device(params_[i].device());
     const at::Tensor g = supported(grads[i]) ? grads[i] : grads[i].to(at::kFloat).contiguous();
@@ -242,22 +246,34 @@ void AdamW::load_state(const NamedParams& state) {
   step_ = step;
 }
 
+double grad_norm(const std::vector<at::Tensor>& grads, const std::function<double(double)>& sum_over_ranks) {
+  c10::NoGradGuard no_grad;
+  // Per-tensor norms accumulated in float32 on GPUs (one multi-tensor kernel) and in float64 on the
+  // CPU, where libtorch 1.13's float32 kernel drifts by 1e-5 over long vectors (enough to tell a
+  // sharded norm from a whole one); their squares summed in float64.
+  double local = 0.0;
+  if (!grads.empty() && grads.front().is_cuda()) {
+    local = at::stack(compat::float_norms(grads)).to(at::kDouble).square().sum().item<double>();
+  } else if (!grads.empty()) {
+    std::vector<at::Tensor> squares;
+    for (const auto& g : grads)
+      squares.push_back(at::linalg_vector_norm(g, 2, c10::nullopt, false, at::kDouble).square());
+    local = at::stack(squares).sum().item<double>();
+  }
+  return std::sqrt(sum_over_ranks(local));
+}
+
+double clip_coefficient(double norm, double max_norm) {
+  if (!(max_norm > 0.0)) fail("clip_grad_norm: max_norm must be > 0, got {}", max_norm);
+  return std::min(1.0, max_norm / (norm + 1e-6));
+}
+
 double clip_grad_norm(const std::vector<at::Tensor>& grads, double max_norm,
                       const std::function<double(double)>& sum_over_ranks) {
-  if (!(max_norm > 0.0)) fail("clip_grad_norm: max_norm must be > 0, got {}", max_norm);
+  const double total = grad_norm(grads, sum_over_ranks);
+  const double scale = clip_coefficient(total, max_norm);
   c10::NoGradGuard no_grad;
-  // Per-tensor norms accumulated in float32 on GPUs and in float64 on the CPU, where libtorch
-  // 1.13's float32 kernel drifts by 1e-5 over long vectors (enough to tell a sharded norm from a
-  // whole one); their squares summed in float64.
-  std::vector<at::Tensor> squares;
-  for (const auto& g : grads) {
-    const auto n = at::linalg_vector_norm(g, 2, c10::nullopt, false, g.is_cuda() ? at::kFloat : at::kDouble);
-    squares.push_back(n.to(at::kDouble).square().to(grads.front().device()));
-  }
-  const double local = squares.empty() ? 0.0 : at::stack(squares).sum().item<double>();
-  const double total = std::sqrt(sum_over_ranks(local));
-  const double coef = max_norm / (total + 1e-6);
-  if (coef < 1.0 && !grads.empty()) at::_foreach_mul_(grads, coef);
+  if (scale < 1.0 && !grads.empty()) at::_foreach_mul_(grads, scale);
   return total;
 }
 

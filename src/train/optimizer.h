@@ -37,12 +37,13 @@ class AdamW {
   AdamW(NamedParams params, AdamWConfig cfg, const std::vector<bool>& decay);
 
   void step() { step(cfg_.lr); }
-  // One update at learning rate `lr` (the schedule's value for this step). Every parameter must
-  // have a gradient: an aligner::Error names one that has none, as skipping it would leave its
-  // moments behind the shared step count.
-  void step(double lr);
+  // One update at learning rate `lr` (the schedule's value for this step) from the gradients times
+  // grad_scale (clip_coefficient's; on a GPU applied inside the update kernel, saving a pass over
+  // the gradients). Every parameter must have a gradient: an aligner::Error names one that has
+  // none, as skipping it would leave its moments behind the shared step count.
+  void step(double lr, double grad_scale = 1.0);
   // The same with the gradients given, one per parameter in order (views have no .grad).
-  void step(double lr, std::vector<at::Tensor> grads);
+  void step(double lr, std::vector<at::Tensor> grads, double grad_scale = 1.0);
   // Drops the gradients (torch's set_to_none), freeing their memory until the next backward.
   void zero_grad();
   int64_t step_count() const { return step_; }
@@ -65,7 +66,7 @@ class AdamW {
   // The update as one kernel per tensor (kernels/adamw.cu) where every tensor is on a GPU and
   // dense; false (nothing done) otherwise.
   bool fused_step(double lr, double bias_correction1, double bias_correction2,
-                  const std::vector<at::Tensor>& grads);
+                  const std::vector<at::Tensor>& grads, double grad_scale);
 #endif
   AdamWConfig cfg_;
   std::vector<std::string> names_;
@@ -79,6 +80,13 @@ class AdamW {
   int64_t step_ = 0;
 };
 
+// The global L2 norm of gradients given as tensors, each part of the whole, whose squared norms
+// `sum_over_ranks` adds up over the ranks that hold the other parts (a sharded optimizer's pieces):
+// sqrt(sum of squared per-tensor norms), accumulated in fp32 or wider also for bf16 gradients.
+double grad_norm(const std::vector<at::Tensor>& grads, const std::function<double(double)>& sum_over_ranks);
+// What clipping to max_norm (> 0, else an aligner::Error) multiplies gradients of norm `norm` by:
+// max_norm / (norm + 1e-6) when that is below 1, else 1 (also for a norm that is not finite).
+double clip_coefficient(double norm, double max_norm);
 // Scales all gradients together so that their global L2 norm is at most max_norm, as
 // torch.nn.utils.clip_grad_norm_: total = sqrt(sum of squared per-tensor norms), accumulated in
 // fp32 or wider also for bf16 gradients; grads *= max_norm / (total + 1e-6) when that is below 1.

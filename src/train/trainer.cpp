@@ -327,18 +327,17 @@ NamedParams read_split_optimizer(const std::string& ckpt, const Running& r) {
 }
 
 // The global gradient norm of a tensor-parallel module's gradients (of the parameters `names`, or
-// pieces of them), clipped to max_norm: the split parameters' squares summed over the tensor group,
-// the replicated ones' (the same on every rank of it) counted once, and then over the data-parallel
-// ranks that hold the other pieces (`over_data`).
-double clip_split_grad_norm(const std::vector<at::Tensor>& grads, const std::vector<std::string>& names,
-                            const TensorSplit& s, double max_norm,
-                            const std::function<double(double)>& over_data) {
+// pieces of them): the split parameters' squares summed over the tensor group, the replicated ones'
+// (the same on every rank of it) counted once, and then over the data-parallel ranks that hold the
+// other pieces (`over_data`).
+double split_grad_norm(const std::vector<at::Tensor>& grads, const std::vector<std::string>& names,
+                       const TensorSplit& s, const std::function<double(double)>& over_data) {
   std::vector<at::Tensor> split, replicated;
   for (size_t i = 0; i < grads.size(); ++i)
     (tensor_slice(s, names[i]).dim >= 0 ? split : replicated).push_back(grads[i]);
-  const double a = clip_grad_norm(split, INFINITY, [&](double x) { return s.tp.group->sum({x})[0]; });
-  const double b = clip_grad_norm(replicated, INFINITY, [](double x) { return x; });
-  return clip_grad_norm(grads, max_norm, [&](double) { return over_data(a * a + b * b); });
+  const double a = grad_norm(split, [&](double x) { return s.tp.group->sum({x})[0]; });
+  const double b = grad_norm(replicated, [](double x) { return x; });
+  return std::sqrt(over_data(a * a + b * b));
 }
 
 // Where a module's per-rank files (sharded optimizer state and weights) go: its name, and with tensor
@@ -866,7 +865,7 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
       }
       if (ddp) ddp->sync_gradients();
       const int64_t update = step * updates + u;
-      std::vector<double> lrs;
+      std::vector<double> lrs, scales;
       bool finite = true;
       // Sharded: each module's pieces' gradients, its norm summed over the ranks.
       std::vector<std::vector<at::Tensor>> piece_grads(modules.size());
@@ -882,21 +881,19 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
       for (size_t k = 0; k < modules.size(); ++k) {
         auto& r = modules[k];
         const double clip = r.module.optim.grad_clip;
-        const double limit = clip > 0 ? clip : INFINITY;
         const auto* split = split_of(r.module);
         double norm = 0;
         if (sharded && split) {
-          norm = clip_split_grad_norm(piece_grads[k], r.piece_names, *split, limit, sum_over_ranks);
+          norm = split_grad_norm(piece_grads[k], r.piece_names, *split, sum_over_ranks);
         } else if (sharded) {
-          norm = clip_grad_norm(piece_grads[k], limit, sum_over_ranks);
-        } else if (split) {
+          norm = grad_norm(piece_grads[k], sum_over_ranks);
+        } else {
           std::vector<at::Tensor> grads;
           std::vector<std::string> names;
           for (const auto& [name, p] : r.module.params)
             if (p.grad().defined()) grads.push_back(p.grad()), names.push_back(name);
-          norm = clip_split_grad_norm(grads, names, *split, limit, [](double x) { return x; });
-        } else {
-          norm = clip_grad_norm(r.module.params, limit);
+          norm = split ? split_grad_norm(grads, names, *split, [](double x) { return x; })
+                       : grad_norm(grads, [](double x) { return x; });
         }
         if (!std::isfinite(norm)) {
           log_warn("step {}: the gradient norm of '{}' is {}; update skipped", step + 1, r.module.name, norm);
@@ -904,10 +901,12 @@ void train(const Config& cfg, const TrainerOptions& opt, std::vector<TrainableMo
         }
         norm_sums[k] += norm;
         lrs.push_back(schedule_lr(r.schedule, update));
+        // Clipping's multiply is left to the optimizer's update (on a GPU, inside its kernel).
+        scales.push_back(clip > 0 ? clip_coefficient(norm, clip) : 1.0);
       }
       for (size_t k = 0; k < modules.size(); ++k) {
-        if (finite && sharded) modules[k].optimizer->step(lrs[k], std::move(piece_grads[k]));
-        if (finite && !sharded) modules[k].optimizer->step(lrs[k]);
+        if (finite && sharded) modules[k].optimizer->step(lrs[k], std::move(piece_grads[k]), scales[k]);
+        if (finite && !sharded) modules[k].optimizer->step(lrs[k], scales[k]);
         for (auto& [name, t] : modules[k].module.params) t.mutable_grad() = at::Tensor();
       }
       if (full)
