@@ -441,7 +441,8 @@ TEST(ClipGradNorm, MatchesDirectComputationAndScales) {
   EXPECT_EQ(clip_grad_norm(none, 1.0), 0.0);
   EXPECT_THROW(clip_grad_norm(params, 0.0), Error);
 
-  // The coefficient alone, for AdamW to apply: 1 below the limit and for a norm that is not finite.
+  // The coefficient alone, for AdamW to apply: 1 below the limit and for a NaN norm, 0 for an
+  // infinite one.
   EXPECT_EQ(clip_coefficient(3.0, 4.0), 1.0);
   EXPECT_DOUBLE_EQ(clip_coefficient(8.0, 4.0), 4.0 / (8.0 + 1e-6));
   EXPECT_EQ(clip_coefficient(NAN, 4.0), 1.0);
@@ -450,27 +451,39 @@ TEST(ClipGradNorm, MatchesDirectComputationAndScales) {
 }
 
 // AdamW's grad_scale is the clipping multiply done by the update: on the CPU the same as scaling
-// the gradients first, bit for bit.
+// the bf16 gradients first (as clip_grad_norm does), bit for bit; on a GPU, inside the kernel, the
+// same as scaling them in float32 first.
 TEST(AdamW, GradScaleEqualsScalingTheGradients) {
   const auto init = make_params(at::kBFloat16, 21);
   const auto grads = make_grads(3, 22);
-  NamedParams a, b;
-  for (const auto& [name, t] : init) {
-    a.emplace_back(name, t.detach().clone().requires_grad_());
-    b.emplace_back(name, t.detach().clone().requires_grad_());
-  }
-  AdamW scaled_first(a, kConfig), scaled_inside(b, kConfig);
-  for (int s = 0; s < 3; ++s) {
-    std::vector<at::Tensor> first;
-    for (size_t i = 0; i < a.size(); ++i) {
-      first.push_back(a[i].second.mutable_grad() = grads[s][i].to(at::kBFloat16));
-      b[i].second.mutable_grad() = grads[s][i].to(at::kBFloat16);
+  std::vector<at::Device> devices = {at::kCPU};
+  if (at::hasCUDA()) devices.emplace_back(at::kCUDA);
+  for (const auto device : devices) {
+    const bool cuda = device.is_cuda();
+    NamedParams a, b;
+    for (const auto& [name, t] : init) {
+      a.emplace_back(name, t.detach().to(device).requires_grad_());
+      b.emplace_back(name, t.detach().to(device).requires_grad_());
     }
-    at::_foreach_mul_(first, 0.3);  // as clip_grad_norm scales
-    scaled_first.step(kLrs[s]);
-    scaled_inside.step(kLrs[s], 0.3);
+    AdamW scaled_first(a, kConfig), scaled_inside(b, kConfig);
+    for (int s = 0; s < 3; ++s) {
+      std::vector<at::Tensor> first;
+      for (size_t i = 0; i < a.size(); ++i) {
+        const auto g = grads[s][i].to(device, at::kBFloat16);
+        first.push_back(a[i].second.mutable_grad() = cuda ? g.to(at::kFloat) : g.clone());
+        b[i].second.mutable_grad() = g;
+      }
+      at::_foreach_mul_(first, 0.3);
+      scaled_first.step(kLrs[s]);
+      scaled_inside.step(kLrs[s], 0.3);
+    }
+    const auto sa = state_map(scaled_first), sb = state_map(scaled_inside);
+    for (size_t i = 0; i < a.size(); ++i) {
+      const std::string& name = a[i].first;
+      EXPECT_TRUE(at::equal(a[i].second, b[i].second)) << device << " " << name;
+      EXPECT_TRUE(at::equal(sa.at("exp_avg." + name), sb.at("exp_avg." + name))) << device << " " << name;
+    }
   }
-  for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(at::equal(a[i].second, b[i].second)) << a[i].first;
 }
 
 TEST(Schedule, ValuesAtKeySteps) {

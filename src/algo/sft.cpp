@@ -40,7 +40,7 @@ at::Tensor student_kd_loss_sum(const Transformer& m, const at::Tensor& rows, con
   if (topk_values.size(0) != N || topk_ids.size(0) != N)
     fail("teacher top-k values {} and ids {} do not match the student's {} loss tokens",
          fmt::join(topk_values.sizes(), "x"), fmt::join(topk_ids.sizes(), "x"), N);
-  if (recompute_head_logits(m, N))
+  if (recompute_head_logits(m, N, /*kept_bytes_per_logit=*/4))
     return head_topk_kd(rows, m.lm_head.weight, topk_values, topk_ids, temperature, chunk).sum();
   auto sum = at::zeros({}, rows.options().dtype(at::kFloat));
   for (int64_t s = 0; s < N; s += chunk) {

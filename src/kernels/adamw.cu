@@ -10,7 +10,8 @@
 namespace aligner::kernels {
 namespace {
 
-// Each line one of ATen's foreach operations, rounded where they round.
+// Each line one of ATen's foreach operations, rounded where they round, but the clipped gradient:
+// ATen's clipping rounds g x grad_scale into the gradient's type, here it stays in float32.
 __device__ inline void adamw_update(const AdamWArgs& a, float g, float& w, float& m, float& v) {
   g = g * a.grad_scale;
   w = w * a.decay;

@@ -28,7 +28,7 @@ struct AdamWArgs {
   float step_size;   // -lr / (1 - beta1^step)
   float bias2_sqrt;  // sqrt(1 - beta2^step)
   float eps;
-  float grad_scale;  // 1, or the clipping coefficient
+  float grad_scale = 1.f;  // or the clipping coefficient
 };
 cudaError_t adamw_step(const AdamWArgs& a, cudaStream_t stream);
 

@@ -19,7 +19,7 @@ struct MaxSum {
     if (x > m) {
       s = s * expf(m - x) + 1.f;
       m = x;
-    } else {
+    } else if (x != -INFINITY) {  // -inf - -inf would be NaN; exp(-inf) adds nothing
       s += expf(x - m);
     }
   }
@@ -92,7 +92,7 @@ __global__ void target_logprobs_backward_kernel(const T* logits, const int64_t* 
     for (int64_t c = threadIdx.x * 8; c < vocab; c += int64_t(blockDim.x) * 8) {
       float f[8];
       unpack8(load8(x + c), f);
-      T o[8];
+      alignas(16) T o[8];
 #pragma unroll
       for (int k = 0; k < 8; ++k) o[k] = from_float<T>((c + k == t ? g : 0.f) - g * expf(f[k] - z));
       *reinterpret_cast<Pack8<T>*>(d + c) = *reinterpret_cast<const Pack8<T>*>(o);

@@ -598,19 +598,16 @@ int64_t logit_chunk_rows(const Transformer& m) {
   return std::max<int64_t>(1, (int64_t(64) << 20) / std::max<int64_t>(1, m.cfg.vocab_size));
 }
 
-bool recompute_head_logits(const Transformer& m, int64_t rows) {
-  // Training with a large vocabulary: autograd would keep every row's logits for the backward pass
-  // (target_logprobs keeps them in their own type on a GPU, their float32 log-softmax elsewhere: 4
-  // to 8 GB for 16k tokens of Llama 3's 128k vocabulary). Below that the kept copy is the faster
-  // choice: on an H200 the recompute took a 1.1B model's step (16k tokens, 32k vocabulary: 2 GB in
-  // float32) from 291 to 300 ms, for 1.3 GB less.
+bool recompute_head_logits(const Transformer& m, int64_t rows, int64_t kept_bytes_per_logit) {
+  // Training with a large vocabulary: autograd would keep every row's logits, or what the loss made
+  // of them, for the backward pass (4 to 8 GB for 16k tokens of Llama 3's 128k vocabulary). Below
+  // that the kept copy is the faster choice: on an H200 the recompute took a 1.1B model's step (16k
+  // tokens, 32k vocabulary: 2 GB in float32) from 291 to 300 ms, for 1.3 GB less.
   const auto& head = m.lm_head;
   if (!at::GradMode::is_enabled() || !head.weight.defined() || head.bias.defined() || head.lora.a.defined() ||
       m.tp)
     return false;
-  const double kept_bytes =
-      double(rows) * double(m.cfg.vocab_size) * (head.weight.is_cuda() ? head.weight.element_size() : 4);
-  return kept_bytes > 4e9;
+  return double(rows) * double(m.cfg.vocab_size) * double(kept_bytes_per_logit) > 4e9;
 }
 
 std::pair<at::Tensor, at::Tensor> lm_topk(const Transformer& m, const at::Tensor& rows, int64_t k,
@@ -638,7 +635,9 @@ at::Tensor token_logprobs(const Transformer& m, const at::Tensor& hidden, const 
   const int64_t chunk = logit_chunk_rows(m);
   // Each rank's share of the vocabulary: as many more rows per chunk for the same memory.
   if (m.tp) return tensor_parallel_logprobs(m, h, t, chunk * m.tp->size()).view(targets.sizes());
-  if (recompute_head_logits(m, h.size(0)))
+  // target_logprobs keeps the logits in their own type on a GPU, their float32 log-softmax elsewhere.
+  const auto& w = m.lm_head.weight;
+  if (recompute_head_logits(m, h.size(0), w.is_cuda() ? w.element_size() : 4))
     return head_logprobs(h, m.lm_head.weight, t, chunk).view(targets.sizes());
   std::vector<at::Tensor> out;
   for (int64_t s = 0; s < h.size(0); s += chunk) {
@@ -671,7 +670,8 @@ Transformer allocate_transformer(const ModelConfig& full, const at::TensorOption
     return Linear{empty({out, in}), bias ? empty({out}) : at::Tensor()};
   };
   // Projections of the same input (q, k, v; gate, up) are rows of one buffer, each a view of its
-  // own rows: training sees separate tensors, generation runs them as one GEMM (joined_linear).
+  // own rows: autograd sees separate tensors (training's project_qkv joins a copy of them on a GPU),
+  // generation runs them as one GEMM over the buffer itself (joined_linear).
   auto linears = [&](const std::vector<int64_t>& outs, int64_t in, bool bias) {
     int64_t rows = 0;
     for (int64_t o : outs) rows += o;

@@ -123,9 +123,9 @@ at::Tensor head_topk_kd(const at::Tensor& rows, const at::Tensor& weight, const 
 // Rows of hidden states whose float32 logits over the whole vocabulary take about 256 MB.
 int64_t logit_chunk_rows(const Transformer& m);
 // Whether a loss over `rows` rows of m's logits, under autograd, should compute them again in the
-// backward pass (head_logprobs, head_topk_kd) rather than keep them: a plain head, and more than
-// 4 GB to keep.
-bool recompute_head_logits(const Transformer& m, int64_t rows);
+// backward pass (head_logprobs, head_topk_kd) rather than keep what it keeps of each logit
+// (kept_bytes_per_logit): a plain head, and more than 4 GB to keep.
+bool recompute_head_logits(const Transformer& m, int64_t rows, int64_t kept_bytes_per_logit);
 // The k largest logits of each row of hidden states (rows [N, H]) and their token ids, computed
 // `chunk` rows at a time (logit_chunk_rows: about 256 MB of float32 logits): [N, min(k, vocab)] in
 // float32 (float64 for a float64 model) and int64.

@@ -252,13 +252,15 @@ double grad_norm(const std::vector<at::Tensor>& grads, const std::function<doubl
   // CPU, where libtorch 1.13's float32 kernel drifts by 1e-5 over long vectors (enough to tell a
   // sharded norm from a whole one); their squares summed in float64.
   double local = 0.0;
-  if (!grads.empty() && grads.front().is_cuda()) {
-    local = at::stack(compat::float_norms(grads)).to(at::kDouble).square().sum().item<double>();
-  } else if (!grads.empty()) {
-    std::vector<at::Tensor> squares;
-    for (const auto& g : grads)
-      squares.push_back(at::linalg_vector_norm(g, 2, c10::nullopt, false, at::kDouble).square());
-    local = at::stack(squares).sum().item<double>();
+  if (!grads.empty()) {
+    std::vector<at::Tensor> norms;
+    if (grads.front().is_cuda())
+      norms = compat::float_norms(grads);
+    else
+      for (const auto& g : grads)
+        norms.push_back(at::linalg_vector_norm(g, 2, c10::nullopt, false, at::kDouble));
+    for (auto& n : norms) n = n.to(grads.front().device(), at::kDouble);
+    local = at::stack(norms).square().sum().item<double>();
   }
   return std::sqrt(sum_over_ranks(local));
 }

@@ -38,9 +38,10 @@ class AdamW {
 
   void step() { step(cfg_.lr); }
   // One update at learning rate `lr` (the schedule's value for this step) from the gradients times
-  // grad_scale (clip_coefficient's; on a GPU applied inside the update kernel, saving a pass over
-  // the gradients). Every parameter must have a gradient: an aligner::Error names one that has
-  // none, as skipping it would leave its moments behind the shared step count.
+  // grad_scale (clip_coefficient's; on a GPU applied inside the update kernel in float32, saving a
+  // pass over the gradients, elsewhere to the gradients in their own type as clip_grad_norm does). Every
+  // parameter must have a gradient: an aligner::Error names one that has none, as skipping it would leave its
+  // moments behind the shared step count.
   void step(double lr, double grad_scale = 1.0);
   // The same with the gradients given, one per parameter in order (views have no .grad).
   void step(double lr, std::vector<at::Tensor> grads, double grad_scale = 1.0);
@@ -85,7 +86,8 @@ class AdamW {
 // sqrt(sum of squared per-tensor norms), accumulated in fp32 or wider also for bf16 gradients.
 double grad_norm(const std::vector<at::Tensor>& grads, const std::function<double(double)>& sum_over_ranks);
 // What clipping to max_norm (> 0, else an aligner::Error) multiplies gradients of norm `norm` by:
-// max_norm / (norm + 1e-6) when that is below 1, else 1 (also for a norm that is not finite).
+// max_norm / (norm + 1e-6) when that is below 1, else 1 (also for a NaN norm; 0 for an infinite
+// one: callers skip updates whose norm is not finite).
 double clip_coefficient(double norm, double max_norm);
 // Scales all gradients together so that their global L2 norm is at most max_norm, as
 // torch.nn.utils.clip_grad_norm_: total = sqrt(sum of squared per-tensor norms), accumulated in
