@@ -266,24 +266,8 @@ double grad_norm(const std::vector<at::Tensor>& grads, const std::function<doubl
 }
 
 double clip_coefficient(double norm, double max_norm) {
-  if (!(max_norm > 0.0)) fail("clip_grad_norm: max_norm must be > 0, got {}", max_norm);
+  if (!(max_norm > 0.0)) fail("gradient clipping: max_norm must be > 0, got {}", max_norm);
   return std::min(1.0, max_norm / (norm + 1e-6));
-}
-
-double clip_grad_norm(const std::vector<at::Tensor>& grads, double max_norm,
-                      const std::function<double(double)>& sum_over_ranks) {
-  const double total = grad_norm(grads, sum_over_ranks);
-  const double scale = clip_coefficient(total, max_norm);
-  c10::NoGradGuard no_grad;
-  if (scale < 1.0 && !grads.empty()) at::_foreach_mul_(grads, scale);
-  return total;
-}
-
-double clip_grad_norm(const NamedParams& params, double max_norm) {
-  std::vector<at::Tensor> grads;
-  for (const auto& [name, p] : params)
-    if (p.grad().defined()) grads.push_back(p.grad());
-  return clip_grad_norm(grads, max_norm, [](double x) { return x; });
 }
 
 }  // namespace aligner

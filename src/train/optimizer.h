@@ -1,6 +1,7 @@
 // AdamW with decoupled weight decay (as torch.optim.AdamW), fp32 master weights for bf16/fp16
-// parameters, and global-norm gradient clipping (as torch.nn.utils.clip_grad_norm_). Every update
-// is a handful of multi-tensor (_foreach) calls over all parameters, not kernels per parameter.
+// parameters, and global-norm gradient clipping (as torch.nn.utils.clip_grad_norm_, its multiply
+// done by the update). Every update is a handful of multi-tensor (_foreach) calls over all
+// parameters, or on a GPU one kernel per parameter.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -38,10 +39,10 @@ class AdamW {
 
   void step() { step(cfg_.lr); }
   // One update at learning rate `lr` (the schedule's value for this step) from the gradients times
-  // grad_scale (clip_coefficient's; on a GPU applied inside the update kernel in float32, saving a
-  // pass over the gradients, elsewhere to the gradients in their own type as clip_grad_norm does). Every
-  // parameter must have a gradient: an aligner::Error names one that has none, as skipping it would leave its
-  // moments behind the shared step count.
+  // grad_scale (clip_coefficient's): on a GPU inside the update kernel in float32, saving a pass over
+  // the gradients; elsewhere on the gradients in their own type, as torch's clip_grad_norm_ scales.
+  // Every parameter must have a gradient: an aligner::Error names one that has none, as skipping it
+  // would leave its moments behind the shared step count.
   void step(double lr, double grad_scale = 1.0);
   // The same with the gradients given, one per parameter in order (views have no .grad).
   void step(double lr, std::vector<at::Tensor> grads, double grad_scale = 1.0);
@@ -89,15 +90,5 @@ double grad_norm(const std::vector<at::Tensor>& grads, const std::function<doubl
 // max_norm / (norm + 1e-6) when that is below 1, else 1 (also for a NaN norm; 0 for an infinite
 // one: callers skip updates whose norm is not finite).
 double clip_coefficient(double norm, double max_norm);
-// Scales all gradients together so that their global L2 norm is at most max_norm, as
-// torch.nn.utils.clip_grad_norm_: total = sqrt(sum of squared per-tensor norms), accumulated in
-// fp32 or wider also for bf16 gradients; grads *= max_norm / (total + 1e-6) when that is below 1.
-// Parameters without a gradient are skipped. Returns the total norm before clipping (inf or nan
-// when a gradient is not finite, for the caller to skip the step).
-double clip_grad_norm(const NamedParams& params, double max_norm);
-// The same over gradients given as tensors, each part of the whole, whose squared norms
-// `sum_over_ranks` adds up over the ranks that hold the other parts (a sharded optimizer's pieces).
-double clip_grad_norm(const std::vector<at::Tensor>& grads, double max_norm,
-                      const std::function<double(double)>& sum_over_ranks);
 
 }  // namespace aligner
