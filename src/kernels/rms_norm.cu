@@ -27,10 +27,82 @@ __device__ inline float block_sum(float v, float* partial) {
   return total;
 }
 
+// In the forward pass rows of up to kWarpCols 16-bit columns take a warp each, every lane holding
+// its packs of the row in registers: all of a row's loads are in flight at once and no block-wide
+// barrier waits on them. On a 1.1B model's rows of 2048 (H200) a block per row moved 2.4 TB/s, a
+// warp 3.8. (The backward pass, tried the same way, was no faster than its block per row.)
+constexpr int kRowWarps = 4, kWarpCols = 32 * 8 * 8;
+
+__device__ inline float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <typename T>
+__device__ inline Pack8<T> pack8(const float (&v)[8]) {
+  alignas(16) T t[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) t[i] = from_float<T>(v[i]);
+  return *reinterpret_cast<const Pack8<T>*>(t);
+}
+
+// add_rms_norm_kernel's arithmetic with a warp per row; lane l holds columns (p x 32 + l) x 8 + [0, 8).
+template <typename T, int Packs>
+__global__ void __launch_bounds__(kRowWarps * 32)
+    add_rms_norm_warp_kernel(const T* x, const T* delta, int64_t delta_stride, const T* weight, float eps,
+                             T* sum_out, T* out, float* rstd, int64_t rows, int cols) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = int64_t(blockIdx.x) * kRowWarps + threadIdx.x / 32;
+  if (row >= rows) return;
+  const T* xr = x + row * cols;
+  const T* dr = delta ? delta + row * delta_stride : nullptr;
+  Pack8<T> xs[Packs], ds[Packs];
+#pragma unroll
+  for (int p = 0; p < Packs; ++p) {
+    const int c = (p * 32 + lane) * 8;
+    if (c >= cols) break;
+    xs[p] = load8(xr + c);
+    if (dr) ds[p] = load8(dr + c);
+  }
+  float sq = 0;
+#pragma unroll
+  for (int p = 0; p < Packs; ++p) {
+    const int c = (p * 32 + lane) * 8;
+    if (c >= cols) break;
+    float v[8];
+    unpack8(xs[p], v);
+    if (dr) {
+      float d[8];
+      unpack8(ds[p], d);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] += d[i];
+      xs[p] = pack8<T>(v);  // the sum rounded to T, as the norm then reads it
+      unpack8(xs[p], v);
+      *reinterpret_cast<Pack8<T>*>(sum_out + row * cols + c) = xs[p];
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sq += v[i] * v[i];
+  }
+  const float scale = rsqrtf(warp_sum(sq) / float(cols) + eps);
+  if (rstd && lane == 0) rstd[row] = scale;
+#pragma unroll
+  for (int p = 0; p < Packs; ++p) {
+    const int c = (p * 32 + lane) * 8;
+    if (c >= cols) break;
+    float v[8], w[8], y[8];
+    unpack8(xs[p], v);
+    unpack8(load8(weight + c), w);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) y[i] = w[i] * to_float(from_float<T>(v[i] * scale));
+    *reinterpret_cast<Pack8<T>*>(out + row * cols + c) = pack8<T>(y);
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     add_rms_norm_kernel(const T* x, const T* delta, int64_t delta_stride, const T* weight, float eps,
-                        T* sum_out, T* out, float* rstd, int cols) {
+                        T* sum_out, T* out, float* rstd, int64_t /*rows: one per block*/, int cols) {
   __shared__ float partial[kThreads / 32];
   const int64_t row = blockIdx.x;
   const T* xr = x + row * cols;
@@ -201,9 +273,27 @@ cudaError_t add_rms_norm(DType dtype, const void* x, const void* delta, int64_t 
       err = cudaErrorInvalidValue;
       return;
     }
-    add_rms_norm_kernel<T><<<unsigned(rows), kThreads, 0, stream>>>(
-        static_cast<const T*>(x), static_cast<const T*>(delta), delta_stride, static_cast<const T*>(weight),
-        eps, static_cast<T*>(sum), static_cast<T*>(out), rstd, int(cols));
+    const auto args = [&](auto kernel, unsigned blocks, int threads) {
+      kernel<<<blocks, threads, 0, stream>>>(
+          static_cast<const T*>(x), static_cast<const T*>(delta), delta_stride, static_cast<const T*>(weight),
+          eps, static_cast<T*>(sum), static_cast<T*>(out), rstd, rows, int(cols));
+    };
+    const unsigned by_warp = unsigned((rows + kRowWarps - 1) / kRowWarps);
+    const int64_t warp_packs = (cols + 255) / 256;
+    if constexpr (sizeof(T) == 2) {
+      if (cols <= kWarpCols) {
+        if (warp_packs == 1)
+          args(add_rms_norm_warp_kernel<T, 1>, by_warp, kRowWarps * 32);
+        else if (warp_packs == 2)
+          args(add_rms_norm_warp_kernel<T, 2>, by_warp, kRowWarps * 32);
+        else if (warp_packs <= 4)
+          args(add_rms_norm_warp_kernel<T, 4>, by_warp, kRowWarps * 32);
+        else
+          args(add_rms_norm_warp_kernel<T, 8>, by_warp, kRowWarps * 32);
+        return;
+      }
+    }
+    args(add_rms_norm_kernel<T>, unsigned(rows), kThreads);
   });
   return err != cudaSuccess ? err : cudaGetLastError();
 }

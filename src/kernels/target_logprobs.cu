@@ -23,6 +23,22 @@ struct MaxSum {
       s += expf(x - m);
     }
   }
+  // Eight values with one rescale: the pack's maximum first, so that each value costs one exp and
+  // none waits on the previous one's.
+  __device__ void add8(const float (&f)[8]) {
+    float top = f[0];
+#pragma unroll
+    for (int k = 1; k < 8; ++k) top = fmaxf(top, f[k]);
+    if (top == -INFINITY) return;
+    if (top > m) {
+      s *= expf(m - top);
+      m = top;
+    }
+    float e[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) e[k] = expf(f[k] - m);
+    s += ((e[0] + e[1]) + (e[2] + e[3])) + ((e[4] + e[5]) + (e[6] + e[7]));
+  }
   __device__ void merge(MaxSum o) {
     if (o.m == -INFINITY) return;
     if (m == -INFINITY) {
@@ -62,11 +78,22 @@ __global__ void target_logprobs_kernel(const T* logits, const int64_t* targets, 
   const T* x = logits + blockIdx.x * vocab;
   MaxSum v;
   if constexpr (kPacked) {
-    for (int64_t c = threadIdx.x * 8; c < vocab; c += int64_t(blockDim.x) * 8) {
-      float f[8];
-      unpack8(load8(x + c), f);
+    // kInFlight packs loaded before any is summed: the loads overlap instead of each waiting on
+    // the sum of the one before.
+    constexpr int kInFlight = 4;
+    const int64_t step = int64_t(blockDim.x) * 8;
+    for (int64_t c0 = threadIdx.x * 8; c0 < vocab; c0 += step * kInFlight) {
+      Pack8<T> p[kInFlight];
 #pragma unroll
-      for (int k = 0; k < 8; ++k) v.add(f[k]);
+      for (int u = 0; u < kInFlight; ++u)
+        if (c0 + u * step < vocab) p[u] = load8(x + c0 + u * step);
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u)
+        if (c0 + u * step < vocab) {
+          float f[8];
+          unpack8(p[u], f);
+          v.add8(f);
+        }
     }
   } else {
     for (int64_t c = threadIdx.x; c < vocab; c += blockDim.x) v.add(to_float(x[c]));

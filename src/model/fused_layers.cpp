@@ -202,7 +202,7 @@ at::Tensor target_logprobs(const at::Tensor& logits, const at::Tensor& targets) 
       targets.size(0) == logits.size(0) && logits.size(1) > 0)
     return TargetLogprobs::apply(logits, targets);
 #endif
-  const auto logp = at::log_softmax(logits.to(at::promote_types(logits.scalar_type(), at::kFloat)), -1);
+  const auto logp = at::log_softmax(at_least_float(logits), -1);
   const auto picked = logp.gather(1, targets.clamp_min(0).unsqueeze(1)).squeeze(1);
   return picked * (targets >= 0).to(picked.scalar_type());
 }

@@ -20,6 +20,10 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tens
 // x [B, T, H, D] rotated as apply_rope rotates it, as [B, H, T, D]; on a GPU one kernel each way,
 // whose output is token-major ([B, T, H, D] in memory, as flash attention reads it).
 at::Tensor rotate_heads(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+// t in float32, or float64 for float64 tensors (finite-difference checks).
+inline at::Tensor at_least_float(const at::Tensor& t) {
+  return t.to(at::promote_types(t.scalar_type(), at::kFloat));
+}
 // The config's norm of x with a norm weight (and bias): RMSNorm, or Nemotron's LayerNorm with scale
 // 1 + weight.
 at::Tensor norm(const ModelConfig& c, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);

@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "core/strings.h"
+#include "model/layers.h"
 #include "model/lora.h"
 #include "model/transformer.h"
 
@@ -268,7 +269,7 @@ at::Tensor tensor_parallel_logprobs(const Transformer& m, const at::Tensor& hidd
   for (int64_t start = 0; start < h.size(0); start += chunk_rows) {
     const int64_t n = std::min(chunk_rows, h.size(0) - start);
     auto logits = apply(m.lm_head, h.narrow(0, start, n));
-    logits = logits.to(at::promote_types(logits.scalar_type(), at::kFloat));
+    logits = at_least_float(logits);
     // The max only steadies the exponentials: no gradient flows through it.
     auto max = std::get<0>(logits.detach().max(-1)).contiguous();
     group_of(s).all_reduce_max_async(max).wait();

@@ -277,22 +277,72 @@ at::Tensor feed_forward(const ModelConfig& c, const Block& b, const at::Tensor& 
 
 }  // namespace
 
+namespace {
+
+// Two bias-free projections of one input, whose backward pass sums the input's two gradients inside
+// the second GEMM (beta = 1) where autograd would add them in a pass of its own over the [tokens,
+// hidden] gradient: 22 passes of a 1.1B model's step.
+struct ProjectionPair : torch::autograd::Function<ProjectionPair> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                const at::Tensor& w1, const at::Tensor& w2) {
+    ctx->save_for_backward({x, w1, w2});
+    return {at::linear(x, w1), at::linear(x, w2)};
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &x = saved[0], &w1 = saved[1], &w2 = saved[2];
+    const auto x2 = x.reshape({-1, x.size(-1)});
+    const auto d1 = grads[0].reshape({-1, w1.size(0)}), d2 = grads[1].reshape({-1, w2.size(0)});
+    at::Tensor gx, g1, g2;
+    if (ctx->needs_input_grad(0)) gx = at::mm(d1, w1).addmm_(d2, w2).view(x.sizes());
+    if (ctx->needs_input_grad(1)) g1 = at::mm(d1.t(), x2);
+    if (ctx->needs_input_grad(2)) g2 = at::mm(d2.t(), x2);
+    return {gx, g1, g2};
+  }
+};
+
+// The gate and up projections of x; on a GPU, without adapters, tensor split or biases, as a
+// ProjectionPair. The CPU keeps autograd's sum, whose rounding its reference values were made with.
+std::pair<at::Tensor, at::Tensor> project_gate_up(const Block& b, const at::Tensor& x) {
+  bool pair = x.is_cuda();
+  for (const Linear* l : {&b.gate, &b.up})
+    pair = pair && l->split == Split::kNone && !l->lora.a.defined() && !l->bias.defined();
+  if (!pair) return {apply(b.gate, x), apply(b.up, x)};
+  const auto y = ProjectionPair::apply(x, b.gate.weight, b.up.weight);
+  return {y[0], y[1]};
+}
+
+}  // namespace
+
 at::Tensor mlp(const ModelConfig& c, const Block& b, const at::Tensor& h) {
   if (c.num_experts > 0) return moe_mlp(c, b.moe, h, {});
   const auto x = split_input(b.up, h);
   if (!c.gated_mlp) return apply(b.down, at::relu(apply(b.up, x)).square());
-  return apply(b.down, swiglu(apply(b.gate, x), apply(b.up, x)));
+  const auto [gate, up] = project_gate_up(b, x);
+  return apply(b.down, swiglu(gate, up));
 }
 
 namespace {
 
-at::Tensor block_forward(const ModelConfig& c, const Block& b, const at::Tensor& x, const at::Tensor& cos,
-                         const at::Tensor& sin, const AttentionLayout& layout,
-                         const c10::intrusive_ptr<RouterStats>& stats) {
-  const auto [residual, n1] = add_norm(c, x, {}, b.input_norm, b.input_norm_bias);
+// The hidden state between layers: the residual stream and the last feed-forward's output not yet
+// added to it, which the next layer's norm adds in its own pass over the rows (add_norm): one pass
+// over the hidden state a layer fewer than adding them apart.
+struct Stream {
+  at::Tensor x, delta;  // delta undefined: x is the whole state
+};
+
+at::Tensor whole(const Stream& s) {
+  return s.delta.defined() ? s.x + s.delta : s.x;
+}
+
+Stream block_forward(const ModelConfig& c, const Block& b, const Stream& in, const at::Tensor& cos,
+                     const at::Tensor& sin, const AttentionLayout& layout,
+                     const c10::intrusive_ptr<RouterStats>& stats) {
+  const auto [residual, n1] = add_norm(c, in.x, in.delta, b.input_norm, b.input_norm_bias);
   const auto [h, n2] = add_norm(c, residual, attention(c, b, n1, cos, sin, layout), b.post_attention_norm,
                                 b.post_attention_norm_bias);
-  return h + feed_forward(c, b, n2, stats);
+  return {h, feed_forward(c, b, n2, stats)};
 }
 
 // The layer to recompute, carried through the autograd graph in a capsule. A layer that draws
@@ -401,11 +451,14 @@ at::Tensor forward_hidden(const Transformer& m, const ForwardInput& in) {
     if (in.attention_mask.defined()) stats->mask = in.attention_mask.reshape({-1}).to(at::kFloat);
     stats->tokens = stats->mask.defined() ? stats->mask.sum().item<double>() : double(B * T);
   }
+  Stream s{x};
   for (int64_t i = 0; i < c.num_layers; ++i) {
     const Block& b = m.layers[i];
     const auto& layout = layouts[c.window[i]];
-    if (m.hooks) x = m.hooks->before_layer(i, x);
+    // Hooks and checkpointed layers take the state as one tensor.
+    if (m.hooks) s = {m.hooks->before_layer(i, whole(s))};
     if (i < checkpointed) {
+      x = whole(s);
       // A checkpointed layer's backward, which gives its weights their gradients, runs only if its
       // output needs one; when nothing before it trains (frozen embeddings, adapters only) its input
       // needs none, so it becomes a leaf that asks for one.
@@ -413,18 +466,18 @@ at::Tensor forward_hidden(const Transformer& m, const ForwardInput& in) {
       auto layer = c10::make_intrusive<Recompute>();
       layer->random = block_draws(b);
       layer->fn = [&c, &b, cos = cos, sin = sin, layout, stats](const at::Tensor& h) {
-        return block_forward(c, b, h, cos, sin, layout, stats);
+        return whole(block_forward(c, b, {h}, cos, sin, layout, stats));
       };
       // GCC 13 sees an out-of-bounds memmove in libtorch's Function::apply (a false positive in
       // torch's header, not in this code).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Warray-bounds"
-      x = CheckpointedLayer::apply(x, layer);
+      s = {CheckpointedLayer::apply(x, layer)};
 #pragma GCC diagnostic pop
     } else {
-      x = block_forward(c, b, x, cos, sin, layout, stats);
+      s = block_forward(c, b, s, cos, sin, layout, stats);
     }
-    if (m.hooks) x = m.hooks->after_layer(i, x);
+    if (m.hooks) s = {m.hooks->after_layer(i, whole(s))};
   }
   if (stats && stats->tokens > 0) {
     stats->complete = true;
@@ -432,7 +485,7 @@ at::Tensor forward_hidden(const Transformer& m, const ForwardInput& in) {
     router_aux_loss().count += 1;
   }
   if (m.hooks) m.hooks->before_head();
-  return norm(c, x, m.norm, m.norm_bias);
+  return add_norm(c, s.x, s.delta, m.norm, m.norm_bias).second;
 }
 
 at::Tensor embed_tokens(const Transformer& m, const at::Tensor& ids) {
@@ -444,13 +497,6 @@ at::Tensor lm_logits(const Transformer& m, const at::Tensor& hidden) {
   if (m.tp) return tp_gather_vocab(apply(m.lm_head, tp_copy(hidden, *m.tp)), *m.tp);
   return apply(m.lm_head, hidden);
 }
-
-namespace {
-// float32, or float64 for float64 tensors (finite-difference checks).
-at::Tensor at_least_float(const at::Tensor& t) {
-  return t.to(at::promote_types(t.scalar_type(), at::kFloat));
-}
-}  // namespace
 
 namespace {
 
