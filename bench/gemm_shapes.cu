@@ -2,7 +2,8 @@
 // input-gradient and weight-gradient products of q/k/v (joined), o, gate, up, down and the head, as
 // torch calls cuBLAS for them, timed with cuBLAS's default algorithm (what torch gets) against each
 // of cuBLASLt's heuristic candidates, and summed over a step (22 layers, one head). It tells whether
-// choosing algorithms per shape could speed the step up. On the GPU machine:
+// choosing algorithms per shape could speed the step up. All with beta = 0 (the up projection's input
+// gradient runs with beta = 1 in the step, summing into gate's). On the GPU machine:
 //   nvcc -std=c++17 -arch=sm_90 -O2 bench/gemm_shapes.cu -o /tmp/gemm_shapes -lcublasLt -lcublas &&
 //   /tmp/gemm_shapes
 #include <cublasLt.h>
@@ -112,7 +113,7 @@ int main() {
     int bi = -1;
     for (int i = 0; i < nres; ++i) {
       float t = time([&] {
-        cublasLtMatmul(lt, desc, &alpha, A, la, B, lb, &beta, C, lc, C, lc, &res[i].algo, ws, ws_size, 0);
+        CK(cublasLtMatmul(lt, desc, &alpha, A, la, B, lb, &beta, C, lc, C, lc, &res[i].algo, ws, ws_size, 0));
       });
       if (i == 0) first = t;
       if (t < best) {
@@ -120,6 +121,9 @@ int main() {
         bi = i;
       }
     }
+    CK(cublasLtMatmulPreferenceDestroy(pref));
+    for (auto l : {la, lb, lc}) CK(cublasLtMatrixLayoutDestroy(l));
+    CK(cublasLtMatmulDescDestroy(desc));
     double fl = 2.0 * s.m * s.n * s.k;
     std::printf(
         "%-5s %-5s m=%5d n=%5d k=%5d  default %.3f ms (%4.0f TF)  lt#0 %.3f  best(#%d of %d) %.3f ms (%4.0f "

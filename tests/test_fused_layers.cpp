@@ -89,12 +89,12 @@ ModelConfig llama_config(int64_t head_dim, int64_t rotary_dim) {
 TEST(FusedLayers, AddRmsNormEqualsAten) {
   if (!at::hasCUDA()) GTEST_SKIP() << "needs a GPU";
   const auto c = llama_config(64, 64);
-  // In the forward pass 16-bit rows of up to 2048 take a warp each: one partial pack a lane, a
-  // partial last pack of four, and full rows of 2048 (more of them than the backward pass has
-  // blocks, so that its blocks take several). Longer rows take a block each: two packs a thread,
-  // and the most the kernels keep (8192).
+  // In the forward pass 16-bit rows of up to 2048 take a warp each: one partial pack a lane, two
+  // packs, a partial last pack of four, and full rows of 2048 (more of them than the backward pass
+  // has blocks, so that its blocks take several). Longer rows take a block each: two packs a
+  // thread, and the most the kernels keep (8192).
   for (const auto& [rows, cols] : std::vector<std::pair<int64_t, int64_t>>{
-           {7, 24}, {5, 776}, {1500, 2048}, {300, 2048 + 256}, {33, 8192}}) {
+           {7, 24}, {9, 400}, {5, 776}, {1500, 2048}, {300, 2048 + 256}, {33, 8192}}) {
     const auto opts = at::TensorOptions().device(at::kCUDA).dtype(at::kDouble);
     const std::vector<at::Tensor> inputs = {at::randn({3, rows, cols}, opts),
                                             at::randn({3, rows, cols}, opts),

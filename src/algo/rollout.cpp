@@ -9,6 +9,7 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "data/packing.h"
+#include "model/layers.h"
 #include "text/chat_template.h"
 
 namespace aligner {
@@ -16,10 +17,6 @@ namespace {
 
 double seconds_since(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
-}
-
-at::Tensor at_least_float(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? t : t.to(at::kFloat);
 }
 
 }  // namespace

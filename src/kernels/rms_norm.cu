@@ -1,6 +1,7 @@
-// The residual add and the RMSNorm that follows it, in one pass over the hidden state (a block per
-// row), and its backward pass. Rounded as transformers rounds: the sum to the element type, the
-// normalised value to the element type before the weight multiplies it.
+// The residual add and the RMSNorm that follows it, in one pass over the hidden state (a warp per
+// row for 16-bit rows of up to 2048, else a block per row), and its backward pass (a block per row). Rounded
+// as transformers rounds: the sum to the element type, the normalised value to the element type before the
+// weight multiplies it.
 #include <algorithm>
 #include <type_traits>
 

@@ -24,7 +24,8 @@ struct MaxSum {
     }
   }
   // Eight values with one rescale: the pack's maximum first, so that each value costs one exp and
-  // none waits on the previous one's.
+  // none waits on the previous one's. A +inf logit makes the row NaN (inf - inf), as a second one
+  // did through add(); either way the step's loss is not finite and its update is refused.
   __device__ void add8(const float (&f)[8]) {
     float top = f[0];
 #pragma unroll

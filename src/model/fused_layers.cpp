@@ -53,6 +53,9 @@ variable_list norm_forward(AutogradContext* ctx, const at::Tensor& x_in, const a
                             sum.data_ptr(), out.data_ptr(), rstd.data_ptr<float>(), rows, cols, stream()),
       "add_rms_norm");
   ctx->save_for_backward({sum, weight, rstd});
+  // An output that gets no gradient (the final norm's sum) stays undefined rather than a pass of
+  // zeros for the backward kernel to read.
+  ctx->set_materialize_grads(false);
   return {sum, out};
 }
 
